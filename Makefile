@@ -1,0 +1,35 @@
+# Each target bootstraps .venv on first use. Needs python3.11 and pip.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: run test ui serve bench clean install
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)  ## the whole pipeline on the embedded default dataset
+	$(BIN)/tlops run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+ui: $(STAMP)  ## MLflow UI on the local store
+	$(BIN)/tlops ui
+
+serve: $(STAMP)  ## ONNX Runtime service on serve.model
+	$(BIN)/tlops serve
+
+bench: $(STAMP)
+	$(BIN)/python bench/training.py
+	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/serving.py
+
+clean:
+	rm -rf data/raw data/prepared features models reports checkpoints .tlops mlflow.db mlartifacts

@@ -1,0 +1,1 @@
+"""Prefect flows: one per DVC stage (what dvc.yaml's cmd runs) and the pipeline."""

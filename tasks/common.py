@@ -1,0 +1,28 @@
+"""What every stage task and stage flow shares: params loading and the command-line entry."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from tlops.config import load_params
+from tlops.errors import ConfigError, TlopsError
+
+
+def stage_main(flow: Callable[..., Any]) -> None:
+    """Entry point of `python -m flows.<stage>`: validate params first, then run the stage flow.
+
+    A config error exits 2 and any other tlops error exits 1, each with one line naming the problem,
+    before Prefect or any model is started.
+    """
+    try:
+        load_params()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        flow()
+    except TlopsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,3 @@
+"""tlops: transfer learning of image classifiers, versioned, tracked and served."""
+
+__version__ = "0.1.0"

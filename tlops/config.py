@@ -1,0 +1,252 @@
+"""Schema of params.yaml: the only source of hyperparameters."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tlops.errors import ConfigError
+
+DEFAULT_PARAMS = "params.yaml"
+PARAMS_ENV = "TLOPS_PARAMS"
+
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    source: str = "digits"
+    path: str | None = None
+    download: bool = False
+    max_pixels: PositiveInt = 40_000_000
+    min_per_class: PositiveInt = 5
+    val_fraction: Fraction = 0.15
+    test_fraction: Fraction = 0.15
+    split_salt: str = "tlops"
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        if v in ("digits", "imagefolder") or (v.startswith("torchvision:") and len(v) > len("torchvision:")):
+            return v
+        raise ValueError("must be digits, imagefolder or torchvision:<DatasetName>")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataParams:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        if self.source == "imagefolder" and not self.path:
+            raise ValueError("source imagefolder needs data.path (a folder of <class>/<image>)")
+        return self
+
+
+class ModelParams(Section):
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None
+    image_size: Annotated[int, Field(ge=16, le=1024)] | None = 96
+
+
+class FeaturesParams(Section):
+    batch_size: PositiveInt = 64
+    augment_views: Annotated[int, Field(ge=0, le=32)] = 0
+    num_threads: PositiveInt | None = None
+
+
+class HeadParams(Section):
+    kind: Literal["linear", "mlp"] = "linear"
+    hidden: PositiveInt = 256
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    epochs: PositiveInt = 60
+    batch_size: PositiveInt = 128
+    lrs: Annotated[list[PositiveFloat], Field(min_length=1)] = [0.003, 0.01]
+    weight_decays: Annotated[list[Annotated[float, Field(ge=0.0)]], Field(min_length=1)] = [1e-4, 1e-3]
+    patience: PositiveInt = 10
+    class_weighting: bool = False
+    seed: int = 42
+
+
+class AugmentParams(Section):
+    random_resized_crop: tuple[Fraction | Literal[1.0], Fraction | Literal[1.0]] | None = (0.8, 1.0)
+    hflip: bool = False
+
+    @field_validator("random_resized_crop")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and v[0] > v[1]:
+            raise ValueError("must be [min_scale, max_scale] with min_scale <= max_scale")
+        return v
+
+
+class FinetuneParams(Section):
+    epochs: PositiveInt = 4
+    unfreeze_groups: Annotated[int, Field(ge=0)] = 2
+    unfreeze_every: Annotated[int, Field(ge=0)] = 0
+    lr: PositiveFloat = 1e-3
+    lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    warmup_epochs: Annotated[float, Field(ge=0.0)] = 0.5
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    batchnorm: Literal["frozen", "train"] = "frozen"
+    batch_size: PositiveInt = 32
+    augment: AugmentParams = AugmentParams()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: Annotated[int, Field(ge=0)] = 0
+    seed: int = 42
+
+
+class EvaluateParams(Section):
+    promote_min_delta: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    worst_k: PositiveInt = 16
+
+
+class ExportParams(Section):
+    opset: Annotated[int, Field(ge=13, le=21)] = 17
+    parity_atol: PositiveFloat = 1e-3
+    int8: bool = True
+    int8_max_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.005
+    calibration_images: PositiveInt = 128
+    registered_model: Annotated[str, Field(min_length=1)] = "tlops-classifier"
+
+
+class ServeParams(Section):
+    model: str = "models/model.onnx"
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    top_k: PositiveInt = 5
+    max_batch: PositiveInt = 32
+    max_wait_ms: Annotated[float, Field(ge=0.0)] = 5
+    max_queue: PositiveInt = 256
+    timeout_ms: PositiveFloat = 10_000
+    max_body_bytes: PositiveInt = 10_000_000
+    max_pixels: PositiveInt = 40_000_000
+    reload_s: Annotated[float, Field(ge=0.0)] = 30
+    threads: PositiveInt | None = None
+
+
+class ScheduleParams(Section):
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+    work_pool: Annotated[str, Field(min_length=1)] = "gpu"
+    deployment: Annotated[str, Field(min_length=1)] = "nightly"
+    env: dict[str, str] = {}
+    retries: Annotated[int, Field(ge=0, le=10)] = 2
+    retry_delay_s: Annotated[float, Field(ge=0.0)] = 10
+    stage_timeout_s: PositiveFloat = 3600
+    lock_timeout_s: Annotated[float, Field(ge=0.0)] = 0
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_fields(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError("must be a 5-field cron expression such as '0 3 * * *'")
+        return v
+
+
+class Params(Section):
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    features: FeaturesParams = FeaturesParams()
+    head: HeadParams = HeadParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+    serve: ServeParams = ServeParams()
+    schedule: ScheduleParams = ScheduleParams()
+
+
+def params_path(path: str | os.PathLike | None = None) -> Path:
+    """The params file: the argument, else $TLOPS_PARAMS, else ./params.yaml."""
+    return Path(path or os.environ.get(PARAMS_ENV) or DEFAULT_PARAMS)
+
+
+def load_params(path: str | os.PathLike | None = None) -> Params:
+    """Read and validate params.yaml; raise ConfigError with one line naming the bad key."""
+    p = params_path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: not found (run from the project root or pass --params)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse_params(raw, source=str(p))
+
+
+def parse_params(raw: Any, source: str = DEFAULT_PARAMS) -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_describe(e.errors()[0])}") from None
+
+
+def _describe(err: dict) -> str:
+    loc = [str(x) for x in err["loc"] if not str(x).startswith(("function-after", "tagged-union"))]
+    # Drop pydantic's type-branch labels (e.g. "int", "constrained-int") inside unions.
+    loc = [x for x in loc if not (x in ("int", "float", "str", "bool", "list", "tuple", "none") or "[" in x)]
+    key = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        hint = ""
+        if parent is not None:
+            close = difflib.get_close_matches(loc[-1], list(parent.model_fields), n=1, cutoff=0.6)
+            if close:
+                hint = f" (did you mean {'.'.join([*loc[:-1], close[0]])}?)"
+            else:
+                hint = f" (known keys: {', '.join(parent.model_fields)})"
+        return f"{key} is not a known key{hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{key}: {msg}{shown}" if key else f"{msg}{shown}"
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Params
+    for name in loc:
+        field = model.model_fields.get(name)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """params as {"section.key": value}, for MLflow and hashing."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = obj
+
+    walk("", params.model_dump(mode="json"))
+    return out
+
+
+def dotted_get(params: Params, key: str) -> Any:
+    """Look up "section.key" in validated params; KeyError if absent."""
+    obj: Any = params
+    for part in key.split("."):
+        if isinstance(obj, BaseModel):
+            if part not in type(obj).model_fields:
+                raise KeyError(key)
+            obj = getattr(obj, part)
+        elif isinstance(obj, dict):
+            obj = obj[part]
+        else:
+            raise KeyError(key)
+    return obj

@@ -1,0 +1,41 @@
+"""Where each stage reads and writes, relative to the project root; dvc.yaml declares the same paths.
+
+tests/test_dvc_yaml.py checks that the two agree, so a path is changed in both or in neither.
+"""
+
+from pathlib import Path
+
+RAW = Path("data/raw")
+MANIFEST = Path("data/prepared/manifest.csv")
+DATA_REPORT = Path("reports/data.json")
+
+FEATURES_DIR = Path("features")               # persist: a content-addressed cache that survives reruns
+FEATURES_CACHE = FEATURES_DIR / "cache"
+FEATURES_DATASET = FEATURES_DIR / "dataset.npz"
+
+HEAD_DIR = Path("models/head")
+HEAD_WEIGHTS = HEAD_DIR / "head.safetensors"
+HEAD_INFO = HEAD_DIR / "head.json"
+HEAD_HISTORY = Path("reports/head_history.csv")
+
+FINETUNE_DIR = Path("models/finetuned")
+FINETUNE_WEIGHTS = FINETUNE_DIR / "model.safetensors"
+FINETUNE_INFO = FINETUNE_DIR / "model.json"
+FINETUNE_HISTORY = Path("reports/finetune_history.csv")
+CHECKPOINT_DIR = Path("checkpoints/finetune")  # persist: resume after a crash
+
+METRICS = Path("reports/metrics.json")
+HISTORY = Path("reports/history.csv")
+CONFUSION = Path("reports/confusion.csv")
+PLOTS_DIR = Path("reports/plots")
+
+ONNX = Path("models/model.onnx")
+ONNX_SHA256 = Path("models/model.onnx.sha256")
+MODEL_CARD = Path("models/model_card.md")
+INT8_DIR = Path("models/int8")
+INT8_ONNX = INT8_DIR / "model.int8.onnx"
+EXPORT_REPORT = Path("reports/export.json")
+
+STATE_DIR = Path(".tlops")                     # workspace-local run state, not versioned
+MLFLOW_DB = Path("mlflow.db")
+MLFLOW_ARTIFACTS = Path("mlartifacts")

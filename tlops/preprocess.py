@@ -1,0 +1,167 @@
+"""The one preprocessing implementation: decoding, RGB normalisation, resize/crop, scaling.
+
+Used by the prepare, features, finetune, evaluate and export stages and by the ONNX
+Runtime service, so it imports neither torch nor anything else heavy: PIL and numpy only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tlops.errors import DataError
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class ImageError(DataError):
+    """An image that cannot be used; `reason` is a short stable code for reports and HTTP errors."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How an image becomes a model input: resize shorter side, centre crop, scale, normalise."""
+
+    input_size: int
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    crop_pct: float = 1.0
+    layout: str = "NCHW"
+    color: str = "RGB"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+
+    @property
+    def resize_size(self) -> int:
+        return int(round(self.input_size / self.crop_pct))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["resize_size"] = self.resize_size
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PreprocessSpec:
+        fields = {k: d[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "layout", "color") if k in d}
+        return cls(**fields)
+
+    @classmethod
+    def from_json(cls, s: str) -> PreprocessSpec:
+        return cls.from_dict(json.loads(s))
+
+
+def load_image(source: str | os.PathLike | bytes, max_pixels: int) -> Image.Image:
+    """Decode an image fully and return it as 8-bit RGB, EXIF orientation applied.
+
+    Raises ImageError with reason empty_file, not_an_image, too_many_pixels, truncated or corrupt.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data, name = bytes(source), "<bytes>"
+    else:
+        name = str(source)
+        data = Path(source).read_bytes()
+    if not data:
+        raise ImageError("empty_file", f"{name} is zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError("too_many_pixels", f"{name} declares {w}x{h} pixels, over the limit of {max_pixels}")
+            img.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError("too_many_pixels", f"{name}: {e}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not_an_image", f"{name} is not a readable image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        reason = "truncated" if "truncat" in str(e).lower() else "corrupt"
+        raise ImageError(reason, f"{name}: {e}") from None
+    try:
+        return to_rgb(img)
+    except (OSError, ValueError) as e:
+        raise ImageError("corrupt", f"{name}: cannot convert mode {img.mode} to RGB ({e})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """EXIF-orient and convert any mode (CMYK, L, 16-bit, RGBA, P, ...) to 8-bit RGB."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        a = np.clip(np.rint(a * (255.0 / peak)), 0, 255).astype(np.uint8)
+        img = Image.fromarray(a, mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def resize_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """Resize the shorter side to spec.resize_size, then centre-crop spec.input_size square."""
+    w, h = img.size
+    short = spec.resize_size
+    scale = short / min(w, h)
+    nw, nh = max(short, int(round(w * scale))), max(short, int(round(h * scale)))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), INTERPOLATIONS[spec.interpolation])
+    s = spec.input_size
+    left, top = (nw - s) // 2, (nh - s) // 2
+    return img.crop((left, top, left + s, top + s))
+
+
+def normalize(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """HxWx3 uint8 (or NxHxWx3) -> float32 CHW (or NCHW) scaled to [0,1] and normalised."""
+    x = rgb.astype(np.float32) / 255.0
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def preprocess(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """An RGB PIL image -> float32 array (3, input_size, input_size), ready for the model."""
+    return normalize(np.asarray(resize_crop(img, spec), dtype=np.uint8), spec)
+
+
+def preprocess_uint8(arr: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """An HxWx3 (or HxW) uint8 array -> float32 (3, S, S): the path for raw image tensors."""
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an HxWxC uint8 image with C in 1, 3, 4; got shape {tuple(arr.shape)}")
+    img = to_rgb(Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr))
+    return preprocess(img, spec)
+
+
+def load_and_preprocess(source: str | os.PathLike | bytes, spec: PreprocessSpec, max_pixels: int) -> np.ndarray:
+    return preprocess(load_image(source, max_pixels), spec)
