@@ -1,0 +1,183 @@
+"""The `tlops` command line: thin commands over the library, flows and service."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tlops.config import Params, load_params
+from tlops.errors import ConfigError, TlopsError
+
+app = typer.Typer(
+    help="Transfer learning of image classifiers: versioned data, frozen-base training, fine-tuning, "
+    "ONNX export and serving.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOpt = Annotated[Path | None, typer.Option("--params", "-p", help="params file (default: ./params.yaml)")]
+
+
+def _params(path: Path | None) -> Params:
+    """Validated params, or exit 2 with one line naming the bad key."""
+    if path is not None:
+        os.environ["TLOPS_PARAMS"] = str(path)  # stage flows and `dvc repro` children read the same file
+    try:
+        return load_params(path)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _fail(e: TlopsError) -> typer.Exit:
+    typer.echo(f"error: {e}", err=True)
+    return typer.Exit(2 if isinstance(e, ConfigError) else 1)
+
+
+@app.command()
+def run(
+    params: ParamsOpt = None,
+    refresh: Annotated[bool, typer.Option(help="re-read the data source first (what scheduled runs do)")] = False,
+    force: Annotated[bool, typer.Option(help="re-run every stage even if DVC sees it unchanged")] = False,
+) -> None:
+    """Run the whole pipeline (the DVC stages, as a Prefect flow); unchanged stages are skipped."""
+    _params(params)
+    from flows.pipeline import run_pipeline
+
+    try:
+        run_pipeline(str(params) if params else None, refresh=refresh, force=force)
+    except TlopsError as e:
+        raise _fail(e) from None
+
+
+@app.command()
+def stage(name: Annotated[str, typer.Argument(help="a stage of dvc.yaml, e.g. prepare")], params: ParamsOpt = None) -> None:
+    """Run one stage's Prefect flow now, as dvc.yaml's cmd does (not recorded in dvc.lock)."""
+    _params(params)
+    import importlib
+
+    try:
+        module = importlib.import_module(f"flows.{name}")
+    except ModuleNotFoundError:
+        typer.echo(f"error: no stage named {name!r} (see `dvc stage list`)", err=True)
+        raise typer.Exit(2) from None
+    try:
+        getattr(module, f"{name}_flow")(str(params) if params else None)
+    except TlopsError as e:
+        raise _fail(e) from None
+
+
+@app.command()
+def check(params: ParamsOpt = None) -> None:
+    """Validate params.yaml and print the resolved values."""
+    from rich import print_json
+
+    p = _params(params)
+    print_json(json.dumps(p.model_dump(mode="json")))
+
+
+@app.command("data-version")
+def data_version() -> None:
+    """Print the data version: DVC's hash of data/raw."""
+    from tlops.data import data_version as version
+
+    try:
+        typer.echo(version())
+    except TlopsError as e:
+        raise _fail(e) from None
+
+
+@app.command()
+def backbones() -> None:
+    """List the backbone names that model.backbone accepts."""
+    from tlops.backbones import backbone_names
+
+    for name in backbone_names():
+        typer.echo(name)
+
+
+@app.command()
+def deploy(params: ParamsOpt = None) -> None:
+    """Create the scheduled deployment of the pipeline on the work pool from params (schedule.*)."""
+    p = _params(params)
+    from flows.deploy import deploy as create
+
+    try:
+        create(p)
+    except TlopsError as e:
+        raise _fail(e) from None
+
+
+@app.command("serve-schedule")
+def serve_schedule(params: ParamsOpt = None) -> None:
+    """Run the pipeline on its schedule in this process (no worker needed)."""
+    p = _params(params)
+    from flows.deploy import serve_schedule as serve_now
+
+    serve_now(p)
+
+
+@app.command()
+def serve(
+    params: ParamsOpt = None,
+    model: Annotated[str | None, typer.Option(help="model path or models:/<name>@<alias> (default: serve.model)")] = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default: serve.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default: serve.port)")] = None,
+) -> None:
+    """Serve the ONNX model over HTTP (Open Inference Protocol v2 and /predict)."""
+    p = _params(params)
+    overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    serve_params = p.serve.model_copy(update=overrides)
+    from serving.app import serve as run_server
+
+    try:
+        run_server(serve_params, model=model)
+    except TlopsError as e:
+        raise _fail(e) from None
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="image files", exists=True, dir_okay=False)],
+    model: Annotated[str | None, typer.Option(help="model path or models:/<name>@<alias> (default: serve.model)")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="labels to show per image")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    params: ParamsOpt = None,
+) -> None:
+    """Classify images locally with the ONNX model and print the top-k labels."""
+    p = _params(params)
+    from serving.predict import print_predictions, predict_files
+
+    try:
+        results = predict_files(model or p.serve.model, images, top_k=top_k)
+    except TlopsError as e:
+        raise _fail(e) from None
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+    else:
+        print_predictions(results)
+
+
+@app.command()
+def ui(port: Annotated[int, typer.Option(help="port for the MLflow UI")] = 5000) -> None:
+    """Start the MLflow UI on the local tracking store and print its URL."""
+    from tlops.tracking import ui_command
+
+    argv = ui_command(port=port)
+    typer.echo(f"MLflow UI: http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call(argv))
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m tlops.cli`
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
