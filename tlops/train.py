@@ -1,0 +1,428 @@
+"""Training: the new head on cached features (frozen base), then fine-tuning the top of the backbone.
+
+    head = train_head(features, params.head)          # milliseconds an epoch: sweep lr x wd, keep the best
+    save_head(head)
+    finetune(params, manifest, paths.HEAD_DIR)        # backbone + that head, top groups unfrozen, low LRs
+
+Library code: no MLflow, no Prefect. Callers see progress through `on_epoch(row, epoch)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from tlops import paths
+from tlops.checkpoint import latest_checkpoint, restore_checkpoint, run_fingerprint, save_checkpoint
+from tlops.config import FinetuneParams, HeadParams, Params
+from tlops.errors import ConfigError, DataError, ModelIntegrityError, NonFiniteLossError
+from tlops.io import atomic_path, read_json, sha256_file, write_json, write_text
+from tlops.loaders import ImageDataset, eval_loader, split_items, train_dataset, train_loader
+from tlops.schedule import lr_factor, param_groups, set_trainable, unfrozen_at
+
+HISTORY_COLUMNS = ["epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
+OnEpoch = Callable[[dict, int], None]
+
+
+# ---------------------------------------------------------------- head on cached features
+
+
+def build_head(kind: str, in_features: int, num_classes: int, hidden: int, dropout: float) -> nn.Module:
+    """The new classifier head: dropout + linear, or a one-hidden-layer MLP with dropout."""
+    if kind == "linear":
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout),
+                             nn.Linear(hidden, num_classes))
+    raise ConfigError(f"head.kind: {kind!r} is not linear or mlp")
+
+
+@dataclass
+class HeadResult:
+    """The kept head (best grid config, weights restored to its best epoch) and how it got there."""
+
+    model: nn.Module
+    kind: str
+    hidden: int
+    dropout: float
+    in_features: int
+    classes: list[str]
+    lr: float
+    weight_decay: float
+    val_accuracy: float
+    val_loss: float
+    epochs: int  # epochs the kept config ran before early stopping (or the limit)
+    best_epoch: int
+    history: list[dict]
+    grid: list[dict]
+    backbone: dict = field(default_factory=dict)
+
+
+def train_head(ds: Any, params: HeadParams, on_epoch: OnEpoch | None = None) -> HeadResult:
+    """Sweep head.lrs x head.weight_decays on the cached features; keep the config with the best val accuracy.
+
+    `ds` is a tlops.features.FeatureDataset. on_epoch sees the kept config's epochs, after the sweep.
+    """
+    X, y = (torch.as_tensor(a) for a in ds.split("train"))
+    Xv, yv = (torch.as_tensor(a) for a in ds.split("val"))
+    for name, labels in (("train", y), ("val", yv)):
+        if len(labels) == 0:
+            raise DataError(f"feature dataset has no {name} rows: the prepare stage must assign some images to {name}")
+    num_classes = len(ds.classes)
+    weight = class_weights(y, num_classes) if params.class_weighting else None
+    runs = []
+    with torch_threads(1):
+        for lr in params.lrs:
+            for wd in params.weight_decays:
+                head, history = fit_head(X.float(), y.long(), Xv.float(), yv.long(), num_classes, params, lr, wd, weight)
+                best = min(history, key=lambda r: r["val_loss"])
+                runs.append((head, history, best, lr, wd))
+    # Best val accuracy; ties go to the lower val loss, then to the earlier grid point.
+    head, history, best, lr, wd = max(runs, key=lambda r: (r[2]["val_accuracy"], -r[2]["val_loss"]))
+    for row in history:
+        if on_epoch:
+            on_epoch(row, row["epoch"])
+    grid = [{"lr": r[3], "weight_decay": r[4], "val_accuracy": r[2]["val_accuracy"], "val_loss": r[2]["val_loss"],
+             "epochs": len(r[1])} for r in runs]
+    return HeadResult(
+        model=head, kind=params.kind, hidden=params.hidden, dropout=params.dropout, in_features=X.shape[1],
+        classes=list(ds.classes), lr=lr, weight_decay=wd, val_accuracy=best["val_accuracy"],
+        val_loss=best["val_loss"], epochs=len(history), best_epoch=best["epoch"], history=history, grid=grid,
+        backbone=dict(getattr(ds, "meta", {}) or {}))
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with n intra-op threads: a head's small matmuls lose more to thread hand-offs than they gain."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fit_head(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor, num_classes: int,
+             params: HeadParams, lr: float, weight_decay: float,
+             weight: torch.Tensor | None = None) -> tuple[nn.Module, list[dict]]:
+    """One grid point: AdamW with early stopping on val loss; returns the head at its best epoch + history."""
+    torch.manual_seed(params.seed)
+    order = torch.Generator().manual_seed(params.seed)
+    head = build_head(params.kind, X.shape[1], num_classes, params.hidden, params.dropout)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    history: list[dict] = []
+    best_loss, best_state, stale = math.inf, copy.deepcopy(head.state_dict()), 0
+    for epoch in range(1, params.epochs + 1):
+        head.train()
+        loss_sum, correct = 0.0, 0
+        for idx in torch.randperm(len(y), generator=order).split(params.batch_size):
+            logits = head(X[idx])
+            loss = F.cross_entropy(logits, y[idx], weight=weight)
+            check_finite(loss, "train_head", epoch, len(history))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y[idx]).sum())
+        val_loss, val_acc = evaluate_logits(_eval(head, Xv), yv)
+        history.append(history_row(epoch, "head", loss_sum / len(y), correct / len(y), val_loss, val_acc, lr))
+        if val_loss < best_loss:
+            best_loss, best_state, stale = val_loss, copy.deepcopy(head.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= params.patience:
+                break
+    head.load_state_dict(best_state)
+    head.eval()
+    return head, history
+
+
+def _eval(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.inference_mode():
+        return model(X)
+
+
+def evaluate_logits(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of logits against labels."""
+    return float(F.cross_entropy(logits.float(), y)), float((logits.argmax(1) == y).float().mean())
+
+
+def class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights (mean 1 over present classes) so rare classes count as much as common ones."""
+    counts = torch.bincount(y.long(), minlength=num_classes).float()
+    w = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    return w
+
+
+def history_row(epoch: int, phase: str, train_loss: float, train_acc: float, val_loss: float, val_acc: float,
+                lr: float) -> dict:
+    return {"epoch": epoch, "phase": phase, "train_loss": train_loss, "train_accuracy": train_acc,
+            "val_loss": val_loss, "val_accuracy": val_acc, "lr": lr}
+
+
+def check_finite(loss: torch.Tensor, stage: str, epoch: int, step: int) -> None:
+    """Stop at once on a NaN/inf loss: training on would only spread it through every weight."""
+    if not torch.isfinite(loss.detach()).all():
+        raise NonFiniteLossError(
+            f"{stage}: loss became {loss.item()} at epoch {epoch}, step {step}; lower the learning rate "
+            f"or check the inputs for NaN")
+
+
+def write_history(rows: list[dict], path: str | Path) -> None:
+    """Per-epoch rows as CSV with HISTORY_COLUMNS, written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: r[k] for k in HISTORY_COLUMNS} for r in rows)
+    write_text(path, buf.getvalue())
+
+
+def save_head(result: HeadResult, out_dir: str | Path = paths.HEAD_DIR,
+              history_path: str | Path = paths.HEAD_HISTORY) -> dict:
+    """Write head.safetensors + head.json into out_dir and the history CSV; return the JSON written."""
+    out_dir = Path(out_dir)
+    info = {
+        "kind": result.kind, "hidden": result.hidden, "dropout": result.dropout,
+        "in_features": result.in_features, "classes": result.classes,
+        "lr": result.lr, "weight_decay": result.weight_decay,
+        "val_accuracy": result.val_accuracy, "val_loss": result.val_loss,
+        "epochs": result.epochs, "best_epoch": result.best_epoch, "grid": result.grid,
+        "backbone": result.backbone,
+    }
+    save_state(result.model.state_dict(), out_dir / paths.HEAD_WEIGHTS.name)
+    write_json(out_dir / paths.HEAD_INFO.name, info)
+    write_history(result.history, history_path)
+    return info
+
+
+def load_head(head_dir: str | Path = paths.HEAD_DIR) -> tuple[nn.Module, dict]:
+    """The saved head (eval mode) and its head.json."""
+    head_dir = Path(head_dir)
+    info_path, weights_path = head_dir / paths.HEAD_INFO.name, head_dir / paths.HEAD_WEIGHTS.name
+    if not info_path.exists() or not weights_path.exists():
+        raise DataError(f"{head_dir}: no trained head ({info_path.name} + {weights_path.name}); run the train_head stage")
+    info = read_json(info_path)
+    head = build_head(info["kind"], info["in_features"], len(info["classes"]), info["hidden"], info["dropout"])
+    head.load_state_dict(load_file(str(weights_path)))
+    return head.eval(), info
+
+
+def save_state(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """A state dict as .safetensors, atomically (contiguous CPU copies; the format refuses views)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+class Classifier(nn.Module):
+    """Backbone features -> head logits: the model that is fine-tuned, evaluated and exported."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+@dataclass
+class FinetuneResult:
+    model: Classifier
+    info: dict  # what model.json holds
+    history: list[dict]
+    val_accuracy: float
+    val_loss: float
+    head_val_accuracy: float
+    device: str
+    resumed_epochs: int  # epochs restored from a checkpoint; 0 for a fresh start
+
+
+def finetune(params: Params, manifest: Any, head_dir: str | Path = paths.HEAD_DIR,
+             out_dir: str | Path = paths.FINETUNE_DIR, checkpoint_dir: str | Path = paths.CHECKPOINT_DIR,
+             on_epoch: OnEpoch | None = None, history_path: str | Path = paths.FINETUNE_HISTORY) -> FinetuneResult:
+    """Fine-tune backbone + trained head on the manifest's images; write model.safetensors + model.json.
+
+    Resumes from the newest checkpoint in checkpoint_dir made with the same params, head and data.
+    """
+    from tlops.backbones import create_backbone
+
+    ft = params.finetune
+    device = resolve_device(ft.device)
+    backbone = create_backbone(params.model.backbone, weights=params.model.weights, image_size=params.model.image_size)
+    head, head_info = load_head(head_dir)
+    classes = check_compatible(backbone, head_info, manifest)
+    model = Classifier(backbone.model, head)
+    top = backbone.groups[::-1][: ft.unfreeze_groups]  # trainable groups, top first
+    opt = torch.optim.AdamW(param_groups(head, top, ft.lr, ft.lr_decay), weight_decay=ft.weight_decay)
+    train_set = train_dataset(split_items(manifest, "train"), backbone.spec, params.data.max_pixels, ft)
+    val_set = ImageDataset(split_items(manifest, "val"), backbone.spec, params.data.max_pixels)
+    steps_per_epoch = len(train_loader(train_set, ft, 0, device))
+    total_steps, warmup_steps = ft.epochs * steps_per_epoch, round(ft.warmup_epochs * steps_per_epoch)
+    amp = amp_dtype(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+
+    torch.manual_seed(ft.seed)  # dropout and drop-path draw from the global generator
+    fingerprint = run_fingerprint(params, manifest, head_dir)
+    history, start = [], 0
+    if ckpt := latest_checkpoint(checkpoint_dir, fingerprint):
+        history, start = restore_checkpoint(ckpt, model, opt, scaler), ckpt["epoch"]
+    head_epochs = int(head_info["epochs"])
+    for epoch in range(start, ft.epochs):
+        # The whole freeze/unfreeze schedule: the top n groups train, the rest of the backbone stays frozen.
+        set_trainable(model.backbone, top, unfrozen_at(epoch, len(top), ft.unfreeze_every), ft.batchnorm)
+        model.head.train()
+        loader = train_loader(train_set, ft, epoch, device)
+        step0 = epoch * steps_per_epoch
+        train_loss, train_acc = train_epoch(model, loader, opt, scaler, amp, ft, epoch, step0,
+                                            lambda s: lr_factor(s, total_steps, warmup_steps))
+        val_loss, val_acc = evaluate(model, eval_loader(val_set, ft, device), device, amp)
+        history.append(history_row(head_epochs + epoch + 1, "finetune", train_loss, train_acc, val_loss, val_acc,
+                                   opt.param_groups[0]["lr"]))
+        save_checkpoint(checkpoint_dir, model, opt, scaler, epoch + 1, history, fingerprint)
+        if on_epoch:
+            on_epoch(history[-1], history[-1]["epoch"])
+    model.eval()
+    info = model_info(params, backbone, classes, head_info, history)
+    save_state(model.state_dict(), Path(out_dir) / paths.FINETUNE_WEIGHTS.name)
+    info["weights_sha256"] = sha256_file(Path(out_dir) / paths.FINETUNE_WEIGHTS.name)
+    write_json(Path(out_dir) / paths.FINETUNE_INFO.name, info)
+    write_history(history, history_path)
+    last = history[-1]
+    return FinetuneResult(model, info, history, last["val_accuracy"], last["val_loss"],
+                          float(head_info["val_accuracy"]), str(device), start)
+
+
+def train_epoch(model: Classifier, loader: Any, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                amp: torch.dtype | None, ft: FinetuneParams, epoch: int, step: int,
+                schedule: Callable[[int], float]) -> tuple[float, float]:
+    """One pass over the training images; sets every group's LR per step; returns (mean loss, accuracy)."""
+    device = next(model.parameters()).device
+    loss_sum, correct, seen = 0.0, 0, 0
+    for x, y in loader:
+        x, y = to_device(x, y, device)
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * schedule(step)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=ft.label_smoothing)
+        check_finite(loss, "finetune", epoch + 1, step)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        loss_sum += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        step += 1
+    return loss_sum / seen, correct / seen
+
+
+def evaluate(model: nn.Module, loader: Any, device: torch.device, amp: torch.dtype | None = None) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of model over a loader, in eval mode; restores the previous modes."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    logits, labels = [], []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        for x, y in loader:
+            x, y = to_device(x, y, device)
+            logits.append(model(x).float())
+            labels.append(y)
+    for m, training in modes.items():
+        m.train(training)
+    return evaluate_logits(torch.cat(logits), torch.cat(labels))
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if device.type == "cuda":
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last), y.to(device, non_blocking=True)
+    return x, y
+
+
+def resolve_device(name: str) -> torch.device:
+    """finetune.device auto|cpu|cuda -> a torch device; cuda without a GPU is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("finetune.device: cuda, but torch sees no CUDA GPU (use auto or cpu)")
+    return torch.device(name)
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA: bf16 where the GPU has it (no scaler needed), else fp16 with a GradScaler."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def check_compatible(backbone: Any, head_info: dict, manifest: Any) -> list[str]:
+    """The head must fit the backbone's feature width and the manifest's classes; returns the classes."""
+    if head_info["in_features"] != backbone.num_features:
+        raise DataError(f"models/head expects {head_info['in_features']} features, backbone {backbone.name} gives "
+                        f"{backbone.num_features}: rerun features and train_head with the same model params")
+    classes = list(manifest.classes)
+    if list(head_info["classes"]) != classes:
+        raise DataError(f"models/head was trained on classes {head_info['classes']}, the manifest has {classes}: "
+                        "rerun features and train_head on this data")
+    return classes
+
+
+def model_info(params: Params, backbone: Any, classes: list[str], head_info: dict, history: list[dict]) -> dict:
+    """model.json: everything export and serving need to rebuild and feed the model."""
+    from tlops.data import data_version
+
+    return {
+        "backbone": backbone.name,
+        "num_features": backbone.num_features,
+        "classes": classes,
+        "head": {k: head_info[k] for k in ("kind", "hidden", "dropout")},
+        "preprocess": backbone.spec.to_dict(),
+        "weights_id": backbone.weights_id,
+        "data_version": data_version(),
+        "image_size": backbone.spec.input_size,
+        "head_epochs": int(head_info["epochs"]),
+        "epochs": params.finetune.epochs,
+        "val_accuracy": history[-1]["val_accuracy"],
+        "head_val_accuracy": float(head_info["val_accuracy"]),
+        "params": {"model": params.model.model_dump(mode="json"), "finetune": params.finetune.model_dump(mode="json")},
+    }
+
+
+def load_classifier(model_dir: str | Path = paths.FINETUNE_DIR) -> tuple[Classifier, dict]:
+    """The fine-tuned model (eval mode, CPU) rebuilt from model.json + model.safetensors, and model.json."""
+    from tlops.backbones import create_backbone
+
+    model_dir = Path(model_dir)
+    info_path, weights_path = model_dir / paths.FINETUNE_INFO.name, model_dir / paths.FINETUNE_WEIGHTS.name
+    if not info_path.exists() or not weights_path.exists():
+        raise DataError(f"{model_dir}: no fine-tuned model ({info_path.name} + {weights_path.name}); "
+                        "run the finetune stage")
+    info = read_json(info_path)
+    backbone = create_backbone(info["backbone"], weights="random", image_size=info["image_size"])
+    h = info["head"]
+    model = Classifier(backbone.model, build_head(h["kind"], info["num_features"], len(info["classes"]),
+                                                  h["hidden"], h["dropout"]))
+    try:
+        model.load_state_dict(load_file(str(weights_path)))
+    except RuntimeError as e:
+        raise ModelIntegrityError(f"{weights_path} does not fit the model described in {info_path}: {e}") from None
+    return model.eval(), info
