@@ -5,11 +5,14 @@ Module-specific fixtures live in the test module that needs them.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +72,62 @@ def make_images(folder: Path, classes: int = 3, per_class: int = 8, size: int = 
             Image.fromarray(a).save(p)
             written.append(p)
     return written
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose IHDR claims width x height (CRC fixed), without allocating the pixels."""
+    buf = io.BytesIO()
+    Image.new("L", (4, 4), 7).save(buf, format="PNG")
+    png = bytearray(buf.getvalue())
+    png[16:24] = struct.pack(">II", width, height)  # IHDR data starts after signature(8) + length(4) + type(4)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    return bytes(png)
+
+
+def make_messy_images(folder: Path, per_class: int = 6) -> dict:
+    """make_images' 3 classes plus every awkward file prepare must handle; returns what to expect of each.
+
+    {"good": [paths that must reach the manifest], "bad": {path: quarantine reason}, "hidden": [paths]},
+    paths relative to `folder`.
+    """
+    good = [p.relative_to(folder).as_posix() for p in make_images(folder, classes=3, per_class=per_class)]
+
+    def save(rel: str, img: Image.Image, **kw) -> None:
+        img.save(folder / rel, **kw)
+        good.append(rel)
+
+    save("class_0/cmyk.jpg", Image.new("CMYK", (8, 8), (0, 255, 255, 0)), quality=100)  # pure red
+    save("class_0/gray16.png", Image.fromarray(np.full((6, 6), 32768, np.uint16)))  # mid grey in 16 bits
+    save("class_1/rgba.png", Image.new("RGBA", (6, 6), (255, 0, 0, 0)))  # fully transparent -> white
+    pal = Image.new("P", (6, 6))
+    pal.putpalette([0, 0, 255] * 256)
+    save("class_1/palette.png", pal)  # every palette entry is blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    save("class_2/exif_rotated.jpg", Image.new("RGB", (20, 10), (10, 200, 30)), exif=exif.tobytes())
+
+    rng = np.random.default_rng(1)
+    jpg, png = io.BytesIO(), io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(jpg, format="JPEG", quality=90)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(png, format="PNG")
+    corrupt = bytearray(jpg.getvalue())
+    dht = corrupt.find(b"\xff\xc4")
+    corrupt[dht + 5 : dht + 25] = b"\xff" * 20  # a garbled Huffman table: the header parses, decoding fails
+    bad = {
+        "class_0/corrupt.jpg": (bytes(corrupt), "corrupt"),
+        "class_1/truncated.png": (png.getvalue()[: len(png.getvalue()) // 2], "truncated"),
+        "class_2/notes.jpg": (b"this is a text file, not a JPEG\n", "not_an_image"),
+        "class_0/empty.png": (b"", "empty_file"),
+        "class_1/bomb.png": (_png_declaring(20000, 20000), "too_many_pixels"),
+    }
+    for rel, (data, _) in bad.items():
+        (folder / rel).write_bytes(data)
+
+    hidden = [".DS_Store", "class_0/.DS_Store", "class_1/.ipynb_checkpoints/img_000-checkpoint.png"]
+    (folder / "class_1/.ipynb_checkpoints").mkdir()
+    for rel in hidden:
+        (folder / rel).write_bytes(b"\x00\x00\x00\x01Bud1" if rel.endswith("DS_Store") else png.getvalue())
+    return {"good": sorted(good), "bad": {rel: reason for rel, (_, reason) in bad.items()}, "hidden": hidden}
 
 
 def run_cmd(args: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
