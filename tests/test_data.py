@@ -1,0 +1,245 @@
+"""tlops.data: sources, quarantine of bad files, RGB normalisation, duplicates, the stable split, the manifest."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_images, make_messy_images
+from PIL import Image
+
+from tlops import data
+from tlops.config import DataParams
+from tlops.errors import ConfigError, DataError
+from tlops.io import sha256_file
+from tlops.preprocess import load_image
+
+
+def params(**over) -> DataParams:
+    base = {"source": "imagefolder", "path": "src", "min_per_class": 2, "val_fraction": 0.25, "test_fraction": 0.25}
+    return DataParams(**{**base, **over})
+
+
+def run_prepare(raw: Path = Path("raw"), **over) -> dict:
+    return data.prepare(raw, params(**over), Path("prepared/manifest.csv"), Path("reports/data.json"))
+
+
+@pytest.fixture
+def here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def messy(here: Path) -> dict:
+    """raw/ holds the acceptance folder: 3 good classes, every bad-file kind, hidden files."""
+    return make_messy_images(here / "raw")
+
+
+def manifest_paths() -> list[str]:
+    return [r.path for r in data.load_manifest(Path("prepared/manifest.csv")).rows]
+
+
+def test_every_bad_file_is_quarantined_with_its_own_reason_and_every_good_one_reaches_the_manifest(messy):
+    report = run_prepare()
+    reasons = {q["path"]: q["reason"] for q in report["quarantined"]}
+    assert reasons == {f"raw/{rel}": reason for rel, reason in messy["bad"].items()}
+    assert len(set(reasons.values())) == len(reasons)  # distinct
+    assert all(q["detail"] for q in report["quarantined"])
+    assert manifest_paths() == [f"raw/{rel}" for rel in messy["good"]]
+    assert json.loads(Path("reports/data.json").read_text()) == report
+
+
+def test_hidden_files_and_folders_are_in_neither_the_manifest_nor_the_report(messy):
+    run_prepare()
+    text = Path("prepared/manifest.csv").read_text() + Path("reports/data.json").read_text()
+    assert ".DS_Store" not in text and ".ipynb_checkpoints" not in text
+
+
+def test_cmyk_16bit_rgba_and_palette_images_become_the_right_rgb(messy):
+    run_prepare()
+    rows = {r.path: r for r in data.load_manifest(Path("prepared/manifest.csv")).rows}
+    expected = {"class_0/cmyk.jpg": (255, 0, 0), "class_0/gray16.png": (128, 128, 128),
+                "class_1/rgba.png": (255, 255, 255), "class_1/palette.png": (0, 0, 255)}
+    for rel, rgb in expected.items():
+        assert f"raw/{rel}" in rows
+        img = load_image(Path("raw") / rel, 10_000)
+        assert img.mode == "RGB"
+        assert np.abs(np.asarray(img, np.int16) - np.array(rgb)).max() <= 2, rel
+
+
+def test_exif_orientation_is_applied_so_the_manifest_size_is_the_displayed_one(messy):
+    run_prepare()
+    row = next(r for r in data.load_manifest(Path("prepared/manifest.csv")).rows if r.path.endswith("exif_rotated.jpg"))
+    assert (row.width, row.height) == (10, 20)  # stored 20x10 with "rotate 90"
+
+
+def test_a_file_outside_any_class_folder_is_quarantined(here):
+    make_images(here / "raw", classes=2, per_class=8)
+    Image.new("RGB", (4, 4)).save(here / "raw" / "stray.png")
+    report = run_prepare()
+    assert [(q["path"], q["reason"]) for q in report["quarantined"]] == [("raw/stray.png", "no_class_folder")]
+
+
+def test_adding_20_images_moves_no_existing_image_to_another_split(here):
+    make_images(here / "raw", classes=3, per_class=8, seed=1)
+    run_prepare()
+    before = {r.path: r.split for r in data.load_manifest(Path("prepared/manifest.csv")).rows}
+    extra = make_images(here / "more", classes=3, per_class=7, seed=2)[:20]
+    for i, p in enumerate(extra):
+        shutil.copy(p, here / "raw" / p.parent.name / f"new_{i:02d}.png")
+    run_prepare()
+    after = {r.path: r.split for r in data.load_manifest(Path("prepared/manifest.csv")).rows}
+    assert len(after) == len(before) + 20
+    assert {p: after[p] for p in before} == before
+
+
+def test_split_depends_only_on_content_hash_and_salt_and_follows_the_fractions():
+    p = params(val_fraction=0.2, test_fraction=0.1)
+    hashes = [f"{i:064x}" for i in range(6000)]
+    splits = [data.split_of(h, p) for h in hashes]
+    assert splits == [data.split_of(h, p) for h in hashes]
+    share = {s: splits.count(s) / len(splits) for s in data.SPLITS}
+    assert share["test"] == pytest.approx(0.1, abs=0.02) and share["val"] == pytest.approx(0.2, abs=0.02)
+    assert [data.split_of(h, params(val_fraction=0.2, test_fraction=0.1, split_salt="other")) for h in hashes] != splits
+
+
+def test_duplicates_keep_one_row_never_straddle_splits_and_are_reported(here):
+    make_images(here / "raw", classes=2, per_class=6)
+    shutil.copy(here / "raw/class_0/img_000.png", here / "raw/class_0/copy_b.png")
+    shutil.copy(here / "raw/class_0/img_000.png", here / "raw/class_0/copy_a.png")
+    report = run_prepare()
+    rows = data.load_manifest(Path("prepared/manifest.csv")).rows
+    sha = sha256_file(here / "raw/class_0/img_000.png")
+    assert [r.path for r in rows if r.sha256 == sha] == ["raw/class_0/copy_a.png"]  # lexicographically first
+    assert report["duplicates"] == [{"sha256": sha, "label": "class_0", "kept": "raw/class_0/copy_a.png",
+                                     "dropped": ["raw/class_0/copy_b.png", "raw/class_0/img_000.png"]}]
+    assert report["totals"]["duplicates_dropped"] == 2
+    assert len({r.sha256 for r in rows}) == len(rows)
+
+
+def test_the_same_image_under_two_labels_is_quarantined_everywhere(here):
+    make_images(here / "raw", classes=2, per_class=6)
+    shutil.copy(here / "raw/class_0/img_001.png", here / "raw/class_1/looks_like_1.png")
+    report = run_prepare()
+    assert {(q["path"], q["reason"]) for q in report["quarantined"]} == {
+        ("raw/class_0/img_001.png", "conflicting_labels"), ("raw/class_1/looks_like_1.png", "conflicting_labels")}
+    assert not {"raw/class_0/img_001.png", "raw/class_1/looks_like_1.png"} & set(manifest_paths())
+
+
+def test_fewer_than_two_classes_fails_naming_the_class(here):
+    make_images(here / "raw", classes=1, per_class=6)
+    with pytest.raises(DataError, match=r"1 class\(es\).*class_0.*at least 2"):
+        run_prepare()
+
+
+def test_a_class_below_min_per_class_fails_naming_the_class_and_its_counts(here):
+    make_images(here / "raw", classes=3, per_class=6)
+    for p in sorted((here / "raw/class_2").iterdir())[2:]:
+        p.unlink()
+    (here / "raw/class_2/broken.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"class 'class_2' has 2 valid image\(s\) \(1 quarantined\).*min_per_class is 3"):
+        run_prepare(min_per_class=3)
+    assert not Path("prepared/manifest.csv").exists()
+
+
+def test_manifest_has_exact_columns_sorted_rows_and_loads_back(messy):
+    report = run_prepare()
+    with open("prepared/manifest.csv", newline="") as f:
+        assert next(csv.reader(f)) == ["path", "label", "split", "sha256", "width", "height"]
+    m = data.load_manifest(Path("prepared/manifest.csv"))
+    assert [r.path for r in m.rows] == sorted(r.path for r in m.rows)
+    assert m.classes == ["class_0", "class_1", "class_2"] and m.label_index("class_2") == 2
+    assert sum(len(m.rows_in(s)) for s in data.SPLITS) == len(m.rows) == report["totals"]["images"]
+    per_class = {c: sum(1 for r in m.rows if r.label == c) for c in m.classes}
+    assert {c: v["total"] for c, v in report["classes"].items()} == per_class
+    assert all(isinstance(r.width, int) and r.sha256 == sha256_file(r.path) for r in m.rows)
+
+
+def test_missing_manifest_says_which_stage_to_run(here):
+    with pytest.raises(DataError, match="prepare"):
+        data.load_manifest(Path("nope.csv"))
+
+
+# ---------------------------------------------------------------- ingest
+
+
+def test_digits_ingest_writes_1797_pngs_in_10_class_folders_with_reproducible_bytes(here):
+    from sklearn.datasets import load_digits
+
+    summary = data.ingest(DataParams(source="digits"), Path("data/raw"))
+    assert summary == {"source": "digits", "images": 1797, "classes": 10}
+    assert sorted(p.name for p in Path("data/raw").iterdir()) == [str(d) for d in range(10)]
+    first = Path("data/raw/0/digit_00000.png")
+    img = Image.open(first)
+    assert (img.size, img.mode) == ((8, 8), "L")
+    assert np.array_equal(np.asarray(img), np.rint(load_digits().images[0] * 255 / 16))  # 0..16 -> 0..255
+    before = data.data_version(here)
+    data.ingest(DataParams(source="digits"), Path("data/raw"))
+    assert data.data_version(here) == before
+    assert not [p for p in Path("data").iterdir() if p.name != "raw"]  # no temp folders left behind
+
+
+def test_imagefolder_ingest_copies_visible_files_byte_for_byte(messy, here):
+    data.ingest(params(path="raw"), Path("data/raw"))
+    copied = sorted(p.relative_to("data/raw").as_posix() for p in Path("data/raw").rglob("*") if p.is_file())
+    assert copied == sorted([*messy["good"], *messy["bad"]])
+    assert all(sha256_file(Path("data/raw") / rel) == sha256_file(Path("raw") / rel) for rel in copied)
+
+
+def test_a_failed_ingest_leaves_the_previous_data_in_place(here, monkeypatch):
+    make_images(here / "src", classes=2, per_class=2)
+    data.ingest(params(), Path("data/raw"))
+    before = sorted(Path("data/raw").rglob("*"))
+
+    def half_copy(src: Path, dest: Path) -> None:
+        (dest / "partial.png").write_bytes(b"x")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(data, "copy_folder", half_copy)
+    with pytest.raises(OSError, match="disk full"):
+        data.ingest(params(), Path("data/raw"))
+    assert sorted(Path("data/raw").rglob("*")) == before
+    assert [p.name for p in Path("data").iterdir()] == ["raw"]
+
+
+def test_unknown_torchvision_dataset_is_a_config_error_naming_it():
+    with pytest.raises(ConfigError, match=r"torchvision:FashonMNIST.*did you mean torchvision:FashionMNIST"):
+        data.ingest(DataParams(source="torchvision:FashonMNIST"), Path("unused"))
+
+
+def _idx(magic: int, arr: np.ndarray) -> bytes:
+    return struct.pack(">I", magic) + b"".join(struct.pack(">I", n) for n in arr.shape) + arr.tobytes()
+
+
+def test_torchvision_dataset_is_read_offline_from_a_local_root_into_class_name_folders(here):
+    raw = here / "tv/FashionMNIST/raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 3), ("t10k", 2)):
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(0x803, rng.integers(0, 255, (n, 28, 28), np.uint8)))
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(0x801, np.arange(n, dtype=np.uint8)))
+    summary = data.ingest(DataParams(source="torchvision:FashionMNIST", path="tv", download=False), Path("data/raw"))
+    assert summary["images"] == 5
+    files = sorted(p.relative_to("data/raw").as_posix() for p in Path("data/raw").rglob("*.png"))
+    assert files == sorted(["T-shirt_top/train_000000.png", "Trouser/train_000001.png", "Pullover/train_000002.png",
+                            "T-shirt_top/test_000000.png", "Trouser/test_000001.png"])
+
+
+def test_missing_torchvision_root_offline_is_a_data_error_saying_what_to_set(here):
+    with pytest.raises(DataError, match="data.download"):
+        data.ingest(DataParams(source="torchvision:FashionMNIST", path="nowhere"), Path("data/raw"))
+
+
+def test_data_version_is_the_same_inside_and_outside_a_dvc_repo(workspace, tmp_path):
+    make_images(workspace / "data/raw", classes=2, per_class=3)
+    inside = data.data_version(workspace)
+    outside = tmp_path / "plain"
+    shutil.copytree(workspace / "data", outside / "data")
+    assert data.data_version(outside) == inside
+    assert inside.endswith(".dir")

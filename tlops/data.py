@@ -1,0 +1,441 @@
+"""Data sources, validation, the stable split, the manifest and the data version.
+
+`ingest` turns a source into data/raw/<class>/<image> (the DVC-tracked dataset); `prepare` decodes every
+image, quarantines the bad ones, drops exact duplicates and writes the manifest and reports/data.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import inspect
+import io
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from tlops import paths
+from tlops.config import DataParams
+from tlops.errors import ConfigError, DataError
+from tlops.io import sha256_bytes, sha256_file, write_json, write_text
+from tlops.preprocess import ImageError, load_image
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+TORCHVISION_ROOT = paths.STATE_DIR / "torchvision"  # download root when data.path is not set
+
+# Datasets whose constructor takes `split=` (torchvision cannot tell us the allowed values); every part is
+# ingested because prepare makes its own split. Datasets with `train=` get both halves; others their default.
+TORCHVISION_SPLITS = {
+    "Country211": ("train", "valid", "test"),
+    "DTD": ("train", "val", "test"),
+    "FGVCAircraft": ("train", "val", "test"),
+    "Flowers102": ("train", "val", "test"),
+    "Food101": ("train", "test"),
+    "GTSRB": ("train", "test"),
+    "OxfordIIITPet": ("trainval", "test"),
+    "StanfordCars": ("train", "test"),
+    "STL10": ("train", "test"),
+    "SVHN": ("train", "test"),
+}
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    path: str
+    label: str
+    split: str
+    sha256: str
+    width: int
+    height: int
+
+
+MANIFEST_COLUMNS = tuple(f.name for f in fields(ManifestRow))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    rows: list[ManifestRow]
+    classes: list[str]
+
+    def rows_in(self, split: str) -> list[ManifestRow]:
+        """The rows of one split (train, val or test), in manifest order."""
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} is not one of {SPLITS}")
+        return [r for r in self.rows if r.split == split]
+
+    def label_index(self, label: str) -> int:
+        """The class index of a label: its position in the sorted class list."""
+        try:
+            return self.classes.index(label)
+        except ValueError:
+            raise DataError(f"label {label!r} is not one of the manifest's classes {self.classes}") from None
+
+
+# ---------------------------------------------------------------- ingest
+
+
+def ingest(params: DataParams, out_dir: Path = paths.RAW) -> dict:
+    """Materialise data.source as out_dir/<class>/<image>, swapping the whole folder in at the end."""
+    writer = _source_writer(params, Path(out_dir))
+    with replaced_dir(Path(out_dir)) as tmp:
+        writer(tmp)
+    files = visible_files(Path(out_dir))
+    classes = sorted({f.relative_to(out_dir).parts[0] for f in files if len(f.relative_to(out_dir).parts) > 1})
+    return {"source": params.source, "images": len(files), "classes": len(classes)}
+
+
+def _source_writer(params: DataParams, out_dir: Path) -> Callable[[Path], None]:
+    """The function that writes params' source into a folder; config problems surface before any I/O."""
+    if params.source == "digits":
+        return write_digits
+    if params.source == "imagefolder":
+        src = Path(params.path or "")
+        if not src.is_dir():
+            raise DataError(f"data.path {src} is not a folder (imagefolder expects data.path/<class>/<image>)")
+        if src.resolve() == out_dir.resolve() or out_dir.resolve() in src.resolve().parents:
+            raise ConfigError(f"data.path {src} is inside {out_dir}, which ingest replaces; point it elsewhere")
+        return lambda dest: copy_folder(src, dest)
+    name = params.source.removeprefix("torchvision:")
+    dataset_cls = torchvision_dataset(name)
+    root = Path(params.path) if params.path else TORCHVISION_ROOT
+    return lambda dest: write_torchvision(dataset_cls, root, params.download, dest)
+
+
+@contextmanager
+def replaced_dir(target: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside `target`; if the block succeeds it takes target's place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old.tmp")
+        if target.exists() or target.is_symlink():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def visible_files(root: Path) -> list[Path]:
+    """Files below root, sorted, skipping hidden files and anything inside a hidden folder."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
+    return sorted(found)
+
+
+def save_png(pixels: np.ndarray | Image.Image, path: Path) -> None:
+    """Write a PNG whose bytes depend only on the pixels (no timestamps), so DVC hashes are reproducible."""
+    img = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+
+
+def write_digits(dest: Path) -> None:
+    """scikit-learn's bundled 8x8 digits (0..16 grey levels) as 8-bit PNGs in dest/<digit>/digit_<n>.png."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    for i, (img, target) in enumerate(zip(pixels, digits.target, strict=True)):
+        save_png(img, dest / str(int(target)) / f"digit_{i:05d}.png")
+
+
+def copy_folder(src: Path, dest: Path) -> None:
+    """Copy src's visible files byte for byte, keeping their relative paths."""
+    for f in visible_files(src):
+        target = dest / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, target)
+
+
+def torchvision_dataset(name: str) -> type:
+    """The torchvision dataset class called `name`; ConfigError naming it (and a close match) if none."""
+    import torch.utils.data
+    import torchvision.datasets
+
+    known = sorted(n for n, obj in vars(torchvision.datasets).items()
+                   if isinstance(obj, type) and issubclass(obj, torch.utils.data.Dataset))
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean torchvision:{close[0]}?" if close else "e.g. FashionMNIST, CIFAR10, Flowers102"
+        raise ConfigError(f"data.source: torchvision:{name} is not a torchvision dataset ({hint})")
+    return getattr(torchvision.datasets, name)
+
+
+def _torchvision_parts(dataset_cls: type) -> list[tuple[str, dict]]:
+    """(part name, constructor kwargs) for every part of a dataset."""
+    if dataset_cls.__name__ in TORCHVISION_SPLITS:
+        return [(s, {"split": s}) for s in TORCHVISION_SPLITS[dataset_cls.__name__]]
+    if "train" in inspect.signature(dataset_cls).parameters:
+        return [("train", {"train": True}), ("test", {"train": False})]
+    return [("all", {})]
+
+
+def write_torchvision(dataset_cls: type, root: Path, download: bool, dest: Path) -> None:
+    """Every part of a torchvision dataset as PNGs in dest/<class name>/<part>_<index>.png."""
+    accepts_download = "download" in inspect.signature(dataset_cls).parameters
+    for part, kwargs in _torchvision_parts(dataset_cls):
+        if accepts_download:
+            kwargs["download"] = download
+        try:
+            ds = dataset_cls(root=str(root), **kwargs)
+        except (RuntimeError, FileNotFoundError) as e:
+            raise DataError(f"torchvision:{dataset_cls.__name__} ({part}) not found under {root}: {e} "
+                            "(set data.download: true when online, or data.path to a local copy)") from None
+        classes = list(getattr(ds, "classes", None) or [])
+        for i in range(len(ds)):
+            img, target = ds[i]
+            save_png(_as_image(img), dest / _class_folder(target, classes) / f"{part}_{i:06d}.png")
+
+
+def _as_image(img: Any) -> Image.Image:
+    if isinstance(img, Image.Image):
+        return img
+    if isinstance(img, np.ndarray):
+        return Image.fromarray(img)
+    raise DataError(f"torchvision sample is a {type(img).__name__}, expected a PIL image")
+
+
+def _class_folder(target: Any, classes: list[str]) -> str:
+    """A safe folder name for a target: its class name when the dataset has one, else the index."""
+    try:
+        index = int(target)
+    except (TypeError, ValueError):
+        raise DataError(f"torchvision target {target!r} is not a class index") from None
+    label = str(classes[index]) if 0 <= index < len(classes) else str(index)
+    # Class names such as "T-shirt/top" must not create folders; a leading dot would hide the class.
+    return re.sub(r"[^\w\-+,() ]", "_", label).strip().lstrip(".") or str(index)
+
+
+# ---------------------------------------------------------------- prepare
+
+
+@dataclass(frozen=True)
+class Checked:
+    """An image that decoded fully."""
+
+    path: str
+    label: str
+    sha256: str
+    width: int
+    height: int
+
+
+def prepare(raw_dir: Path, params: DataParams, manifest_path: Path, report_path: Path) -> dict:
+    """Validate raw_dir/<class>/<image>, split it stably and write the manifest and the data report."""
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        raise DataError(f"{raw_dir} does not exist; run the ingest stage first (dvc repro ingest)")
+    candidates, quarantined = find_candidates(raw_dir)
+    good, bad = check_images(candidates, params.max_pixels)
+    kept, duplicates, conflicting = deduplicate(good)
+    quarantined = sorted([*quarantined, *bad, *conflicting], key=lambda q: q["path"])
+    check_classes(kept, dict(candidates), quarantined, params.min_per_class, raw_dir)
+    rows = sorted((ManifestRow(c.path, c.label, split_of(c.sha256, params), c.sha256, c.width, c.height)
+                   for c in kept), key=lambda r: r.path)
+    check_splits(rows, params)
+    report = data_report(rows, quarantined, duplicates)
+    write_manifest(manifest_path, rows)
+    write_json(report_path, report)
+    return report
+
+
+def find_candidates(raw_dir: Path) -> tuple[list[tuple[str, str]], list[dict]]:
+    """(path, label) of every visible file in a class folder, and quarantine entries for files outside one."""
+    candidates, stray = [], []
+    for f in visible_files(raw_dir):
+        rel = f.relative_to(raw_dir)
+        if len(rel.parts) < 2:
+            stray.append({"path": _display(f), "reason": "no_class_folder",
+                          "detail": f"{_display(f)} is not inside a <class>/ folder"})
+        else:
+            candidates.append((_display(f), rel.parts[0]))
+    return candidates, stray
+
+
+def _display(path: Path) -> str:
+    """A path as the manifest stores it: relative to the project root (cwd) when under it, POSIX slashes."""
+    if path.is_absolute():
+        try:
+            path = path.relative_to(Path.cwd())
+        except ValueError:
+            pass
+    return path.as_posix()
+
+
+def check_images(candidates: list[tuple[str, str]], max_pixels: int) -> tuple[list[Checked], list[dict]]:
+    """Decode every candidate fully; the ones that fail become {path, reason, detail} entries."""
+    good, bad = [], []
+    for path, label in candidates:
+        try:
+            img = load_image(path, max_pixels)
+            good.append(Checked(path, label, sha256_file(path), img.width, img.height))
+        except ImageError as e:
+            bad.append({"path": path, "reason": e.reason, "detail": e.detail})
+        except OSError as e:
+            bad.append({"path": path, "reason": "unreadable", "detail": f"{path}: {e}"})
+        except Exception as e:  # a decoder bug on one hostile file must not stop the stage
+            bad.append({"path": path, "reason": "corrupt", "detail": f"{path}: {type(e).__name__}: {e}"})
+    return good, bad
+
+
+def deduplicate(images: list[Checked]) -> tuple[list[Checked], list[dict], list[dict]]:
+    """Keep one copy (the first path) of each content; copies filed under different labels are all rejected."""
+    by_hash: dict[str, list[Checked]] = defaultdict(list)
+    for img in images:
+        by_hash[img.sha256].append(img)
+    kept, duplicates, conflicting = [], [], []
+    for sha, group in by_hash.items():
+        group.sort(key=lambda c: c.path)
+        labels = sorted({c.label for c in group})
+        if len(labels) > 1:
+            conflicting += [{"path": c.path, "reason": "conflicting_labels",
+                             "detail": f"the same image is filed under classes {labels}: "
+                                       f"{', '.join(o.path for o in group)}"} for c in group]
+            continue
+        kept.append(group[0])
+        if len(group) > 1:
+            duplicates.append({"sha256": sha, "label": labels[0], "kept": group[0].path,
+                               "dropped": [c.path for c in group[1:]]})
+    return kept, sorted(duplicates, key=lambda d: d["kept"]), conflicting
+
+
+def check_classes(kept: list[Checked], label_of: dict[str, str], quarantined: list[dict], min_per_class: int,
+                  raw_dir: Path) -> None:
+    """DataError unless there are >= 2 classes, each with at least min_per_class valid images."""
+    valid = Counter(c.label for c in kept)
+    if len(valid) < 2:
+        found = ", ".join(sorted(valid)) or "none"
+        raise DataError(f"{raw_dir}: {len(valid)} class(es) with valid images ({found}); a classifier needs "
+                        f"at least 2 class folders {raw_dir}/<class>/<image>")
+    bad = Counter(label_of[q["path"]] for q in quarantined if q["path"] in label_of)
+    small = [f"class {label!r} has {valid[label]} valid image(s) ({bad[label]} quarantined)"
+             for label in sorted(set(label_of.values())) if valid[label] < min_per_class]
+    if small:
+        raise DataError(f"{raw_dir}: {'; '.join(small)}; data.min_per_class is {min_per_class}")
+
+
+def split_of(sha256: str, params: DataParams) -> str:
+    """train, val or test, decided by the image's content hash alone.
+
+    Why a per-image threshold: a split that depends on any other image (e.g. ranking a class by hash) moves
+    images when one is added. Stable means split(x) is a function of x alone, so no rule can promise every
+    class a val and a test image (three images of a class may all hash to train); instead each class is
+    split independently at the same fractions, i.e. stratified in expectation, and data_report warns about
+    any class left without an image in some split. Copies of one content share its hash, hence its split.
+    """
+    u = int(sha256_bytes(f"{params.split_salt}:{sha256}".encode())[:16], 16) / 2**64
+    if u < params.test_fraction:
+        return "test"
+    if u < params.test_fraction + params.val_fraction:
+        return "val"
+    return "train"
+
+
+def check_splits(rows: list[ManifestRow], params: DataParams) -> None:
+    """DataError if a whole split is empty: later stages need images in train, val and test."""
+    counts = Counter(r.split for r in rows)
+    empty = [s for s in SPLITS if counts[s] == 0]
+    if empty:
+        raise DataError(f"no image fell into the {'/'.join(empty)} split ({len(rows)} valid images, "
+                        f"data.val_fraction={params.val_fraction}, data.test_fraction={params.test_fraction}); "
+                        "add images or raise the fractions")
+
+
+def data_report(rows: list[ManifestRow], quarantined: list[dict], duplicates: list[dict]) -> dict:
+    """reports/data.json: counts per class and split, totals, quarantined files, duplicate groups."""
+    per_class: dict[str, dict[str, int]] = {}
+    for r in rows:
+        counts = per_class.setdefault(r.label, dict.fromkeys((*SPLITS, "total"), 0))
+        counts[r.split] += 1
+        counts["total"] += 1
+    warnings = [f"class {label!r} has no {s} image" for label, c in sorted(per_class.items())
+                for s in SPLITS if c[s] == 0]
+    for w in warnings:
+        log.warning("prepare: %s", w)
+    totals = {"images": len(rows), "classes": len(per_class),
+              **{s: sum(1 for r in rows if r.split == s) for s in SPLITS},
+              "quarantined": len(quarantined), "duplicates_dropped": sum(len(d["dropped"]) for d in duplicates)}
+    return {"totals": totals, "classes": dict(sorted(per_class.items())), "quarantined": quarantined,
+            "duplicates": duplicates, "warnings": warnings}
+
+
+def write_manifest(path: Path, rows: list[ManifestRow]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(MANIFEST_COLUMNS)
+    writer.writerows(astuple(r) for r in rows)
+    write_text(path, buf.getvalue())
+
+
+def load_manifest(path: Path = paths.MANIFEST) -> Manifest:
+    """Read manifest.csv (written by prepare) into rows and the sorted class list."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path} not found; run the prepare stage first (dvc repro prepare)") from None
+    reader = csv.DictReader(io.StringIO(text))
+    if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
+        raise DataError(f"{path}: columns are {reader.fieldnames}, expected {list(MANIFEST_COLUMNS)}")
+    rows = [ManifestRow(d["path"], d["label"], d["split"], d["sha256"], int(d["width"]), int(d["height"]))
+            for d in reader]
+    return Manifest(rows=rows, classes=sorted({r.label for r in rows}))
+
+
+# ---------------------------------------------------------------- data version
+
+
+def data_version(root: Path = Path(".")) -> str:
+    """THE data version: DVC's hash of data/raw, the `md5` ("<hex>.dir") that dvc.lock records for it.
+
+    Hashed from the workspace through DVC's state cache, so a repeat call only stats the files.
+    """
+    from dvc_data.hashfile.build import build
+
+    raw = Path(root).resolve() / paths.RAW
+    if not raw.is_dir():
+        raise DataError(f"{raw} does not exist; run the ingest stage first (dvc repro ingest)")
+    repo = _open_dvc_repo(Path(root))
+    if repo is None:  # not a DVC repo: same hash, no state cache
+        from dvc_data.hashfile.db import HashFileDB
+        from dvc_objects.fs.local import LocalFileSystem
+        from dvc_objects.fs.memory import MemoryFileSystem
+
+        _, _, obj = build(HashFileDB(MemoryFileSystem(), "/staging"), str(raw), LocalFileSystem(), "md5",
+                          dry_run=True)
+        return obj.hash_info.value
+    with repo:
+        _, _, obj = build(repo.cache.local, str(raw), repo.fs, "md5", ignore=repo.dvcignore, dry_run=True)
+    return obj.hash_info.value
+
+
+def _open_dvc_repo(root: Path):
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        return Repo(str(root))
+    except NotDvcRepoError:
+        return None
