@@ -25,6 +25,10 @@ class ParityError(TlopsError):
     """The exported ONNX model disagrees with PyTorch beyond tolerance."""
 
 
+class WorkspaceBusyError(TlopsError):
+    """Another pipeline run holds this workspace (DVC cannot run twice in one workspace)."""
+
+
 PERMANENT = (ConfigError, DataError, NonFiniteLossError, ModelIntegrityError, ParityError)
 
 
