@@ -1,0 +1,284 @@
+"""Head training on cached features and fine-tuning: grid, early stopping, freeze invariants, schedule, resume."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import ROOT, TINY, deep_update, make_images
+from safetensors.torch import load_file, save_file
+
+from tlops import data, paths
+from tlops.backbones import create_backbone
+from tlops.config import HeadParams, Params, parse_params
+from tlops.errors import NonFiniteLossError
+from tlops.io import sha256_file
+from tlops.loaders import ImageDataset, split_items
+from tlops.schedule import lr_factor, param_groups, set_trainable, unfrozen_at
+from tlops.train import (HISTORY_COLUMNS, build_head, finetune, load_classifier, load_head, save_head,
+                         train_head)
+
+
+@dataclass
+class Arrays:
+    """Feature arrays shaped like tlops.features.FeatureDataset, for tests that need no backbone."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    classes: list[str]
+    meta: dict = field(default_factory=dict)
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        keep = self.splits == name
+        return self.features[keep], self.labels[keep]
+
+
+def blobs(n: int = 240, dim: int = 16, classes: int = 3, noise: float = 1.0, seed: int = 0) -> Arrays:
+    """Gaussian clusters, split 2:1 into train and val."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    centres = rng.normal(size=(classes, dim)) * 2.0
+    x = (centres[labels] + noise * rng.normal(size=(n, dim))).astype(np.float32)
+    splits = np.where(np.arange(n) % 3 == 0, "val", "train")
+    return Arrays(x, labels.astype(np.int64), splits, [f"c{i}" for i in range(classes)], {"backbone": "tiny_test"})
+
+
+def tiny_params(**finetune) -> Params:
+    raw = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    return parse_params(deep_update(raw, {"finetune": finetune}))
+
+
+# ---------------------------------------------------------------- head
+
+
+def test_head_grid_keeps_the_config_with_best_val_accuracy():
+    params = HeadParams(epochs=15, lrs=[1e-6, 0.05], weight_decays=[0.0, 1e-3], patience=15)
+    result = train_head(blobs(), params)
+    assert [(g["lr"], g["weight_decay"]) for g in result.grid] == [(1e-6, 0.0), (1e-6, 1e-3), (0.05, 0.0), (0.05, 1e-3)]
+    assert result.lr == 0.05  # 1e-6 cannot move a head in 15 epochs
+    assert result.val_accuracy == max(g["val_accuracy"] for g in result.grid) > 0.9
+    assert [r["epoch"] for r in result.history] == list(range(1, result.epochs + 1))
+    assert {r["phase"] for r in result.history} == {"head"}
+
+
+def test_head_early_stopping_stops_and_restores_the_best_epoch():
+    noisy = blobs(n=120, dim=64, noise=6.0)  # barely separable: val loss turns up after a few epochs
+    params = HeadParams(kind="mlp", hidden=64, dropout=0.0, epochs=200, lrs=[0.05], weight_decays=[0.0], patience=3)
+    result = train_head(noisy, params)
+    best = min(result.history, key=lambda r: r["val_loss"])
+    assert result.epochs < 200 and result.epochs == best["epoch"] + 3
+    xv, yv = noisy.split("val")
+    with torch.inference_mode():
+        loss = torch.nn.functional.cross_entropy(result.model(torch.from_numpy(xv)), torch.from_numpy(yv))
+    assert float(loss) == pytest.approx(best["val_loss"], rel=1e-5)  # the weights are those of the best epoch
+
+
+def test_head_training_is_seeded():
+    params = HeadParams(epochs=5, lrs=[0.01], weight_decays=[0.0])
+    a, b = train_head(blobs(), params), train_head(blobs(), params)
+    assert all(torch.equal(a.model.state_dict()[k], v) for k, v in b.model.state_dict().items())
+
+
+def test_class_weighting_trains_on_imbalanced_data():
+    ds = blobs(n=300)
+    keep = (ds.labels != 0) | (np.arange(len(ds.labels)) % 5 == 0)  # class 0 becomes rare
+    rare = Arrays(ds.features[keep], ds.labels[keep], ds.splits[keep], ds.classes)
+    result = train_head(rare, HeadParams(epochs=10, lrs=[0.05], weight_decays=[0.0], class_weighting=True))
+    assert result.val_accuracy > 0.8
+
+
+def test_saved_head_loads_back_with_its_metadata(tmp_path: Path):
+    result = train_head(blobs(), HeadParams(epochs=3, lrs=[0.01], weight_decays=[0.0]))
+    save_head(result, tmp_path / "head", tmp_path / "history.csv")
+    head, info = load_head(tmp_path / "head")
+    x = torch.randn(4, 16)
+    with torch.inference_mode():
+        assert torch.equal(head(x), result.model.eval()(x))
+    assert info["classes"] == ["c0", "c1", "c2"] and info["in_features"] == 16 and info["epochs"] == 3
+    assert info["backbone"] == {"backbone": "tiny_test"} and info["lr"] == 0.01
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    assert list(rows[0]) == HISTORY_COLUMNS and len(rows) == 3
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def test_param_group_lrs_follow_lr_decay_from_the_top():
+    bb = create_backbone("tiny_test", weights="random")
+    top = bb.groups[::-1][:3]
+    groups = param_groups(build_head("linear", 32, 3, 8, 0.0), top, lr=1e-2, lr_decay=0.5)
+    assert [g["base_lr"] for g in groups] == [1e-2, 5e-3, 2.5e-3, 1.25e-3]
+    assert groups[1]["params"] == list(bb.groups[-1].parameters())
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_about_zero():
+    f = [lr_factor(s, total_steps=100, warmup_steps=10) for s in range(100)]
+    assert f[:10] == pytest.approx([(s + 1) / 11 for s in range(10)])
+    assert f[10] == 1.0 and all(a >= b for a, b in zip(f[10:], f[11:], strict=False)) and f[-1] < 1e-3
+
+
+def test_gradual_unfreeze_adds_a_group_every_k_epochs():
+    assert [unfrozen_at(e, 3, 2) for e in range(8)] == [1, 1, 2, 2, 3, 3, 3, 3]
+    assert [unfrozen_at(e, 3, 0) for e in range(3)] == [3, 3, 3]
+
+
+def test_frozen_backbone_modules_run_in_eval_mode():
+    bb = create_backbone("tiny_test", weights="random")
+    top = bb.groups[::-1][:2]
+    set_trainable(bb.model, top, 1, "train")
+    assert bb.groups[-1].training and not bb.groups[-2].training
+    assert [p.requires_grad for p in bb.groups[-1].parameters()] == [True] * 3
+    assert not any(p.requires_grad for g in bb.groups[:-1] for p in g.parameters())
+    set_trainable(bb.model, top, 2, "frozen")
+    assert not any(m.training for m in bb.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_training_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path: Path):
+    make_images(tmp_path, classes=1, per_class=1)
+    items = [(str(next(tmp_path.rglob("*.png"))), 0)]
+    bb = create_backbone("tiny_test", weights="random")
+    ds = ImageDataset(items, bb.spec, 10**7, augment=tiny_params().finetune.augment, seed=1)
+    assert torch.equal(ds[0][0], ds[0][0]) and not torch.equal(ds[0][0], ds.at_epoch(1)[0][0])
+    assert ds[0][0].shape == (3, 32, 32)
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project root with generated images, a manifest and a head trained on tiny_test features."""
+    root = tmp_path_factory.mktemp("finetune")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        params = tiny_params()
+        make_images(paths.RAW, classes=3, per_class=8)
+        data.prepare(paths.RAW, params.data, paths.MANIFEST, paths.DATA_REPORT)
+        manifest = data.load_manifest()
+        bb = create_backbone("tiny_test", weights="random", image_size=32)
+        feats, labels, splits = [], [], []
+        for split in ("train", "val"):
+            items = split_items(manifest, split)
+            with torch.inference_mode():
+                x = torch.stack([ImageDataset(items, bb.spec, 10**7)[i][0] for i in range(len(items))])
+                feats.append(bb.model(x).numpy())
+            labels += [label for _, label in items]
+            splits += [split] * len(items)
+        arrays = Arrays(np.concatenate(feats), np.array(labels), np.array(splits), manifest.classes)
+        save_head(train_head(arrays, params.head))
+    return root
+
+
+@pytest.fixture
+def project(images: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(images)
+    return images
+
+
+def run_finetune(out: Path, params: Params | None = None, on_epoch=None):
+    return finetune(params or tiny_params(), data.load_manifest(), paths.HEAD_DIR, out / "model", out / "ckpt",
+                    on_epoch=on_epoch, history_path=out / "history.csv")
+
+
+def state_of(name: str = "tiny_test") -> dict[str, torch.Tensor]:
+    return {f"backbone.{k}": v.clone() for k, v in create_backbone(name, weights="random").model.state_dict().items()}
+
+
+def changed(before: dict, after: dict, prefix: str) -> bool:
+    return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix))
+
+
+# tiny_test groups are backbone.features.0 .. .3; conv weight, then BN weight/bias/running stats.
+def test_finetune_frozen_parameters_and_bn_statistics_stay_bit_identical(project: Path, tmp_path: Path):
+    before = state_of()
+    run_finetune(tmp_path, tiny_params(unfreeze_groups=1, batchnorm="frozen"))
+    after = load_file(str(tmp_path / "model" / "model.safetensors"))
+    for group in range(3):
+        assert not changed(before, after, f"backbone.features.{group}.")
+    assert not changed(before, after, "backbone.features.3.1.running_")
+    assert changed(before, after, "backbone.features.3.0.weight")  # the unfrozen group did learn
+
+
+def test_finetune_bn_statistics_update_under_batchnorm_train(project: Path, tmp_path: Path):
+    before = state_of()
+    run_finetune(tmp_path, tiny_params(unfreeze_groups=1, batchnorm="train"))
+    after = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert changed(before, after, "backbone.features.3.1.running_mean")
+    assert not changed(before, after, "backbone.features.2.")
+
+
+def test_finetune_gradual_unfreeze_trains_one_more_group_each_epoch(project: Path, tmp_path: Path):
+    before = state_of()
+    run_finetune(tmp_path, tiny_params(epochs=2, unfreeze_groups=3, unfreeze_every=1))
+    after = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert [changed(before, after, f"backbone.features.{g}.0.weight") for g in range(4)] == [False, False, True, True]
+
+
+def test_finetune_two_cpu_runs_write_identical_weights(project: Path, tmp_path: Path):
+    run_finetune(tmp_path / "a")
+    run_finetune(tmp_path / "b")
+    assert sha256_file(tmp_path / "a/model/model.safetensors") == sha256_file(tmp_path / "b/model/model.safetensors")
+
+
+def test_finetune_resumed_after_a_crash_ends_with_the_uninterrupted_weights(project: Path, tmp_path: Path):
+    params = tiny_params(epochs=3)
+    whole = run_finetune(tmp_path / "whole", params)
+
+    def crash(row: dict, epoch: int) -> None:
+        if row["epoch"] == whole.history[0]["epoch"]:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(tmp_path / "crash", params, on_epoch=crash)
+    assert not (tmp_path / "crash/model").exists()
+    resumed = run_finetune(tmp_path / "crash", params)
+    assert resumed.resumed_epochs == 1 and resumed.history == whole.history
+    assert sha256_file(tmp_path / "whole/model/model.safetensors") == sha256_file(tmp_path / "crash/model/model.safetensors")
+
+
+def test_finetune_ignores_a_checkpoint_made_with_other_params(project: Path, tmp_path: Path):
+    run_finetune(tmp_path, tiny_params(lr=1e-3))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
+    assert run_finetune(tmp_path, tiny_params(lr=2e-3)).resumed_epochs == 0
+
+
+def test_finetune_nan_loss_raises_naming_the_epoch(project: Path, tmp_path: Path):
+    head_dir = tmp_path / "head"
+    head_dir.mkdir()
+    weights = load_file(str(paths.HEAD_WEIGHTS))
+    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, str(head_dir / "head.safetensors"))
+    (head_dir / "head.json").write_text(paths.HEAD_INFO.read_text())
+    with pytest.raises(NonFiniteLossError, match="epoch 1, step 0"):
+        finetune(tiny_params(), data.load_manifest(), head_dir, tmp_path / "model", tmp_path / "ckpt",
+                 history_path=tmp_path / "history.csv")
+
+
+def test_finetune_writes_a_model_that_load_classifier_rebuilds(project: Path, tmp_path: Path):
+    result = run_finetune(tmp_path)
+    model, info = load_classifier(tmp_path / "model")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(model(x), result.model.eval()(x))
+    assert info["backbone"] == "tiny_test" and info["classes"] == ["class_0", "class_1", "class_2"]
+    assert info["preprocess"]["input_size"] == info["image_size"] == 32 and info["head"]["kind"] == "linear"
+    assert info["weights_sha256"] == sha256_file(tmp_path / "model/model.safetensors")
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    head_epochs = info["head_epochs"]
+    assert [int(r["epoch"]) for r in rows] == [head_epochs + 1, head_epochs + 2]
+    assert {r["phase"] for r in rows} == {"finetune"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_finetune_on_cuda_with_mixed_precision(project: Path, tmp_path: Path):
+    result = run_finetune(tmp_path, tiny_params(device="cuda", num_workers=2))
+    assert result.device.startswith("cuda")
+    assert all(torch.isfinite(v.float()).all() for v in load_file(str(tmp_path / "model/model.safetensors")).values())
+    model, _ = load_classifier(tmp_path / "model")
+    assert next(model.parameters()).device.type == "cpu"
