@@ -173,6 +173,11 @@ def history_row(epoch: int, phase: str, train_loss: float, train_acc: float, val
             "val_loss": val_loss, "val_accuracy": val_acc, "lr": lr}
 
 
+def epoch_metrics(row: dict) -> dict[str, float]:
+    """The numeric columns of a history row, for a tracker's log_metrics(step=row["epoch"])."""
+    return {k: float(row[k]) for k in HISTORY_COLUMNS if k not in ("epoch", "phase")}
+
+
 def check_finite(loss: torch.Tensor, stage: str, epoch: int, step: int) -> None:
     """Stop at once on a NaN/inf loss: training on would only spread it through every weight."""
     if not torch.isfinite(loss.detach()).all():
@@ -372,6 +377,14 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def device_tags(device: torch.device) -> dict[str, str]:
+    """Where fine-tuning runs, for run tags: device, GPU name, mixed-precision dtype."""
+    tags = {"device": device.type, "amp": str(amp_dtype(device) or "off").removeprefix("torch.")}
+    if device.type == "cuda":
+        tags["gpu"] = torch.cuda.get_device_name(device)
+    return tags
 
 
 def check_compatible(backbone: Any, head_info: dict, manifest: Any) -> list[str]:

@@ -1,0 +1,27 @@
+"""Prefect task of the finetune stage: backbone + trained head, top layer groups unfrozen at low LRs."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from tlops import paths, tracking, train
+from tlops.config import load_params
+from tlops.data import load_manifest
+
+
+@task(name="finetune")
+def finetune(params_path: str | None = None) -> dict:
+    """Fine-tune on the manifest's images; write models/finetuned, checkpoints and the history CSV."""
+    params = load_params(params_path)
+    with tracking.stage_run("finetune", params) as run:
+        run.set_tags(train.device_tags(train.resolve_device(params.finetune.device)))
+        result = train.finetune(params, load_manifest(paths.MANIFEST), paths.HEAD_DIR, on_epoch=lambda row, epoch:
+                                run.log_metrics(train.epoch_metrics(row), step=epoch))
+        run.log_metrics({"val_accuracy": result.val_accuracy, "val_loss": result.val_loss,
+                         "head_val_accuracy": result.head_val_accuracy, "resumed_epochs": float(result.resumed_epochs)})
+        run.log_artifact(paths.FINETUNE_INFO, "model")
+        run.log_artifact(paths.FINETUNE_HISTORY, "reports")
+    print(f"head-only val accuracy: {result.head_val_accuracy:.4f}; fine-tuned val accuracy: {result.val_accuracy:.4f}"
+          + (f" (resumed after epoch {result.resumed_epochs})" if result.resumed_epochs else ""))
+    return {"val_accuracy": result.val_accuracy, "head_val_accuracy": result.head_val_accuracy,
+            "resumed_epochs": result.resumed_epochs, "device": result.device}
