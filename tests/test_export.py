@@ -1,0 +1,315 @@
+"""tlops.export + tlops.onnx_meta: one verified ONNX file, parity gate, metadata, sha256, int8, README snippet,
+promotion gate against a real MLflow registry, and the export stage on a tiny trained workspace."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import runpy
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torch import nn
+
+from conftest import ROOT, TINY, deep_update, make_images
+from tlops import export as ex
+from tlops import onnx_meta, paths, tracking
+from tlops.config import parse_params
+from tlops.errors import ModelIntegrityError, ParityError
+from tlops.evaluate import iter_batches
+from tlops.preprocess import PreprocessSpec
+
+SNIPPET = ROOT / "docs" / "onnx_snippet.py"
+CLASSES = ["class_0", "class_1", "class_2"]
+
+
+def tiny_params(**over):
+    raw = deep_update(deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY), over)
+    return parse_params(raw)
+
+
+def tiny_classifier(spec: PreprocessSpec | None = None, seed: int = 0) -> tuple[nn.Module, PreprocessSpec]:
+    """The tiny_test backbone + a linear head, random init: the shape of the real fine-tuned model."""
+    from tlops.backbones import create_backbone
+    from tlops.train import Classifier, build_head
+
+    bb = create_backbone("tiny_test", weights="random", image_size=32)
+    torch.manual_seed(seed)
+    model = Classifier(bb.model, build_head("linear", bb.num_features, len(CLASSES), 8, 0.0)).eval()
+    return model, spec or bb.spec
+
+
+class ChannelScore(nn.Module):
+    """Logits = 10 x mean of the input channels taken in `order`: on make_images, class c is channel c."""
+
+    def __init__(self, order: tuple[int, int, int]):
+        super().__init__()
+        self.mix = nn.Conv2d(3, 3, 1, bias=False)
+        self.mix.weight.data = torch.eye(3)[list(order)].reshape(3, 3, 1, 1) * 10
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(x).mean(dim=(2, 3))
+
+
+def write_onnx(model: nn.Module, spec: PreprocessSpec, path: Path, **meta) -> Path:
+    ex.export_onnx(model, spec, path, opset=17)
+    fields = {"backbone": "tiny_test", "data_version": "dv1", "git_commit": "abc", "run_id": "r1",
+              "params_sha": "p" * 64, **meta}
+    ex.write_metadata(path, ex.build_metadata(CLASSES, spec, **fields))
+    return path
+
+
+def batches(images, spec):
+    return list(iter_batches([str(p) for p in images], spec, 10**7, batch=4))
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[Path]:
+    return make_images(tmp_path / "img", classes=3, per_class=3, size=40)
+
+
+# ---------------------------------------------------------------- export, metadata, integrity
+
+
+def test_export_is_one_self_contained_file_with_pinned_opset_and_dynamic_batch(tmp_path, images):
+    model, spec = tiny_classifier()
+    path = write_onnx(model, spec, tmp_path / "out" / "model.onnx")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]
+    proto = onnx.load(str(path))
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 17
+    (inp,), (out,) = proto.graph.input, proto.graph.output
+    assert (inp.name, out.name) == ("input", "logits")
+    assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"
+    sess = ex.session(path)
+    for n in (1, 5):
+        x = np.zeros((n, 3, 32, 32), np.float32)
+        assert sess.run(None, {"input": x})[0].shape == (n, 3)
+
+
+def test_external_data_is_refused(tmp_path):
+    model, spec = tiny_classifier()
+    path = write_onnx(model, spec, tmp_path / "model.onnx")
+    onnx.save(onnx.load(str(path)), str(tmp_path / "split.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="split.data", size_threshold=0)
+    with pytest.raises(ModelIntegrityError, match="external data"):
+        ex.assert_self_contained(tmp_path / "split.onnx")
+
+
+def test_parity_passes_on_the_exported_model_and_fails_on_an_altered_graph(tmp_path, images):
+    model, spec = tiny_classifier()
+    path = write_onnx(model, spec, tmp_path / "model.onnx")
+    stats = ex.check_parity(path, model, batches(images, spec), atol=1e-3)
+    assert stats["agreement"] == 1.0 and stats["max_abs_diff"] <= 1e-3 and stats["n"] == len(images)
+
+    proto = onnx.load(str(path))  # perturb the head's weight matrix inside the ONNX file
+    init = max((i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT),
+               key=lambda i: int(np.prod(i.dims)) if len(i.dims) == 2 else 0)
+    w = onnx.numpy_helper.to_array(init).copy()
+    w[0] += 5.0
+    init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+    onnx.save(proto, str(tmp_path / "altered.onnx"))
+    with pytest.raises(ParityError, match=r"top-1 agreement .*max \|Δlogit\|") as err:
+        ex.check_parity(tmp_path / "altered.onnx", model, batches(images, spec), atol=1e-3)
+    assert "parity_atol = 0.001" in str(err.value)
+
+
+def test_metadata_round_trip(tmp_path):
+    spec = PreprocessSpec(32, "bicubic", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=0.875)
+    model, _ = tiny_classifier()
+    path = write_onnx(model, spec, tmp_path / "model.onnx", run_id="run-42")
+    meta = onnx_meta.read_metadata(path)
+    assert set(meta) == set(onnx_meta.KEYS)
+    assert onnx_meta.labels_of(meta) == CLASSES
+    assert onnx_meta.spec_of(meta) == spec
+    assert meta["tlops.input_size"] == "32" and meta["tlops.backbone"] == "tiny_test"
+    assert meta["tlops.data_version"] == "dv1" and meta["tlops.git_commit"] == "abc"
+    assert meta["tlops.mlflow_run_id"] == "run-42"
+    assert meta["tlops.precision"] == "fp32" and meta["tlops.created"].startswith("20")
+    # onnxruntime sees the same metadata (what serving and the README snippet read)
+    assert ex.session(path).get_modelmeta().custom_metadata_map == meta
+    # rewriting replaces tlops.* keys and keeps foreign ones
+    proto = onnx.load(str(path))
+    proto.metadata_props.add(key="other", value="kept")
+    onnx.save(proto, str(path))
+    ex.write_metadata(path, {**meta, onnx_meta.MLFLOW_RUN_ID: "run-43"})
+    meta2 = onnx_meta.read_metadata(path)
+    assert meta2["other"] == "kept" and meta2["tlops.mlflow_run_id"] == "run-43" and len(meta2) == len(meta) + 1
+
+
+def test_params_hash_depends_on_params():
+    assert ex.params_hash(tiny_params()) == ex.params_hash(tiny_params())
+    assert ex.params_hash(tiny_params()) != ex.params_hash(tiny_params(export={"opset": 18}))
+
+
+def test_a_flipped_byte_is_caught_by_the_sha256_check(tmp_path):
+    model, spec = tiny_classifier()
+    path = write_onnx(model, spec, tmp_path / "model.onnx")
+    digest = onnx_meta.write_sha256(path)
+    assert (tmp_path / "model.onnx.sha256").read_text() == f"{digest}  model.onnx\n"
+    assert onnx_meta.verify_sha256(path) == digest
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelIntegrityError, match="sha256"):
+        onnx_meta.verify_sha256(path)
+    (tmp_path / "model.onnx.sha256").unlink()
+    with pytest.raises(ModelIntegrityError, match="missing"):
+        onnx_meta.verify_sha256(path)
+
+
+def test_onnx_meta_imports_no_torch():
+    code = "import sys, tlops.onnx_meta, tlops.export; assert 'torch' not in sys.modules, 'torch imported'"
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# ---------------------------------------------------------------- README snippet
+
+
+def test_readme_snippet_gives_the_same_predictions_as_tlops_preprocessing(tmp_path, monkeypatch):
+    # bicubic + crop_pct < 1 + non-square images exercise every step of the preprocessing
+    spec = PreprocessSpec(32, "bicubic", crop_pct=0.875)
+    model, _ = tiny_classifier(spec, seed=3)
+    path = write_onnx(model, spec, tmp_path / "model.onnx")
+    rng = np.random.default_rng(1)
+    files = []
+    for i, (w, h) in enumerate([(40, 40), (57, 33), (31, 80), (36, 37), (200, 120)]):
+        files.append(tmp_path / f"im{i}.png")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(files[-1])
+    Image.fromarray(rng.integers(0, 255, (50, 45), dtype=np.uint8), mode="L").save(tmp_path / "gray.png")
+    files.append(tmp_path / "gray.png")
+
+    monkeypatch.setattr(sys, "argv", [str(SNIPPET), str(path), *map(str, files)])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        runpy.run_path(str(SNIPPET), run_name="__main__")
+    got = [line.split("\t") for line in out.getvalue().splitlines()]
+
+    meta = onnx_meta.read_metadata(path)
+    logits = ex.onnx_logits(ex.session(path), iter_batches([str(f) for f in files], onnx_meta.spec_of(meta), 10**7))
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    want = [[str(f), CLASSES[int(p.argmax())], f"{p.max():.3f}"] for f, p in zip(files, probs, strict=True)]
+    assert got == want
+
+
+def test_readme_snippet_imports_neither_tlops_nor_torch():
+    source = SNIPPET.read_text()
+    imports = [line for line in source.splitlines() if line.startswith(("import", "from"))]
+    assert all("tlops" not in line and "torch" not in line for line in imports)
+
+
+# ---------------------------------------------------------------- int8
+
+
+def test_int8_is_kept_or_rejected_and_always_explained(tmp_path, monkeypatch, images):
+    monkeypatch.chdir(tmp_path)
+    model, spec = tiny_classifier()
+    write_onnx(model, spec, paths.ONNX)
+    files, truth = [str(p) for p in images], [p.parent.name for p in images]
+    fp32 = ex.score_onnx(paths.ONNX, files, truth, 10**7)
+
+    result = ex.export_int8(tiny_params(export={"int8": True}), spec, fp32, files, truth, files)
+    saved = json.loads((paths.INT8_DIR / "quantization.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert result["enabled"] and result["format"] == "QDQ"
+    assert set(result["speed"]) == {"fp32", "int8"} and result["speed"]["int8"]["latency_ms"] > 0
+    assert result["kept"] == (fp32 - result["int8_accuracy"] <= 0.005 + 1e-9) == paths.INT8_ONNX.exists()
+    if result["kept"]:
+        assert onnx_meta.read_metadata(paths.INT8_ONNX)["tlops.precision"] == "int8"
+        assert onnx_meta.verify_sha256(paths.INT8_ONNX) == result["sha256"]
+        assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(paths.INT8_ONNX)).graph.node)
+
+    # an impossible bar (any drop rejected, accuracy forced down) removes the file; disabled says so
+    rejected = ex.export_int8(tiny_params(export={"int8": True, "int8_max_drop": 0.0}), spec, 2.0, files, truth, files)
+    assert not rejected["kept"] and not paths.INT8_ONNX.exists() and "rejected" in rejected["reason"]
+    off = ex.export_int8(tiny_params(export={"int8": False}), spec, fp32, files, truth, files)
+    assert off == {"enabled": False, "kept": False, "reason": "export.int8 is false"}
+    assert json.loads((paths.INT8_DIR / "quantization.json").read_text()) == off
+
+
+def test_int8_verdict_threshold():
+    assert ex.int8_verdict(0.900, 0.895, 0.005)[0]
+    assert not ex.int8_verdict(0.900, 0.894, 0.005)[0]
+    assert ex.int8_verdict(0.9, 0.95, 0.0)[0]
+
+
+# ---------------------------------------------------------------- promotion gate
+
+
+@pytest.mark.parametrize(("candidate", "champion", "delta", "promote"), [
+    (0.5, None, 0.0, True),     # the first model becomes champion
+    (0.5, None, 0.9, True),
+    (0.8, 0.8, 0.0, False),     # equal: a re-export never ping-pongs
+    (0.81, 0.8, 0.0, True),     # delta 0: any strict improvement
+    (0.79, 0.8, 0.0, False),
+    (0.82, 0.8, 0.02, True),    # delta > 0: at least delta (float error absorbed)
+    (0.7 + 0.1, 0.7, 0.1, True),
+    (0.81, 0.8, 0.02, False),
+])
+def test_decide_promotion(candidate, champion, delta, promote):
+    decided, reason = ex.decide_promotion(candidate, champion, delta)
+    assert decided is promote and reason
+
+
+@pytest.fixture
+def manifest_ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """cwd with data/raw of generated images and its manifest (prepare), and a private experiment."""
+    from tlops.data import prepare
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(tracking.EXPERIMENT_ENV, f"test-{uuid.uuid4().hex[:8]}")
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    make_images(paths.RAW, classes=3, per_class=8, size=40)
+    prepare(paths.RAW, tiny_params().data, paths.MANIFEST, paths.DATA_REPORT)
+    return tmp_path
+
+
+def test_champion_alias_moves_only_when_the_threshold_is_met(manifest_ws):
+    from tasks.export import promote
+    from tlops.data import load_manifest
+
+    name = f"test-promo-{uuid.uuid4().hex[:8]}"
+    spec = PreprocessSpec(32, "bilinear")
+    files, truth = ex.labelled_test_images(load_manifest(paths.MANIFEST))
+    bad = write_onnx(ChannelScore((0, 2, 1)), spec, manifest_ws / "bad.onnx")  # right on class_0 only
+    good = write_onnx(ChannelScore((0, 1, 2)), spec, manifest_ws / "good.onnx")
+    acc = {p: ex.score_onnx(p, files, truth, 10**7) for p in (bad, good)}
+    margin = acc[good] - acc[bad]
+    assert 0 < margin < 0.99
+
+    def register_and_promote(path: Path, min_delta: float) -> dict:
+        params = tiny_params(export={"registered_model": name}, evaluate={"promote_min_delta": min_delta})
+        with tracking.stage_run("export", params) as run:
+            example = ex.input_example(path, files[0], 10**7)
+            version = tracking.log_onnx_model(path, example, name, run_id=run.run_id)
+            decision = promote(params, version, acc[path], run.run_id)
+        assert tracking.get_alias_version(name, tracking.CANDIDATE) == version
+        assert tracking.get_version_tags(name, version)["promotion.promoted"] == str(decision["promoted"])
+        assert tracking.client().get_run(run.run_id).data.tags["promotion.reason"] == decision["reason"]
+        return {**decision, "version": version}
+
+    first = register_and_promote(bad, 0.0)
+    assert first["promoted"] and first["champion_version"] is None
+    assert tracking.get_alias_version(name, tracking.CHAMPION) == first["version"]
+
+    short = register_and_promote(good, margin + 0.01)  # better, but not by enough
+    assert not short["promoted"] and short["champion_accuracy"] == pytest.approx(acc[bad])
+    assert tracking.get_alias_version(name, tracking.CHAMPION) == first["version"]
+
+    enough = register_and_promote(good, margin)  # better by exactly min_delta
+    assert enough["promoted"] and enough["champion_version"] == first["version"]
+    assert tracking.get_alias_version(name, tracking.CHAMPION) == enough["version"]
+
+    same = register_and_promote(good, 0.0)  # identical re-export: equal accuracy, champion stays
+    assert not same["promoted"] and same["champion_accuracy"] == pytest.approx(acc[good])
+    assert tracking.get_alias_version(name, tracking.CHAMPION) == enough["version"]

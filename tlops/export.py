@@ -1,0 +1,455 @@
+"""ONNX export of the fine-tuned classifier: one verified file with its metadata, parity gate, int8, promotion.
+
+    export_onnx(model, spec, paths.ONNX, opset)       # legacy TorchScript exporter: pinned opset, one file
+    write_metadata(paths.ONNX, build_metadata(...))   # labels + preprocessing travel inside the file
+    check_parity(paths.ONNX, model, batches, atol)    # ONNX Runtime vs PyTorch on the whole test split
+    decide_promotion(candidate_acc, champion_acc, min_delta)
+
+torch is imported inside the functions that need it: the ONNX Runtime helpers here stay usable without it.
+Library code: no MLflow, no Prefect (the export task does the registry through tlops.tracking).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tlops import onnx_meta, paths
+from tlops.config import Params, flatten
+from tlops.errors import ModelIntegrityError, ParityError
+from tlops.io import atomic_path, read_json, sha256_json, write_json, write_text
+from tlops.preprocess import PreprocessSpec
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+    from torch import nn
+
+
+# ---------------------------------------------------------------- export and metadata
+
+
+def export_onnx(model: nn.Module, spec: PreprocessSpec, path: str | os.PathLike, opset: int) -> Path:
+    """Export `model` (NCHW float32 -> logits) to ONE self-contained ONNX file at `path`, checked.
+
+    The TorchScript exporter is used on purpose: the dynamo exporter (torch >= 2.9) cannot convert timm's
+    EfficientNet-Lite0 down to opset 17 and silently writes opset 18 instead, so the opset would not be pinned.
+    """
+    import onnx
+    import torch
+
+    model = model.eval().to("cpu")
+    example = torch.zeros(2, 3, spec.input_size, spec.input_size)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "legacy exporter": chosen on purpose, see above
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            model, (example,), str(tmp), dynamo=False, opset_version=opset,
+            input_names=[onnx_meta.INPUT], output_names=[onnx_meta.OUTPUT],
+            dynamic_axes={onnx_meta.INPUT: {0: "batch"}, onnx_meta.OUTPUT: {0: "batch"}},
+        )
+        assert_self_contained(tmp)
+        onnx.checker.check_model(str(tmp), full_check=True)
+    return Path(path)
+
+
+def assert_self_contained(path: str | os.PathLike) -> None:
+    """Raise ModelIntegrityError if any tensor of the model lives in an external data file."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    model = onnx.load(str(path), load_external_data=False)
+    external = [t.name for t in _get_all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise ModelIntegrityError(
+            f"{path}: {len(external)} tensors are stored as external data (e.g. {external[0]!r}); "
+            "the model must be one self-contained file")
+
+
+def params_hash(params: Params) -> str:
+    """sha256 of the flattened params: which configuration produced a model."""
+    return sha256_json(flatten(params))
+
+
+def build_metadata(classes: Sequence[str], spec: PreprocessSpec, backbone: str, data_version: str | None,
+                   git_commit: str | None, run_id: str | None, params_sha: str, precision: str = "fp32",
+                   created: str | None = None) -> dict[str, str]:
+    """The tlops.* metadata_props of an exported model (every value a string)."""
+    created = created or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return {
+        onnx_meta.LABELS: json.dumps(list(classes)),
+        onnx_meta.PREPROCESS: spec.to_json(),
+        onnx_meta.INPUT_SIZE: str(spec.input_size),
+        onnx_meta.BACKBONE: backbone,
+        onnx_meta.DATA_VERSION: data_version or "",
+        onnx_meta.GIT_COMMIT: git_commit or "",
+        onnx_meta.MLFLOW_RUN_ID: run_id or "",
+        onnx_meta.PARAMS_HASH: params_sha,
+        onnx_meta.CREATED: created,
+        onnx_meta.PRECISION: precision,
+    }
+
+
+def write_metadata(path: str | os.PathLike, meta: dict[str, str]) -> None:
+    """Replace the tlops.* metadata_props of the ONNX file at `path` (atomically), keeping other keys."""
+    import onnx
+
+    model = onnx.load(str(path))
+    kept = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith(onnx_meta.PREFIX)]
+    del model.metadata_props[:]
+    for key, value in [*kept, *meta.items()]:
+        model.metadata_props.add(key=key, value=str(value))
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+        onnx.checker.check_model(str(tmp), full_check=True)
+
+
+# ---------------------------------------------------------------- ONNX Runtime
+
+
+def session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session; the CPU provider is the reference the parity gate holds the model to."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(sess: ort.InferenceSession, batches: Iterable[np.ndarray]) -> np.ndarray:
+    """Logits of the ONNX model over the batches."""
+    out = [sess.run([onnx_meta.OUTPUT], {onnx_meta.INPUT: np.ascontiguousarray(x, np.float32)})[0] for x in batches]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def parity_stats(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
+    """Top-1 agreement and max |difference| of two logit arrays of the same samples."""
+    if reference.shape != candidate.shape:
+        raise ParityError(f"ONNX logits have shape {candidate.shape}, PyTorch's {reference.shape}")
+    n = len(reference)
+    agree = float((reference.argmax(1) == candidate.argmax(1)).mean()) if n else 1.0
+    diff = float(np.abs(reference.astype(np.float64) - candidate).max()) if n else 0.0
+    return {"agreement": agree, "max_abs_diff": diff, "n": n}
+
+
+def check_parity(onnx_path: str | os.PathLike, model: nn.Module, batches: Iterable[np.ndarray],
+                 atol: float) -> dict[str, Any]:
+    """Compare ONNX Runtime with PyTorch (CPU) on every batch; ParityError unless 100% top-1 and max|Δ| <= atol."""
+    import torch
+
+    sess, model = session(onnx_path), model.eval().to("cpu")
+    ref, got = [], []
+    with torch.inference_mode():
+        for x in batches:
+            ref.append(model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).float().numpy())
+            got.append(sess.run([onnx_meta.OUTPUT], {onnx_meta.INPUT: np.ascontiguousarray(x, np.float32)})[0])
+    if not ref:
+        raise ParityError("parity check got no test images: the test split is empty")
+    stats = parity_stats(np.concatenate(ref), np.concatenate(got))
+    if stats["agreement"] < 1.0 or not stats["max_abs_diff"] <= atol:
+        raise ParityError(
+            f"{onnx_path}: ONNX Runtime disagrees with PyTorch on the test split ({stats['n']} images): "
+            f"top-1 agreement {stats['agreement']:.2%} (must be 100%), max |Δlogit| {stats['max_abs_diff']:.3g} "
+            f"(must be <= export.parity_atol = {atol:g})")
+    return {**stats, "atol": atol}
+
+
+def accuracy_of(pred_labels: Sequence[str], true_labels: Sequence[str]) -> float:
+    """Share of predictions equal to the true class name (names, so models with other label sets compare)."""
+    if not true_labels:
+        return math.nan
+    return float(np.mean([p == t for p, t in zip(pred_labels, true_labels, strict=True)]))
+
+
+def score_onnx(path: str | os.PathLike, images: Sequence[str | Path], true_labels: Sequence[str],
+               max_pixels: int) -> float:
+    """Test accuracy of an ONNX file with its OWN labels and preprocessing (from its metadata)."""
+    from tlops.evaluate import iter_batches
+
+    meta = onnx_meta.read_metadata(path)
+    labels, spec = onnx_meta.labels_of(meta), onnx_meta.spec_of(meta)
+    logits = onnx_logits(session(path), iter_batches(images, spec, max_pixels))
+    return accuracy_of([labels[i] for i in logits.argmax(1)], true_labels)
+
+
+def benchmark(path: str | os.PathLike, x: np.ndarray, repeats: int = 20) -> dict[str, float]:
+    """Median batch-1 latency (ms) and throughput (images/s) at the batch size of `x`."""
+    sess = session(path)
+    run = lambda batch: sess.run([onnx_meta.OUTPUT], {onnx_meta.INPUT: batch})  # noqa: E731
+    run(x[:1]), run(x)  # warm-up: first runs allocate and pick kernels
+    single = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run(x[:1])
+        single.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    rounds = max(1, repeats // 4)
+    for _ in range(rounds):
+        run(x)
+    elapsed = time.perf_counter() - t
+    return {"latency_ms": float(np.median(single) * 1000), "throughput_ips": float(rounds * len(x) / elapsed),
+            "batch": len(x)}
+
+
+# ---------------------------------------------------------------- promotion gate (pure)
+
+
+def decide_promotion(candidate_acc: float, champion_acc: float | None, min_delta: float) -> tuple[bool, str]:
+    """Promote when there is no champion, or when the candidate is strictly better AND better by >= min_delta.
+
+    "Strictly better" makes min_delta = 0 mean "any improvement": re-exporting an identical model (equal
+    accuracy) never moves the alias back and forth. A tiny epsilon absorbs float error in k/n accuracies.
+    """
+    eps = 1e-9
+    if champion_acc is None or math.isnan(champion_acc):
+        return True, f"no champion yet: candidate ({candidate_acc:.4f}) becomes champion"
+    delta = candidate_acc - champion_acc
+    if delta > eps and delta >= min_delta - eps:
+        return True, (f"candidate {candidate_acc:.4f} beats champion {champion_acc:.4f} by {delta:+.4f} "
+                      f"(>= {min_delta:g})")
+    need = "any improvement" if min_delta == 0 else f"an improvement of at least {min_delta:g}"
+    return False, f"candidate {candidate_acc:.4f} vs champion {champion_acc:.4f} ({delta:+.4f}): needs {need}"
+
+
+# ---------------------------------------------------------------- int8
+
+
+def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
+                  calibration: Iterable[np.ndarray]) -> Path:
+    """Static int8 quantization (QDQ, per-channel weights, MinMax) calibrated on the given input batches.
+
+    The fp32 model's metadata is carried over with tlops.precision = int8.
+    """
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            x = next(self._batches, None)
+            return None if x is None else {onnx_meta.INPUT: np.ascontiguousarray(x, np.float32)}
+
+    meta = {**onnx_meta.read_metadata(fp32_path), onnx_meta.PRECISION: "int8"}
+    with tempfile.TemporaryDirectory(prefix="tlops-int8-") as tmp, atomic_path(out_path) as out:
+        prepared = Path(tmp) / "prepared.onnx"
+        # Shape inference + graph fusion first, so the quantizer sees fused Conv+activation nodes.
+        quant_pre_process(str(fp32_path), str(prepared))
+        quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        write_metadata(out, meta)
+        assert_self_contained(out)
+    return Path(out_path)
+
+
+def int8_verdict(fp32_acc: float, int8_acc: float, max_drop: float) -> tuple[bool, str]:
+    """Keep the int8 model only if its accuracy is at most `max_drop` below fp32's."""
+    drop = fp32_acc - int8_acc
+    if drop <= max_drop + 1e-9:
+        return True, f"int8 accuracy {int8_acc:.4f} vs fp32 {fp32_acc:.4f} (drop {drop:+.4f} <= {max_drop:g}): kept"
+    return False, f"int8 accuracy {int8_acc:.4f} vs fp32 {fp32_acc:.4f} (drop {drop:+.4f} > {max_drop:g}): rejected"
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def export_model(params: Params, run_id: str | None, git_commit: str | None) -> dict[str, Any]:
+    """Export the fine-tuned model to paths.ONNX (+ sha256, model card, int8); return the export report.
+
+    The file is verified (checker, self-contained, parity) under a temp name and only then renamed into
+    place, so a model that fails the parity gate never replaces the last good models/model.onnx.
+    """
+    from tlops.data import load_manifest
+    from tlops.evaluate import iter_batches, same_classes
+    from tlops.train import load_classifier
+
+    manifest = load_manifest(paths.MANIFEST)
+    model, info = load_classifier(paths.FINETUNE_DIR)
+    classes = same_classes(manifest.classes, info["classes"])
+    spec, ex, max_pixels = PreprocessSpec.from_dict(info["preprocess"]), params.export, params.data.max_pixels
+    images, truth = labelled_test_images(manifest)
+    meta = build_metadata(classes, spec, info["backbone"], info.get("data_version"), git_commit, run_id,
+                          params_hash(params))
+    with atomic_path(paths.ONNX) as tmp:
+        export_onnx(model, spec, tmp, ex.opset)
+        write_metadata(tmp, meta)
+        parity = check_parity(tmp, model, iter_batches(images, spec, max_pixels), ex.parity_atol)
+    sha = onnx_meta.write_sha256(paths.ONNX)
+    accuracy = score_onnx(paths.ONNX, images, truth, max_pixels)
+    calibration = calibration_images(manifest, ex.calibration_images)
+    int8 = export_int8(params, spec, accuracy, images, truth, calibration)
+    report = {"onnx": str(paths.ONNX), "opset": ex.opset, "sha256": sha, "parity": parity,
+              "test_accuracy": accuracy, "test_images": len(images), "int8": int8,
+              "metadata": {k: v for k, v in meta.items() if k not in (onnx_meta.LABELS, onnx_meta.PREPROCESS)}}
+    metrics = read_json(paths.METRICS) if paths.METRICS.exists() else {}
+    write_text(paths.MODEL_CARD, model_card(info, meta, spec, class_counts(manifest), metrics, report))
+    return report
+
+
+def labelled_test_images(manifest: Any) -> tuple[list[str], list[str]]:
+    """(image paths, true class names) of the manifest's test split; DataError if it is empty."""
+    from tlops.loaders import split_items
+
+    items = split_items(manifest, "test")
+    return [p for p, _ in items], [manifest.classes[c] for _, c in items]
+
+
+def input_example(onnx_path: str | os.PathLike, image: str | os.PathLike, max_pixels: int) -> np.ndarray:
+    """One image preprocessed as the model's metadata says: (1, 3, S, S) float32, for the registry."""
+    from tlops.preprocess import load_and_preprocess
+
+    spec = onnx_meta.spec_of(onnx_meta.read_metadata(onnx_path))
+    return load_and_preprocess(image, spec, max_pixels)[None]
+
+
+def calibration_images(manifest: Any, n: int) -> list[str]:
+    """n training images spread evenly over the manifest (sorted by path, so over every class)."""
+    rows = manifest.rows_in("train")
+    if not rows:
+        return []
+    idx = np.unique(np.linspace(0, len(rows) - 1, min(n, len(rows))).round().astype(int))
+    return [rows[i].path for i in idx]
+
+
+def class_counts(manifest: Any) -> dict[str, dict[str, int]]:
+    """{class: {train: n, val: n, test: n}} of the manifest."""
+    counts = {c: {"train": 0, "val": 0, "test": 0} for c in manifest.classes}
+    for r in manifest.rows:
+        counts[r.label][r.split] += 1
+    return counts
+
+
+def export_int8(params: Params, spec: PreprocessSpec, fp32_acc: float, images: Sequence[str],
+                truth: Sequence[str], calibration: Sequence[str]) -> dict[str, Any]:
+    """Quantize paths.ONNX to paths.INT8_ONNX if export.int8; keep it only within export.int8_max_drop.
+
+    paths.INT8_DIR always ends up holding quantization.json, which says what happened and why.
+    """
+    from tlops.evaluate import iter_batches
+
+    ex, max_pixels = params.export, params.data.max_pixels
+    for stale in (paths.INT8_ONNX, onnx_meta.sidecar_path(paths.INT8_ONNX)):
+        stale.unlink(missing_ok=True)
+    if not ex.int8:
+        result = {"enabled": False, "kept": False, "reason": "export.int8 is false"}
+    elif not calibration:
+        result = {"enabled": True, "kept": False, "reason": "no training images to calibrate on"}
+    else:
+        quantize_int8(paths.ONNX, paths.INT8_ONNX, iter_batches(calibration, spec, max_pixels, batch=16))
+        int8_acc = score_onnx(paths.INT8_ONNX, images, truth, max_pixels)
+        keep, reason = int8_verdict(fp32_acc, int8_acc, ex.int8_max_drop)
+        x = next(iter_batches(images[:32], spec, max_pixels, batch=32))
+        result = {"enabled": True, "kept": keep, "reason": reason, "format": "QDQ", "per_channel": True,
+                  "calibration_images": len(calibration), "fp32_accuracy": fp32_acc, "int8_accuracy": int8_acc,
+                  "accuracy_drop": fp32_acc - int8_acc, "max_drop": ex.int8_max_drop,
+                  "speed": {"fp32": benchmark(paths.ONNX, x), "int8": benchmark(paths.INT8_ONNX, x)}}
+        if keep:
+            result["sha256"] = onnx_meta.write_sha256(paths.INT8_ONNX)
+            result["path"] = str(paths.INT8_ONNX)
+        else:
+            paths.INT8_ONNX.unlink()
+    write_json(paths.INT8_DIR / "quantization.json", result)
+    return result
+
+
+def promotion(params: Params, candidate_version: str, candidate_accuracy: float,
+              champion_path: str | os.PathLike | None, champion_version: str | None) -> dict[str, Any]:
+    """Score the champion (if any) on the current test split exactly like the candidate was, and decide."""
+    from tlops.data import load_manifest
+
+    champion_acc = None
+    if champion_path is not None:
+        images, truth = labelled_test_images(load_manifest(paths.MANIFEST))
+        champion_acc = score_onnx(champion_path, images, truth, params.data.max_pixels)
+    min_delta = params.evaluate.promote_min_delta
+    promote, reason = decide_promotion(candidate_accuracy, champion_acc, min_delta)
+    return {"promoted": promote, "reason": reason, "min_delta": min_delta,
+            "candidate_version": candidate_version, "candidate_accuracy": candidate_accuracy,
+            "champion_version": champion_version, "champion_accuracy": champion_acc,
+            "champion_after": candidate_version if promote else champion_version}
+
+
+def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The export report's numbers for tracking: parity, ONNX accuracy, int8 accuracy and speed, promotion."""
+    int8, promo = report.get("int8", {}), report.get("promotion", {})
+    out = {"parity.agreement": report["parity"]["agreement"], "parity.max_abs_diff": report["parity"]["max_abs_diff"],
+           "onnx.test_accuracy": report["test_accuracy"]}
+    for key in ("int8_accuracy", "accuracy_drop"):
+        if key in int8:
+            out[f"int8.{key}"] = int8[key]
+    for precision, speed in int8.get("speed", {}).items():
+        out[f"{precision}.latency_ms"] = speed["latency_ms"]
+        out[f"{precision}.throughput_ips"] = speed["throughput_ips"]
+    if "promoted" in promo:
+        out["promotion.promoted"] = float(promo["promoted"])
+        if promo.get("champion_accuracy") is not None:
+            out["promotion.champion_accuracy"] = promo["champion_accuracy"]
+    return {k: float(v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------- model card (pure)
+
+_CARD_METRICS = ("accuracy", "macro_f1", "top5_accuracy", "ece", "loss")
+
+
+def model_card(info: dict, meta: dict[str, str], spec: PreprocessSpec, counts: dict[str, dict[str, int]],
+               metrics: dict[str, Any], report: dict[str, Any]) -> str:
+    """models/model_card.md: what the model is, what data made it, how good it is, how to feed it, its limits."""
+    head, ft = metrics.get("head", {}), metrics.get("finetuned", {})
+    rows = [f"| {k} | {_fmt(head.get(k))} | {_fmt(ft.get(k))} |" for k in _CARD_METRICS if k in head or k in ft]
+    count_rows = [f"| {c} | {n['train']} | {n['val']} | {n['test']} |" for c, n in counts.items()]
+    int8 = report.get("int8", {})
+    parity = report["parity"]
+    return "\n".join([
+        f"# Model card: {info['backbone']} fine-tuned, {len(counts)} classes",
+        "",
+        f"- ONNX file: `{report['onnx']}` (opset {report['opset']}, sha256 `{report['sha256']}`)",
+        f"- backbone: {info['backbone']} (initial weights: {info.get('weights_id', 'unknown')})",
+        f"- data version: `{meta[onnx_meta.DATA_VERSION]}` (DVC hash of data/raw)",
+        f"- git commit: `{meta[onnx_meta.GIT_COMMIT] or 'unknown'}`; MLflow run: `{meta[onnx_meta.MLFLOW_RUN_ID]}`;"
+        f" params hash: `{meta[onnx_meta.PARAMS_HASH][:12]}`",
+        f"- created: {meta[onnx_meta.CREATED]}",
+        "",
+        "## Data", "", "| class | train | val | test |", "|---|---:|---:|---:|", *count_rows, "",
+        f"## Test metrics ({metrics.get('test_images', report['test_images'])} images)", "",
+        "| metric | head only (frozen backbone) | fine-tuned |", "|---|---:|---:|", *rows, "",
+        f"ONNX Runtime matches PyTorch on all {parity['n']} test images (top-1 agreement "
+        f"{parity['agreement']:.0%}, max |Δlogit| {parity['max_abs_diff']:.2g}); ONNX test accuracy "
+        f"{report['test_accuracy']:.4f}.",
+        f"int8: {int8.get('reason', 'not attempted')}.",
+        "",
+        "## Preprocessing", "",
+        f"RGB; resize the shorter side to {spec.resize_size} px ({spec.interpolation}), centre-crop "
+        f"{spec.input_size}x{spec.input_size}; scale to [0, 1]; normalise with mean {list(spec.mean)} and std "
+        f"{list(spec.std)}; NCHW float32, input `{onnx_meta.INPUT}`, output `{onnx_meta.OUTPUT}` (logits).",
+        "The spec and the labels are stored in the file's metadata (`tlops.preprocess`, `tlops.labels`).",
+        "",
+        "## Intended use", "",
+        f"Classifying images into the {len(counts)} classes above, of the same kind as the training data "
+        "(same source, framing and resolution). Not for other classes: the model always answers one of these.",
+        "",
+        "## Limits", "",
+        "- Scores come from one held-out test split of the same source; expect lower accuracy on images that "
+        "look different (other cameras, backgrounds, resolutions).",
+        "- Confidences are not calibrated beyond what the ECE above shows; do not read them as probabilities "
+        "of being right without checking.",
+        "- No out-of-distribution detection: an image of none of these classes still gets one of them.",
+        "- Small classes (see the counts) have the least reliable per-class scores.",
+        "",
+    ])
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) else "-"

@@ -1,0 +1,85 @@
+"""What an exported ONNX file carries and how to trust it: metadata keys, sha256 sidecar. Torch-free.
+
+The export stage writes these; the ONNX Runtime service and the README snippet read them, so this module
+imports onnx, tlops.io and tlops.preprocess only (no torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tlops.errors import ModelIntegrityError
+from tlops.io import sha256_file, write_text
+from tlops.preprocess import PreprocessSpec
+
+INPUT = "input"     # float32 NCHW, dynamic batch axis
+OUTPUT = "logits"   # float32 (batch, classes)
+
+PREFIX = "tlops."
+LABELS = "tlops.labels"              # JSON list of class names, index = logit position
+PREPROCESS = "tlops.preprocess"      # PreprocessSpec.to_json()
+INPUT_SIZE = "tlops.input_size"
+BACKBONE = "tlops.backbone"
+DATA_VERSION = "tlops.data_version"
+GIT_COMMIT = "tlops.git_commit"
+MLFLOW_RUN_ID = "tlops.mlflow_run_id"
+PARAMS_HASH = "tlops.params_hash"
+CREATED = "tlops.created"
+PRECISION = "tlops.precision"        # fp32 | int8
+KEYS = (LABELS, PREPROCESS, INPUT_SIZE, BACKBONE, DATA_VERSION, GIT_COMMIT, MLFLOW_RUN_ID, PARAMS_HASH, CREATED,
+        PRECISION)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """All metadata_props of an ONNX file as {key: value}, without loading external data."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def labels_of(meta: dict[str, str]) -> list[str]:
+    """The class names stored in a model's metadata."""
+    try:
+        labels = json.loads(meta[LABELS])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ModelIntegrityError(f"ONNX metadata {LABELS} is missing or not a JSON list ({e})") from None
+    if not isinstance(labels, list) or not labels:
+        raise ModelIntegrityError(f"ONNX metadata {LABELS} must be a non-empty JSON list, got {meta[LABELS]!r}")
+    return [str(x) for x in labels]
+
+
+def spec_of(meta: dict[str, str]) -> PreprocessSpec:
+    """The preprocessing spec stored in a model's metadata."""
+    try:
+        return PreprocessSpec.from_json(meta[PREPROCESS])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ModelIntegrityError(f"ONNX metadata {PREPROCESS} is missing or not a preprocessing spec ({e})") from None
+
+
+def sidecar_path(onnx_path: str | os.PathLike) -> Path:
+    """models/model.onnx -> models/model.onnx.sha256."""
+    return Path(f"{onnx_path}.sha256")
+
+
+def write_sha256(onnx_path: str | os.PathLike) -> str:
+    """Hash the file and write `<hex>  <name>` (sha256sum format) beside it; return the hex digest."""
+    digest = sha256_file(onnx_path)
+    write_text(sidecar_path(onnx_path), f"{digest}  {Path(onnx_path).name}\n")
+    return digest
+
+
+def verify_sha256(onnx_path: str | os.PathLike, expected: str | None = None) -> str:
+    """The file's sha256 if it matches `expected` (default: the sidecar's); else ModelIntegrityError."""
+    if expected is None:
+        sidecar = sidecar_path(onnx_path)
+        try:
+            expected = sidecar.read_text(encoding="utf-8").split()[0].lower()
+        except (OSError, IndexError):
+            raise ModelIntegrityError(f"{sidecar}: missing or empty; cannot verify {onnx_path}") from None
+    actual = sha256_file(onnx_path)
+    if actual != expected:
+        raise ModelIntegrityError(f"{onnx_path}: sha256 is {actual}, expected {expected} (file changed or corrupt)")
+    return actual
