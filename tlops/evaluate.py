@@ -1,0 +1,337 @@
+"""Evaluation on the test split: metrics of the head-only and fine-tuned models, DVC plots and PNGs.
+
+    report = evaluate(params)   # writes reports/metrics.json, confusion.csv, history.csv, plots/*.png
+
+Library code: no MLflow, no Prefect. The stage task logs what `evaluate` returns.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tlops import paths
+from tlops.config import Params
+from tlops.errors import DataError
+from tlops.io import write_bytes, write_json, write_text
+from tlops.preprocess import PreprocessSpec, load_image, preprocess, resize_crop
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from torch import nn
+
+ECE_BINS = 15
+CONFUSION_COLUMNS = ["actual", "predicted"]
+HISTORY_COLUMNS = ["epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
+BATCH = 64
+
+
+# ---------------------------------------------------------------- metrics (pure)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes (natural log)."""
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_p[np.arange(len(y)), y].mean())
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    correct = (pred == y).astype(np.float64)
+    # Bin i holds confidences in (i/bins, (i+1)/bins]; a confidence of exactly 0 cannot occur after softmax.
+    idx = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        in_bin = idx == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
+    return float(ece)
+
+
+def compute_metrics(logits: np.ndarray, y: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """accuracy, macro_f1, top5_accuracy (more than 5 classes), ece, loss and per-class P/R/F1/support."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, top_k_accuracy_score
+
+    logits, y = np.asarray(logits), np.asarray(y, dtype=int)
+    if logits.ndim != 2 or logits.shape[0] != len(y) or logits.shape[1] != len(classes):
+        raise ValueError(f"logits {logits.shape} do not match {len(y)} labels x {len(classes)} classes")
+    if len(y) == 0:
+        raise DataError("the test split is empty: no metrics can be computed")
+    probs, pred = softmax(logits), logits.argmax(axis=1)
+    labels = list(range(len(classes)))
+    out: dict[str, Any] = {
+        "accuracy": float(accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+    }
+    if len(classes) > 5:
+        out["top5_accuracy"] = float(top_k_accuracy_score(y, logits, k=5, labels=labels))
+    out["ece"] = expected_calibration_error(probs, y)
+    out["loss"] = cross_entropy(logits, y)
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    out["per_class"] = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                        for i, c in enumerate(classes)}
+    return out
+
+
+def gain(head: dict[str, Any], finetuned: dict[str, Any]) -> dict[str, float]:
+    """finetuned - head for every scalar metric both have: what fine-tuning bought."""
+    return {k: float(finetuned[k] - head[k]) for k in head
+            if k in finetuned and isinstance(head[k], (int, float)) and k != "per_class"}
+
+
+def worst_indices(probs: np.ndarray, y: np.ndarray, k: int) -> list[int]:
+    """Indices of the (at most) k misclassified samples with the highest predicted-class probability."""
+    pred, conf = probs.argmax(axis=1), probs.max(axis=1)
+    wrong = np.flatnonzero(pred != y)
+    order = wrong[np.argsort(-conf[wrong], kind="stable")]
+    return [int(i) for i in order[:k]]
+
+
+def confusion_rows(y: np.ndarray, pred: np.ndarray, classes: Sequence[str]) -> list[dict[str, str]]:
+    """One {actual, predicted} row per sample, as class names: the input of DVC's confusion template."""
+    return [{"actual": classes[int(a)], "predicted": classes[int(b)]} for a, b in zip(y, pred, strict=True)]
+
+
+# ---------------------------------------------------------------- history (pure)
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def merge_history(head: Sequence[dict[str, Any]],
+                  finetune: Sequence[dict[str, Any]]) -> tuple[list[dict], float | None]:
+    """Both phases on one epoch axis, and the epoch boundary where fine-tuning (unfreezing) starts.
+
+    Fine-tune epochs normally continue the head's numbering; if they restart, they are shifted after it.
+    """
+    rows = [{**r, "epoch": int(float(r["epoch"]))} for r in head]
+    last = max((r["epoch"] for r in rows), default=0)
+    ft = [{**r, "epoch": int(float(r["epoch"]))} for r in finetune]
+    if ft and min(r["epoch"] for r in ft) <= last:
+        shift = last - min(r["epoch"] for r in ft) + 1
+        ft = [{**r, "epoch": r["epoch"] + shift} for r in ft]
+    unfreeze = (min(r["epoch"] for r in ft) - 0.5) if ft else None
+    return rows + ft, unfreeze
+
+
+# ---------------------------------------------------------------- plots (matplotlib's Figure: no pyplot state)
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure  # Figure.savefig renders with Agg: no display, no global backend
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _save(fig: Figure, path: str | Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    write_bytes(path, buf.getvalue())
+
+
+def plot_confusion(y: np.ndarray, pred: np.ndarray, classes: Sequence[str], path: str | Path) -> None:
+    """Confusion matrix (rows actual, columns predicted) with counts in the cells."""
+    from sklearn.metrics import confusion_matrix
+
+    cm = confusion_matrix(y, pred, labels=list(range(len(classes))))
+    n = len(classes)
+    side = min(4 + 0.45 * n, 24)
+    fig = _figure(side + 1, side)
+    ax = fig.add_subplot()
+    im = ax.imshow(cm, cmap="Blues")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="actual",
+           title=f"Confusion matrix (fine-tuned, {len(y)} test images)")
+    ax.set_xticklabels(classes, rotation=90 if n > 10 else 0)
+    ax.set_yticklabels(classes)
+    if n <= 30:  # beyond that the numbers are unreadable; the colours still tell
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    dark = cm[i, j] > cm.max() / 2
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if dark else "black")
+    _save(fig, path)
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], unfreeze: float | None, path: str | Path) -> None:
+    """Loss and accuracy of both phases over one epoch axis, the unfreeze point marked."""
+    fig = _figure(10, 4)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    epochs = [r["epoch"] for r in rows]
+    for ax, keys, title in ((ax_loss, ("train_loss", "val_loss"), "loss"),
+                            (ax_acc, ("train_accuracy", "val_accuracy"), "accuracy")):
+        for key in keys:
+            ax.plot(epochs, [_num(r.get(key)) for r in rows], marker=".", label=key)
+        if unfreeze is not None:
+            ax.axvline(unfreeze, color="grey", linestyle="--", label="unfreeze (fine-tuning starts)")
+        ax.set(xlabel="epoch", title=title)
+        ax.grid(alpha=0.3)
+    ax_acc.legend(loc="lower right", fontsize=8)
+    ax_loss.legend(loc="upper right", fontsize=8)
+    _save(fig, path)
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """A misclassified test image, for the worst-cases grid."""
+
+    path: str
+    actual: str
+    predicted: str
+    confidence: float
+
+
+def plot_worst(mistakes: Sequence[Mistake], spec: PreprocessSpec, max_pixels: int, path: str | Path) -> None:
+    """Grid of the most confidently wrong test images, as the model saw them, with labels and confidence."""
+    cols = max(1, min(4, len(mistakes)))
+    grid_rows = max(1, math.ceil(len(mistakes) / cols))
+    fig = _figure(2.6 * cols, 2.8 * grid_rows)
+    if not mistakes:
+        fig.text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+    for i, m in enumerate(mistakes):
+        ax = fig.add_subplot(grid_rows, cols, i + 1)
+        ax.imshow(resize_crop(load_image(m.path, max_pixels), spec))
+        ax.set_title(f"true: {m.actual}\npred: {m.predicted} ({m.confidence:.2f})", fontsize=9, color="darkred")
+        ax.axis("off")
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------- inference
+
+
+def iter_batches(images: Sequence[str | Path], spec: PreprocessSpec, max_pixels: int,
+                 batch: int = BATCH) -> Iterator[np.ndarray]:
+    """Preprocessed float32 NCHW batches of the given image files, in order."""
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch]
+        yield np.stack([preprocess(load_image(p, max_pixels), spec) for p in chunk])
+
+
+def torch_logits(model: nn.Module, batches: Iterator[np.ndarray] | Sequence[np.ndarray],
+                 device: str = "cpu") -> np.ndarray:
+    """Logits of `model` (eval mode) over the batches, as float32 on the CPU."""
+    import torch
+
+    model = model.eval().to(device)
+    out = []
+    with torch.inference_mode():
+        for x in batches:
+            out.append(model(torch.from_numpy(np.ascontiguousarray(x)).to(device)).float().cpu().numpy())
+    width = getattr(model, "num_classes", 0)
+    return np.concatenate(out) if out else np.zeros((0, width), np.float32)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def evaluate(params: Params) -> dict[str, Any]:
+    """Score the head-only and fine-tuned models on the test split; write metrics, DVC plots and PNGs."""
+    from tlops.data import data_version, load_manifest
+    from tlops.loaders import split_items
+    from tlops.train import load_classifier, load_head
+
+    manifest = load_manifest(paths.MANIFEST)
+    items = split_items(manifest, "test")
+    head, head_info = load_head(paths.HEAD_DIR)
+    model, info = load_classifier(paths.FINETUNE_DIR)
+    classes = same_classes(manifest.classes, head_info["classes"], info["classes"])
+    head_metrics = compute_metrics(*head_test_logits(head, classes), classes)
+
+    spec = PreprocessSpec.from_dict(info["preprocess"])
+    images, y = [p for p, _ in items], np.array([c for _, c in items], dtype=int)
+    # On the CPU on purpose: these are the numbers the exported ONNX model (CPU) must reproduce.
+    logits = torch_logits(model, iter_batches(images, spec, params.data.max_pixels), device="cpu")
+    ft_metrics = compute_metrics(logits, y, classes)
+    report = {"head": head_metrics, "finetuned": ft_metrics, "finetune_gain": gain(head_metrics, ft_metrics),
+              "test_images": len(items), "data_version": data_version()}
+    write_json(paths.METRICS, report)
+    write_plots(images, y, logits, classes, spec, params)
+    return report
+
+
+def same_classes(*class_lists: Sequence[str]) -> list[str]:
+    """The class list shared by the manifest, the head and the fine-tuned model; DataError if they differ."""
+    first = list(class_lists[0])
+    for other in class_lists[1:]:
+        if list(other) != first:
+            raise DataError(f"class lists differ: manifest has {first}, a model was trained on {list(other)}; "
+                            "rerun train_head and finetune on this data")
+    return first
+
+
+def head_test_logits(head: nn.Module, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of the head-only model = the trained head on the cached test features."""
+    from tlops.features import load_feature_dataset
+
+    ds = load_feature_dataset()
+    same_classes(classes, ds.classes)
+    X, y = ds.split("test")
+    X = np.asarray(X, dtype=np.float32)
+    logits = torch_logits(head, (X[i : i + 4096] for i in range(0, len(X), 4096)))
+    return logits, np.asarray(y, dtype=int)
+
+
+def write_plots(images: Sequence[str], y: np.ndarray, logits: np.ndarray, classes: Sequence[str],
+                spec: PreprocessSpec, params: Params) -> None:
+    """confusion.csv + history.csv for `dvc plots`, and confusion/curves/worst PNGs."""
+    probs, pred = softmax(logits), logits.argmax(axis=1)
+    write_csv(paths.CONFUSION, confusion_rows(y, pred, classes), CONFUSION_COLUMNS)
+    rows, unfreeze = merge_history(read_csv(paths.HEAD_HISTORY), read_csv(paths.FINETUNE_HISTORY))
+    write_csv(paths.HISTORY, rows, HISTORY_COLUMNS)
+    plot_confusion(y, pred, classes, paths.PLOTS_DIR / "confusion.png")
+    plot_curves(rows, unfreeze, paths.PLOTS_DIR / "curves.png")
+    worst = [Mistake(str(images[i]), classes[y[i]], classes[pred[i]], float(probs[i].max()))
+             for i in worst_indices(probs, y, params.evaluate.worst_k)]
+    plot_worst(worst, spec, params.data.max_pixels, paths.PLOTS_DIR / "worst.png")
+
+
+def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics of a report as {"head.accuracy": ..., "finetuned.ece": ...} for tracking."""
+    out = {}
+    for section in ("head", "finetuned", "finetune_gain"):
+        for k, v in report.get(section, {}).items():
+            if isinstance(v, (int, float)):
+                out[f"{section}.{k}"] = float(v)
+    return out
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """What the stage prints: head-only vs fine-tuned test accuracy."""
+    h, f = report["head"], report["finetuned"]
+    n = report["test_images"]
+    return [f"test accuracy, head only:  {h['accuracy']:.4f}  (macro F1 {h['macro_f1']:.4f}, {n} images)",
+            f"test accuracy, fine-tuned: {f['accuracy']:.4f}  (macro F1 {f['macro_f1']:.4f}, "
+            f"{report['finetune_gain']['accuracy']:+.4f} from fine-tuning)"]
