@@ -140,11 +140,9 @@ def run_cmd(args: list[str], cwd: Path, check: bool = True, env: dict | None = N
     return proc
 
 
-@pytest.fixture
-def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh git + DVC repo holding a copy of the project code and tiny params; cwd is set to it."""
-    ws = tmp_path / "ws"
-    ws.mkdir()
+def make_workspace(ws: Path) -> Path:
+    """A fresh git + DVC repo at `ws` holding a copy of the project code and tiny params."""
+    ws.mkdir(parents=True)
     for name in CODE:
         src = ROOT / name
         if src.is_dir():
@@ -159,6 +157,13 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     run_cmd([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], ws)
     run_cmd(["git", "add", "-A"], ws)
     run_cmd(["git", "commit", "-qm", "workspace"], ws)
+    return ws
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh git + DVC repo holding a copy of the project code and tiny params; cwd is set to it."""
+    ws = make_workspace(tmp_path / "ws")
     monkeypatch.chdir(ws)
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     return ws
