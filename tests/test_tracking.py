@@ -112,13 +112,14 @@ def test_stage_runs_nest_under_the_pipeline_run(ws):
                 run.log_metrics({"train_loss": loss}, step=epoch)
             run.log_artifact(ws / "report.json", "reports")
             run.log_artifact(ws / "missing.json")  # skipped with a warning, not an error
-        with tracking.stage_run("evaluate", PARAMS) as run2:
-            pass
+        with tracking.stage_run("ingest", PARAMS) as run2:
+            run2.set_tags({"data_version": "abc123.dir"})  # ingest knows the new version only at its end
     assert tracking.PARENT_ENV not in os.environ
 
     p, child = get_run(parent.run_id), get_run(run.run_id)
     assert p.info.status == "FINISHED" and p.data.tags["tlops.kind"] == "pipeline"
     assert p.data.params["head.epochs"] == "60"
+    assert p.data.tags["data_version"] == "abc123.dir"
     for r in (child, get_run(run2.run_id)):
         assert r.info.status == "FINISHED"
         assert r.data.tags["mlflow.parentRunId"] == parent.run_id
@@ -169,6 +170,24 @@ def test_sigterm_handler_is_restored_after_the_stage(ws):
     with tracking.stage_run("a", PARAMS):
         assert signal.getsignal(signal.SIGTERM) is not before
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_an_existing_raising_sigterm_handler_is_kept_and_its_exception_means_killed(ws):
+    class TerminationSignal(BaseException):  # what Prefect's flow engine raises on SIGTERM
+        pass
+
+    def prefect_like(signum, frame):
+        raise TerminationSignal
+
+    before = signal.signal(signal.SIGTERM, prefect_like)
+    try:
+        with pytest.raises(TerminationSignal), tracking.stage_run("a", PARAMS) as run:
+            assert signal.getsignal(signal.SIGTERM) is prefect_like
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert get_run(run.run_id).info.status == "KILLED"
 
 
 def test_sigterm_to_a_stage_process_leaves_its_runs_killed(ws):

@@ -9,6 +9,7 @@ One pipeline execution is one parent run; each stage is a child run under it (ta
 from __future__ import annotations
 
 import fcntl
+import getpass
 import logging
 import os
 import shutil
@@ -74,7 +75,8 @@ def experiment_name() -> str:
 def ui_command(port: int = 5000, host: str = "127.0.0.1") -> list[str]:
     """argv of `mlflow ui` on this workspace's store."""
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
-            "--default-artifact-root", artifact_root().as_uri(), "--host", host, "--port", str(port)]
+            "--default-artifact-root", artifact_root().as_uri(), "--host", host, "--port", str(port),
+            "--workers", "1"]  # one local user; several workers on one sqlite file only contend for its lock
 
 
 def _quiet_mlflow() -> None:
@@ -104,6 +106,9 @@ def experiment_id(c: MlflowClient) -> str:
 
     name = experiment_name()
     exp = c.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage == "deleted":
+        raise ConfigError(f"MLflow experiment {name!r} is deleted in {c.tracking_uri}: restore it in the MLflow UI, "
+                          f"or set ${EXPERIMENT_ENV} to another name")
     if exp is not None:
         return exp.experiment_id
     # A tracking server chooses its own artifact store; only a local store gets ./mlartifacts.
@@ -207,8 +212,15 @@ def _device(params: Params) -> str:
     return "cuda" if Path("/dev/nvidia0").exists() and visible not in ("", "-1") else "cpu"
 
 
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no name for this uid, e.g. in some containers
+        return str(os.getuid())
+
+
 def _context_tags(params: Params) -> dict[str, str]:
-    tags = {TAG_WORKSPACE: str(Path.cwd()), "device": _device(params)}
+    tags = {TAG_WORKSPACE: str(Path.cwd()), "device": _device(params), "mlflow.user": _user()}
     if commit := git_commit():
         tags["git_commit"] = commit
         tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI
@@ -274,7 +286,8 @@ class StageRun:
 def _status_of(exc: BaseException | None) -> str:
     if exc is None or (isinstance(exc, SystemExit) and not isinstance(exc, Terminated) and exc.code in (0, None)):
         return "FINISHED"
-    if isinstance(exc, (KeyboardInterrupt, Terminated)):
+    # Prefect's flow engine turns SIGTERM into its own TerminationSignal; matched by name to keep Prefect out.
+    if isinstance(exc, (KeyboardInterrupt, Terminated)) or type(exc).__name__ == "TerminationSignal":
         return "KILLED"
     return "FAILED"
 
@@ -292,14 +305,16 @@ def _sigterm_raises() -> Iterator[Any]:
     """In the main thread, SIGTERM raises Terminated for the block; yields `hold()`, after which it is deferred.
 
     Holding keeps a late SIGTERM from interrupting the recording of a run's final status; the deferred
-    signal is raised when the block exits.
+    signal is raised when the block exits. A Python handler already in place (Prefect's flow engine installs one
+    that raises TerminationSignal, and an enclosing pipeline_run installs ours) is left alone: it already ends the
+    block with an exception, and replacing Prefect's would turn a cancellation into a crash.
     """
     state = {"hold": False, "pending": False}
 
     def hold() -> None:
         state["hold"] = True
 
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or callable(signal.getsignal(signal.SIGTERM)):
         yield hold
         return
 
@@ -332,9 +347,21 @@ def _tracked(c: MlflowClient, run_id: str, parent_id: str | None, hold: Any, als
         raise
     finally:
         hold()
+        if parent_id:
+            _copy_data_version(c, run_id, parent_id)
         _end(c, run_id, status)
         if also_end:
             _end(c, also_end, status)
+
+
+def _copy_data_version(c: MlflowClient, run_id: str, parent_id: str) -> None:
+    """Give the parent the data version its stage saw last (ingest sets the new one), without hashing again."""
+    try:
+        version = c.get_run(run_id).data.tags.get("data_version")
+        if version:
+            c.set_tag(parent_id, "data_version", version)
+    except Exception as e:
+        log.warning("could not copy the data version to MLflow run %s: %s", parent_id, e)
 
 
 @contextmanager
