@@ -1,6 +1,6 @@
 """Where each stage reads and writes, relative to the project root; dvc.yaml declares the same paths.
 
-tests/test_dvc_yaml.py checks that the two agree, so a path is changed in both or in neither.
+tests/test_config.py checks that the two agree, so a path is changed in both or in neither.
 """
 
 from pathlib import Path
