@@ -1,0 +1,166 @@
+"""Dynamic micro-batching: concurrent requests share one model run, up to max_batch samples or max_wait.
+
+Requests wait in a bounded queue; a full queue refuses at once (the caller answers 503) instead of letting
+latency grow without bound. One worker coroutine forms batches and runs the model in a single dedicated
+thread, so ONNX Runtime's intra-op threads get every core and the event loop stays free for I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class Runnable(Protocol):
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class QueueFull(Exception):
+    """The batcher already holds max_queue requests."""
+
+
+class Closed(Exception):
+    """The batcher is shutting down and takes no new work."""
+
+
+@dataclass(eq=False)
+class _Job:
+    model: Runnable
+    x: np.ndarray
+    future: asyncio.Future = field(repr=False)
+
+    @property
+    def n(self) -> int:
+        return len(self.x)
+
+
+class MicroBatcher:
+    """Groups submitted arrays into batches per model; `submit` returns (outputs, model that ran them)."""
+
+    def __init__(self, max_batch: int, max_wait_s: float, max_queue: int,
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
+        self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
+        self._on_batch = on_batch
+        self._pending: deque[_Job] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._closing = False
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    async def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlops-infer")
+        self._worker = asyncio.create_task(self._loop(), name="tlops-batcher")
+
+    async def submit(self, model: Runnable, x: np.ndarray) -> tuple[np.ndarray, Any]:
+        """Queue x (N, ...) for `model`; raise QueueFull or Closed at once when it cannot be queued.
+
+        Cancelling the caller (e.g. on its timeout) withdraws the job if it has not run yet.
+        """
+        if self._closing or self._wakeup is None:
+            raise Closed("the service is shutting down")
+        if len(self._pending) >= self.max_queue:
+            raise QueueFull(f"{len(self._pending)} requests already queued (serve.max_queue)")
+        job = _Job(model, x, asyncio.get_running_loop().create_future())
+        self._pending.append(job)
+        self._wakeup.set()
+        try:
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            job.future.cancel()
+            if job in self._pending:
+                self._pending.remove(job)
+            raise
+
+    async def close(self) -> None:
+        """Refuse new work, finish everything queued, then stop the worker and its thread."""
+        self._closing = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._worker is not None:
+            await self._worker
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                await self._fill_window()
+                batch = self._take_batch()
+                if batch:
+                    await self._run(batch)
+            except Exception:  # a bug here must not stop every later request: log it and go on
+                log.exception("batcher iteration failed")
+
+    async def _fill_window(self) -> None:
+        """Wait until max_batch samples are queued or max_wait has passed since the oldest arrived."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        while not self._closing and sum(j.n for j in self._pending) < self.max_batch:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take_batch(self) -> list[_Job]:
+        """Queued jobs for the oldest job's model, in order, up to max_batch samples (the first always goes)."""
+        batch: list[_Job] = []
+        n = 0
+        if not self._pending:  # every waiting caller gave up during the window
+            return batch
+        model = self._pending[0].model
+        for job in list(self._pending):
+            if job.model is not model:
+                continue  # preprocessed for another model (a swap happened): it goes in a later batch
+            if batch and n + job.n > self.max_batch:
+                break
+            self._pending.remove(job)
+            if job.future.done():  # the caller gave up (timeout, disconnect)
+                continue
+            batch.append(job)
+            n += job.n
+        return batch
+
+    async def _run(self, batch: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        model = batch[0].model
+        x = batch[0].x if len(batch) == 1 else np.concatenate([j.x for j in batch])
+        t0 = loop.time()
+        try:
+            y = await loop.run_in_executor(self._executor, model.run, x)
+        except Exception as e:  # reported to every caller in the batch; the batcher keeps serving
+            log.exception("model run failed for a batch of %d", len(x))
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(e)
+            return
+        if self._on_batch is not None:
+            self._on_batch(len(x), loop.time() - t0)
+        start = 0
+        for job in batch:
+            if not job.future.done():
+                job.future.set_result((y[start:start + job.n], model))
+            start += job.n

@@ -1,0 +1,171 @@
+"""The served model: where it comes from, loading it only after its sha256 checks out, running it, top-k."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from tlops import onnx_meta
+from tlops.errors import ConfigError, ModelIntegrityError
+from tlops.io import sha256_bytes
+from tlops.preprocess import PreprocessSpec
+
+REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the served model comes from: a file path, or a registry URI resolved again on every reload."""
+
+    ref: str
+
+    def __post_init__(self) -> None:
+        if self.ref.startswith("models:/") and not REGISTRY_URI.match(self.ref):
+            raise ConfigError(f"serve.model {self.ref!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+
+    @property
+    def is_registry(self) -> bool:
+        return self.ref.startswith("models:/")
+
+    @property
+    def name(self) -> str:
+        """The model's name in the v2 API: the registered name, else the file stem."""
+        m = REGISTRY_URI.match(self.ref)
+        return m["name"] if m else Path(self.ref).stem
+
+    def resolve(self) -> Path:
+        """The local .onnx file for this source now (downloads from the registry if needed)."""
+        if not self.is_registry:
+            return Path(self.ref)
+        from tlops.tracking import resolve_model_uri  # lazy: mlflow only when serving from the registry
+
+        return Path(resolve_model_uri(self.ref))
+
+
+def file_key(path: Path) -> tuple[str, int, int] | None:
+    """A cheap fingerprint of a model file and its sha256 sidecar: changes whenever either is rewritten."""
+    try:
+        st = path.stat()
+        recorded = onnx_meta.sidecar_path(path).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return (recorded, st.st_mtime_ns, st.st_size)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A verified ONNX Runtime session with the labels and preprocessing recorded in its metadata."""
+
+    name: str
+    version: str            # first 12 hex digits of the file's sha256: content-addressed, changes with the model
+    sha256: str
+    path: Path
+    session: ort.InferenceSession = field(repr=False)
+    labels: tuple[str, ...]
+    spec: PreprocessSpec
+    input_name: str
+    output_name: str
+    metadata: dict[str, str] = field(repr=False)
+    key: tuple | None = None
+
+    @property
+    def input_shape(self) -> list[int]:
+        """[-1, 3, S, S]: -1 for the dynamic batch axis, as the v2 metadata API writes it."""
+        return [-1, 3, self.spec.input_size, self.spec.input_size]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """float32 (N, 3, S, S) -> logits float32 (N, classes)."""
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1  # one batch at a time uses every core through intra-op threads
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return opts
+
+
+def load_model(path: str | os.PathLike, name: str | None = None, threads: int | None = None,
+               verify: bool = True) -> LoadedModel:
+    """Verify the file against its recorded sha256, then open it with ONNX Runtime and read its metadata.
+
+    Raises ConfigError when the file is missing and ModelIntegrityError when it fails its checksum, is not
+    a loadable ONNX model, or lacks the tlops metadata (labels, preprocessing) or the expected tensors.
+    """
+    path = Path(path)
+    key = file_key(path)
+    if not path.is_file():
+        raise ConfigError(f"model {path}: no such file (export it first with `tlops run`, or fix serve.model)")
+    digest = onnx_meta.verify_sha256(path) if verify else None
+    data = path.read_bytes()
+    actual = sha256_bytes(data)
+    if digest is not None and actual != digest:  # replaced between the check and the read
+        raise ModelIntegrityError(f"{path}: changed while loading (sha256 {actual}, verified {digest}); retry")
+    try:
+        session = ort.InferenceSession(data, sess_options=session_options(threads), providers=_providers())
+    except Exception as e:  # ORT raises its own exception types for every kind of bad file
+        raise ModelIntegrityError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0]})") from None
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    labels, spec = onnx_meta.labels_of(meta), onnx_meta.spec_of(meta)
+    input_name, output_name = _check_signature(session, spec, len(labels), path)
+    return LoadedModel(name=name or path.stem, version=actual[:12], sha256=actual, path=path, session=session,
+                       labels=tuple(labels), spec=spec, input_name=input_name, output_name=output_name,
+                       metadata=meta, key=key)
+
+
+def _providers() -> list[str]:
+    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    return [p for p in wanted if p in ort.get_available_providers()]
+
+
+def _check_signature(session: ort.InferenceSession, spec: PreprocessSpec, classes: int, path: Path) -> tuple[str, str]:
+    """The model must take one float (N,3,S,S) input matching its preprocessing and give (N,classes) out."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) < 1:
+        raise ModelIntegrityError(f"{path}: expected 1 input and 1 output, got {len(inputs)} and {len(outputs)}")
+    inp, out = inputs[0], outputs[0]
+    s = spec.input_size
+    dims = inp.shape
+    if inp.type != "tensor(float)" or len(dims) != 4 or [d for d in dims[1:]] != [3, s, s]:
+        raise ModelIntegrityError(f"{path}: input {inp.name} is {inp.type} {dims}; expected float [N, 3, {s}, {s}] "
+                                  "as the tlops.preprocess metadata says")
+    if len(out.shape) != 2 or (isinstance(out.shape[1], int) and out.shape[1] != classes):
+        raise ModelIntegrityError(f"{path}: output {out.name} has shape {out.shape}; expected [N, {classes}] "
+                                  "(one logit per label in tlops.labels)")
+    return inp.name, out.name
+
+
+def warm_up(model: LoadedModel, batch_sizes: tuple[int, ...] = (1,)) -> float:
+    """Run zeros through the model once per batch size (ORT plans memory per shape); return seconds taken."""
+    t0 = time.perf_counter()
+    for n in batch_sizes:
+        x = np.zeros((n, *model.input_shape[1:]), np.float32)
+        y = model.run(x)
+        if y.shape != (n, len(model.labels)) or not np.isfinite(y).all():
+            raise ModelIntegrityError(f"{model.path}: warm-up gave {y.shape} or non-finite logits for batch {n}")
+    return time.perf_counter() - t0
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, computed in float64 so tiny probabilities do not underflow."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def top_labels(probs: np.ndarray, labels: tuple[str, ...] | list[str], k: int) -> list[dict]:
+    """The k most probable classes of one probability row, best first."""
+    k = max(1, min(k, len(probs)))
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [{"label": labels[i], "index": int(i), "probability": float(probs[i])} for i in order]

@@ -1,0 +1,79 @@
+"""`tlops predict`: classify image files locally with the ONNX model, same preprocessing as the service."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from serving.model import LoadedModel, ModelSource, load_model, softmax, top_labels
+from tlops.preprocess import ImageError, load_image, preprocess
+
+BATCH = 32
+
+
+def predict_files(model_path: str | os.PathLike, images: Sequence[str | os.PathLike], top_k: int = 5,
+                  max_pixels: int = 40_000_000, threads: int | None = None) -> list[dict]:
+    """Top-k labels per image, in input order; an unusable image gets an `error` entry instead.
+
+    `model_path` is a file or models:/<name>@<alias>; the file must match its recorded sha256
+    (ConfigError when missing, ModelIntegrityError when it does not verify).
+    Each result: {"image", "model_name", "model_version", "top_k": [{"label", "index", "probability"}]}
+    or {"image", "error", "reason"}.
+    """
+    source = ModelSource(str(model_path))
+    model = load_model(source.resolve(), name=source.name, threads=threads)
+    results: list[dict] = [{} for _ in images]
+    ok: list[tuple[int, np.ndarray]] = []
+    for i, image in enumerate(images):
+        try:
+            ok.append((i, preprocess(load_image(image, max_pixels), model.spec)))
+        except ImageError as e:
+            results[i] = {"image": str(image), "error": str(e), "reason": e.reason}
+        except OSError as e:
+            results[i] = {"image": str(image), "error": f"cannot read {image}: {e.strerror or e}", "reason": "unreadable"}
+    for start in range(0, len(ok), BATCH):
+        chunk = ok[start:start + BATCH]
+        probs = softmax(model.run(np.stack([x for _, x in chunk])))
+        for (i, _), p in zip(chunk, probs):
+            results[i] = _result(model, images[i], p, top_k)
+    return results
+
+
+def _result(model: LoadedModel, image: str | os.PathLike, probs: np.ndarray, k: int) -> dict:
+    return {"image": str(image), "model_name": model.name, "model_version": model.version,
+            "top_k": top_labels(probs, model.labels, k)}
+
+
+def results_json(results: list[dict]) -> str:
+    return json.dumps(results, indent=2)
+
+
+def results_table(results: list[dict]):
+    """A rich Table: one row per image and label, the best label first."""
+    from rich.table import Table
+
+    version = next((r["model_version"] for r in results if "model_version" in r), "?")
+    table = Table(title=f"predictions (model version {version})")
+    for col, justify in (("image", "left"), ("rank", "right"), ("label", "left"), ("probability", "right")):
+        table.add_column(col, justify=justify)
+    for r in results:
+        if "error" in r:
+            table.add_row(r["image"], "", f"[red]{r['reason']}[/red]", r["error"].split(": ", 1)[-1])
+            continue
+        for rank, t in enumerate(r["top_k"], 1):
+            table.add_row(r["image"] if rank == 1 else "", str(rank), t["label"], f"{t['probability']:.4f}",
+                          end_section=rank == len(r["top_k"]))
+    return table
+
+
+def print_predictions(results: list[dict], as_json: bool = False) -> None:
+    """Print results as a table (or JSON) on stdout."""
+    if as_json:
+        print(results_json(results))
+        return
+    from rich.console import Console
+
+    Console().print(results_table(results))

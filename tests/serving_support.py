@@ -1,0 +1,176 @@
+"""Helpers shared by the serving tests: a tiny exported classifier, a real uvicorn server on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from tlops.config import ServeParams
+from tlops.preprocess import PreprocessSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ["class_0", "class_1", "class_2"]
+SPEC = PreprocessSpec(input_size=32, interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def export_tiny_model(path: Path, scale: float = 10.0, spec: PreprocessSpec = SPEC,
+                      labels: list[str] = LABELS) -> Path:
+    """A tiny torch CNN whose logit c is `scale` x the mean of normalised channel c, exported like tlops does.
+
+    make_images paints class c with channel c boosted, so this model classifies those images correctly
+    and with clear margins (top-1 never hinges on rounding).
+    """
+    import onnx
+    import torch
+
+    from tlops import onnx_meta
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+            self.pool = torch.nn.AdaptiveAvgPool2d(1)
+            self.fc = torch.nn.Linear(3, len(labels))
+            with torch.no_grad():
+                self.conv.weight.copy_(torch.eye(3).reshape(3, 3, 1, 1))
+                self.conv.bias.zero_()
+                self.fc.weight.copy_(scale * torch.eye(len(labels), 3))
+                self.fc.bias.zero_()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.pool(self.conv(x)).flatten(1))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = torch.zeros(1, 3, spec.input_size, spec.input_size)
+    torch.onnx.export(Tiny().eval(), (x,), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    model = onnx.load(str(path))
+    meta = {onnx_meta.LABELS: json.dumps(labels), onnx_meta.PREPROCESS: spec.to_json(),
+            onnx_meta.INPUT_SIZE: str(spec.input_size), onnx_meta.BACKBONE: "tiny_cnn", onnx_meta.DATA_VERSION: "test",
+            onnx_meta.GIT_COMMIT: "0" * 40, onnx_meta.MLFLOW_RUN_ID: "", onnx_meta.PARAMS_HASH: "test",
+            onnx_meta.CREATED: "2024-01-01T00:00:00Z"}
+    onnx.helper.set_model_props(model, meta)
+    onnx.save(model, str(path))
+    onnx_meta.write_sha256(path)
+    return path
+
+
+def install_model(src: Path, dst: Path) -> None:
+    """Put a model and its sidecar at dst the way an export does: each file replaced atomically."""
+    for a, b in ((src, dst), (Path(f"{src}.sha256"), Path(f"{dst}.sha256"))):
+        tmp = b.with_name(f".{b.name}.tmp")
+        tmp.write_bytes(a.read_bytes())
+        os.replace(tmp, b)
+
+
+def png_bytes(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_params(**overrides) -> ServeParams:
+    base = {"host": "127.0.0.1", "port": free_port(), "max_batch": 8, "max_wait_ms": 5, "max_queue": 64,
+            "timeout_ms": 10_000, "max_body_bytes": 200_000, "max_pixels": 1_000_000, "reload_s": 0, "threads": 1}
+    return ServeParams(**{**base, **overrides})
+
+
+@functools.cache
+def http() -> httpx.Client:
+    """One shared client: creating an httpx.Client costs ~0.2 s (its TLS context), too much per request."""
+    return httpx.Client(timeout=30.0)
+
+
+def wait_for(url: str, status: int = 200, timeout: float = 20.0) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            r = http().get(url, timeout=2.0)
+            if r.status_code == status:
+                return r
+            last = r.status_code
+        except httpx.TransportError as e:
+            last = e
+        time.sleep(0.05)
+    raise AssertionError(f"{url} did not answer {status} within {timeout}s (last: {last})")
+
+
+class ThreadServer:
+    """The real app under a real uvicorn server in a background thread of the test process."""
+
+    def __init__(self, params: ServeParams, model: str) -> None:
+        import uvicorn
+
+        from serving.app import create_app
+
+        self.params = params
+        self.app = create_app(params, model)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host=params.host, port=params.port,
+                                                    access_log=False, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://{params.host}:{params.port}"
+
+    @property
+    def service(self):
+        return self.app.state.service
+
+    def __enter__(self) -> ThreadServer:
+        self.thread.start()
+        wait_for(f"{self.url}/v2/health/live")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def reload(self) -> bool:
+        return self.service.request_reload().result(timeout=30)
+
+
+@contextlib.contextmanager
+def process_server(params_yaml: Path, model: str, port: int, cwd: Path) -> Iterator[subprocess.Popen]:
+    """`python -m serving` in a subprocess (real signals); killed at the end if still running."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "serving", "--params", str(params_yaml), "--model", model,
+                             "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`, from Prometheus text format."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
