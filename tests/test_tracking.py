@@ -142,6 +142,16 @@ def test_stages_without_dvc_or_pipeline_share_one_parent_per_process_never_left_
     assert get_run(b.parent_run_id).info.status == "FINISHED"
 
 
+def test_a_leftover_parent_id_of_an_ended_pipeline_is_not_reused(ws, monkeypatch):
+    with tracking.pipeline_run(PARAMS) as old:
+        pass
+    monkeypatch.setenv(tracking.PARENT_ENV, old.run_id)
+    with tracking.stage_run("a", PARAMS) as run:
+        pass
+    assert run.parent_run_id != old.run_id
+    assert get_run(run.parent_run_id).info.status == "FINISHED"
+
+
 def test_a_raising_stage_leaves_its_run_and_the_pipeline_failed(ws):
     with pytest.raises(ValueError), tracking.pipeline_run(PARAMS) as parent:
         with tracking.stage_run("finetune", PARAMS) as run:

@@ -63,6 +63,11 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / paths.MLFLOW_DB}"
 
 
+def registry_uri() -> str:
+    """$MLFLOW_REGISTRY_URI, else the tracking store."""
+    return os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri()
+
+
 def artifact_root() -> Path:
     """Where a local store keeps artifacts: ./mlartifacts."""
     return Path.cwd() / paths.MLFLOW_ARTIFACTS
@@ -92,8 +97,7 @@ def client() -> MlflowClient:
     _quiet_mlflow()
     from mlflow import MlflowClient
 
-    uri = tracking_uri()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return MlflowClient(tracking_uri=tracking_uri(), registry_uri=registry_uri())
 
 
 def _is_local_store(uri: str) -> bool:
@@ -183,7 +187,7 @@ def git_commit() -> str | None:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def _data_version() -> str | None:
@@ -393,9 +397,10 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
     c = client()
     exp = experiment_id(c)
     with _sigterm_raises() as hold:
-        parent_id, shared = _parent_for_stage(c, exp, params)
-        tags = {TAG_KIND: "stage", "stage": stage, "mlflow.parentRunId": parent_id,
-                **_owner_tags(os.getpid()), **_context_tags(params)}
+        context = _context_tags(params)
+        parent_id, shared = _parent_for_stage(c, exp, params, context)
+        tags = {TAG_KIND: "stage", "stage": stage, "mlflow.parentRunId": parent_id, **_owner_tags(os.getpid()),
+                **context}
         try:
             run_id = c.create_run(exp, run_name=stage, tags=tags).info.run_id
         except BaseException:
@@ -407,19 +412,22 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
             yield run
 
 
-def _parent_for_stage(c: MlflowClient, exp: str, params: Params) -> tuple[str, bool]:
+def _parent_for_stage(c: MlflowClient, exp: str, params: Params, context: dict[str, str]) -> tuple[str, bool]:
     """(parent run id, whether this stage reopened a shared parent that it must end again)."""
     from mlflow.exceptions import MlflowException
 
     env_parent = os.environ.get(PARENT_ENV)
     if env_parent:
         try:
-            c.get_run(env_parent)
-            return env_parent, False
+            status = c.get_run(env_parent).info.status
         except MlflowException:
-            log.warning("%s=%s is not a run in %s; grouping stages by process instead",
-                        PARENT_ENV, env_parent, tracking_uri())
-    return _open_shared_parent(c, exp, params), True
+            status = "missing"
+        if status == "RUNNING":
+            return env_parent, False
+        # A leftover export in a shell, not a live pipeline: do not hang new stages under an ended run.
+        log.warning("%s=%s is %s in %s, not a running pipeline; grouping stages by process instead",
+                    PARENT_ENV, env_parent, status, c.tracking_uri)
+    return _open_shared_parent(c, exp, params, context), True
 
 
 @contextmanager
@@ -434,7 +442,7 @@ def _state_lock() -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _open_shared_parent(c: MlflowClient, exp: str, params: Params) -> str:
+def _open_shared_parent(c: MlflowClient, exp: str, params: Params, context: dict[str, str]) -> str:
     """Find (and set RUNNING) or create the parent run shared by the stages of one `dvc repro`.
 
     It is keyed by the dvc ancestor process (pid + start time); a stage with no dvc ancestor keys it by its own
@@ -457,7 +465,7 @@ def _open_shared_parent(c: MlflowClient, exp: str, params: Params) -> str:
                 log.warning("parent run %s cannot be reopened (%s); starting a new one", state["run_id"], e)
         reap_stale_runs(c)
         launcher = "dvc" if dvc_pid else "process"
-        tags = {TAG_KIND: "pipeline", "tlops.launcher": launcher, **_owner_tags(owner), **_context_tags(params)}
+        tags = {TAG_KIND: "pipeline", "tlops.launcher": launcher, **_owner_tags(owner), **context}
         run_id = c.create_run(exp, run_name="dvc repro" if dvc_pid else "pipeline", tags=tags).info.run_id
         StageRun(c, run_id).log_params(flatten(params))
         write_json(PARENT_STATE, {"owner": key, "run_id": run_id})
@@ -621,21 +629,22 @@ def _version_of(c: MlflowClient, name: str, alias_or_version: str | int) -> str:
 def download_model_file(name: str, alias_or_version: str | int) -> Path:
     """Local path of the `.onnx` file of a registered version (by alias or number), checked against its sha256.
 
-    Versions are immutable, so each is downloaded once into .tlops/registry/<name>/<version>/.
+    Versions are immutable, so each is downloaded once into .tlops/registry/<store>/<name>/<version>/ (keyed by
+    the registry too: version 1 on a tracking server is not version 1 in the local store).
     """
     import mlflow.artifacts
 
-    from tlops.io import sha256_file
+    from tlops.io import sha256_bytes, sha256_file
 
     c = client()
     version = _version_of(c, name, alias_or_version)
-    target = paths.STATE_DIR / "registry" / name / version
+    target = paths.STATE_DIR / "registry" / sha256_bytes(registry_uri().encode())[:12] / name / version
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp),
-                                                tracking_uri=c.tracking_uri, registry_uri=c.tracking_uri)
+                                                tracking_uri=c.tracking_uri, registry_uri=registry_uri())
             os.replace(tmp, target)
         except OSError:
             if not target.is_dir():  # lost a race with another downloader: theirs is as good as ours
