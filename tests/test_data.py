@@ -143,7 +143,8 @@ def test_a_class_below_min_per_class_fails_naming_the_class_and_its_counts(here)
     for p in sorted((here / "raw/class_2").iterdir())[2:]:
         p.unlink()
     (here / "raw/class_2/broken.png").write_bytes(b"")
-    with pytest.raises(DataError, match=r"class 'class_2' has 2 valid image\(s\) \(1 quarantined\).*min_per_class is 3"):
+    expected = r"class 'class_2' has 2 valid image\(s\) \(1 quarantined\).*min_per_class is 3"
+    with pytest.raises(DataError, match=expected):
         run_prepare(min_per_class=3)
     assert not Path("prepared/manifest.csv").exists()
 

@@ -93,8 +93,8 @@ def ingest(params: DataParams, out_dir: Path = paths.RAW) -> dict:
     writer = _source_writer(params, Path(out_dir))
     with replaced_dir(Path(out_dir)) as tmp:
         writer(tmp)
-    files = visible_files(Path(out_dir))
-    classes = sorted({f.relative_to(out_dir).parts[0] for f in files if len(f.relative_to(out_dir).parts) > 1})
+    files = [f.relative_to(out_dir) for f in visible_files(Path(out_dir))]
+    classes = {f.parts[0] for f in files if len(f.parts) > 1}
     return {"source": params.source, "images": len(files), "classes": len(classes)}
 
 
