@@ -1,0 +1,217 @@
+"""The pipeline flow: the stages of dvc.yaml in dependency order, each one Prefect task run named by its stage.
+
+dvc.yaml is the only list of stages. DVC decides what runs (tasks/dvc_stages.py): a stage unchanged since dvc.lock
+is skipped and shows as a Completed task run named "Skipped"; one whose outputs DVC restores from its run cache
+shows as "Cached"; a changed stage runs here, in this process (the `stage_task` of the module its cmd runs), and is
+recorded in dvc.lock and .dvc/cache as `dvc repro` records it. So `tlops run` and `dvc repro` never redo each
+other's work. One run at a time per workspace; the whole run is one MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prefect import Task, flow, task
+from prefect.states import Completed, State
+from prefect.tasks import exponential_backoff
+
+from tasks import dvc_stages, pipeline_report
+from tasks.pipeline_report import StageRecord
+from tasks.workspace import workspace_lock
+from tlops import paths, tracking
+from tlops.config import Params, ScheduleParams, load_params, params_path as resolve_params_path
+from tlops.errors import ConfigError, TlopsError, is_permanent
+
+if TYPE_CHECKING:
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+log = logging.getLogger(__name__)
+
+REFRESH_STAGE = "ingest"  # the stage that materialises the data source; `refresh` re-runs it
+LOCK_FILE = paths.STATE_DIR / "pipeline.lock"
+
+
+@flow(name="pipeline")
+def pipeline_flow(params_path: str | None = None, refresh: bool = False, force: bool = False) -> dict[str, Any]:
+    """Bring every stage of dvc.yaml up to date: `refresh` re-reads the data source first, `force` re-runs all."""
+    params = load_params(params_path)
+    _check_params_file(params_path)
+    started = time.perf_counter()
+    records: list[StageRecord] = []
+    with workspace_lock(LOCK_FILE, params.schedule.lock_timeout_s), tracking.pipeline_run(params) as parent:
+        try:
+            with dvc_stages.open_repo() as repo:
+                _run_stages(repo, params, params_path, refresh, force, records)
+        finally:
+            summary = _finish(records, time.perf_counter() - started, parent)
+    return summary
+
+
+def run_pipeline(params_path: str | None = None, refresh: bool = False, force: bool = False) -> dict[str, Any]:
+    """What `tlops run` does: the pipeline flow in this process. Returns its summary; raises what failed it."""
+    server = _start_prefect_api_early()
+    _preload()
+    server.join()  # the flow's first API call must find the server up
+    return pipeline_flow(params_path=params_path, refresh=refresh, force=force)
+
+
+def _run_stages(repo: Repo, params: Params, params_path: str | None, refresh: bool, force: bool,
+                records: list[StageRecord]) -> None:
+    """Each stage in order; on a failure record it (and the stages left) and re-raise."""
+    stages = dvc_stages.pipeline_stages(repo)
+    for stage in stages:  # a stage that cannot run in-process fails the run before any stage runs
+        dvc_stages.stage_module(stage)
+    for i, stage in enumerate(stages):
+        started = time.perf_counter()
+        try:
+            records.append(_bring_up_to_date(repo, stage, params, params_path,
+                                             force=force or (refresh and stage.name == REFRESH_STAGE)))
+        except BaseException as exc:
+            records.append(StageRecord(stage.name, "failed", time.perf_counter() - started, _one_line(exc)))
+            records.extend(StageRecord(s.name, "not run", 0.0, f"{stage.name} failed") for s in stages[i + 1:])
+            raise
+
+
+def _bring_up_to_date(repo: Repo, stage: PipelineStage, params: Params, params_path: str | None,
+                      force: bool) -> StageRecord:
+    """Run, restore or skip one stage as DVC decides; every stage shows as one task run named by the stage."""
+    started = time.perf_counter()
+    timing = {"task": 0.0}
+
+    def execute() -> Any:
+        stage_task = _configured(_stage_task(stage), stage.name, params.schedule)
+        t0 = time.perf_counter()
+        try:
+            return stage_task(params_path)
+        finally:
+            timing["task"] = time.perf_counter() - t0
+
+    try:
+        done = dvc_stages.reproduce(repo, stage, execute, force=force)
+    except TimeoutError as exc:
+        raise TlopsError(f"stage {stage.name} ran longer than schedule.stage_timeout_s="
+                         f"{params.schedule.stage_timeout_s:g} s ({exc})") from exc
+    if done.outcome != "ran":
+        name = "Skipped" if done.outcome == "skipped" else "Cached"
+        _stand_in.with_options(name=stage.name, task_run_name=stage.name)(name, done.reason)
+    return StageRecord(stage.name, done.outcome, time.perf_counter() - started, done.reason,
+                       done.outputs_changed, timing["task"])
+
+
+@task
+def _stand_in(state_name: str, message: str) -> State:
+    """The task run of a stage that DVC did not need to run: Completed, named Skipped or Cached."""
+    return Completed(name=state_name, message=message)
+
+
+def _stage_task(stage: PipelineStage) -> Task:
+    """The `stage_task` of the module that the stage's cmd runs, imported as `python -m` would from the root."""
+    module_name = dvc_stages.stage_module(stage)
+    root = str(Path(stage.repo.root_dir).resolve())
+    sys.path.insert(0, root)  # `python -m` puts the working directory first
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"dvc.yaml: stage {stage.name} runs `{stage.cmd}` but {e.name} cannot be imported") from None
+    finally:
+        sys.path.remove(root)
+    stage_task = getattr(module, "stage_task", None)
+    if not isinstance(stage_task, Task):
+        raise ConfigError(f"{module_name} has no Prefect task `stage_task`: the pipeline calls it for stage "
+                          f"{stage.name}")
+    return stage_task
+
+
+def _configured(stage_task: Task, name: str, schedule: ScheduleParams) -> Task:
+    """The stage task with the run's failure policy: retries with backoff, a timeout, prints in the Prefect logs."""
+    return stage_task.with_options(
+        name=name, task_run_name=name,
+        retries=schedule.retries,
+        retry_delay_seconds=exponential_backoff(schedule.retry_delay_s)(schedule.retries),
+        retry_condition_fn=_is_transient,
+        timeout_seconds=schedule.stage_timeout_s,
+        log_prints=True,
+    )
+
+
+def _is_transient(task: Task, task_run: Any, state: State) -> bool:
+    """Prefect retry condition: retry a failed stage unless its error is one a retry cannot fix."""
+    exc = state.data
+    return not (isinstance(exc, BaseException) and is_permanent(exc))
+
+
+def _finish(records: list[StageRecord], seconds: float, parent: tracking.StageRun) -> dict[str, Any]:
+    """Summarise the run; tag the MLflow parent; publish the Prefect artifacts; print the table."""
+    from prefect.context import FlowRunContext
+    from rich.console import Console
+
+    ctx = FlowRunContext.get()
+    exp = tracking.experiment_id(tracking.client())
+    summary = pipeline_report.summarise(
+        records, seconds, _data_version(), parent.run_id,
+        pipeline_report.mlflow_run_url(tracking.tracking_uri(), exp, parent.run_id),
+        str(ctx.flow_run.id) if ctx and ctx.flow_run else None)
+    tags = {"tlops.outcome": summary["status"], "prefect.flow_run_id": summary["flow_run_id"] or ""}
+    if summary["data_version"]:
+        tags["data_version"] = summary["data_version"]  # the parent was opened before ingest could change it
+    parent.set_tags(tags)
+    parent.log_metrics({f"seconds_{r.stage}": r.seconds for r in records} | {"seconds_total": seconds})
+    pipeline_report.publish(summary)
+    Console().print(pipeline_report.console_table(summary))
+    return summary
+
+
+def _data_version() -> str | None:
+    """tlops.data.data_version() when data/raw exists."""
+    if not paths.RAW.is_dir():
+        return None
+    from tlops.data import data_version
+
+    try:
+        return data_version()
+    except Exception as e:  # noqa: BLE001 - a summary line is not worth failing a finished run for
+        log.warning("data version unavailable: %s", e)
+        return None
+
+
+def _check_params_file(params_path: str | None) -> None:
+    """DVC tracks params.yaml: stages reading another file would make dvc.lock record the wrong values."""
+    if resolve_params_path(params_path).resolve() != Path("params.yaml").resolve():
+        log.warning("stages read %s but dvc.lock records params.yaml: DVC cannot see changes to %s",
+                    resolve_params_path(params_path), resolve_params_path(params_path))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+
+
+def _preload() -> None:
+    """Import DVC and MLflow now: done while a temporary Prefect server starts, their import time is free."""
+    import dvc.repo  # noqa: F401
+    import mlflow  # noqa: F401
+
+
+def _start_prefect_api_early() -> threading.Thread:
+    """Without a configured server Prefect starts a temporary one on first use, which takes seconds: start it in
+    the background now, beside the imports, instead of after them."""
+    from prefect.settings import PREFECT_API_URL
+
+    def start() -> None:
+        try:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()
+        except Exception as e:  # noqa: BLE001 - the flow starts (and reports) it again if this failed
+            log.debug("early start of the temporary Prefect server failed: %s", e)
+
+    thread = threading.Thread(target=start if not PREFECT_API_URL.value() else (lambda: None), daemon=True)
+    thread.start()
+    return thread

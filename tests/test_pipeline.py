@@ -1,0 +1,343 @@
+"""The pipeline flow over dvc.yaml against a real Prefect API, real DVC and a real MLflow store.
+
+Toy stages (a few lines each, in the temp workspace) pin the orchestration: order from dvc.yaml, skip and
+record exactly as `dvc repro` does, retries, failures, the workspace lock. The slow tests run the real stages
+on tiny data.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_images, run_cmd, write_params
+from flows.pipeline import pipeline_flow, run_pipeline
+from tasks import dvc_stages
+from tasks.workspace import workspace_lock
+from tlops import tracking
+from tlops.errors import ConfigError, DataError, TlopsError, WorkspaceBusyError
+
+UP_TO_DATE = "Data and pipelines are up to date"
+
+# Toy stage bodies: each becomes <pkg>/<name>.py with `stage_task`, a Prefect task named by the stage.
+TOY_BODIES = {
+    "ingest": """
+        shutil.copytree("src", "raw")
+        return {"files": len(os.listdir("raw"))}
+    """,
+    "double": """
+        Path("double.txt").write_text("".join(sorted(p.read_text() for p in Path("raw").iterdir())) * 2)
+        return {"epochs": load_params(params_path).head.epochs}
+    """,
+    "flaky": """
+        n = _count("flaky")
+        if n < 2:
+            raise OSError(f"transient failure {n}")
+        Path("flaky.txt").write_text(Path("double.txt").read_text())
+        return {"attempts": n}
+    """,
+    "bad": """
+        _count("bad")
+        raise DataError("class_0 has 1 valid image, data.min_per_class is 5")
+    """,
+    "slow": """
+        for _ in range(300):  # short sleeps: under pytest-timeout's SIGALRM, Prefect's timeout cannot cut one long sleep
+            time.sleep(0.1)
+        Path("slow.txt").write_text("done")
+        return {}
+    """,
+}
+TOY_HEADER = """
+import os, shutil, time
+from pathlib import Path
+from prefect import task
+from tlops.config import load_params
+from tlops.errors import DataError
+
+def _count(name):
+    counter = Path(".attempts") / name
+    counter.parent.mkdir(exist_ok=True)
+    n = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(n))
+    return n
+
+@task(name="{stage}")
+def stage_task(params_path=None):
+"""
+TOY_DEPS = {"ingest": ["src"], "double": ["raw"], "flaky": ["double.txt"], "bad": ["raw"], "slow": ["raw"]}
+TOY_PARAMS = {"double": ["head.epochs"]}
+
+
+def write_toy_pipeline(ws: Path, stages: list[str]) -> str:
+    """dvc.yaml of toy stages (each `python -m <pkg>.<stage>`) and their package; returns the package name."""
+    pkg = f"toy_{uuid.uuid4().hex[:8]}"  # unique: each test imports its own stage modules
+    (ws / pkg).mkdir()
+    (ws / pkg / "__init__.py").write_text("")
+    dvc_yaml: dict = {"stages": {}}
+    for name in stages:
+        code = (TOY_HEADER.replace("{stage}", name) + textwrap.indent(textwrap.dedent(TOY_BODIES[name]), "    ")
+                + '\nif __name__ == "__main__":  # as `dvc repro` runs it\n    stage_task.fn()\n')
+        (ws / pkg / f"{name}.py").write_text(code)
+        dvc_yaml["stages"][name] = {
+            "cmd": f"python -m {pkg}.{name}", "deps": [*TOY_DEPS[name], f"{pkg}/{name}.py"],
+            **({"params": TOY_PARAMS[name]} if name in TOY_PARAMS else {}),
+            "outs": ["raw" if name == "ingest" else f"{name}.txt"]}
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    return pkg
+
+
+@pytest.fixture
+def toy(workspace: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch):
+    """The workspace with a toy dvc.yaml (ingest -> double), its own MLflow experiment, retries without delay."""
+    monkeypatch.setenv(tracking.EXPERIMENT_ENV, f"test-{uuid.uuid4().hex[:8]}")
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    write_params(workspace, {"schedule": {"retries": 2, "retry_delay_s": 0}})
+    (workspace / "src").mkdir()
+    for i in range(3):
+        (workspace / "src" / f"{i}.txt").write_text(f"line {i}\n")
+    write_toy_pipeline(workspace, ["ingest", "double"])
+    commit(workspace)
+    before = set(sys.modules)
+    yield workspace
+    for name in set(sys.modules) - before:  # the toy stage modules
+        if name.startswith("toy_"):
+            del sys.modules[name]
+
+
+def commit(ws: Path) -> None:
+    run_cmd(["git", "add", "-A"], ws)
+    run_cmd(["git", "commit", "-qm", "test", "--allow-empty"], ws)
+
+
+def states(summary: dict) -> dict[str, str]:
+    return {s["stage"]: s["state"] for s in summary["stages"]}
+
+
+def dvc_status(ws: Path) -> str:
+    return run_cmd([sys.executable, "-m", "dvc", "status"], ws).stdout
+
+
+def lock_entries(ws: Path) -> set[str]:
+    lock = ws / "dvc.lock"
+    return set(yaml.safe_load(lock.read_text())["stages"]) if lock.exists() else set()
+
+
+def task_run_states(flow_run_id: str, expected: int, timeout_s: float = 20) -> dict[str, str]:
+    """{task run name: state name} of a flow run, as the Prefect API records them (task runs arrive as events)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                         sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=100)
+        found = {r.name: r.state.name for r in runs if r.state and r.state.is_final()}
+        if len(found) >= expected or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def running_mlflow_runs() -> list:
+    c = tracking.client()
+    return c.search_runs([tracking.experiment_id(c)], filter_string="attributes.status = 'RUNNING'")
+
+
+# ------------------------------------------------------------------ toy stages: orchestration
+
+
+def test_stages_come_from_dvc_yaml_in_dependency_order_and_must_be_python_m(toy: Path):
+    with dvc_stages.open_repo() as repo:
+        stages = dvc_stages.pipeline_stages(repo)
+    assert [s.name for s in stages] == ["ingest", "double"]
+    pkg = stages[0].cmd.split()[-1].split(".")[0]
+    # The same stages listed dependents-first, plus one whose cmd cannot run in-process.
+    (toy / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "double": {"cmd": f"python -m {pkg}.double", "deps": ["raw"], "outs": ["double.txt"]},
+        "ingest": {"cmd": f"python -m {pkg}.ingest", "deps": ["src"], "outs": ["raw"]},
+        "report": {"cmd": "bash report.sh", "deps": ["double.txt"], "outs": ["report.txt"]}}}))
+    with dvc_stages.open_repo() as repo:
+        stages = dvc_stages.pipeline_stages(repo)
+    assert [s.name for s in stages] == ["ingest", "double", "report"]
+    with pytest.raises(ConfigError, match=r"stage report has cmd 'bash report.sh'.*python -m <module>"):
+        dvc_stages.stage_module(stages[2])
+    with pytest.raises(ConfigError, match="report"):
+        run_pipeline()
+    assert not (toy / "raw").exists()  # checked before any stage ran
+    assert running_mlflow_runs() == []
+
+
+def test_first_run_runs_every_stage_and_a_second_skips_them_all_with_dvc_agreeing(toy: Path):
+    first = run_pipeline()
+    assert states(first) == {"ingest": "ran", "double": "ran"}
+    assert first["status"] == "updated"
+    assert UP_TO_DATE in dvc_status(toy)
+    assert lock_entries(toy) == {"ingest", "double"}
+    assert task_run_states(first["flow_run_id"], 2) == {"ingest": "Completed", "double": "Completed"}
+
+    second = run_pipeline()
+    assert states(second) == {"ingest": "skipped", "double": "skipped"}
+    assert second["status"] == "no change"
+    assert task_run_states(second["flow_run_id"], 2) == {"ingest": "Skipped", "double": "Skipped"}
+    assert running_mlflow_runs() == []
+    # The outputs went into .dvc/cache: DVC restores a deleted one without running anything.
+    (toy / "double.txt").unlink()
+    run_cmd([sys.executable, "-m", "dvc", "checkout", "double.txt"], toy)
+    assert (toy / "double.txt").read_text().startswith("line 0")
+
+
+def test_dvc_repro_then_pipeline_skips_all_and_pipeline_then_dvc_repro_does_nothing(toy: Path):
+    run_cmd([sys.executable, "-m", "dvc", "repro"], toy)
+    assert states(run_pipeline()) == {"ingest": "skipped", "double": "skipped"}
+    (toy / "src" / "3.txt").write_text("line 3\n")
+    assert states(run_pipeline()) == {"ingest": "ran", "double": "ran"}
+    out = run_cmd([sys.executable, "-m", "dvc", "repro"], toy).stdout
+    assert "didn't change, skipping" in out and "Running stage" not in out
+
+
+def test_changed_param_reruns_its_stages_and_a_seen_value_is_restored_from_the_run_cache(toy: Path):
+    run_pipeline()
+    write_params(toy, {"head": {"epochs": 7}, "schedule": {"retries": 2, "retry_delay_s": 0}})
+    changed = run_pipeline()
+    assert states(changed) == {"ingest": "skipped", "double": "ran"}
+    assert "params.yaml" in changed["stages"][1]["reason"]
+    assert UP_TO_DATE in dvc_status(toy)
+
+    write_params(toy, {"schedule": {"retries": 2, "retry_delay_s": 0}})  # back to the first value
+    back = run_pipeline()
+    assert states(back) == {"ingest": "skipped", "double": "cached"}
+    assert task_run_states(back["flow_run_id"], 2)["double"] == "Cached"
+    assert UP_TO_DATE in dvc_status(toy)
+
+
+def test_refresh_reruns_ingest_and_reports_no_change_on_the_same_data_and_force_reruns_all(toy: Path):
+    run_pipeline()
+    refreshed = run_pipeline(refresh=True)
+    assert states(refreshed) == {"ingest": "ran", "double": "skipped"}
+    assert refreshed["status"] == "no change"
+    assert refreshed["stages"][0]["reason"] == "forced"
+    assert states(run_pipeline(force=True)) == {"ingest": "ran", "double": "ran"}
+
+
+def test_a_transient_failure_is_retried(toy: Path):
+    write_toy_pipeline(toy, ["ingest", "double", "flaky"])
+    summary = run_pipeline()
+    assert states(summary)["flaky"] == "ran"
+    assert (toy / ".attempts" / "flaky").read_text() == "2"
+    assert UP_TO_DATE in dvc_status(toy)
+
+
+def test_a_data_error_fails_the_flow_run_at_once_and_is_not_recorded(toy: Path):
+    write_toy_pipeline(toy, ["ingest", "bad", "double"])
+    state = pipeline_flow(return_state=True)
+    assert state.is_failed()
+    with pytest.raises(DataError, match="min_per_class"):
+        state.result()
+    assert (toy / ".attempts" / "bad").read_text() == "1"  # permanent: no retry
+    assert lock_entries(toy) == {"ingest"}  # nothing recorded for `bad`, and `double` after it never ran
+    assert running_mlflow_runs() == []
+
+
+def test_a_stage_over_its_timeout_fails_with_a_message_naming_the_limit(toy: Path):
+    write_params(toy, {"schedule": {"retries": 0, "stage_timeout_s": 1}})
+    write_toy_pipeline(toy, ["ingest", "slow"])
+    started = time.monotonic()
+    with pytest.raises(TlopsError, match=r"stage slow ran longer than schedule.stage_timeout_s=1 s"):
+        run_pipeline()
+    assert time.monotonic() - started < 20
+    assert "slow" not in lock_entries(toy)
+    assert running_mlflow_runs() == []
+
+
+def test_a_second_run_is_rejected_naming_the_holder_or_waits_up_to_lock_timeout(toy: Path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from tasks.workspace import "
+         "workspace_lock\nwith workspace_lock(Path('.tlops/pipeline.lock')):\n print('held', flush=True); "
+         "time.sleep(60)"], cwd=toy, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WorkspaceBusyError, match=rf"is busy: another pipeline run holds .*pid {holder.pid}"):
+            run_pipeline()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (toy / "dvc.lock").exists()
+    assert running_mlflow_runs() == []
+
+    write_params(toy, {"schedule": {"lock_timeout_s": 30}})
+    held = threading.Event()
+
+    def hold() -> None:
+        with workspace_lock(Path(".tlops/pipeline.lock")):
+            held.set()
+            time.sleep(2)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait()
+    summary = run_pipeline()  # with lock_timeout_s 0 this would be rejected
+    thread.join()
+    assert summary["status"] == "updated"
+
+
+# ------------------------------------------------------------------ the real stages, tiny data
+
+
+@pytest.fixture
+def real(workspace: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The project's own dvc.yaml on a generated image folder, tiny params, its own MLflow experiment."""
+    monkeypatch.setenv(tracking.EXPERIMENT_ENV, f"test-{uuid.uuid4().hex[:8]}")
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    make_images(workspace.parent / "images", classes=3, per_class=8)
+    write_params(workspace, {"data": {"source": "imagefolder", "path": str(workspace.parent / "images")}})
+    return workspace
+
+
+@pytest.mark.slow
+def test_real_pipeline_runs_end_to_end_then_skips_then_reruns_only_after_a_finetune_param(real: Path):
+    first = run_pipeline()
+    stages = ["ingest", "prepare", "features", "train_head", "finetune", "evaluate", "export"]
+    assert states(first) == dict.fromkeys(stages, "ran")
+    assert set(first["metrics"]) == {"head", "finetuned"}
+    assert first["data_version"] and first["data_version"].endswith(".dir")
+    assert UP_TO_DATE in dvc_status(real)
+
+    second = run_pipeline()
+    assert states(second) == dict.fromkeys(stages, "skipped")
+    assert second["status"] == "no change"
+
+    params = yaml.safe_load((real / "params.yaml").read_text())
+    params["finetune"]["lr"] = params["finetune"]["lr"] * 2
+    (real / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = run_pipeline()
+    ran = {name for name, state in states(third).items() if state == "ran"}
+    assert ran == {"finetune", "evaluate", "export"}
+    assert UP_TO_DATE in dvc_status(real)
+    c = tracking.client()
+    children = c.search_runs([tracking.experiment_id(c)],
+                             filter_string=f"tags.mlflow.parentRunId = '{third['mlflow_run_id']}'")
+    assert sorted(r.info.run_name for r in children) == ["evaluate", "export", "finetune"]
+    assert running_mlflow_runs() == []
+
+
+@pytest.mark.slow
+def test_real_prepare_failing_on_data_fails_the_flow_and_leaves_dvc_and_mlflow_consistent(real: Path):
+    write_params(real, {"data": {"source": "imagefolder", "path": str(real.parent / "images"), "min_per_class": 50}})
+    state = pipeline_flow(return_state=True)
+    assert state.is_failed()
+    with pytest.raises(DataError, match="min_per_class"):
+        state.result()
+    assert lock_entries(real) == {"ingest"}
+    assert running_mlflow_runs() == []
+    c = tracking.client()
+    prepare_runs = c.search_runs([tracking.experiment_id(c)], filter_string="tags.stage = 'prepare'")
+    assert [r.info.status for r in prepare_runs] == ["FAILED"]  # one attempt: a data error is not retried
