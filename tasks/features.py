@@ -1,0 +1,23 @@
+"""Prefect task of the features stage: the frozen backbone over every manifest image, cached by content."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from tlops import paths, tracking
+from tlops.config import load_params
+from tlops.data import load_manifest
+from tlops.features import extract_features
+
+
+@task(name="features")
+def features(params_path: str | None = None) -> dict:
+    """Extract the features of new images into features/cache and write features/dataset.npz."""
+    params = load_params(params_path)
+    with tracking.stage_run("features", params) as run:
+        stats = extract_features(load_manifest(paths.MANIFEST), params, paths.FEATURES_DIR)
+        run.set_tags({k: stats[k] for k in ("backbone", "weights_id", "engine")})
+        run.log_metrics({k: float(stats[k]) for k in ("extracted", "cached", "total", "seconds", "images_per_s")})
+    print(f"features: {stats['extracted']} extracted, {stats['cached']} cached, {stats['total']} rows "
+          f"({stats['images_per_s']} images/s on {stats['engine']})")
+    return stats

@@ -1,0 +1,302 @@
+"""The frozen base, run once: pooled backbone features of every manifest image, cached by content.
+
+A feature row is keyed by sha256(backbone + weights + preprocessing + image sha256 + view), so when the
+dataset grows only the new images are extracted. The cache is a folder of shards (one .npz per run that
+extracted something); features/dataset.npz holds the rows of the current manifest, in manifest order.
+
+On CPU the backbone runs on ONNX Runtime (exported on the fly and checked against PyTorch on the first
+batch): on 2 cores it is 2-4x faster than eager PyTorch. On CUDA, or if export fails, PyTorch runs it.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tlops import paths
+from tlops.backbones import Backbone, create_backbone
+from tlops.config import Params
+from tlops.data import Manifest
+from tlops.errors import DataError
+from tlops.io import atomic_path, sha256_bytes, sha256_json
+from tlops.preprocess import load_and_preprocess, load_image, normalize
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "torch", "onnxruntime")
+PRECISION = "fp32"  # part of every key: features from another precision are other features
+PARITY_ATOL = 1e-3  # ONNX Runtime vs PyTorch on the first batch, relative to the largest feature
+
+Runner = Callable[[np.ndarray], np.ndarray]  # float32 NCHW batch -> float32 (N, D) features
+
+
+@dataclass(frozen=True)
+class Item:
+    """One feature row to produce: an image, and which view of it (0 = the image itself)."""
+
+    path: str
+    sha256: str
+    label: int
+    split: str
+    view: int
+    key: str
+
+
+@dataclass(frozen=True)
+class FeatureDataset:
+    """features/dataset.npz: one row per (image, view), in manifest order, views after their image."""
+
+    features: np.ndarray  # float32 (N, D)
+    labels: np.ndarray  # int64 (N,)
+    splits: np.ndarray  # str (N,): train | val | test
+    sha256: np.ndarray  # str (N,)
+    views: np.ndarray  # int64 (N,): 0 = the image itself, k > 0 = augmented view k (train only)
+    paths: np.ndarray  # str (N,)
+    classes: list[str]
+    meta: dict  # backbone, weights_id, spec, num_features, engine, augment
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(X, y) of one split: train with its augmented views, val and test with the images alone."""
+        keep = self.splits == name
+        if name != "train":
+            keep &= self.views == 0
+        return self.features[keep], self.labels[keep]
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def extract_features(manifest: Manifest, params: Params, out_dir: Path = paths.FEATURES_DIR,
+                     progress: bool = True, engine: str = "auto") -> dict:
+    """Features of every manifest image (and augmented train views) into out_dir; only uncached rows run."""
+    bb = create_backbone(params.model.backbone, params.model.weights, params.model.image_size)
+    return extract_with(bb, manifest, params, Path(out_dir), progress, engine)
+
+
+def extract_with(bb: Backbone, manifest: Manifest, params: Params, out_dir: Path, progress: bool = True,
+                 engine: str = "auto") -> dict:
+    """extract_features with a given backbone (which is left as it was: eval mode, weights untouched)."""
+    start = time.perf_counter()
+    cache_dir = out_dir / paths.FEATURES_CACHE.relative_to(paths.FEATURES_DIR)
+    items = manifest_items(manifest, params, extractor_id(bb))
+    cached = read_cache(cache_dir, {it.key for it in items})
+    todo = list({it.key: it for it in items if it.key not in cached}.values())  # an image once, however often listed
+    used, seconds = "none", 0.0
+    if todo:
+        t = time.perf_counter()
+        with torch_threads(params.features.num_threads):
+            run, used = make_runner(bb, engine, params.features.num_threads, example=_batch(todo[:4], bb, params))
+            new = run_batches(run, todo, bb, params, progress)
+        seconds = time.perf_counter() - t
+        write_shard(cache_dir, [it.key for it in todo], new)
+        cached.update(zip((it.key for it in todo), new, strict=True))
+    meta = {"backbone": bb.name, "weights_id": bb.weights_id, "spec": bb.spec.to_dict(),
+            "num_features": bb.num_features, "engine": used, "precision": PRECISION,
+            "augment_views": params.features.augment_views,
+            "augment": params.finetune.augment.model_dump(mode="json"), "augment_seed": params.finetune.seed}
+    write_dataset(out_dir / paths.FEATURES_DATASET.relative_to(paths.FEATURES_DIR), items, cached,
+                  manifest.classes, meta, bb.num_features)
+    return {"extracted": len(todo), "cached": len(items) - len(todo), "total": len(items),
+            "seconds": round(time.perf_counter() - start, 3),
+            "images_per_s": round(len(todo) / seconds, 1) if seconds else 0.0, "engine": used,
+            "backbone": bb.name, "weights_id": bb.weights_id}
+
+
+def extractor_id(bb: Backbone) -> dict:
+    """What makes a feature what it is, apart from the image: network, weights, preprocessing, precision."""
+    return {"backbone": bb.name, "weights_id": bb.weights_id, "spec": bb.spec.to_dict(), "precision": PRECISION}
+
+
+def feature_key(extractor: dict, image_sha256: str, view: int = 0, augment: dict | None = None) -> str:
+    """The content address of one feature row; augment (the view's recipe and seed) only for view > 0."""
+    return sha256_json({"extractor": extractor, "image": image_sha256, "view": view,
+                        "augment": augment if view else None})
+
+
+def manifest_items(manifest: Manifest, params: Params, extractor: dict) -> list[Item]:
+    """Every row to produce: each image as view 0, then features.augment_views views of each train image."""
+    recipe = {**params.finetune.augment.model_dump(mode="json"), "seed": params.finetune.seed}
+    items = []
+    for r in manifest.rows:
+        views = 1 + (params.features.augment_views if r.split == "train" else 0)
+        label = manifest.label_index(r.label)
+        items += [Item(r.path, r.sha256, label, r.split, v, feature_key(extractor, r.sha256, v, recipe))
+                  for v in range(views)]
+    return items
+
+
+# ---------------------------------------------------------------- decoding and running
+
+
+def _input(item: Item, bb: Backbone, params: Params) -> np.ndarray:
+    """The model input of one item: the eval preprocessing, or a seeded augmented view."""
+    if item.view == 0:
+        return load_and_preprocess(item.path, bb.spec, params.data.max_pixels)
+    from tlops.loaders import augment  # the fine-tuning augmentation, so views look like fine-tuning inputs
+
+    # Seeded by image content, not position, so a view is the same however the dataset grows.
+    rng = np.random.default_rng([params.finetune.seed, item.view, int(item.sha256[:16], 16)])
+    img = augment(load_image(item.path, params.data.max_pixels), bb.spec, params.finetune.augment, rng)
+    return normalize(np.asarray(img, dtype=np.uint8), bb.spec)
+
+
+def _batch(items: list[Item], bb: Backbone, params: Params) -> np.ndarray:
+    try:
+        return np.stack([_input(it, bb, params) for it in items])
+    except FileNotFoundError as e:
+        raise DataError(f"{e.filename} is in the manifest but not on disk; rerun the prepare stage") from None
+
+
+def run_batches(run: Runner, items: list[Item], bb: Backbone, params: Params, progress: bool) -> np.ndarray:
+    """(len(items), D) float32 features, features.batch_size images at a time, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    size = params.features.batch_size
+    out = np.empty((len(items), bb.num_features), dtype=np.float32)
+    with tqdm(total=len(items), desc=f"features {bb.name}", unit="img", disable=not progress) as bar:
+        for i in range(0, len(items), size):
+            chunk = items[i : i + size]
+            out[i : i + len(chunk)] = run(_batch(chunk, bb, params))
+            bar.update(len(chunk))
+    return out
+
+
+def make_runner(bb: Backbone, engine: str = "auto", num_threads: int | None = None,
+                example: np.ndarray | None = None) -> tuple[Runner, str]:
+    """The fastest available way to run bb.model on float32 batches, and its name.
+
+    auto: PyTorch on CUDA when there is one, else ONNX Runtime if the export matches PyTorch on `example`,
+    else PyTorch on CPU.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r} is not one of {ENGINES}")
+    if engine == "torch" or (engine == "auto" and torch.cuda.is_available()):
+        return torch_runner(bb), "torch-cuda" if torch.cuda.is_available() else "torch"
+    try:
+        run = onnx_runner(bb, num_threads)
+        if example is not None:
+            check_parity(run, torch_runner(bb, torch.device("cpu")), example)
+        return run, "onnxruntime"
+    except Exception as e:  # an op the exporter or runtime lacks: PyTorch still works, only slower
+        if engine == "onnxruntime":
+            raise
+        log.warning("features: ONNX Runtime unavailable for %s (%s); extracting with PyTorch", bb.name, e)
+        return torch_runner(bb), "torch"
+
+
+def torch_runner(bb: Backbone, device: torch.device | None = None) -> Runner:
+    """bb.model under inference_mode, channels_last (oneDNN's fast layout), on `device` (default: CUDA if any)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # A copy: the caller's backbone keeps its device and memory format.
+    model = copy.deepcopy(bb.model).to(device, memory_format=torch.channels_last).eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            t = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
+            return model(t).float().cpu().numpy()
+
+    return run
+
+
+def onnx_runner(bb: Backbone, num_threads: int | None = None) -> Runner:
+    """bb.model exported to ONNX in memory and run by ONNX Runtime on CPU, batch size dynamic."""
+    import onnxruntime as ort
+
+    size = bb.spec.input_size
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated but exports in a second
+        warnings.simplefilter("ignore")
+        torch.onnx.export(bb.model, (torch.zeros(1, 3, size, size),), buf, input_names=["input"],
+                          output_names=["features"], dynamic_axes={"input": {0: "n"}, "features": {0: "n"}},
+                          opset_version=17, dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = num_threads or 0  # 0: one per physical core
+    options.log_severity_level = 3
+    session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def check_parity(run: Runner, reference: Runner, x: np.ndarray) -> None:
+    """Raise if `run` and `reference` disagree on x beyond PARITY_ATOL (relative to the largest feature)."""
+    got, want = run(x), reference(x)
+    err = float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
+    if got.shape != want.shape or not err <= PARITY_ATOL:
+        raise RuntimeError(f"ONNX Runtime differs from PyTorch by {err:.2e} (allowed {PARITY_ATOL})")
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch.set_num_threads(n) for the block (None: leave it), restored afterwards."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- cache and dataset files
+
+
+def read_cache(cache_dir: Path, wanted: set[str]) -> dict[str, np.ndarray]:
+    """key -> feature row for the wanted keys found in any shard of the cache."""
+    found: dict[str, np.ndarray] = {}
+    for shard in sorted(Path(cache_dir).glob("*.npz")):
+        try:
+            with np.load(shard) as z:
+                keys, feats = z["keys"], z["features"]
+        except (OSError, ValueError, KeyError) as e:  # a damaged shard costs a re-extraction, not the stage
+            log.warning("features: ignoring unreadable cache shard %s (%s)", shard, e)
+            continue
+        for i in np.flatnonzero(np.isin(keys, list(wanted))):
+            found[str(keys[i])] = feats[i]
+    return found
+
+
+def write_shard(cache_dir: Path, keys: list[str], features: np.ndarray) -> Path:
+    """One cache shard, named by its content, written atomically."""
+    path = Path(cache_dir) / f"shard-{sha256_bytes(chr(10).join(keys).encode())[:16]}.npz"
+    _savez(path, keys=np.asarray(keys, dtype=str), features=np.asarray(features, dtype=np.float32))
+    return path
+
+
+def write_dataset(path: Path, items: list[Item], rows: dict[str, np.ndarray], classes: list[str], meta: dict,
+                  width: int) -> None:
+    """features/dataset.npz: the rows of `items`, in order, with labels, splits, hashes, views and meta."""
+    feats = np.stack([rows[it.key] for it in items]) if items else np.empty((0, width), np.float32)
+    _savez(path, features=feats.astype(np.float32, copy=False),
+           labels=np.asarray([it.label for it in items], dtype=np.int64),
+           splits=np.asarray([it.split for it in items], dtype=str),
+           sha256=np.asarray([it.sha256 for it in items], dtype=str),
+           views=np.asarray([it.view for it in items], dtype=np.int64),
+           paths=np.asarray([it.path for it in items], dtype=str),
+           classes=np.asarray(classes, dtype=str), meta=np.asarray(json.dumps(meta, sort_keys=True)))
+
+
+def _savez(path: Path, **arrays: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: numpy adds no .npz suffix
+        np.savez(f, **arrays)
+
+
+def load_feature_dataset(path: Path = paths.FEATURES_DATASET) -> FeatureDataset:
+    """Read features/dataset.npz written by the features stage."""
+    try:
+        z = np.load(path)
+    except FileNotFoundError:
+        raise DataError(f"{path} not found; run the features stage first (dvc repro features)") from None
+    with z:
+        return FeatureDataset(features=z["features"], labels=z["labels"], splits=z["splits"], sha256=z["sha256"],
+                              views=z["views"], paths=z["paths"], classes=[str(c) for c in z["classes"]],
+                              meta=json.loads(str(z["meta"])))
