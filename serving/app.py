@@ -59,6 +59,7 @@ class Service:
         self._lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rejected_key: tuple | None = None
+        self._last_error: str | None = None
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -83,20 +84,21 @@ class Service:
                 self._reject(key, e)
                 return False
             old, self.model = self.model, new  # the swap: in-flight batches keep the session they started with
-            self.status, self._rejected_key = "ready", None
+            self.status, self._rejected_key, self._last_error = "ready", None, None
             self.metrics.model_loaded(new.name, new.version, new.sha256, new.metadata)
             log.info("serving %s version %s from %s%s", new.name, new.version, new.path,
                      f" (was {old.version})" if old else "")
             return True
 
     def _load_and_warm(self, path: Path) -> LoadedModel:
-        model = load_model(path, name=self.source.name, threads=self.params.threads)
+        model = load_model(path, name=self.source.name, threads=self.params.threads,
+                           verify=self.source.must_verify(path))
         warm_up(model, tuple(sorted({1, self.params.max_batch})))
         return model
 
     def _reject(self, key: tuple | None, e: Exception) -> None:
-        repeated = key is not None and key == self._rejected_key
-        self._rejected_key = key
+        repeated = str(e) == self._last_error  # a poller retrying a missing file logs it once, not every poll
+        self._rejected_key, self._last_error = key, str(e)
         self.metrics.model_rejected()
         if self.model is None:
             self.status = f"no model loaded: {e}"
@@ -105,7 +107,7 @@ class Service:
             log.error("model from %s rejected: %s (%s)", self.source.ref, e, keeps)
 
     def request_reload(self) -> concurrent.futures.Future:
-        """Schedule a forced reload from any thread (SIGHUP, tests); the future gives reload()'s result."""
+        """Schedule a forced reload from another thread (tests, embedders); the future gives reload()'s result."""
         if self._loop is None:
             raise RuntimeError("the service is not running")
         return asyncio.run_coroutine_threadsafe(self.reload(force=True), self._loop)

@@ -47,15 +47,28 @@ class ModelSource:
 
         return Path(resolve_model_uri(self.ref))
 
+    def must_verify(self, path: Path) -> bool:
+        """Whether `path` must match a sha256 sidecar: always for a file; from the registry, the resolver has
+        already checked the version's registered sha256 (MLflow stores no sidecar), so only if one is there."""
+        return not self.is_registry or onnx_meta.sidecar_path(path).exists()
 
-def file_key(path: Path) -> tuple[str, int, int] | None:
+    def load(self, threads: int | None = None) -> LoadedModel:
+        """Resolve and load, verifying the checksum as must_verify says."""
+        path = self.resolve()
+        return load_model(path, name=self.name, threads=threads, verify=self.must_verify(path))
+
+
+def file_key(path: Path) -> tuple | None:
     """A cheap fingerprint of a model file and its sha256 sidecar: changes whenever either is rewritten."""
     try:
         st = path.stat()
-        recorded = onnx_meta.sidecar_path(path).read_text(encoding="utf-8").strip()
     except OSError:
         return None
-    return (recorded, st.st_mtime_ns, st.st_size)
+    try:
+        recorded = onnx_meta.sidecar_path(path).read_text(encoding="utf-8").strip()
+    except OSError:
+        recorded = ""
+    return (str(path.resolve()), st.st_mtime_ns, st.st_size, recorded)
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,6 +104,8 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     opts.inter_op_num_threads = 1  # one batch at a time uses every core through intra-op threads
     if threads:
         opts.intra_op_num_threads = threads
+    # Idle ORT threads sleep instead of spinning: the event loop and decoding threads need those cores.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from serving.model import LoadedModel, ModelSource, load_model, softmax, top_labels
+from serving.model import LoadedModel, ModelSource, softmax, top_labels
 from tlops.preprocess import ImageError, load_image, preprocess
 
 BATCH = 32
@@ -23,8 +23,7 @@ def predict_files(model_path: str | os.PathLike, images: Sequence[str | os.PathL
     Each result: {"image", "model_name", "model_version", "top_k": [{"label", "index", "probability"}]}
     or {"image", "error", "reason"}.
     """
-    source = ModelSource(str(model_path))
-    model = load_model(source.resolve(), name=source.name, threads=threads)
+    model = ModelSource(str(model_path)).load(threads=threads)
     results: list[dict] = [{} for _ in images]
     ok: list[tuple[int, np.ndarray]] = []
     for i, image in enumerate(images):
