@@ -32,7 +32,8 @@ def predict_files(model_path: str | os.PathLike, images: Sequence[str | os.PathL
         except ImageError as e:
             results[i] = {"image": str(image), "error": str(e), "reason": e.reason}
         except OSError as e:
-            results[i] = {"image": str(image), "error": f"cannot read {image}: {e.strerror or e}", "reason": "unreadable"}
+            results[i] = {"image": str(image), "error": f"cannot read {image}: {e.strerror or e}",
+                          "reason": "unreadable"}
     for start in range(0, len(ok), BATCH):
         chunk = ok[start:start + BATCH]
         probs = softmax(model.run(np.stack([x for _, x in chunk])))

@@ -139,8 +139,8 @@ def _fp32_tensor(req: InferRequest, model: LoadedModel) -> np.ndarray:
     if req.datatype != "FP32":
         raise ApiError(400, f"input '{TENSOR_INPUT}' must have datatype FP32, got {req.datatype}")
     if len(req.shape) != 4 or req.shape[0] < 1 or req.shape[1:] != want[1:]:
-        raise ApiError(400, f"input '{TENSOR_INPUT}' has shape {req.shape}; expected [N, {', '.join(map(str, want[1:]))}]"
-                            " with N >= 1")
+        dims = ", ".join(map(str, want[1:]))
+        raise ApiError(400, f"input '{TENSOR_INPUT}' has shape {req.shape}; expected [N, {dims}] with N >= 1")
     x = _to_array(req, np.float32)
     if not np.isfinite(x).all():
         raise ApiError(400, f"input '{TENSOR_INPUT}' contains NaN or infinity")

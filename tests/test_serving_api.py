@@ -170,7 +170,8 @@ BAD_INPUTS = {
     "zero-byte image": ("post", "/predict", {"content": b""}, 400, "empty_file"),
     "not an image": ("post", "/predict", {"content": b"hello, I am text"}, 415, "not_an_image"),
     "truncated png": ("post", "/predict", {"content": _png(64)[:-40]}, 400, None),
-    "garbage after png signature": ("post", "/predict", {"content": b"\x89PNG\r\n\x1a\n" + b"\x07" * 200}, (400, 415), None),
+    "garbage after png signature": ("post", "/predict", {"content": b"\x89PNG\r\n\x1a\n" + b"\x07" * 200},
+                                    (400, 415), None),
     "decompression bomb": ("post", "/predict", {"content": _bomb()}, 400, "too_many_pixels"),
     "multipart without files": ("post", "/predict", {"content": b'--B\r\nContent-Disposition: form-data; name="a"'
                                                                 b'\r\n\r\nb\r\n--B--\r\n',
@@ -192,7 +193,8 @@ BAD_INPUTS = {
     # unknown model / version
     "unknown model metadata": ("get", "/v2/models/other", {}, 404, None),
     "unknown model ready": ("get", "/v2/models/other/ready", {}, 404, None),
-    "unknown model infer": ("post", "/v2/models/other/infer", {"json": infer_body("input", _fp32(), "FP32")}, 404, None),
+    "unknown model infer": ("post", "/v2/models/other/infer", {"json": infer_body("input", _fp32(), "FP32")},
+                            404, None),
     "unknown version": ("get", "/v2/models/model/versions/000000000000", {}, 404, None),
     # /infer tensors
     "malformed json": ("post", INFER, {"content": b'{"inputs": [}'}, 400, None),

@@ -134,7 +134,8 @@ def test_full_queue_answers_503_at_once_and_a_slow_answer_504(models):
     assert all(t < 0.3 for code, t in results if code == 503)
 
 
-def _load(url: str, stop: threading.Event, log: list[tuple[int, str | None]], workers: int = 6) -> list[threading.Thread]:
+def _load(url: str, stop: threading.Event, log: list[tuple[int, str | None]], workers: int = 6
+          ) -> list[threading.Thread]:
     def worker() -> None:
         with httpx.Client(timeout=30) as c:
             while not stop.is_set():
@@ -228,10 +229,30 @@ import tlops.config, tlops.preprocess, tlops.io
 from tlops.config import ServeParams
 serving.app.create_app(ServeParams(model={str(models['a'])!r}))
 Path({str(tmp_path / 'x.png')!r}).write_bytes({IMAGE!r})
-print(serving.predict.predict_files({str(models['a'])!r}, [{str(tmp_path / 'x.png')!r}], top_k=1)[0]["top_k"][0]["label"])
+print(serving.predict.predict_files({str(models['a'])!r}, [{str(tmp_path / 'x.png')!r}], top_k=1))
 heavy = sorted(m for m in ("torch", "torchvision", "timm", "mlflow", "prefect") if m in sys.modules)
 assert not heavy, heavy
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
+
+
+def test_registry_models_need_no_sidecar_but_plain_files_do(models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import tlops.tracking
+    from serving.model import ModelSource
+    from serving.predict import predict_files
+    from tlops.errors import ConfigError, ModelIntegrityError
+
+    bare = tmp_path / "registry" / "model.onnx"  # as MLflow stores it: the resolver checked the registered sha256
+    bare.parent.mkdir()
+    bare.write_bytes(models["a"].read_bytes())
+    image = tmp_path / "x.png"
+    image.write_bytes(IMAGE)
+    monkeypatch.setattr(tlops.tracking, "resolve_model_uri", lambda uri: bare, raising=False)
+    [result] = predict_files("models:/tiny@champion", [image], top_k=1)
+    assert result["model_name"] == "tiny" and result["model_version"] == version_of(models["a"])
+    with pytest.raises(ModelIntegrityError, match="sha256"):
+        predict_files(bare, [image])
+    with pytest.raises(ConfigError, match="models:/<name>@<alias>"):
+        ModelSource("models:/tiny")
