@@ -17,8 +17,9 @@ def finetune(params_path: str | None = None) -> dict:
         run.set_tags(train.device_tags(train.resolve_device(params.finetune.device)))
         result = train.finetune(params, load_manifest(paths.MANIFEST), paths.HEAD_DIR, on_epoch=lambda row, epoch:
                                 run.log_metrics(train.epoch_metrics(row), step=epoch))
-        run.log_metrics({"val_accuracy": result.val_accuracy, "val_loss": result.val_loss,
-                         "head_val_accuracy": result.head_val_accuracy, "resumed_epochs": float(result.resumed_epochs)})
+        # Named apart from the per-epoch series (val_accuracy, ...) so those keep one point per epoch.
+        run.log_metrics({"finetuned_val_accuracy": result.val_accuracy, "head_val_accuracy": result.head_val_accuracy,
+                         "resumed_epochs": float(result.resumed_epochs)})
         run.log_artifact(paths.FINETUNE_INFO, "model")
         run.log_artifact(paths.FINETUNE_HISTORY, "reports")
     print(f"head-only val accuracy: {result.head_val_accuracy:.4f}; fine-tuned val accuracy: {result.val_accuracy:.4f}"

@@ -17,8 +17,9 @@ from tlops import data, paths
 from tlops.backbones import create_backbone
 from tlops.config import HeadParams, Params, parse_params
 from tlops.errors import NonFiniteLossError
+from tlops.features import extract_features, load_feature_dataset
 from tlops.io import sha256_file
-from tlops.loaders import ImageDataset, split_items
+from tlops.loaders import ImageDataset
 from tlops.schedule import lr_factor, param_groups, set_trainable, unfrozen_at
 from tlops.train import (HISTORY_COLUMNS, build_head, finetune, load_classifier, load_head, save_head,
                          train_head)
@@ -151,27 +152,22 @@ def test_training_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path: P
 # ---------------------------------------------------------------- fine-tuning
 
 
+def make_project(root: Path) -> None:
+    """Generated images, their manifest, tiny_test features (the features stage's code) and a trained head."""
+    params = tiny_params()
+    make_images(paths.RAW, classes=3, per_class=8)
+    data.prepare(paths.RAW, params.data, paths.MANIFEST, paths.DATA_REPORT)
+    extract_features(data.load_manifest(), params, paths.FEATURES_DIR, progress=False, engine="torch")
+    save_head(train_head(load_feature_dataset(), params.head))
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A project root with generated images, a manifest and a head trained on tiny_test features."""
+    """A project root shared by the fine-tuning tests, which write only under their own tmp_path."""
     root = tmp_path_factory.mktemp("finetune")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        params = tiny_params()
-        make_images(paths.RAW, classes=3, per_class=8)
-        data.prepare(paths.RAW, params.data, paths.MANIFEST, paths.DATA_REPORT)
-        manifest = data.load_manifest()
-        bb = create_backbone("tiny_test", weights="random", image_size=32)
-        feats, labels, splits = [], [], []
-        for split in ("train", "val"):
-            items = split_items(manifest, split)
-            with torch.inference_mode():
-                x = torch.stack([ImageDataset(items, bb.spec, 10**7)[i][0] for i in range(len(items))])
-                feats.append(bb.model(x).numpy())
-            labels += [label for _, label in items]
-            splits += [split] * len(items)
-        arrays = Arrays(np.concatenate(feats), np.array(labels), np.array(splits), manifest.classes)
-        save_head(train_head(arrays, params.head))
+        make_project(root)
     return root
 
 
@@ -282,3 +278,28 @@ def test_finetune_on_cuda_with_mixed_precision(project: Path, tmp_path: Path):
     assert all(torch.isfinite(v.float()).all() for v in load_file(str(tmp_path / "model/model.safetensors")).values())
     model, _ = load_classifier(tmp_path / "model")
     assert next(model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.slow
+def test_stage_tasks_print_both_accuracies_and_log_epochs_on_one_axis(tmp_path: Path, monkeypatch, capsys):
+    from conftest import write_params
+
+    from tasks.finetune import finetune as finetune_task
+    from tasks.train_head import train_head as train_head_task
+    from tlops import tracking
+
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path)
+    make_project(tmp_path)
+    head = train_head_task.fn()
+    tuned = finetune_task.fn()
+    out = capsys.readouterr().out
+    assert f"head-only val accuracy: {head['head_val_accuracy']:.4f}" in out
+    assert f"fine-tuned val accuracy: {tuned['val_accuracy']:.4f}" in out
+    c = tracking.client()
+    runs = {r.data.tags.get("stage"): r for r in c.search_runs(
+        [tracking.experiment_id(c)], f"tags.workspace = '{tmp_path}'")}
+    steps = {s: [m.step for m in c.get_metric_history(runs[s].info.run_id, "val_loss")] for s in runs}
+    assert steps["train_head"] == list(range(1, head["epochs"] + 1))
+    assert steps["finetune"] == [head["epochs"] + 1, head["epochs"] + 2]
+    assert runs["finetune"].data.tags["device"] == "cpu"
