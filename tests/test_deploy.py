@@ -1,0 +1,159 @@
+"""Scheduled runs against a real Prefect API: the deployment `tlops deploy` creates, a process worker running it,
+the same schedule served in-process, and prefect.yaml for `prefect deploy`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, write_params
+from flows.deploy import cron_schedule, deploy, ensure_process_pool
+from pipeline_support import UP_TO_DATE, dvc_status, lock_entries, toy_workspace
+from tlops.config import Params, ScheduleParams, load_params
+from tlops.errors import ConfigError
+
+
+@pytest.fixture
+def toy(workspace: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A toy pipeline (ingest -> env: records the env it ran with) and a schedule section of its own."""
+    with toy_workspace(workspace, monkeypatch, ["ingest", "env"]) as ws:
+        uid = uuid.uuid4().hex[:6]
+        write_params(ws, {"schedule": {"work_pool": f"pool-{uid}", "deployment": f"nightly-{uid}",
+                                       "cron": "30 4 * * 1-5", "timezone": "Europe/Berlin",
+                                       "env": {"TLOPS_TEST_ENV": "from-the-deployment"},
+                                       "retries": 0}})
+        yield ws
+
+
+def read_deployment(name: str):
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(name)
+
+
+def wait_for_flow_run(flow_run_id, timeout_s: float = 240):
+    """The flow run once it is in a final state (or as it is at the timeout)."""
+    from prefect import get_client
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if (run.state and run.state.is_final()) or time.monotonic() > deadline:
+                return run
+            time.sleep(0.5)
+
+
+def test_deploy_creates_a_cron_deployment_on_a_process_pool_and_a_worker_runs_it(toy: Path):
+    from prefect.deployments import run_deployment
+
+    params = load_params()
+    s = params.schedule
+    info = deploy(params)
+    assert info["name"] == f"pipeline/{s.deployment}" and info["work_pool_type"] == "process"
+
+    d = read_deployment(info["name"])
+    assert d.work_pool_name == s.work_pool
+    assert [(x.schedule.cron, x.schedule.timezone, x.active) for x in d.schedules] == \
+        [("30 4 * * 1-5", "Europe/Berlin", True)]
+    assert d.parameters == {"refresh": True}
+    assert d.job_variables == {"env": {"CUDA_VISIBLE_DEVICES": "0", "TLOPS_TEST_ENV": "from-the-deployment"},
+                               "working_dir": str(toy)}
+    assert d.entrypoint == "flows/pipeline.py:pipeline_flow"
+
+    assert deploy(params)["deployment_id"] == info["deployment_id"]  # redeploying updates it in place
+    assert len(read_deployment(info["name"]).schedules) == 1
+
+    flow_run = run_deployment(info["name"], timeout=0)
+    worker = subprocess.run(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", s.work_pool, "--type", "process",
+         "--run-once"], cwd=toy.parent, capture_output=True, text=True, timeout=300)
+    run = wait_for_flow_run(flow_run.id, timeout_s=30)
+    assert run.state.is_completed(), f"{run.state}\n{worker.stdout[-3000:]}\n{worker.stderr[-3000:]}"
+    assert (toy / "env.txt").read_text() == "from-the-deployment"
+    assert lock_entries(toy) == {"ingest", "env"}
+    assert UP_TO_DATE in dvc_status(toy)
+
+
+def test_serve_schedule_serves_the_pipeline_on_its_schedule_in_one_process(toy: Path):
+    from prefect.deployments import run_deployment
+
+    s = load_params().schedule
+    server = subprocess.Popen(
+        [sys.executable, "-c", "from flows.deploy import serve_schedule; from tlops.config import load_params; "
+         "serve_schedule(load_params())"], cwd=toy, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        name = f"pipeline/{s.deployment}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                d = read_deployment(name)
+                break
+            except Exception:  # not registered yet
+                assert server.poll() is None, server.stderr.read()
+                assert time.monotonic() < deadline, "serve_schedule registered no deployment"
+                time.sleep(0.5)
+        assert [(x.schedule.cron, x.schedule.timezone) for x in d.schedules] == [("30 4 * * 1-5", "Europe/Berlin")]
+        assert d.parameters == {"refresh": True}
+        run = wait_for_flow_run(run_deployment(name, timeout=0).id)
+        assert run.state.is_completed(), run.state
+        assert (toy / "env.txt").read_text() == "from-the-deployment"
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def test_bad_schedule_values_are_config_errors_naming_the_key():
+    with pytest.raises(ConfigError, match=r"schedule.timezone: 'Mars/Olympus' is not an IANA time zone"):
+        cron_schedule(ScheduleParams(timezone="Mars/Olympus"))
+    with pytest.raises(ConfigError, match=r"schedule.cron: '61 \* \* \* \*' is not a valid cron expression"):
+        cron_schedule(ScheduleParams(cron="61 * * * *"))
+
+
+def test_deploy_without_a_prefect_server_says_how_to_start_one(tmp_path: Path):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: None}), pytest.raises(ConfigError, match="prefect server start"):
+        deploy(Params(), root=tmp_path)
+
+
+def test_prefect_yaml_declares_the_deployment_that_tlops_deploy_creates(workspace: Path, prefect_api: str):
+    """`prefect deploy` reads prefect.yaml; its values must be params.yaml's schedule section."""
+    text = (ROOT / "prefect.yaml").read_text()
+    (workspace / "prefect.yaml").write_text(text)
+    spec = yaml.safe_load(text)["deployments"][0]
+    s = load_params().schedule
+    assert spec["name"] == s.deployment and spec["work_pool"]["name"] == s.work_pool
+    assert spec["schedules"][0]["cron"] == s.cron and spec["schedules"][0]["timezone"] == s.timezone
+    assert spec["work_pool"]["job_variables"]["env"] == s.env
+    assert spec["parameters"] == {"refresh": True}
+
+    ensure_process_pool(s.work_pool)
+    env = {**os.environ, "PWD": str(workspace)}
+    proc = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=workspace,
+                          env=env, capture_output=True, text=True, timeout=180)
+    output = proc.stdout + proc.stderr
+    # Under FastAPI >= 0.151, Prefect 3.8.8's server refuses the CLI's closing look-up of online workers (it sends
+    # `limit: null`: 422) after the deployment is saved. Any other failure fails the test.
+    known = "workers/filter" in output and "422 Unprocessable Entity" in output
+    assert proc.returncode == 0 or known, output
+    assert "Deployment 'pipeline/nightly' successfully created" in output
+    d = read_deployment(f"pipeline/{s.deployment}")
+    assert d.work_pool_name == s.work_pool
+    assert [(x.schedule.cron, x.schedule.timezone) for x in d.schedules] == [(s.cron, s.timezone)]
+    assert d.parameters == {"refresh": True}
+    assert d.job_variables["working_dir"] == str(workspace)
+    assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(workspace)}}]
