@@ -278,8 +278,9 @@ def _inception_v3() -> _Arch:
 
     def groups(m: nn.Module) -> list[nn.Module]:
         stem = [m.Conv2d_1a_3x3, m.Conv2d_2a_3x3, m.Conv2d_2b_3x3, m.Conv2d_3b_1x1, m.Conv2d_4a_3x3]
+        mixed5 = [m.Mixed_5b, m.Mixed_5c, m.Mixed_5d]
         mixed6 = [m.Mixed_6a, m.Mixed_6b, m.Mixed_6c, m.Mixed_6d, m.Mixed_6e]
-        return [_group(*stem), _group(m.Mixed_5b, m.Mixed_5c, m.Mixed_5d), _group(*mixed6), m.Mixed_7a, m.Mixed_7b, m.Mixed_7c]
+        return [_group(*stem), _group(*mixed5), _group(*mixed6), m.Mixed_7a, m.Mixed_7b, m.Mixed_7c]
 
     # transform_input=False with mean = std = 0.5 is what torchvision's transform_input=True computes.
     return _Arch(
@@ -316,7 +317,7 @@ def _tiny() -> _Arch:
         strip=_set("classifier", nn.Identity),
         groups=lambda m: list(m.features),
         num_features=32,
-        spec=PreprocessSpec(input_size=32, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=1.0),
+        spec=PreprocessSpec(32, "bilinear", IMAGENET_MEAN, IMAGENET_STD, crop_pct=1.0),
         classifier=("classifier.",),
         pretrained=_no_pretrained("tiny_test"),
     )
