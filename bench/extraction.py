@@ -1,6 +1,6 @@
 """Feature-extraction benchmark: the features stage's extraction path against ONNX Runtime, same batches.
 
-    python bench/extraction.py [--sizes 96,224] [--images 256] [--batch 32] [--rounds 3] [--threads N]
+    python bench/extraction.py [--sizes 96,224] [--images 128] [--batch 32] [--rounds 3] [--threads N]
 
 EfficientNet-Lite0 with its packaged ImageNet weights, on scikit-learn's digits preprocessed with the
 backbone's own spec. Contenders, run in turn on the very same float32 batches, round after round (so
@@ -101,7 +101,7 @@ def bench_size(size: int, args: argparse.Namespace, tmp: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=None, help="comma-separated input sizes (default: params image size,224)")
-    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: features.num_threads)")

@@ -64,7 +64,7 @@ class FeatureDataset:
     views: np.ndarray  # int64 (N,): 0 = the image itself, k > 0 = augmented view k (train only)
     paths: np.ndarray  # str (N,)
     classes: list[str]
-    meta: dict  # backbone, weights_id, spec, num_features, engine, augment
+    meta: dict  # backbone, weights_id, spec, num_features, precision, augment_views, augment, augment_seed
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(X, y) of one split: train with its augmented views, val and test with the images alone."""
@@ -102,7 +102,7 @@ def extract_with(bb: Backbone, manifest: Manifest, params: Params, out_dir: Path
         write_shard(cache_dir, [it.key for it in todo], new)
         cached.update(zip((it.key for it in todo), new, strict=True))
     meta = {"backbone": bb.name, "weights_id": bb.weights_id, "spec": bb.spec.to_dict(),
-            "num_features": bb.num_features, "engine": used, "precision": PRECISION,
+            "num_features": bb.num_features, "precision": PRECISION,
             "augment_views": params.features.augment_views,
             "augment": params.finetune.augment.model_dump(mode="json"), "augment_seed": params.finetune.seed}
     write_dataset(out_dir / paths.FEATURES_DATASET.relative_to(paths.FEATURES_DIR), items, cached,
