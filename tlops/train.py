@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +260,24 @@ class FinetuneResult:
     resumed_epochs: int  # epochs restored from a checkpoint; 0 for a fresh start
 
 
+@dataclass
+class Setup:
+    """Everything the fine-tuning loop works on, built from params before the first epoch."""
+
+    model: Classifier
+    backbone: Any  # tlops.backbones.Backbone
+    top: list[nn.Module]  # the groups that may train, top first
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: torch.dtype | None
+    device: torch.device
+    train_set: ImageDataset
+    val_set: ImageDataset
+    classes: list[str]
+    head_info: dict
+    fingerprint: str
+
+
 def finetune(params: Params, manifest: Any, head_dir: str | Path = paths.HEAD_DIR,
              out_dir: str | Path = paths.FINETUNE_DIR, checkpoint_dir: str | Path = paths.CHECKPOINT_DIR,
              on_epoch: OnEpoch | None = None, history_path: str | Path = paths.FINETUNE_HISTORY) -> FinetuneResult:
@@ -266,6 +285,34 @@ def finetune(params: Params, manifest: Any, head_dir: str | Path = paths.HEAD_DI
 
     Resumes from the newest checkpoint in checkpoint_dir made with the same params, head and data.
     """
+    ft = params.finetune
+    s = setup(params, manifest, head_dir)
+    steps = len(train_loader(s.train_set, ft, 0, s.device))  # optimizer steps per epoch
+    schedule = partial(lr_factor, total_steps=ft.epochs * steps, warmup_steps=round(ft.warmup_epochs * steps))
+    history, start = [], 0
+    if ckpt := latest_checkpoint(checkpoint_dir, s.fingerprint):
+        history, start = restore_checkpoint(ckpt, s.model, s.opt, s.scaler), ckpt["epoch"]
+    first = int(s.head_info["epochs"]) + 1  # history continues the head's epoch axis
+    for epoch in range(start, ft.epochs):
+        # Freeze/unfreeze: the top n groups train (n grows with a gradual schedule), the rest stays frozen.
+        set_trainable(s.model.backbone, s.top, unfrozen_at(epoch, len(s.top), ft.unfreeze_every), ft.batchnorm)
+        s.model.head.train()
+        loader = train_loader(s.train_set, ft, epoch, s.device)
+        train_loss, train_acc = train_epoch(s, loader, ft, epoch, epoch * steps, schedule)
+        val_loss, val_acc = evaluate(s.model, eval_loader(s.val_set, ft, s.device), s.device, s.amp)
+        lr = s.opt.param_groups[0]["lr"]
+        history.append(history_row(first + epoch, "finetune", train_loss, train_acc, val_loss, val_acc, lr))
+        save_checkpoint(checkpoint_dir, s.model, s.opt, s.scaler, epoch + 1, history, s.fingerprint)
+        if on_epoch:
+            on_epoch(history[-1], history[-1]["epoch"])
+    info = save_finetuned(s, params, history, Path(out_dir), history_path)
+    last = history[-1]
+    return FinetuneResult(s.model.eval(), info, history, last["val_accuracy"], last["val_loss"],
+                          float(s.head_info["val_accuracy"]), str(s.device), start)
+
+
+def setup(params: Params, manifest: Any, head_dir: str | Path) -> Setup:
+    """Backbone + trained head on the device, every parameter group of the optimizer, the image datasets."""
     from tlops.backbones import create_backbone
 
     ft = params.finetune
@@ -273,68 +320,46 @@ def finetune(params: Params, manifest: Any, head_dir: str | Path = paths.HEAD_DI
     backbone = create_backbone(params.model.backbone, weights=params.model.weights, image_size=params.model.image_size)
     head, head_info = load_head(head_dir)
     classes = check_compatible(backbone, head_info, manifest)
-    model = Classifier(backbone.model, head)
-    top = backbone.groups[::-1][: ft.unfreeze_groups]  # trainable groups, top first
+    # channels_last is oneDNN's and cuDNN's fast layout for convolutions, on CPU too.
+    model = Classifier(backbone.model, head).to(device, memory_format=torch.channels_last)
+    top = backbone.groups[::-1][: ft.unfreeze_groups]
     opt = torch.optim.AdamW(param_groups(head, top, ft.lr, ft.lr_decay), weight_decay=ft.weight_decay)
-    train_set = train_dataset(split_items(manifest, "train"), backbone.spec, params.data.max_pixels, ft)
-    val_set = ImageDataset(split_items(manifest, "val"), backbone.spec, params.data.max_pixels)
-    steps_per_epoch = len(train_loader(train_set, ft, 0, device))
-    total_steps, warmup_steps = ft.epochs * steps_per_epoch, round(ft.warmup_epochs * steps_per_epoch)
     amp = amp_dtype(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-
     torch.manual_seed(ft.seed)  # dropout and drop-path draw from the global generator
-    fingerprint = run_fingerprint(params, manifest, head_dir)
-    history, start = [], 0
-    if ckpt := latest_checkpoint(checkpoint_dir, fingerprint):
-        history, start = restore_checkpoint(ckpt, model, opt, scaler), ckpt["epoch"]
-    head_epochs = int(head_info["epochs"])
-    for epoch in range(start, ft.epochs):
-        # The whole freeze/unfreeze schedule: the top n groups train, the rest of the backbone stays frozen.
-        set_trainable(model.backbone, top, unfrozen_at(epoch, len(top), ft.unfreeze_every), ft.batchnorm)
-        model.head.train()
-        loader = train_loader(train_set, ft, epoch, device)
-        step0 = epoch * steps_per_epoch
-        train_loss, train_acc = train_epoch(model, loader, opt, scaler, amp, ft, epoch, step0,
-                                            lambda s: lr_factor(s, total_steps, warmup_steps))
-        val_loss, val_acc = evaluate(model, eval_loader(val_set, ft, device), device, amp)
-        history.append(history_row(head_epochs + epoch + 1, "finetune", train_loss, train_acc, val_loss, val_acc,
-                                   opt.param_groups[0]["lr"]))
-        save_checkpoint(checkpoint_dir, model, opt, scaler, epoch + 1, history, fingerprint)
-        if on_epoch:
-            on_epoch(history[-1], history[-1]["epoch"])
-    model.eval()
-    info = model_info(params, backbone, classes, head_info, history)
-    save_state(model.state_dict(), Path(out_dir) / paths.FINETUNE_WEIGHTS.name)
-    info["weights_sha256"] = sha256_file(Path(out_dir) / paths.FINETUNE_WEIGHTS.name)
-    write_json(Path(out_dir) / paths.FINETUNE_INFO.name, info)
+    return Setup(
+        model=model, backbone=backbone, top=top, opt=opt, amp=amp, device=device,
+        scaler=torch.amp.GradScaler("cuda", enabled=amp == torch.float16),
+        train_set=train_dataset(split_items(manifest, "train"), backbone.spec, params.data.max_pixels, ft),
+        val_set=ImageDataset(split_items(manifest, "val"), backbone.spec, params.data.max_pixels),
+        classes=classes, head_info=head_info, fingerprint=run_fingerprint(params, manifest, head_dir))
+
+
+def save_finetuned(s: Setup, params: Params, history: list[dict], out_dir: Path, history_path: str | Path) -> dict:
+    """model.safetensors, then model.json naming its sha256, then the history CSV; returns model.json."""
+    weights = out_dir / paths.FINETUNE_WEIGHTS.name
+    save_state(s.model.state_dict(), weights)
+    info = {**model_info(params, s.backbone, s.classes, s.head_info, history), "weights_sha256": sha256_file(weights)}
+    write_json(out_dir / paths.FINETUNE_INFO.name, info)
     write_history(history, history_path)
-    last = history[-1]
-    return FinetuneResult(model, info, history, last["val_accuracy"], last["val_loss"],
-                          float(head_info["val_accuracy"]), str(device), start)
+    return info
 
 
-def train_epoch(model: Classifier, loader: Any, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                amp: torch.dtype | None, ft: FinetuneParams, epoch: int, step: int,
+def train_epoch(s: Setup, loader: Any, ft: FinetuneParams, epoch: int, step: int,
                 schedule: Callable[[int], float]) -> tuple[float, float]:
-    """One pass over the training images; sets every group's LR per step; returns (mean loss, accuracy)."""
-    device = next(model.parameters()).device
+    """One pass over the training images, every group's LR set per step; returns (mean loss, accuracy)."""
     loss_sum, correct, seen = 0.0, 0, 0
     for x, y in loader:
-        x, y = to_device(x, y, device)
-        for group in opt.param_groups:
+        x, y = to_device(x, y, s.device)
+        for group in s.opt.param_groups:
             group["lr"] = group["base_lr"] * schedule(step)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(x)
+        with torch.autocast(s.device.type, dtype=s.amp or torch.float32, enabled=s.amp is not None):
+            logits = s.model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=ft.label_smoothing)
         check_finite(loss, "finetune", epoch + 1, step)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        s.opt.zero_grad(set_to_none=True)
+        s.scaler.scale(loss).backward()
+        s.scaler.step(s.opt)
+        s.scaler.update()
         loss_sum += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
@@ -358,9 +383,9 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, amp: torch.dty
 
 
 def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    if device.type == "cuda":
-        return x.to(device, non_blocking=True, memory_format=torch.channels_last), y.to(device, non_blocking=True)
-    return x, y
+    """A batch on the device in channels_last; non_blocking pairs with the loader's pinned memory on CUDA."""
+    cuda = device.type == "cuda"
+    return x.to(device, non_blocking=cuda, memory_format=torch.channels_last), y.to(device, non_blocking=cuda)
 
 
 def resolve_device(name: str) -> torch.device:
