@@ -6,7 +6,8 @@ The model is the pipeline's own when it exists (models/model.onnx, models/finetu
 models/int8/model.int8.onnx); otherwise a stand-in is built in a temp dir with the same code path:
 efficientnet_lite0 (random init) + linear head, 96 px, 10 classes, exported by tlops.export and quantized by
 tlops.export.quantize_int8. The images are the test split when prepared, else generated 64x64 PNGs.
-The server runs in one process (`python -m serving`), the load generator in another; both on 127.0.0.1.
+The server runs in one process (`python -m serving`), the load generator in another (a lean asyncio
+HTTP/1.1 client, one keep-alive connection per concurrent user); both on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -160,35 +161,66 @@ def run_load(url: str, images_dir: Path, concurrency: int, requests: int, max_se
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-async def _loadgen(url: str, images: list[bytes], concurrency: int, requests: int, max_seconds: float) -> dict:
-    import httpx
+class _Conn:
+    """One keep-alive HTTP/1.1 connection speaking just enough protocol to POST and read a sized reply.
 
+    A hand-rolled client on asyncio streams costs a fraction of httpx's CPU per request, so on a small
+    machine the load generator measures the server rather than itself.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n")
+        self.writer.write(head.encode() + body)
+        status_line = await self.reader.readline()
+        length, close = 0, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+            elif name.lower() == "connection" and value.strip().lower() == "close":
+                close = True
+        payload = await self.reader.readexactly(length)
+        if close:
+            self.writer.close()
+            self.writer = None
+        return int(status_line.split()[1]), payload
+
+
+async def _loadgen(url: str, images: list[bytes], concurrency: int, requests: int, max_seconds: float) -> dict:
+    host, port = url.removeprefix("http://").split(":")
+    conns = [_Conn(host, int(port)) for _ in range(concurrency)]
+    # open every connection before timing: connection setup is not what is measured
+    await asyncio.gather(*(c.post("/predict", images[i % len(images)]) for i, c in enumerate(conns)))
     latencies: list[float] = []
     errors: list[str] = []
     next_i = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        # open every connection before timing: connection setup is not what is measured
-        await asyncio.gather(*(client.post(f"{url}/predict", content=images[i % len(images)])
-                               for i in range(concurrency)))
-        t_start = time.perf_counter()
-        deadline = t_start + max_seconds
+    t_start = time.perf_counter()
+    deadline = t_start + max_seconds
 
-        async def worker() -> None:
-            nonlocal next_i
-            while next_i < requests and time.perf_counter() < deadline:
-                i, next_i = next_i, next_i + 1
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post(f"{url}/predict", content=images[i % len(images)])
-                    if r.status_code != 200:
-                        errors.append(f"{r.status_code} {r.text[:100]}")
-                except httpx.HTTPError as e:
-                    errors.append(repr(e))
-                latencies.append(time.perf_counter() - t0)
+    async def worker(conn: _Conn) -> None:
+        nonlocal next_i
+        while next_i < requests and time.perf_counter() < deadline:
+            i, next_i = next_i, next_i + 1
+            t0 = time.perf_counter()
+            try:
+                status, payload = await conn.post("/predict", images[i % len(images)])
+                if status != 200:
+                    errors.append(f"{status} {payload[:100]!r}")
+            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
+                errors.append(repr(e))
+                conn.writer = None
+            latencies.append(time.perf_counter() - t0)
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t_start
+    await asyncio.gather(*(worker(c) for c in conns))
+    elapsed = time.perf_counter() - t_start
     lat = np.array(latencies) * 1000
     return {"concurrency": concurrency, "requests": len(latencies), "seconds": elapsed,
             "throughput": len(latencies) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
@@ -257,6 +289,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--max-seconds", type=float, default=60.0, help="cap per concurrency level")
     ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="override serve.threads (ORT intra-op threads)")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 server run")
     ap.add_argument("--loadgen", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--images-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -272,6 +306,8 @@ def main() -> None:
     from tlops import onnx_meta
 
     serve = load_params().serve.model_dump(exclude={"model", "host", "port"})
+    if args.threads:
+        serve["threads"] = args.threads
     with tempfile.TemporaryDirectory(prefix="tlops-bench-") as tmp:
         work = Path(tmp)
         images, images_note = bench_images(args.images)
@@ -287,7 +323,7 @@ def main() -> None:
 
         results = {}
         for name, path in (("fp32", models.fp32), ("int8", models.int8)):
-            if path is None:
+            if path is None or (name == "int8" and args.no_int8):
                 continue
             proc, url = start_server(path, work, serve)
             try:
