@@ -196,3 +196,38 @@ def prefect_api():
         os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
         yield PREFECT_API_URL.value()
     os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture(scope="session")
+def trained_workspace(tmp_path_factory: pytest.TempPathFactory, mlflow_store: str) -> Path:
+    """A workspace after ingest -> prepare -> features -> train_head -> finetune on generated images (tiny backbone).
+
+    Built once per session by the real stage tasks, in-process; tests use a copy (`trained`).
+    """
+    from tasks.features import features
+    from tasks.finetune import finetune
+    from tasks.ingest import ingest
+    from tasks.prepare import prepare
+    from tasks.train_head import train_head
+
+    root = tmp_path_factory.mktemp("trained")
+    make_images(root / "images", classes=3, per_class=10, size=40)
+    ws = make_workspace(root / "ws")
+    write_params(ws, {"data": {"source": "imagefolder", "path": str(root / "images")}})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ws)
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+        mp.setenv("TLOPS_EXPERIMENT", "trained-workspace")
+        for stage in (ingest, prepare, features, train_head, finetune):
+            stage.fn()
+    return ws
+
+
+@pytest.fixture
+def trained(trained_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of trained_workspace as cwd."""
+    ws = tmp_path / "trained"
+    shutil.copytree(trained_workspace, ws, symlinks=True)
+    monkeypatch.chdir(ws)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return ws
