@@ -192,8 +192,8 @@ def plot_curves(rows: Sequence[dict[str, Any]], unfreeze: float | None, path: st
             ax.axvline(unfreeze, color="grey", linestyle="--", label="unfreeze (fine-tuning starts)")
         ax.set(xlabel="epoch", title=title)
         ax.grid(alpha=0.3)
-    ax_acc.legend(loc="lower right", fontsize=8)
-    ax_loss.legend(loc="upper right", fontsize=8)
+    ax_acc.legend(loc="best", fontsize=8)
+    ax_loss.legend(loc="best", fontsize=8)
     _save(fig, path)
 
 
