@@ -111,3 +111,34 @@ def test_plots_are_written_as_png(tmp_path):
 def test_confusion_rows_name_classes():
     rows = ev.confusion_rows(np.array([0, 1]), np.array([1, 1]), ["cat", "dog"])
     assert rows == [{"actual": "cat", "predicted": "dog"}, {"actual": "dog", "predicted": "dog"}]
+# ---------------------------------------------------------------- the stage
+
+
+def test_evaluate_stage_writes_metrics_plots_and_dvc_renders_the_confusion_matrix(trained, capsys):
+    from tasks.evaluate import evaluate
+    from conftest import run_cmd
+    from tlops import paths
+
+    summary = evaluate.fn()
+    report = json.loads(paths.METRICS.read_text())
+    assert set(report) >= {"head", "finetuned", "finetune_gain", "test_images", "data_version"}
+    for model in ("head", "finetuned"):
+        assert {"accuracy", "macro_f1", "ece", "loss", "per_class"} <= set(report[model])
+    assert report["finetune_gain"]["accuracy"] == pytest.approx(
+        report["finetuned"]["accuracy"] - report["head"]["accuracy"])
+    assert summary["test_images"] == report["test_images"] > 0
+    with open(paths.CONFUSION, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == report["test_images"] and set(rows[0]) == {"actual", "predicted"}
+    with open(paths.HISTORY, newline="") as f:
+        hist = list(csv.DictReader(f))
+    assert {r["phase"] for r in hist} >= {"head"} and len({r["epoch"] for r in hist}) == len(hist)
+    for name in ("confusion.png", "curves.png", "worst.png"):
+        assert (paths.PLOTS_DIR / name).stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "head only" in out and "fine-tuned" in out
+
+    run_cmd(["dvc", "plots", "show", "-o", "dvc_plots"], trained)
+    html = (trained / "dvc_plots" / "index.html").read_text()
+    assert "Confusion matrix" in html and '"actual": "class_0"' in html  # the vega confusion template, with data
+    assert "Learning curves" in html

@@ -313,3 +313,78 @@ def test_champion_alias_moves_only_when_the_threshold_is_met(manifest_ws):
     same = register_and_promote(good, 0.0)  # identical re-export: equal accuracy, champion stays
     assert not same["promoted"] and same["champion_accuracy"] == pytest.approx(acc[good])
     assert tracking.get_alias_version(name, tracking.CHAMPION) == enough["version"]
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run_snippet(model: Path, images: list[str], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Predicted labels of docs/onnx_snippet.py, run as a script."""
+    monkeypatch.setattr(sys, "argv", [str(SNIPPET), str(model), *images])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        runpy.run_path(str(SNIPPET), run_name="__main__")
+    return [line.split("\t")[1] for line in out.getvalue().splitlines()]
+
+
+def test_export_stage_verifies_registers_and_promotes_only_a_better_model(trained, monkeypatch):
+    from tasks.evaluate import evaluate
+    from tasks.export import export
+    from tlops.data import load_manifest
+
+    monkeypatch.setenv(tracking.EXPERIMENT_ENV, f"test-{uuid.uuid4().hex[:8]}")
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    name = f"test-export-{uuid.uuid4().hex[:8]}"
+    raw = yaml.safe_load((trained / "params.yaml").read_text())
+    (trained / "params.yaml").write_text(yaml.safe_dump(deep_update(raw, {"export": {
+        "registered_model": name, "int8": True, "int8_max_drop": 1.0}})))
+    evaluate.fn()
+    first = export.fn()
+
+    report = json.loads(paths.EXPORT_REPORT.read_text())
+    metrics = json.loads(paths.METRICS.read_text())
+    assert report["parity"]["agreement"] == 1.0 and report["parity"]["max_abs_diff"] <= 1e-3
+    assert report["parity"]["n"] == metrics["test_images"]
+    assert report["sha256"] == onnx_meta.verify_sha256(paths.ONNX) == first["sha256"]
+    assert report["test_accuracy"] == pytest.approx(metrics["finetuned"]["accuracy"])
+    assert report["int8"]["kept"] and paths.INT8_ONNX.exists() and (paths.INT8_DIR / "quantization.json").exists()
+    assert report["promotion"]["promoted"] and report["registered"] == {"name": name, "version": first["version"]}
+
+    meta = onnx_meta.read_metadata(paths.ONNX)
+    manifest = load_manifest(paths.MANIFEST)
+    assert onnx_meta.labels_of(meta) == manifest.classes
+    assert meta["tlops.data_version"] == metrics["data_version"]
+    assert tracking.client().get_run(meta["tlops.mlflow_run_id"]).info.run_name == "export"
+    assert meta["tlops.git_commit"] == tracking.git_commit()
+    card = paths.MODEL_CARD.read_text()
+    assert metrics["data_version"] in card and "head only" in card and "Limits" in card
+
+    # the README snippet reproduces the fine-tuned test accuracy of reports/metrics.json
+    images, truth = ex.labelled_test_images(manifest)
+    predicted = run_snippet(paths.ONNX, images, monkeypatch)
+    assert np.mean([p == t for p, t in zip(predicted, truth, strict=True)]) == pytest.approx(
+        metrics["finetuned"]["accuracy"])
+
+    assert tracking.get_alias_version(name, tracking.CHAMPION) == first["version"]
+    second = export.fn()  # the same model again: new candidate, champion unchanged
+    assert not second["promoted"] and second["version"] != first["version"]
+    assert tracking.get_alias_version(name, tracking.CANDIDATE) == second["version"]
+    assert tracking.get_alias_version(name, tracking.CHAMPION) == first["version"]
+    promotion = json.loads(paths.EXPORT_REPORT.read_text())["promotion"]
+    assert promotion["champion_version"] == first["version"] and promotion["champion_after"] == first["version"]
+
+
+def test_export_stage_fails_on_parity_and_keeps_the_previous_model(trained, monkeypatch):
+    from tasks.export import export
+
+    monkeypatch.setenv(tracking.EXPERIMENT_ENV, f"test-{uuid.uuid4().hex[:8]}")
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    paths.ONNX.parent.mkdir(parents=True, exist_ok=True)
+    paths.ONNX.write_bytes(b"previous model")
+    raw = yaml.safe_load((trained / "params.yaml").read_text())
+    (trained / "params.yaml").write_text(yaml.safe_dump(deep_update(raw, {"export": {"parity_atol": 1e-12}})))
+    with pytest.raises(ParityError, match="max"):
+        export.fn()
+    assert paths.ONNX.read_bytes() == b"previous model"
+    runs = tracking.client().search_runs([tracking.experiment_id(tracking.client())], "attributes.run_name = 'export'")
+    assert [r.info.status for r in runs] == ["FAILED"]

@@ -1,0 +1,59 @@
+"""Prefect task of the export stage: verified ONNX file, registry version `candidate`, promotion gate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+
+from tlops import export as exporting
+from tlops import onnx_meta, paths, tracking
+from tlops.config import Params, load_params
+from tlops.io import write_json
+
+
+@task(name="export")
+def export(params_path: str | None = None) -> dict:
+    """Export + verify the model, register it as `candidate`, move `champion` if it wins; write reports/export.json."""
+    params = load_params(params_path)
+    with tracking.stage_run("export", params) as run:
+        report = exporting.export_model(params, run.run_id, tracking.git_commit())
+        version = register(params, report, run.run_id)
+        report["promotion"] = promote(params, version, report["test_accuracy"], run.run_id)
+        report["registered"] = {"name": params.export.registered_model, "version": version}
+        write_json(paths.EXPORT_REPORT, report)
+        run.log_metrics(exporting.flat_metrics(report))
+        run.set_tags({"sha256": report["sha256"], "registered_version": version})
+        for path in (paths.ONNX_SHA256, paths.MODEL_CARD, paths.EXPORT_REPORT):
+            run.log_artifact(path, "export")
+        run.log_artifacts(paths.INT8_DIR, "export/int8")
+    print(f"exported {paths.ONNX} (sha256 {report['sha256'][:12]}): {report['promotion']['reason']}")
+    return {"version": version, "sha256": report["sha256"], "promoted": report["promotion"]["promoted"],
+            "test_accuracy": report["test_accuracy"]}
+
+
+def register(params: Params, report: dict[str, Any], run_id: str) -> str:
+    """Log models/model.onnx with mlflow.onnx under export.registered_model; it becomes `candidate`."""
+    from tlops.data import load_manifest
+
+    images, _ = exporting.labelled_test_images(load_manifest(paths.MANIFEST))
+    example = exporting.input_example(paths.ONNX, images[0], params.data.max_pixels)
+    meta = onnx_meta.read_metadata(paths.ONNX)
+    return tracking.log_onnx_model(paths.ONNX, example, params.export.registered_model, run_id=run_id,
+                                   metadata={k.removeprefix(onnx_meta.PREFIX): v for k, v in meta.items()})
+
+
+def promote(params: Params, version: str, accuracy: float, run_id: str) -> dict[str, Any]:
+    """The promotion gate: candidate vs current champion on today's test split; tags the decision everywhere."""
+    name = params.export.registered_model
+    champion = tracking.get_alias_version(name, tracking.CHAMPION)
+    path = tracking.download_model_file(name, champion) if champion else None
+    decision = exporting.promotion(params, version, accuracy, path, champion)
+    if decision["promoted"]:
+        tracking.set_alias(name, tracking.CHAMPION, version)
+    tags = {"promotion.promoted": decision["promoted"], "promotion.reason": decision["reason"],
+            "promotion.candidate_accuracy": accuracy, "promotion.champion_accuracy": decision["champion_accuracy"],
+            "promotion.champion_version": champion}
+    tracking.set_version_tags(name, version, tags)
+    tracking.set_run_tags(run_id, tags)
+    return decision
