@@ -20,6 +20,8 @@ from tlops.errors import ConfigError
 ENTRYPOINT = "flows/pipeline.py:pipeline_flow"
 SCHEDULED_PARAMETERS = {"refresh": True}
 SCHEDULE_SLUG = "tlops-cron"  # a stable name, so redeploying replaces the schedule instead of adding one
+# The library's own log lines (tlops.*) go to the Prefect UI beside the stage task's prints.
+RUN_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "tlops"}
 DESCRIPTION = "tlops pipeline on its schedule: re-read the data source, then bring every DVC stage up to date"
 
 
@@ -48,7 +50,7 @@ def serve_schedule(params: Params) -> None:
     s = params.schedule
     schedule = cron_schedule(s)
     _require_server("tlops serve-schedule")
-    os.environ.update(s.env)  # served runs are child processes of this one: they inherit it
+    os.environ.update({**RUN_ENV, **s.env})  # served runs are child processes of this one: they inherit it
     pipeline_flow.serve(name=s.deployment, schedules=[schedule], parameters=SCHEDULED_PARAMETERS, limit=1,
                         global_limit=1, description=DESCRIPTION, tags=["tlops"])
 
@@ -72,7 +74,7 @@ def cron_schedule(s: ScheduleParams) -> Any:
 
 def job_variables(s: ScheduleParams, root: Path) -> dict[str, Any]:
     """What the process worker sets up for each run: the environment (e.g. CUDA_VISIBLE_DEVICES) and the folder."""
-    return {"env": dict(s.env), "working_dir": str(root)}
+    return {"env": {**RUN_ENV, **s.env}, "working_dir": str(root)}
 
 
 def ensure_process_pool(name: str) -> str:

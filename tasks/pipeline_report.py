@@ -37,13 +37,14 @@ def outcome(records: list[StageRecord]) -> str:
 def summarise(records: list[StageRecord], seconds: float, data_version: str | None,
               mlflow_run_id: str | None, mlflow_url: str | None, flow_run_id: str | None) -> dict[str, Any]:
     """The run's JSON-able summary: what `run_pipeline` returns and the artifact shows."""
+    status = outcome(records)
     return {
-        "status": outcome(records),
+        "status": status,
         "seconds": round(seconds, 3),
         "data_version": data_version,
         "stages": [asdict(r) for r in records],
         "metrics": _accuracies(),
-        "promotion": _promotion(),
+        "promotion": _promotion() if status == "updated" else None,  # else it is an earlier run's decision
         "mlflow_run_id": mlflow_run_id,
         "mlflow_url": mlflow_url,
         "flow_run_id": flow_run_id,
@@ -93,10 +94,18 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += [f"| {label} | {acc[k]:.4f} |" for k, label in (("head", "head only"), ("finetuned", "fine-tuned"))
                   if k in acc]
     if promo := summary["promotion"]:
-        lines += ["", "Promotion: " + ", ".join(f"{k} = {v}" for k, v in promo.items())]
+        lines += ["", f"Promotion: {promotion_line(promo)}"]
     if summary["mlflow_url"]:
         lines += ["", f"MLflow: [parent run]({summary['mlflow_url']})"]
     return "\n".join(lines) + "\n"
+
+
+def promotion_line(promo: dict) -> str:
+    """The gate's decision in words, e.g. "promoted: v3 becomes champion (0.981 vs 0.975)"."""
+    if "promoted" not in promo:
+        return ", ".join(f"{k} = {v}" for k, v in promo.items())
+    verdict = "promoted" if promo["promoted"] else "not promoted"
+    return f"{verdict} ({promo['reason']})" if promo.get("reason") else verdict
 
 
 def console_table(summary: dict[str, Any]) -> Any:
@@ -113,7 +122,9 @@ def console_table(summary: dict[str, Any]) -> Any:
     acc = summary["metrics"]
     caption = [f"{label} accuracy {acc[k]:.4f}" for k, label in (("head", "head-only"), ("finetuned", "fine-tuned"))
                if k in acc]
-    table.caption = f"{summary['seconds']:.1f} s" + ("; " + ", ".join(caption) if caption else "")
+    if summary["promotion"]:
+        caption.append(promotion_line(summary["promotion"]))
+    table.caption = f"{summary['seconds']:.1f} s" + ("; " + "; ".join(caption) if caption else "")
     table.caption_justify = "left"
     return table
 

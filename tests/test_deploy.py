@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, write_params
-from flows.deploy import cron_schedule, deploy, ensure_process_pool
+from flows.deploy import cron_schedule, deploy, ensure_process_pool, job_variables
 from pipeline_support import UP_TO_DATE, dvc_status, lock_entries, toy_workspace
 from tlops.config import Params, ScheduleParams, load_params
 from tlops.errors import ConfigError
@@ -67,8 +67,8 @@ def test_deploy_creates_a_cron_deployment_on_a_process_pool_and_a_worker_runs_it
     assert [(x.schedule.cron, x.schedule.timezone, x.active) for x in d.schedules] == \
         [("30 4 * * 1-5", "Europe/Berlin", True)]
     assert d.parameters == {"refresh": True}
-    assert d.job_variables == {"env": {"CUDA_VISIBLE_DEVICES": "0", "TLOPS_TEST_ENV": "from-the-deployment"},
-                               "working_dir": str(toy)}
+    assert d.job_variables == {"env": {"PREFECT_LOGGING_EXTRA_LOGGERS": "tlops", "CUDA_VISIBLE_DEVICES": "0",
+                                       "TLOPS_TEST_ENV": "from-the-deployment"}, "working_dir": str(toy)}
     assert d.entrypoint == "flows/pipeline.py:pipeline_flow"
 
     assert deploy(params)["deployment_id"] == info["deployment_id"]  # redeploying updates it in place
@@ -138,7 +138,7 @@ def test_prefect_yaml_declares_the_deployment_that_tlops_deploy_creates(workspac
     s = load_params().schedule
     assert spec["name"] == s.deployment and spec["work_pool"]["name"] == s.work_pool
     assert spec["schedules"][0]["cron"] == s.cron and spec["schedules"][0]["timezone"] == s.timezone
-    assert spec["work_pool"]["job_variables"]["env"] == s.env
+    assert spec["work_pool"]["job_variables"]["env"] == job_variables(s, workspace)["env"]
     assert spec["parameters"] == {"refresh": True}
 
     ensure_process_pool(s.work_pool)

@@ -22,7 +22,8 @@ from conftest import make_images, run_cmd, write_params
 from flows.pipeline import pipeline_flow, run_pipeline
 from pipeline_support import (UP_TO_DATE, dvc_status, lock_entries, running_mlflow_runs, states, task_run_states,
                               toy_workspace, write_toy_pipeline)
-from tasks import dvc_stages
+from tasks import dvc_stages, pipeline_report
+from tasks.pipeline_report import StageRecord
 from tasks.workspace import workspace_lock
 from tlops import tracking
 from tlops.errors import ConfigError, DataError, TlopsError, WorkspaceBusyError
@@ -225,3 +226,40 @@ def test_real_prepare_failing_on_data_fails_the_flow_and_leaves_dvc_and_mlflow_c
     c = tracking.client()
     prepare_runs = c.search_runs([tracking.experiment_id(c)], filter_string="tags.stage = 'prepare'")
     assert [r.info.status for r in prepare_runs] == ["FAILED"]  # one attempt: a data error is not retried
+
+
+# ------------------------------------------------------------------ pieces without a pipeline run
+
+
+def test_the_workspace_lock_is_released_when_its_holder_is_killed(tmp_path: Path):
+    lock = tmp_path / ".tlops" / "pipeline.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import time; from pathlib import Path; from tasks.workspace import workspace_lock\n"
+         f"with workspace_lock(Path({str(lock)!r})):\n print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(WorkspaceBusyError, match=f"pid {holder.pid}"):
+        with workspace_lock(lock):
+            pass
+    holder.kill()  # SIGKILL: no cleanup ran, the kernel drops the flock
+    holder.wait()
+    with workspace_lock(lock):
+        assert "pid" in lock.read_text()
+    assert lock.read_text() == ""
+
+
+def test_the_run_outcome_and_its_report():
+    ran = StageRecord("ingest", "ran", 1.0, "forced", outputs_changed=False)
+    skipped = StageRecord("prepare", "skipped", 0.1, "unchanged since dvc.lock")
+    assert pipeline_report.outcome([ran, skipped]) == "no change"  # a refresh that found the same data
+    assert pipeline_report.outcome([StageRecord("ingest", "ran", 1.0, "", outputs_changed=True), skipped]) == \
+        "updated"
+    assert pipeline_report.outcome([StageRecord("ingest", "failed", 1.0, "DataError: x")]) == "failed"
+
+    summary = pipeline_report.summarise([ran, skipped], 2.0, "abc.dir", "r1", "http://mlflow/#/x", None)
+    text = pipeline_report.markdown(summary)
+    assert "| ingest | ran | 1.0 | forced |" in text and "**No change**" in text and "`abc.dir`" in text
+    assert pipeline_report.mlflow_run_url("http://mlflow:5000/", "3", "r1") == "http://mlflow:5000/#/experiments/3/runs/r1"
+    assert pipeline_report.mlflow_run_url("sqlite:///x/mlflow.db", "3", "r1").startswith("http://127.0.0.1:5000/#/")
+    assert pipeline_report.promotion_line({"promoted": False, "reason": "0.95 < champion 0.97"}) == \
+        "not promoted (0.95 < champion 0.97)"

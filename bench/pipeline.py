@@ -1,0 +1,130 @@
+"""Benchmark of `tlops run`, each a fresh process, in a temporary copy of the project with its real params.yaml.
+
+Prints the wall time of a full run and its orchestration overhead = wall time - the stages' own compute, as a
+fraction of the wall time (target <= 10%), then the wall time of a run in which every stage is cached (target
+<= 15 s). A stage's own compute is the length of its MLflow stage run, which opens and closes inside the stage
+task; everything else (interpreter start, imports, the Prefect API, DVC's status checks, hashing and caching of
+outputs, the MLflow parent run, artifacts) is overhead. Without PREFECT_API_URL each `tlops run` starts a
+temporary Prefect server; `--server` also times the cached run against a running `prefect server`.
+
+    python bench/pipeline.py [--workdir DIR] [--server]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["tlops", "flows", "tasks", "serving", "dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore",
+                 "prefect.yaml"]
+BIN = Path(sys.executable).parent
+
+
+def make_project(dest: Path) -> Path:
+    """A fresh git + DVC repo holding the project's code and params.yaml, as a clone would."""
+    dest.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"],
+                [str(BIN / "dvc"), "config", "core.analytics", "false"]):
+        subprocess.run(cmd, cwd=dest, check=True)
+    return dest
+
+
+def timed_run(project: Path, env: dict[str, str], label: str) -> float:
+    """Wall seconds of `tlops run` in a new process; exits with its output if it fails."""
+    log = project.parent / f"{label.replace(' ', '-')}.log"
+    # Output to a file, not a pipe: the wall time ends when tlops exits, whatever its children hold open.
+    with open(log, "w") as out:
+        started = time.perf_counter()
+        code = subprocess.run([str(BIN / "tlops"), "run"], cwd=project, env=env, stdout=out, stderr=out).returncode
+        wall = time.perf_counter() - started
+    if code != 0:
+        sys.exit(f"{label}: tlops run exited {code}\n{log.read_text()[-6000:]}")
+    return wall
+
+
+def last_run_stages(tracking_uri: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Of the latest pipeline run: ({stage: seconds in the pipeline}, {stage: seconds of its MLflow stage run})."""
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=tracking_uri)
+    exp = c.get_experiment_by_name("tlops").experiment_id
+    parent = c.search_runs([exp], filter_string="tags.`tlops.kind` = 'pipeline'",
+                           order_by=["attributes.start_time DESC"], max_results=1)[0]
+    in_pipeline = {k.removeprefix("seconds_"): v for k, v in parent.data.metrics.items()
+                   if k.startswith("seconds_") and k != "seconds_total"}
+    children = c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    compute = {r.info.run_name: (r.info.end_time - r.info.start_time) / 1000 for r in children}
+    return in_pipeline, compute
+
+
+def start_prefect_server(env: dict[str, str], port: int = 4273) -> tuple[subprocess.Popen, str]:
+    """A `prefect server start` of our own, and its API URL once it answers."""
+    import httpx
+
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    server.kill()
+    sys.exit("prefect server did not start in 120 s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, help="where to make the project copy (default: a temp dir, removed)")
+    ap.add_argument("--server", action="store_true", help="also time the cached run against a Prefect server")
+    args = ap.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="tlops-bench-", dir=args.workdir))
+    try:
+        project = make_project(base / "project")
+        tracking_uri = f"sqlite:///{project / 'mlflow.db'}"
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               "PREFECT_HOME": str(base / "prefect-home"), "MLFLOW_TRACKING_URI": tracking_uri}
+        env.pop("PREFECT_API_URL", None)
+        env.pop("TLOPS_PARENT_RUN_ID", None)
+
+        full = timed_run(project, env, "full run")
+        in_pipeline, compute = last_run_stages(tracking_uri)
+        print(f"{'stage':<12}{'in pipeline s':>15}{'own compute s':>15}")
+        for stage, seconds in in_pipeline.items():
+            print(f"{stage:<12}{seconds:>15.1f}{compute.get(stage, 0.0):>15.1f}")
+        overhead = full - sum(compute.values())
+        print(f"full run: wall {full:.1f} s, stages' own compute {sum(compute.values()):.1f} s, "
+              f"orchestration overhead {overhead:.1f} s = {overhead / full:.1%} of the wall time (target <= 10%)")
+
+        cached = timed_run(project, env, "cached run")
+        print(f"cached run (every stage skipped), temporary Prefect server: wall {cached:.1f} s (target <= 15 s)")
+        if args.server:
+            server, url = start_prefect_server(env)
+            try:
+                with_server = timed_run(project, {**env, "PREFECT_API_URL": url}, "cached run, server")
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+            print(f"cached run against a running Prefect server: wall {with_server:.1f} s")
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
