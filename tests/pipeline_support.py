@@ -148,3 +148,16 @@ def toy_workspace(ws: Path, monkeypatch: pytest.MonkeyPatch, stages: list[str]) 
         for name in set(sys.modules) - before:  # each test imports its own toy stage modules
             if name.startswith("toy_"):
                 del sys.modules[name]
+
+
+def artifacts_of(flow_run_id: str) -> dict[str, str]:
+    """{key: data} of a flow run's Prefect artifacts."""
+    from prefect import get_client
+
+    # A raw filter that leaves out what it does not filter on: Prefect 3.8's client sends those as null, which its
+    # server refuses under FastAPI >= 0.151 (422), and an empty task-run filter would drop flow-level artifacts.
+    with get_client(sync_client=True) as client:
+        response = client.request("POST", "/artifacts/filter",
+                                  json={"flow_runs": {"id": {"any_": [str(flow_run_id)]}}, "limit": 50})
+    response.raise_for_status()
+    return {a["key"]: a["data"] for a in response.json()}

@@ -20,8 +20,8 @@ import yaml
 
 from conftest import make_images, run_cmd, write_params
 from flows.pipeline import pipeline_flow, run_pipeline
-from pipeline_support import (UP_TO_DATE, dvc_status, lock_entries, running_mlflow_runs, states, task_run_states,
-                              toy_workspace, write_toy_pipeline)
+from pipeline_support import (UP_TO_DATE, artifacts_of, dvc_status, lock_entries, running_mlflow_runs, states,
+                              task_run_states, toy_workspace, write_toy_pipeline)
 from tasks import dvc_stages, pipeline_report
 from tasks.pipeline_report import StageRecord
 from tasks.workspace import workspace_lock
@@ -68,11 +68,16 @@ def test_first_run_runs_every_stage_and_a_second_skips_them_all_with_dvc_agreein
     assert UP_TO_DATE in dvc_status(toy)
     assert lock_entries(toy) == {"ingest", "double"}
     assert task_run_states(first["flow_run_id"], 2) == {"ingest": "Completed", "double": "Completed"}
+    artifacts = artifacts_of(first["flow_run_id"])
+    assert "| ingest | ran |" in artifacts["tlops-pipeline"] and "| double | ran |" in artifacts["tlops-pipeline"]
+    assert artifacts["tlops-mlflow-run"] == f"[MLflow parent run]({first['mlflow_url']})"  # a link artifact
+    assert first["mlflow_url"].endswith(f"/runs/{first['mlflow_run_id']}")
 
     second = run_pipeline()
     assert states(second) == {"ingest": "skipped", "double": "skipped"}
     assert second["status"] == "no change"
     assert task_run_states(second["flow_run_id"], 2) == {"ingest": "Skipped", "double": "Skipped"}
+    assert "**No change**" in artifacts_of(second["flow_run_id"])["tlops-pipeline"]
     assert running_mlflow_runs() == []
     # The outputs went into .dvc/cache: DVC restores a deleted one without running anything.
     (toy / "double.txt").unlink()
