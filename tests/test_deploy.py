@@ -54,6 +54,7 @@ def wait_for_flow_run(flow_run_id, timeout_s: float = 240):
             time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_deploy_creates_a_cron_deployment_on_a_process_pool_and_a_worker_runs_it(toy: Path):
     from prefect.deployments import run_deployment
 
@@ -85,6 +86,7 @@ def test_deploy_creates_a_cron_deployment_on_a_process_pool_and_a_worker_runs_it
     assert UP_TO_DATE in dvc_status(toy)
 
 
+@pytest.mark.slow
 def test_serve_schedule_serves_the_pipeline_on_its_schedule_in_one_process(toy: Path):
     from prefect.deployments import run_deployment
 
