@@ -29,7 +29,6 @@ from tlops import tracking
 from tlops.errors import ConfigError, DataError, TlopsError, WorkspaceBusyError
 
 
-
 @pytest.fixture
 def toy(workspace: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The workspace with a toy dvc.yaml: ingest -> double."""
