@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -83,22 +84,25 @@ def last_run_stages(tracking_uri: str) -> tuple[dict[str, float], dict[str, floa
     return in_pipeline, compute
 
 
-def start_prefect_server(env: dict[str, str], port: int = 4273) -> tuple[subprocess.Popen, str]:
-    """A `prefect server start` of our own, and its API URL once it answers."""
+def start_prefect_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """A `prefect server start` of our own on a free port, and its API URL once it answers."""
     import httpx
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--port", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and server.poll() is None:
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return server, url
         except httpx.HTTPError:
             time.sleep(0.5)
     server.kill()
-    sys.exit("prefect server did not start in 120 s")
+    sys.exit(f"prefect server did not start (exit code {server.poll()})")
 
 
 def main() -> None:
@@ -127,7 +131,10 @@ def main() -> None:
                 with_server = timed_run(project, {**env, "PREFECT_API_URL": url}, "cached run server")
             finally:
                 server.terminate()
-                server.wait(timeout=30)
+                try:
+                    server.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    server.kill()
             print(f"cached run against a running Prefect server: wall {with_server:.1f} s")
     finally:
         if args.workdir is None:
