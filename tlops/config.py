@@ -101,6 +101,7 @@ class FinetuneParams(Section):
     augment: AugmentParams = AugmentParams()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: Annotated[int, Field(ge=0)] = 0
+    num_threads: PositiveInt | None = None
     seed: int = 42
 
 

@@ -84,7 +84,7 @@ def train_head(ds: Any, params: HeadParams, on_epoch: OnEpoch | None = None) -> 
     num_classes = len(ds.classes)
     weight = class_weights(y, num_classes) if params.class_weighting else None
     runs = []
-    with torch_threads(1):
+    with torch_threads(1):  # a head's small matmuls lose more to thread hand-offs than they gain
         for lr in params.lrs:
             for wd in params.weight_decays:
                 head, history = fit_head(X.float(), y.long(), Xv.float(), yv.long(), num_classes, params, lr, wd, weight)
@@ -105,10 +105,10 @@ def train_head(ds: Any, params: HeadParams, on_epoch: OnEpoch | None = None) -> 
 
 
 @contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run a block with n intra-op threads: a head's small matmuls lose more to thread hand-offs than they gain."""
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run a block with n torch intra-op threads (None: leave the setting), restored afterwards."""
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    torch.set_num_threads(n or before)
     try:
         yield
     finally:
@@ -286,6 +286,13 @@ def finetune(params: Params, manifest: Any, head_dir: str | Path = paths.HEAD_DI
     Resumes from the newest checkpoint in checkpoint_dir made with the same params, head and data.
     """
     ft = params.finetune
+    with torch_threads(ft.num_threads):
+        return _finetune(params, manifest, head_dir, Path(out_dir), checkpoint_dir, on_epoch, history_path)
+
+
+def _finetune(params: Params, manifest: Any, head_dir: str | Path, out_dir: Path, checkpoint_dir: str | Path,
+              on_epoch: OnEpoch | None, history_path: str | Path) -> FinetuneResult:
+    ft = params.finetune
     s = setup(params, manifest, head_dir)
     steps = len(train_loader(s.train_set, ft, 0, s.device))  # optimizer steps per epoch
     schedule = partial(lr_factor, total_steps=ft.epochs * steps, warmup_steps=round(ft.warmup_epochs * steps))
@@ -305,7 +312,7 @@ def finetune(params: Params, manifest: Any, head_dir: str | Path = paths.HEAD_DI
         save_checkpoint(checkpoint_dir, s.model, s.opt, s.scaler, epoch + 1, history, s.fingerprint)
         if on_epoch:
             on_epoch(history[-1], history[-1]["epoch"])
-    info = save_finetuned(s, params, history, Path(out_dir), history_path)
+    info = save_finetuned(s, params, history, out_dir, history_path)
     last = history[-1]
     return FinetuneResult(s.model.eval(), info, history, last["val_accuracy"], last["val_loss"],
                           float(s.head_info["val_accuracy"]), str(s.device), start)
