@@ -154,8 +154,7 @@ def artifacts_of(flow_run_id: str) -> dict[str, str]:
     """{key: data} of a flow run's Prefect artifacts."""
     from prefect import get_client
 
-    # A raw filter that leaves out what it does not filter on: Prefect 3.8's client sends those as null, which its
-    # server refuses under FastAPI >= 0.151 (422), and an empty task-run filter would drop flow-level artifacts.
+    # A raw filter: the client's read_artifacts with an empty task-run filter would drop flow-level artifacts.
     with get_client(sync_client=True) as client:
         response = client.request("POST", "/artifacts/filter",
                                   json={"flow_runs": {"id": {"any_": [str(flow_run_id)]}}, "limit": 50})
