@@ -34,8 +34,8 @@ def deploy(params: Params, root: Path | None = None) -> dict[str, Any]:
     root = (root or Path.cwd()).resolve()
     pool_type = ensure_process_pool(s.work_pool)
     variables = job_variables(s, root)
-    # to_deployment + apply is what Flow.deploy does for an image-less pool, minus its look-up of online workers
-    # (that request is refused by Prefect 3.8's server under FastAPI 0.154, and a pool may well have none yet).
+    # to_deployment + apply is what Flow.deploy does for an image-less pool, minus its warning about a pool with no
+    # worker online yet (the README starts the worker in its own step, before or after this one).
     deployment = pipeline_flow.from_source(source=str(root), entrypoint=ENTRYPOINT).to_deployment(
         name=s.deployment, work_pool_name=s.work_pool, schedules=[schedule], parameters=SCHEDULED_PARAMETERS,
         job_variables=variables, concurrency_limit=1, description=DESCRIPTION, tags=["tlops"])

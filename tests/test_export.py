@@ -175,6 +175,11 @@ def test_onnx_meta_imports_no_torch():
 # ---------------------------------------------------------------- README snippet
 
 
+def test_readme_shows_exactly_the_tested_snippet():
+    readme = (ROOT / "README.md").read_text()
+    assert SNIPPET.read_text().strip() in readme
+
+
 def test_readme_snippet_gives_the_same_predictions_as_tlops_preprocessing(tmp_path, monkeypatch):
     # bicubic + crop_pct < 1 + non-square images exercise every step of the preprocessing
     spec = PreprocessSpec(32, "bicubic", crop_pct=0.875)

@@ -108,6 +108,26 @@ def test_predict_files_reports_bad_images_and_formats(model_file: Path, images: 
     assert results_table(results).row_count == 3
 
 
+def test_predict_command_prints_json_and_exits_1_on_an_unusable_image(model_file: Path, images: list[Path],
+                                                                     tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from tlops.cli import app
+
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["predict", "--model", str(model_file), "--json", "-k", "2", str(images[0])])
+    assert ok.exit_code == 0, ok.output
+    [result] = json.loads(ok.stdout)
+    assert result["top_k"][0]["label"] == images[0].parent.name and len(result["top_k"]) == 2
+
+    mixed = runner.invoke(app, ["predict", "--model", str(model_file), "--json", str(images[0]), str(bad)])
+    assert mixed.exit_code == 1
+    good, broken = json.loads(mixed.stdout)
+    assert "top_k" in good and broken["reason"] == "not_an_image" and "notes.jpg" in broken["error"]
+
+
 def test_concurrent_requests_are_micro_batched(server: ThreadServer, images: list[Path]):
     before = http().get(f"{server.url}/metrics").text
     body = images[0].read_bytes()

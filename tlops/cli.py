@@ -110,9 +110,13 @@ def deploy(params: ParamsOpt = None) -> None:
     from flows.deploy import deploy as create
 
     try:
-        create(p)
+        d = create(p)
     except TlopsError as e:
         raise _fail(e) from None
+    typer.echo(f"deployment {d['name']} ({d['deployment_id']}): cron {d['cron']!r} {d['timezone']} "
+               f"on work pool {d['work_pool']!r} ({d['work_pool_type']})")
+    typer.echo(f"start a worker: prefect worker start --pool {d['work_pool']}   "
+               f"run it now: prefect deployment run '{d['name']}'")
 
 
 @app.command("serve-schedule")
@@ -151,7 +155,7 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     params: ParamsOpt = None,
 ) -> None:
-    """Classify images locally with the ONNX model and print the top-k labels."""
+    """Classify images locally with the ONNX model and print the top-k labels (exit 1 if an image was unusable)."""
     p = _params(params)
     from serving.predict import print_predictions, predict_files
 
@@ -159,10 +163,9 @@ def predict(
         results = predict_files(model or p.serve.model, images, top_k=top_k)
     except TlopsError as e:
         raise _fail(e) from None
-    if as_json:
-        typer.echo(json.dumps(results, indent=2))
-    else:
-        print_predictions(results)
+    print_predictions(results, as_json=as_json)
+    if any("error" in r for r in results):
+        raise typer.Exit(1)
 
 
 @app.command()
