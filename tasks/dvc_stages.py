@@ -94,12 +94,27 @@ def reproduce(repo: Repo, stage: PipelineStage, execute: Callable[[], Any], forc
         return Reproduced(outcome, reason, _output_hashes(stage) != before, result)
 
 
-def _why_changed(stage: PipelineStage) -> str:
-    """A short reason why DVC would reproduce the stage, as `dvc status` would put it."""
+def _why_changed(stage: PipelineStage, most: int = 4) -> str:
+    """A short reason why DVC would reproduce the stage, as `dvc status` would put it (at most `most` paths each)."""
+    if not _locked(stage):
+        return "not in dvc.lock yet"
     deps, outs, stage_msg = stage.changed_entries()
-    parts = [f"changed deps: {', '.join(deps)}"] if deps else []
-    parts += [f"changed outs: {', '.join(outs)}"] if outs else []
-    return "; ".join(parts) or ("changed command" if stage_msg else "not in dvc.lock")
+
+    def listed(kind: str, items: list[str]) -> list[str]:
+        if not items:
+            return []
+        more = f", +{len(items) - most} more" if len(items) > most else ""
+        return [f"changed {kind}: {', '.join(items[:most])}{more}"]
+
+    return "; ".join(listed("deps", deps) + listed("outs", outs)) or ("changed command" if stage_msg else "changed")
+
+
+def _locked(stage: PipelineStage) -> bool:
+    """Whether dvc.lock has an entry for the stage."""
+    lockfile = stage.dvcfile._lockfile  # DVC's own reader of dvc.lock; no public accessor
+    if not lockfile.exists():
+        return False
+    return stage.name in (lockfile.load().get("stages") or {})
 
 
 def _output_hashes(stage: PipelineStage) -> list[str | None]:
