@@ -205,7 +205,8 @@ def test_real_pipeline_runs_end_to_end_then_skips_then_reruns_only_after_a_finet
     assert second["status"] == "no change"
 
     params = yaml.safe_load((real / "params.yaml").read_text())
-    params["finetune"]["lr"] = params["finetune"]["lr"] * 2
+    lr = params["finetune"]["lr"]
+    params["finetune"]["lr"] = lr * 2
     (real / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run_pipeline()
     ran = {name for name, state in states(third).items() if state == "ran"}
@@ -216,6 +217,16 @@ def test_real_pipeline_runs_end_to_end_then_skips_then_reruns_only_after_a_finet
                              filter_string=f"tags.mlflow.parentRunId = '{third['mlflow_run_id']}'")
     assert sorted(r.info.run_name for r in children) == ["evaluate", "export", "finetune"]
     assert running_mlflow_runs() == []
+
+    # Back to the first lr: DVC's run cache has that export, but restoring it would skip the registry and the
+    # gate; export runs again, registers a new candidate and compares it with today's champion.
+    params["finetune"]["lr"] = lr
+    (real / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    fourth = run_pipeline()
+    assert states(fourth)["export"] == "ran"
+    name = params["export"]["registered_model"]
+    assert fourth["promotion"]["candidate_version"] == tracking.get_alias_version(name, tracking.CANDIDATE)
+    assert fourth["promotion"]["candidate_version"] != third["promotion"]["candidate_version"]
 
 
 @pytest.mark.slow
