@@ -2,10 +2,11 @@
 
 Prints the wall time of a full run and its orchestration overhead = wall time - the stages' own compute, as a
 fraction of the wall time (target <= 10%), for a fresh clone and again with Prefect's and MLflow's stores in place
-(`--force`), and the wall time of a run in which every stage is cached (target <= 15 s). A stage's own compute is the length of its MLflow stage run, which opens and closes inside the stage
+(`--force`, checkpoints removed), and the wall time of a run in which every stage is cached (target <= 15 s).
+A stage's own compute is the length of its MLflow stage run, which opens and closes inside the stage
 task; everything else (interpreter start, imports, the Prefect API, DVC's status checks, hashing and caching of
 outputs, the MLflow parent run, artifacts) is overhead. Without PREFECT_API_URL each `tlops run` starts a
-temporary Prefect server; `--server` also times the cached run against a running `prefect server`.
+temporary Prefect server; `--server` also times a cached and a full run against a running `prefect server`.
 
     python bench/pipeline.py [--workdir DIR] [--server]
 """
@@ -55,6 +56,12 @@ def timed_run(project: Path, env: dict[str, str], label: str, *args: str) -> flo
     if code != 0:
         sys.exit(f"{label}: tlops run exited {code}\n{log.read_text()[-6000:]}")
     return wall
+
+
+def forced_run(project: Path, env: dict[str, str], label: str) -> float:
+    """`tlops run --force` from scratch: without its checkpoints, finetune would resume its finished run."""
+    shutil.rmtree(project / "checkpoints", ignore_errors=True)
+    return timed_run(project, env, label, "--force")
 
 
 def report_full_run(label: str, wall: float, tracking_uri: str) -> None:
@@ -123,19 +130,23 @@ def main() -> None:
         report_full_run("full run on a fresh clone (creates the Prefect and MLflow stores):", full, tracking_uri)
         cached = timed_run(project, env, "cached run")
         print(f"cached run (every stage skipped), temporary Prefect server: wall {cached:.1f} s (target <= 15 s)")
-        forced = timed_run(project, env, "forced run", "--force")
-        report_full_run("full run with the stores in place (`tlops run --force`):", forced, tracking_uri)
+        forced = forced_run(project, env, "forced run")
+        report_full_run("full run with the stores in place (`tlops run --force`), temporary Prefect server:", forced,
+                        tracking_uri)
         if args.server:
             server, url = start_prefect_server(env)
             try:
-                with_server = timed_run(project, {**env, "PREFECT_API_URL": url}, "cached run server")
+                served = {**env, "PREFECT_API_URL": url}
+                with_server = timed_run(project, served, "cached run server")
+                print(f"cached run against a running Prefect server: wall {with_server:.1f} s")
+                forced = forced_run(project, served, "forced run server")
+                report_full_run("full run (`--force`) against a running Prefect server:", forced, tracking_uri)
             finally:
                 server.terminate()
                 try:
                     server.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     server.kill()
-            print(f"cached run against a running Prefect server: wall {with_server:.1f} s")
     finally:
         if args.workdir is None:
             shutil.rmtree(base, ignore_errors=True)

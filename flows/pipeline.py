@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +22,7 @@ from prefect.tasks import exponential_backoff
 
 from tasks import dvc_stages, pipeline_report
 from tasks.pipeline_report import StageRecord
+from flows.temporary_server import TemporaryServer
 from tasks.workspace import workspace_lock
 from tlops import paths, tracking
 from tlops.config import Params, ScheduleParams, load_params, params_path as resolve_params_path
@@ -56,13 +55,40 @@ def pipeline_flow(params_path: str | None = None, refresh: bool = False, force: 
     return summary
 
 
-def run_pipeline(params_path: str | None = None, refresh: bool = False, force: bool = False) -> dict[str, Any]:
-    """What `tlops run` does: the pipeline flow in this process. Returns its summary; raises what failed it."""
-    server = _start_prefect_api_early()
-    _preload()
-    if server is not None:
-        server.join()  # the flow's first API call must find the server up
-    return pipeline_flow(params_path=params_path, refresh=refresh, force=force)
+def run_pipeline(params_path: str | None = None, refresh: bool = False, force: bool = False,
+                 server: TemporaryServer | None = None) -> dict[str, Any]:
+    """What `tlops run` does: the pipeline flow in this process. Returns its summary; raises what failed it.
+
+    Without a configured Prefect API the flow talks to a temporary server: `server` when the caller spawned one
+    early (tlops.cli does, before importing anything heavy), else one spawned here.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():  # a server named by the environment or the Prefect profile
+        if server is not None:
+            server.stop()
+        _preload()
+        return pipeline_flow(params_path=params_path, refresh=refresh, force=force)
+    server = server or TemporaryServer()
+    try:
+        _preload()  # while the server starts, on the other core
+        server.wait_ready(SERVER_STARTUP_TIMEOUT_S)
+        with temporary_settings(updates={PREFECT_API_URL: server.url}):
+            try:
+                return pipeline_flow(params_path=params_path, refresh=refresh, force=force)
+            finally:
+                _drain_prefect_workers()  # the run's last logs and events reach the server before it stops
+    finally:
+        server.stop()
+
+
+def _drain_prefect_workers(timeout_s: float = 10.0) -> None:
+    """Send what Prefect's background log and event workers still hold, and stop them."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout_s)
+    EventsWorker.drain_all(timeout=timeout_s)
 
 
 def _run_stages(repo: Repo, params: Params, params_path: str | None, refresh: bool, force: bool,
@@ -210,37 +236,12 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _preload() -> None:
-    """Import DVC and open the MLflow store now: done while a temporary Prefect server starts, it costs no time."""
-    import dvc.repo  # noqa: F401
-
+    """Import DVC and the stage modules (torch, timm, ...) and open the MLflow store now: done while a temporary
+    Prefect server starts, on the other core, it costs no wall time."""
     tracking.client()  # MLflow keeps the store (engine, schema check) for the process: the run reuses it
-
-
-def _start_prefect_api_early() -> threading.Thread | None:
-    """Without a configured server Prefect starts a temporary one on first use, which takes seconds: start it in
-    the background now, beside the imports, instead of after them."""
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return None
-    # The temporary server lives for this run only: no telemetry (offline it only logs errors), and no
-    # re-registration of Prefect's block types on every start (a second or so; the pipeline uses none).
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_API_BLOCKS_REGISTER_ON_START", "false")
-
-    # Imported here, not in the thread: the thread then spawns the server at once, and the server's start-up
-    # (another process) overlaps _preload instead of competing with it for the GIL.
-    from prefect.server.api.server import SubprocessASGIServer
-
-    def start() -> None:
-        server = SubprocessASGIServer()  # the instance the flow's client will find already running
-        try:
-            # Prefect's own deadline (20 s) is missed on a busy 2-core machine, leaving the server running unused.
-            server.start(timeout=SERVER_STARTUP_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - the flow starts (and reports on) a server of its own
-            log.warning("the temporary Prefect server did not start: %s", e)
-            server.stop()
-
-    thread = threading.Thread(target=start, name="tlops-prefect-server", daemon=True)
-    thread.start()
-    return thread
+    try:
+        with dvc_stages.open_repo() as repo:
+            for stage in dvc_stages.pipeline_stages(repo):
+                _stage_task(stage)
+    except Exception as e:  # noqa: BLE001 - the flow meets the same error and reports it properly
+        log.debug("preload stopped early: %s", e)

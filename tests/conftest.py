@@ -23,6 +23,7 @@ from PIL import Image
 # Prefect reads PREFECT_HOME when first imported: keep its database and settings out of ~/.prefect.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tlops-prefect-"))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline, telemetry only logs errors
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ["tlops", "flows", "tasks", "serving", "dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore"]

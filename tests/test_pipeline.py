@@ -7,6 +7,8 @@ on tiny data.
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -241,6 +243,43 @@ def test_real_prepare_failing_on_data_fails_the_flow_and_leaves_dvc_and_mlflow_c
     c = tracking.client()
     prepare_runs = c.search_runs([tracking.experiment_id(c)], filter_string="tags.stage = 'prepare'")
     assert [r.info.status for r in prepare_runs] == ["FAILED"]  # one attempt: a data error is not retried
+
+
+@pytest.mark.slow
+def test_tlops_run_without_a_prefect_server_uses_a_temporary_one_and_leaves_nothing_behind(toy: Path,
+                                                                                          tmp_path: Path):
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "INFO",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+    proc = subprocess.run(["tlops", "run"], cwd=toy, env=env, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output and "Error logging to API" not in output
+    assert lock_entries(toy) == {"ingest", "double"}
+
+    # The server kept its database: the run and its logs reached it before it stopped, and it did stop.
+    with sqlite3.connect(home / "prefect.db") as db:
+        assert db.execute("select flow.name, flow_run.state_type from flow_run join flow on flow.id = flow_run.flow_id"
+                          ).fetchall() == [("pipeline", "COMPLETED")]
+        assert sorted(n for (n,) in db.execute("select name from task_run")) == ["double", "ingest"]
+        assert db.execute("select count(*) from log where message like '%Finished in state Completed%'"
+                          ).fetchone()[0] >= 3
+    assert servers_using(home) == []
+
+
+def servers_using(prefect_home: Path) -> list[int]:
+    """Pids of live Prefect API servers started with this PREFECT_HOME (Linux /proc)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"prefect.server.api.server:create_app" in cmdline and f"PREFECT_HOME={prefect_home}".encode() in environ:
+            pids.append(int(proc.name))
+    return pids
 
 
 # ------------------------------------------------------------------ pieces without a pipeline run

@@ -213,11 +213,15 @@ def onnx_runner(bb: Backbone, num_threads: int | None = None) -> Runner:
     """bb.model exported to ONNX in memory and run by ONNX Runtime on CPU, batch size dynamic."""
     import onnxruntime as ort
 
+    from tlops.export import static_same_padding
+
     size = bb.spec.input_size
+    # Constant "same" padding, as export does: dynamic padding costs EfficientNet-Lite0 a quarter of its speed at 224 px
+    model = static_same_padding(bb.model.eval(), size)
     buf = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter is deprecated but exports in a second
         warnings.simplefilter("ignore")
-        torch.onnx.export(bb.model, (torch.zeros(1, 3, size, size),), buf, input_names=["input"],
+        torch.onnx.export(model, (torch.zeros(1, 3, size, size),), buf, input_names=["input"],
                           output_names=["features"], dynamic_axes={"input": {0: "n"}, "features": {0: "n"}},
                           opset_version=17, dynamo=False)
     options = ort.SessionOptions()

@@ -1,0 +1,91 @@
+"""A temporary Prefect API server for one `tlops run` when no server is configured.
+
+Prefect starts such a server itself on first use, but only after importing `prefect.server` in this process
+(about 3 s here), and then waits for it. Spawned first thing, before Prefect is even imported, its start-up
+overlaps the pipeline's own imports on the other core. It is the same server Prefect would start (uvicorn on
+Prefect's app factory, UI off, ephemeral mode), on a free loopback port, stopped when the run ends.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tlops.errors import TlopsError
+
+# What Prefect's own temporary server sets, plus no telemetry (offline it only logs errors) and no
+# re-registration of block types on every start (a second or so; the pipeline uses none).
+SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+              "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_BLOCKS_REGISTER_ON_START": "false"}
+PORT_IN_USE = 3  # uvicorn's exit code when another process took the port first
+
+
+class TemporaryServer:
+    """A Prefect API server in a child process; `url` is its API address."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.url = ""
+        self._spawn()
+        atexit.register(self.stop)  # also on an exception that never reaches `stop`
+
+    def _spawn(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/api"
+        spec = importlib.util.find_spec("prefect")  # finds the package without importing it
+        app_dir = str(Path(spec.origin).parent.parent) if spec and spec.origin else "."
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory", "prefect.server.api.server:create_app",
+             "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+            env={**os.environ, **SERVER_ENV}, stdin=subprocess.DEVNULL)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until the API answers /health; TlopsError if the server exits or is not up within timeout_s."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                code = self.process.poll() if self.process else -1
+                if code == PORT_IN_USE:
+                    self._spawn()
+                elif code is not None:
+                    raise TlopsError(f"the temporary Prefect server exited with code {code}; start one with "
+                                     "`prefect server start` and set PREFECT_API_URL")
+                try:
+                    if client.get(f"{self.url}/health").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+        self.stop()
+        raise TlopsError(f"the temporary Prefect server did not answer within {timeout_s:g} s; start one with "
+                         "`prefect server start` and set PREFECT_API_URL")
+
+    def stop(self) -> None:
+        """Terminate the server and reap it (it shuts down gracefully on SIGTERM)."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def spawn_unless_configured() -> TemporaryServer | None:
+    """A temporary server when the environment names no Prefect API (a profile may still name one: see
+    flows.pipeline.run_pipeline, which checks once Prefect is imported)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    return TemporaryServer()
