@@ -46,15 +46,20 @@ def make_project(dest: Path) -> Path:
 
 def timed_run(project: Path, env: dict[str, str], label: str, *args: str) -> float:
     """Wall seconds of `tlops run` in a new process; exits with its output if it fails."""
+    return timed_command(project, env, label, ["tlops", "run", *args])
+
+
+def timed_command(project: Path, env: dict[str, str], label: str, argv: list[str]) -> float:
+    """Wall seconds of a project command (from the venv) in a new process; exits with its output if it fails."""
     log = project.parent / f"{label.replace(' ', '-').replace(',', '')}.log"
-    # Output to a file, not a pipe: the wall time ends when tlops exits, whatever its children hold open.
+    # Output to a file, not a pipe: the wall time ends when the command exits, whatever its children hold open.
     with open(log, "w") as out:
         started = time.perf_counter()
-        code = subprocess.run([str(BIN / "tlops"), "run", *args], cwd=project, env=env, stdout=out,
+        code = subprocess.run([str(BIN / argv[0]), *argv[1:]], cwd=project, env=env, stdout=out,
                               stderr=out).returncode
         wall = time.perf_counter() - started
     if code != 0:
-        sys.exit(f"{label}: tlops run exited {code}\n{log.read_text()[-6000:]}")
+        sys.exit(f"{label}: {' '.join(argv)} exited {code}\n{log.read_text()[-6000:]}")
     return wall
 
 
@@ -68,8 +73,9 @@ def report_full_run(label: str, wall: float, tracking_uri: str) -> None:
     """Per stage: seconds in the pipeline and its own compute; then the overhead of the whole run."""
     in_pipeline, compute = last_run_stages(tracking_uri)
     print(f"{label}\n  {'stage':<12}{'in pipeline s':>15}{'own compute s':>15}")
-    for stage, seconds in in_pipeline.items():
-        print(f"  {stage:<12}{seconds:>15.1f}{compute.get(stage, 0.0):>15.1f}")
+    for stage in in_pipeline or compute:  # `dvc repro` logs no per-stage pipeline seconds
+        seconds = f"{in_pipeline[stage]:.1f}" if stage in in_pipeline else "-"
+        print(f"  {stage:<12}{seconds:>15}{compute.get(stage, 0.0):>15.1f}")
     own = sum(compute.values())
     overhead = wall - own
     print(f"  wall {wall:.1f} s, stages' own compute {own:.1f} s, orchestration overhead {overhead:.1f} s "
@@ -86,7 +92,8 @@ def last_run_stages(tracking_uri: str) -> tuple[dict[str, float], dict[str, floa
                            order_by=["attributes.start_time DESC"], max_results=1)[0]
     in_pipeline = {k.removeprefix("seconds_"): v for k, v in parent.data.metrics.items()
                    if k.startswith("seconds_") and k != "seconds_total"}
-    children = c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = sorted(c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"),
+                      key=lambda r: r.info.start_time)
     compute = {r.info.run_name: (r.info.end_time - r.info.start_time) / 1000 for r in children}
     return in_pipeline, compute
 
@@ -132,6 +139,10 @@ def main() -> None:
         print(f"cached run (every stage skipped), temporary Prefect server: wall {cached:.1f} s (target <= 15 s)")
         forced = forced_run(project, env, "forced run")
         report_full_run("full run with the stores in place (`tlops run --force`), temporary Prefect server:", forced,
+                        tracking_uri)
+        shutil.rmtree(project / "checkpoints", ignore_errors=True)
+        wall = timed_command(project, env, "dvc repro", ["dvc", "repro", "--force"])
+        report_full_run("the same stages by plain `dvc repro --force` (one process per stage), for comparison:", wall,
                         tracking_uri)
         if args.server:
             server, url = start_prefect_server(env)

@@ -22,7 +22,7 @@ from prefect.tasks import exponential_backoff
 
 from tasks import dvc_stages, pipeline_report
 from tasks.pipeline_report import StageRecord
-from flows.temporary_server import TemporaryServer
+from flows.temporary_server import STARTUP_TIMEOUT_S, TemporaryServer, prefect_api
 from tasks.workspace import workspace_lock
 from tlops import paths, tracking
 from tlops.config import Params, ScheduleParams, load_params, params_path as resolve_params_path
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 REFRESH_STAGE = "ingest"  # the stage that materialises the data source; `refresh` re-runs it
 LOCK_FILE = paths.STATE_DIR / "pipeline.lock"
-SERVER_STARTUP_TIMEOUT_S = 120
 
 
 @flow(name="pipeline")
@@ -62,33 +61,13 @@ def run_pipeline(params_path: str | None = None, refresh: bool = False, force: b
     Without a configured Prefect API the flow talks to a temporary server: `server` when the caller spawned one
     early (tlops.cli does, before importing anything heavy), else one spawned here.
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    if PREFECT_API_URL.value():  # a server named by the environment or the Prefect profile
-        if server is not None:
-            server.stop()
-        _preload()
+    with prefect_api(server) as temporary:
+        if temporary is not None:
+            # While the server starts, on the other core. With a running server there is nothing to overlap:
+            # each stage imports what it needs when it runs (nothing, when every stage is cached).
+            _preload()
+            temporary.wait_ready(STARTUP_TIMEOUT_S)
         return pipeline_flow(params_path=params_path, refresh=refresh, force=force)
-    server = server or TemporaryServer()
-    try:
-        _preload()  # while the server starts, on the other core
-        server.wait_ready(SERVER_STARTUP_TIMEOUT_S)
-        with temporary_settings(updates={PREFECT_API_URL: server.url}):
-            try:
-                return pipeline_flow(params_path=params_path, refresh=refresh, force=force)
-            finally:
-                _drain_prefect_workers()  # the run's last logs and events reach the server before it stops
-    finally:
-        server.stop()
-
-
-def _drain_prefect_workers(timeout_s: float = 10.0) -> None:
-    """Send what Prefect's background log and event workers still hold, and stop them."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=timeout_s)
-    EventsWorker.drain_all(timeout=timeout_s)
 
 
 def _run_stages(repo: Repo, params: Params, params_path: str | None, refresh: bool, force: bool,

@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tlops.errors import TlopsError
@@ -24,6 +26,7 @@ from tlops.errors import TlopsError
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_BLOCKS_REGISTER_ON_START": "false"}
 PORT_IN_USE = 3  # uvicorn's exit code when another process took the port first
+STARTUP_TIMEOUT_S = 120  # Prefect's own default (20 s) is missed on a busy 2-core machine
 
 
 class TemporaryServer:
@@ -89,3 +92,39 @@ def spawn_unless_configured() -> TemporaryServer | None:
     if os.environ.get("PREFECT_API_URL"):
         return None
     return TemporaryServer()
+
+
+@contextmanager
+def prefect_api(server: TemporaryServer | None = None) -> Iterator[TemporaryServer | None]:
+    """The Prefect API for a flow run in this process: the configured server if the environment or the Prefect
+    profile names one, else a temporary server (`server`, when spawned early; else one spawned here).
+
+    Yields the temporary server (None with a configured one) as soon as it is spawned: the body may do other work,
+    then must call `wait_ready` before its first Prefect call. On leaving, the run's logs and events are sent
+    before the temporary server stops.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        if server is not None:
+            server.stop()
+        yield None
+        return
+    server = server or TemporaryServer()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.url}):
+            try:
+                yield server
+            finally:
+                _drain_prefect_workers()
+    finally:
+        server.stop()
+
+
+def _drain_prefect_workers(timeout_s: float = 10.0) -> None:
+    """Send what Prefect's background log and event workers still hold, and stop them."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout_s)
+    EventsWorker.drain_all(timeout=timeout_s)
