@@ -20,9 +20,9 @@ from prefect import Task, flow, task
 from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
+from flows.temporary_server import TemporaryServer, prefect_api
 from tasks import dvc_stages, pipeline_report
 from tasks.pipeline_report import StageRecord
-from flows.temporary_server import STARTUP_TIMEOUT_S, TemporaryServer, prefect_api
 from tasks.workspace import workspace_lock
 from tlops import paths, tracking
 from tlops.config import Params, ScheduleParams, load_params, params_path as resolve_params_path
@@ -61,12 +61,9 @@ def run_pipeline(params_path: str | None = None, refresh: bool = False, force: b
     Without a configured Prefect API the flow talks to a temporary server: `server` when the caller spawned one
     early (tlops.cli does, before importing anything heavy), else one spawned here.
     """
-    with prefect_api(server) as temporary:
-        if temporary is not None:
-            # While the server starts, on the other core. With a running server there is nothing to overlap:
-            # each stage imports what it needs when it runs (nothing, when every stage is cached).
-            _preload()
-            temporary.wait_ready(STARTUP_TIMEOUT_S)
+    # _preload while a temporary server starts; with a running server there is nothing to overlap, and each stage
+    # imports what it needs when it runs (nothing, when every stage is cached).
+    with prefect_api(server, while_starting=_preload):
         return pipeline_flow(params_path=params_path, refresh=refresh, force=force)
 
 

@@ -1,4 +1,4 @@
-"""A temporary Prefect API server for one `tlops run` when no server is configured.
+"""A temporary Prefect API server for `tlops run` (and each stage process) when no server is configured.
 
 Prefect starts such a server itself on first use, but only after importing `prefect.server` in this process
 (about 3 s here), and then waits for it. Spawned first thing, before Prefect is even imported, its start-up
@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -87,20 +87,20 @@ class TemporaryServer:
 
 
 def spawn_unless_configured() -> TemporaryServer | None:
-    """A temporary server when the environment names no Prefect API (a profile may still name one: see
-    flows.pipeline.run_pipeline, which checks once Prefect is imported)."""
+    """A temporary server when the environment names no Prefect API (a profile may still name one: prefect_api
+    checks once Prefect is imported, and stops this one then)."""
     if os.environ.get("PREFECT_API_URL"):
         return None
     return TemporaryServer()
 
 
 @contextmanager
-def prefect_api(server: TemporaryServer | None = None) -> Iterator[TemporaryServer | None]:
-    """The Prefect API for a flow run in this process: the configured server if the environment or the Prefect
-    profile names one, else a temporary server (`server`, when spawned early; else one spawned here).
-
-    Yields the temporary server (None with a configured one) as soon as it is spawned: the body may do other work,
-    then must call `wait_ready` before its first Prefect call. On leaving, the run's logs and events are sent
+def prefect_api(server: TemporaryServer | None = None,
+                while_starting: Callable[[], object] | None = None) -> Iterator[None]:
+    """The Prefect API for flow runs in the body: the configured server if the environment or the Prefect profile
+    names one, else a temporary server (`server`, when spawned early; else one spawned here), up before the body
+    starts. `while_starting` runs while a temporary server starts (it overlaps on the other core); with a
+    configured server it does not run: nothing would overlap it. On leaving, the body's logs and events are sent
     before the temporary server stops.
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -108,13 +108,16 @@ def prefect_api(server: TemporaryServer | None = None) -> Iterator[TemporaryServ
     if PREFECT_API_URL.value():
         if server is not None:
             server.stop()
-        yield None
+        yield
         return
     server = server or TemporaryServer()
     try:
+        if while_starting is not None:
+            while_starting()
+        server.wait_ready(STARTUP_TIMEOUT_S)
         with temporary_settings(updates={PREFECT_API_URL: server.url}):
             try:
-                yield server
+                yield
             finally:
                 _drain_prefect_workers()
     finally:

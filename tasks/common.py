@@ -22,12 +22,10 @@ def stage_main(flow: Callable[..., Any]) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    from flows.temporary_server import STARTUP_TIMEOUT_S, prefect_api
+    from flows.temporary_server import prefect_api
 
     try:
-        with prefect_api() as temporary:  # under plain `dvc repro` each stage process needs a Prefect API
-            if temporary is not None:
-                temporary.wait_ready(STARTUP_TIMEOUT_S)
+        with prefect_api():  # under plain `dvc repro` each stage process needs a Prefect API of its own
             flow()
     except TlopsError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -51,7 +51,8 @@ def open_repo(root: str | Path = ".") -> Repo:
     try:
         return Repo(str(root))
     except NotDvcRepoError:
-        raise ConfigError(f"{Path(root).resolve()}: not a DVC repo (run from the project root, or `dvc init`)") from None
+        raise ConfigError(f"{Path(root).resolve()}: not a DVC repo (run from the project root, or `dvc init`)"
+                          ) from None
 
 
 def pipeline_stages(repo: Repo) -> list[PipelineStage]:

@@ -69,17 +69,22 @@ def stage(name: Annotated[str, typer.Argument(help="a stage of dvc.yaml, e.g. pr
           params: ParamsOpt = None) -> None:
     """Run one stage's Prefect flow now, as dvc.yaml's cmd does (not recorded in dvc.lock)."""
     _params(params)
-    import importlib
+    import importlib.util
 
-    try:
-        module = importlib.import_module(f"flows.{name}")
-    except ModuleNotFoundError:
+    from flows.temporary_server import prefect_api, spawn_unless_configured
+
+    if importlib.util.find_spec(f"flows.{name}") is None:
         typer.echo(f"error: no stage named {name!r} (see `dvc stage list`)", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(2)
+    server = spawn_unless_configured()  # first, so that its start-up overlaps the stage's imports
+    module = importlib.import_module(f"flows.{name}")
     try:
-        getattr(module, f"{name}_flow")(str(params) if params else None)
+        with prefect_api(server):
+            getattr(module, f"{name}_flow")(str(params) if params else None)
     except TlopsError as e:
         raise _fail(e) from None
+    finally:
+        gc.freeze()  # see run
 
 
 @app.command()
