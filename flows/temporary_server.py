@@ -48,7 +48,7 @@ class TemporaryServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory", "prefect.server.api.server:create_app",
              "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-            env={**os.environ, **SERVER_ENV}, stdin=subprocess.DEVNULL)
+            env={**os.environ, **SERVER_ENV}, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent())
 
     def wait_ready(self, timeout_s: float) -> None:
         """Block until the API answers /health; TlopsError if the server exits or is not up within timeout_s."""
@@ -84,6 +84,19 @@ class TemporaryServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _die_with_parent() -> Callable[[], object] | None:
+    """On Linux, have the kernel send the server SIGTERM when the thread that spawned it dies, even by SIGKILL:
+    no Prefect server is left running after a killed run. (Spawned from the main thread, that is the process.)"""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child must not import between fork and exec
+    pr_set_pdeathsig = 1
+    return lambda: libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def spawn_unless_configured() -> TemporaryServer | None:
