@@ -63,10 +63,10 @@ def timed_command(project: Path, env: dict[str, str], label: str, argv: list[str
     return wall
 
 
-def forced_run(project: Path, env: dict[str, str], label: str) -> float:
-    """`tlops run --force` from scratch: without its checkpoints, finetune would resume its finished run."""
+def from_scratch(project: Path, env: dict[str, str], label: str, argv: list[str]) -> float:
+    """timed_command of a forced full run: without its checkpoints, finetune would resume its finished run."""
     shutil.rmtree(project / "checkpoints", ignore_errors=True)
-    return timed_run(project, env, label, "--force")
+    return timed_command(project, env, label, argv)
 
 
 def report_full_run(label: str, wall: float, tracking_uri: str) -> None:
@@ -122,7 +122,7 @@ def start_prefect_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, help="where to make the project copy (default: a temp dir, removed)")
-    ap.add_argument("--server", action="store_true", help="also time the cached run against a Prefect server")
+    ap.add_argument("--server", action="store_true", help="also time a cached and a full run against a running Prefect server")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="tlops-bench-", dir=args.workdir))
     try:
@@ -137,11 +137,10 @@ def main() -> None:
         report_full_run("full run on a fresh clone (creates the Prefect and MLflow stores):", full, tracking_uri)
         cached = timed_run(project, env, "cached run")
         print(f"cached run (every stage skipped), temporary Prefect server: wall {cached:.1f} s (target <= 15 s)")
-        forced = forced_run(project, env, "forced run")
+        forced = from_scratch(project, env, "forced run", ["tlops", "run", "--force"])
         report_full_run("full run with the stores in place (`tlops run --force`), temporary Prefect server:", forced,
                         tracking_uri)
-        shutil.rmtree(project / "checkpoints", ignore_errors=True)
-        wall = timed_command(project, env, "dvc repro", ["dvc", "repro", "--force"])
+        wall = from_scratch(project, env, "dvc repro", ["dvc", "repro", "--force"])
         report_full_run("the same stages by plain `dvc repro --force` (one process per stage), for comparison:", wall,
                         tracking_uri)
         if args.server:
@@ -150,7 +149,7 @@ def main() -> None:
                 served = {**env, "PREFECT_API_URL": url}
                 with_server = timed_run(project, served, "cached run server")
                 print(f"cached run against a running Prefect server: wall {with_server:.1f} s")
-                forced = forced_run(project, served, "forced run server")
+                forced = from_scratch(project, served, "forced run server", ["tlops", "run", "--force"])
                 report_full_run("full run (`--force`) against a running Prefect server:", forced, tracking_uri)
             finally:
                 server.terminate()
