@@ -122,7 +122,8 @@ def start_prefect_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, help="where to make the project copy (default: a temp dir, removed)")
-    ap.add_argument("--server", action="store_true", help="also time a cached and a full run against a running Prefect server")
+    ap.add_argument("--server", action="store_true",
+                    help="also time a cached and a full run against a running Prefect server")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="tlops-bench-", dir=args.workdir))
     try:
