@@ -6,7 +6,7 @@ EfficientNet-Lite0 with its packaged ImageNet weights, on scikit-learn's digits 
 backbone's own spec. Contenders, run in turn on the very same float32 batches, round after round (so
 load from other processes hits all of them alike):
   stage        tlops.features.make_runner(engine="auto"): what `features` runs on this machine
-  onnxruntime  the reference: tlops.export.export_onnx + tlops.export.session (what serving runs)
+  onnxruntime  the reference: tlops.export.export_onnx + tlops.runtime.session (what serving runs)
   torch        the stage's PyTorch path: inference_mode + channels_last (used on CUDA, or as fallback)
   eager        plain PyTorch: NCHW, no_grad, as a tutorial would write it
 Prints images/s (median and best over rounds) and stage / onnxruntime. Target: >= 0.8.
@@ -47,12 +47,12 @@ def digit_batches(spec, n: int, batch: int) -> list[np.ndarray]:
 def contenders(bb, threads: int | None, example: np.ndarray, tmp: Path) -> dict[str, Callable]:
     import torch
 
-    from tlops import export
+    from tlops import export, runtime
     from tlops.features import make_runner, torch_runner
 
     stage, engine = make_runner(bb, "auto", threads, example=example)
-    onnx_path = export.export_onnx(bb.model, bb.spec, tmp / f"{bb.name}-{bb.spec.input_size}.onnx", opset=17)
-    sess = export.session(onnx_path, threads)
+    onnx_path = export.export_onnx(bb.model, bb.spec.input_size, tmp / f"{bb.name}-{bb.spec.input_size}.onnx", 17)
+    sess = runtime.session(onnx_path, threads, cpu_only=True)
     name = sess.get_inputs()[0].name
 
     def eager(x: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["tlops", "flows", "tasks", "serving", "dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore",
+PROJECT_FILES = ["tlops", "flows", "tasks", "orchestration", "serving", "dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore",
                  "prefect.yaml"]
 BIN = Path(sys.executable).parent
 

@@ -53,7 +53,7 @@ def pipeline_models() -> Models | None:
     """The pipeline's exported model and its fine-tuned PyTorch original, when both exist."""
     if not (paths.ONNX.exists() and paths.FINETUNE_WEIGHTS.exists()):
         return None
-    from tlops.train import load_classifier
+    from tlops.model import load_classifier
 
     model, _ = load_classifier(paths.FINETUNE_DIR)
     int8 = paths.INT8_ONNX if paths.INT8_ONNX.exists() else None
@@ -67,14 +67,14 @@ def standin_models(workdir: Path, calibration: list[bytes]) -> Models:
     from tlops import onnx_meta
     from tlops.backbones import create_backbone
     from tlops.export import build_metadata, export_onnx, quantize_int8, write_metadata
+    from tlops.model import Classifier, build_head
     from tlops.preprocess import load_image, preprocess
-    from tlops.train import Classifier, build_head
 
     torch.manual_seed(0)
     bb = create_backbone("efficientnet_lite0", weights="random", image_size=STANDIN_SIZE)
     model = Classifier(bb.model, build_head("linear", bb.num_features, STANDIN_CLASSES, 256, 0.0)).eval()
     fp32 = workdir / "model.onnx"
-    export_onnx(model, bb.spec, fp32, opset=17)
+    export_onnx(model, bb.spec.input_size, fp32, opset=17)
     meta = build_metadata([f"class_{i}" for i in range(STANDIN_CLASSES)], bb.spec, bb.name, None, None, None, "bench")
     write_metadata(fp32, meta)
     onnx_meta.write_sha256(fp32)
@@ -229,7 +229,6 @@ async def _loadgen(url: str, images: list[bytes], concurrency: int, requests: in
 
 def batch_stats(url: str) -> tuple[float, float]:
     import httpx
-
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{url}/metrics", timeout=10).text
@@ -301,9 +300,9 @@ def main() -> None:
         return
     os.chdir(ROOT)
     levels = [int(c) for c in args.concurrency.split(",")]
+    from tlops import onnx_meta
     from tlops.config import load_params
     from tlops.preprocess import PreprocessSpec
-    from tlops import onnx_meta
 
     serve = load_params().serve.model_dump(exclude={"model", "host", "port"})
     if args.threads:

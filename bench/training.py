@@ -24,9 +24,11 @@ from tlops import data, paths
 from tlops.backbones import create_backbone
 from tlops.config import Params, load_params
 from tlops.data import Manifest
-from tlops.features import extract_with, load_feature_dataset, make_runner, torch_threads
+from tlops.devices import torch_threads
+from tlops.features import extract_with, load_feature_dataset, make_runner
+from tlops.model import build_head
 from tlops.preprocess import load_and_preprocess
-from tlops.train import build_head, train_head
+from tlops.train import train_head
 
 
 def digits_subset(params: Params, images: int) -> Manifest:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.common import stage_main
+from orchestration.stage_main import stage_main
 from tasks.finetune import finetune
 
 stage_task = finetune

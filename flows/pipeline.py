@@ -1,6 +1,6 @@
 """The pipeline flow: the stages of dvc.yaml in dependency order, each one Prefect task run named by its stage.
 
-dvc.yaml is the only list of stages. DVC decides what runs (tasks/dvc_stages.py): a stage unchanged since dvc.lock
+dvc.yaml is the only list of stages. DVC decides what runs (orchestration/dvc_stages.py): a stage unchanged since dvc.lock
 is skipped and shows as a Completed task run named "Skipped"; one whose outputs DVC restores from its run cache
 shows as "Cached"; a changed stage runs here, in this process (the `stage_task` of the module its cmd runs), and is
 recorded in dvc.lock and .dvc/cache as `dvc repro` records it. So `tlops run` and `dvc repro` never redo each
@@ -20,12 +20,15 @@ from prefect import Task, flow, task
 from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
-from flows.temporary_server import TemporaryServer, prefect_api
-from tasks import dvc_stages, pipeline_report
-from tasks.pipeline_report import StageRecord
-from tasks.workspace import workspace_lock
+from orchestration import dvc_stages
+from orchestration import report as pipeline_report
+from orchestration.prefect_server import TemporaryServer, prefect_api
+from orchestration.report import StageRecord
+from orchestration.workspace import workspace_lock
 from tlops import paths, tracking
-from tlops.config import Params, ScheduleParams, load_params, params_path as resolve_params_path
+from tlops.config import Params, ScheduleParams, load_params
+from tlops.config import params_path as resolve_params_path
+from tlops.data import forget_data_version, remember_data_version
 from tlops.errors import ConfigError, TlopsError, is_permanent
 
 if TYPE_CHECKING:
@@ -43,6 +46,7 @@ def pipeline_flow(params_path: str | None = None, refresh: bool = False, force: 
     """Bring every stage of dvc.yaml up to date: `refresh` re-reads the data source first, `force` re-runs all."""
     params = load_params(params_path)
     _check_params_file(params_path)
+    forget_data_version()  # learnt anew once the ingest stage is up to date
     started = time.perf_counter()
     records: list[StageRecord] = []
     with workspace_lock(LOCK_FILE, params.schedule.lock_timeout_s), tracking.pipeline_run(params) as parent:
@@ -78,6 +82,8 @@ def _run_stages(repo: Repo, params: Params, params_path: str | None, refresh: bo
         try:
             records.append(_bring_up_to_date(repo, stage, params, params_path,
                                              force=force or (refresh and stage.name == REFRESH_STAGE)))
+            if version := dvc_stages.output_hash(stage, paths.RAW):  # DVC has just hashed the data: pass it on
+                remember_data_version(version)
         except BaseException as exc:
             records.append(StageRecord(stage.name, "failed", time.perf_counter() - started, _one_line(exc)))
             records.extend(StageRecord(s.name, "not run", 0.0, f"{stage.name} failed") for s in stages[i + 1:])
@@ -187,13 +193,13 @@ def _mlflow_url(run_id: str) -> str | None:
 
 
 def _data_version() -> str | None:
-    """tlops.data.data_version() when data/raw exists."""
+    """This run's data version, when data/raw exists (known since the ingest stage: not hashed again)."""
     if not paths.RAW.is_dir():
         return None
-    from tlops.data import data_version
+    from tlops.data import current_data_version
 
     try:
-        return data_version()
+        return current_data_version()
     except Exception as e:  # noqa: BLE001 - a summary line is not worth failing a finished run for
         log.warning("data version unavailable: %s", e)
         return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.common import stage_main
+from orchestration.stage_main import stage_main
 from tasks.train_head import train_head
 
 stage_task = train_head

@@ -33,10 +33,11 @@ from serving import protocol
 from serving.batcher import Closed, MicroBatcher, QueueFull
 from serving.metrics import Metrics
 from serving.middleware import BodyLimit, RequestMetrics
-from serving.model import LoadedModel, ModelSource, file_key, load_model, softmax, top_labels, warm_up
+from serving.model import LoadedModel, ModelSource, file_key, load_model, top_labels, warm_up
 from serving.protocol import ApiError
 from tlops.config import ServeParams
 from tlops.preprocess import ImageError, PreprocessSpec, load_image, preprocess
+from tlops.runtime import softmax
 
 log = logging.getLogger("serving")
 

@@ -43,13 +43,3 @@ def http_accuracy(base_url: str, items: Iterable[tuple[str | os.PathLike, str]],
                            for pred, (_, label) in zip(answer["predictions"], chunk))
     n = len(items)
     return {"n": n, "correct": correct, "accuracy": correct / n if n else float("nan"), "model_version": version}
-
-
-def split_accuracy(base_url: str, manifest_path: str | os.PathLike | None = None, split: str = "test",
-                   batch_size: int = 16) -> dict:
-    """http_accuracy over one split of the prepare stage's manifest (paths relative to the project root)."""
-    from tlops import paths
-    from tlops.data import load_manifest
-
-    manifest = load_manifest(Path(manifest_path or paths.MANIFEST))
-    return http_accuracy(base_url, [(r.path, r.label) for r in manifest.rows_in(split)], batch_size=batch_size)

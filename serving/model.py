@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
-from tlops import onnx_meta
+from tlops import onnx_meta, runtime
 from tlops.errors import ConfigError, ModelIntegrityError
 from tlops.io import sha256_bytes
 from tlops.preprocess import PreprocessSpec
 
-REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))$")
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+REGISTRY_SCHEME = "models:/"
 
 
 @dataclass(frozen=True)
@@ -26,24 +28,31 @@ class ModelSource:
     ref: str
 
     def __post_init__(self) -> None:
-        if self.ref.startswith("models:/") and not REGISTRY_URI.match(self.ref):
-            raise ConfigError(f"serve.model {self.ref!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+        if self.is_registry:
+            self._registry_name()  # a malformed models:/ URI fails here, naming the expected forms
 
     @property
     def is_registry(self) -> bool:
-        return self.ref.startswith("models:/")
+        return self.ref.startswith(REGISTRY_SCHEME)
 
     @property
     def name(self) -> str:
         """The model's name in the v2 API: the registered name, else the file stem."""
-        m = REGISTRY_URI.match(self.ref)
-        return m["name"] if m else Path(self.ref).stem
+        return self._registry_name() if self.is_registry else Path(self.ref).stem
+
+    def _registry_name(self) -> str:
+        from tlops.registry import parse_model_uri  # lazy: MLflow's client only when serving from the registry
+
+        try:
+            return parse_model_uri(self.ref)[0]
+        except ConfigError as e:
+            raise ConfigError(f"serve.model {e}") from None
 
     def resolve(self) -> Path:
         """The local .onnx file for this source now (downloads from the registry if needed)."""
         if not self.is_registry:
             return Path(self.ref)
-        from tlops.tracking import resolve_model_uri  # lazy: mlflow only when serving from the registry
+        from tlops.registry import resolve_model_uri  # lazy: MLflow's client only when serving from the registry
 
         return Path(resolve_model_uri(self.ref))
 
@@ -97,19 +106,6 @@ class LoadedModel:
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.inter_op_num_threads = 1  # one batch at a time uses every core through intra-op threads
-    if threads:
-        opts.intra_op_num_threads = threads
-    # Idle ORT threads sleep instead of spinning: the event loop and decoding threads need those cores.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return opts
-
-
 def load_model(path: str | os.PathLike, name: str | None = None, threads: int | None = None,
                verify: bool = True) -> LoadedModel:
     """Verify the file against its recorded sha256, then open it with ONNX Runtime and read its metadata.
@@ -127,7 +123,8 @@ def load_model(path: str | os.PathLike, name: str | None = None, threads: int | 
     if digest is not None and actual != digest:  # replaced between the check and the read
         raise ModelIntegrityError(f"{path}: changed while loading (sha256 {actual}, verified {digest}); retry")
     try:
-        session = ort.InferenceSession(data, sess_options=session_options(threads), providers=_providers())
+        # Idle threads sleep rather than spin: the event loop and the decoding threads need those cores.
+        session = runtime.session(data, threads=threads, spinning=False)
     except Exception as e:  # ORT raises its own exception types for every kind of bad file
         raise ModelIntegrityError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0]})") from None
     meta = dict(session.get_modelmeta().custom_metadata_map)
@@ -136,11 +133,6 @@ def load_model(path: str | os.PathLike, name: str | None = None, threads: int | 
     return LoadedModel(name=name or path.stem, version=actual[:12], sha256=actual, path=path, session=session,
                        labels=tuple(labels), spec=spec, input_name=input_name, output_name=output_name,
                        metadata=meta, key=key)
-
-
-def _providers() -> list[str]:
-    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    return [p for p in wanted if p in ort.get_available_providers()]
 
 
 def _check_signature(session: ort.InferenceSession, spec: PreprocessSpec, classes: int, path: Path) -> tuple[str, str]:
@@ -169,14 +161,6 @@ def warm_up(model: LoadedModel, batch_sizes: tuple[int, ...] = (1,)) -> float:
         if y.shape != (n, len(model.labels)) or not np.isfinite(y).all():
             raise ModelIntegrityError(f"{model.path}: warm-up gave {y.shape} or non-finite logits for batch {n}")
     return time.perf_counter() - t0
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, computed in float64 so tiny probabilities do not underflow."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def top_labels(probs: np.ndarray, labels: tuple[str, ...] | list[str], k: int) -> list[dict]:

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from serving.model import LoadedModel, ModelSource, softmax, top_labels
+from serving.model import LoadedModel, ModelSource, top_labels
 from tlops.preprocess import ImageError, load_image, preprocess
+from tlops.runtime import softmax
 
 BATCH = 32
 

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import task
 
 from tlops import export as exporting
-from tlops import onnx_meta, paths, tracking
+from tlops import onnx_meta, paths, registry, tracking
 from tlops.config import Params, load_params
 from tlops.io import write_json
 
@@ -39,21 +39,21 @@ def register(params: Params, report: dict[str, Any], run_id: str) -> str:
     images, _ = exporting.labelled_test_images(load_manifest(paths.MANIFEST))
     example = exporting.input_example(paths.ONNX, images[0], params.data.max_pixels)
     meta = onnx_meta.read_metadata(paths.ONNX)
-    return tracking.log_onnx_model(paths.ONNX, example, params.export.registered_model, run_id=run_id,
+    return registry.log_onnx_model(paths.ONNX, example, params.export.registered_model, run_id=run_id,
                                    metadata={k.removeprefix(onnx_meta.PREFIX): v for k, v in meta.items()})
 
 
 def promote(params: Params, version: str, accuracy: float, run_id: str) -> dict[str, Any]:
     """The promotion gate: candidate vs current champion on today's test split; tags the decision everywhere."""
     name = params.export.registered_model
-    champion = tracking.get_alias_version(name, tracking.CHAMPION)
-    path = tracking.download_model_file(name, champion) if champion else None
+    champion = registry.get_alias_version(name, registry.CHAMPION)
+    path = registry.download_model_file(name, champion) if champion else None
     decision = exporting.promotion(params, version, accuracy, path, champion)
     if decision["promoted"]:
-        tracking.set_alias(name, tracking.CHAMPION, version)
+        registry.set_alias(name, registry.CHAMPION, version)
     tags = {"promotion.promoted": decision["promoted"], "promotion.reason": decision["reason"],
             "promotion.candidate_accuracy": accuracy, "promotion.champion_accuracy": decision["champion_accuracy"],
             "promotion.champion_version": champion}
-    tracking.set_version_tags(name, version, tags)
+    registry.set_version_tags(name, version, tags)
     tracking.set_run_tags(run_id, tags)
     return decision

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from tlops import paths, tracking, train
+from tlops import devices, history, paths, tracking, train
 from tlops.config import load_params
 from tlops.data import load_manifest
 
@@ -14,9 +14,9 @@ def finetune(params_path: str | None = None) -> dict:
     """Fine-tune on the manifest's images; write models/finetuned, checkpoints and the history CSV."""
     params = load_params(params_path)
     with tracking.stage_run("finetune", params) as run:
-        run.set_tags(train.device_tags(train.resolve_device(params.finetune.device)))
+        run.set_tags(devices.device_tags(devices.resolve_device(params.finetune.device)))
         result = train.finetune(params, load_manifest(paths.MANIFEST), paths.HEAD_DIR, on_epoch=lambda row, epoch:
-                                run.log_metrics(train.epoch_metrics(row), step=epoch))
+                                run.log_metrics(history.epoch_metrics(row), step=epoch))
         # Named apart from the per-epoch series (val_accuracy, ...) so those keep one point per epoch.
         run.log_metrics({"finetuned_val_accuracy": result.val_accuracy, "head_val_accuracy": result.head_val_accuracy,
                          "resumed_epochs": float(result.resumed_epochs)})

@@ -14,7 +14,7 @@ def ingest(params_path: str | None = None) -> dict:
     params = load_params(params_path)
     with tracking.stage_run("ingest", params) as run:
         summary = data.ingest(params.data, paths.RAW)
-        summary["data_version"] = data.data_version()
+        summary["data_version"] = data.current_data_version()
         run.set_tags({"data_version": summary["data_version"], "data_source": params.data.source})
         run.log_metrics({"images": summary["images"], "classes": summary["classes"]})
     return summary

@@ -14,7 +14,7 @@ def prepare(params_path: str | None = None) -> dict:
     params = load_params(params_path)
     with tracking.stage_run("prepare", params) as run:
         report = data.prepare(paths.RAW, params.data, paths.MANIFEST, paths.DATA_REPORT)
-        version = data.data_version()
+        version = data.current_data_version()
         run.set_tags({"data_version": version})
         run.log_metrics({k: float(v) for k, v in report["totals"].items()})
         run.log_artifact(paths.DATA_REPORT)

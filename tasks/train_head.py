@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from tlops import paths, tracking, train
+from tlops import history, paths, tracking, train
 from tlops.config import load_params
 from tlops.features import load_feature_dataset
 
@@ -16,7 +16,7 @@ def train_head(params_path: str | None = None) -> dict:
     with tracking.stage_run("train_head", params) as run:
         ds = load_feature_dataset(paths.FEATURES_DATASET)
         result = train.train_head(ds, params.head, on_epoch=lambda row, epoch: run.log_metrics(
-            train.epoch_metrics(row), step=epoch))
+            history.epoch_metrics(row), step=epoch))
         train.save_head(result)
         run.set_tags({"device": "cpu", "backbone": result.backbone.get("backbone", ""),
                       "head.best_lr": result.lr, "head.best_weight_decay": result.weight_decay})

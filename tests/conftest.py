@@ -24,9 +24,13 @@ from PIL import Image
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tlops-prefect-"))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline, telemetry only logs errors
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# The hub is offline here; huggingface_hub reads these once, at import: an empty cache of the session's own.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_CACHE", tempfile.mkdtemp(prefix="tlops-hf-"))
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE = ["tlops", "flows", "tasks", "serving", "dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore"]
+CODE = ["tlops", "flows", "tasks", "orchestration", "serving", "dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore"]
 
 # Shrinks the real params.yaml so every stage runs in seconds on a random-init tiny backbone.
 TINY = {

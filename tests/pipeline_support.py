@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import run_cmd, write_params
+
 from tlops import tracking
 
 UP_TO_DATE = "Data and pipelines are up to date"

@@ -10,7 +10,7 @@ import yaml
 from conftest import ROOT, run_cmd
 
 from tlops import paths
-from tlops.config import Params, dotted_get, parse_params
+from tlops.config import Params, dotted_get, flatten, parse_params
 from tlops.errors import ConfigError
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -53,6 +53,18 @@ def test_out_of_range_value_names_the_key(raw: dict, key: str):
 
 def test_the_project_params_yaml_is_valid():
     parse_params(PARAMS_YAML)
+
+
+def test_schema_defaults_are_the_values_of_params_yaml_and_it_lists_every_key():
+    defaults, project = flatten(Params()), flatten(parse_params(PARAMS_YAML))
+    assert {k: (v, project.get(k)) for k, v in defaults.items() if project.get(k) != v} == {}
+
+    def keys(d: dict, prefix: str = "") -> set[str]:
+        return set().union(*[keys(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "env" else {f"{prefix}{k}"}
+                             for k, v in d.items()])
+
+    schema_keys = {k for k in defaults if not k.startswith("schedule.env.")} | {"schedule.env"}
+    assert schema_keys - keys(PARAMS_YAML) == set(), "keys params.yaml leaves to a schema default"
 
 
 def _dvc_param_keys() -> list[str]:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, write_params
-from flows.deploy import cron_schedule, deploy, ensure_process_pool, job_variables
 from pipeline_support import UP_TO_DATE, dvc_status, lock_entries, toy_workspace
+
+from flows.deploy import cron_schedule, deploy, ensure_process_pool, job_variables
 from tlops.config import Params, ScheduleParams, load_params
 from tlops.errors import ConfigError
 

@@ -7,11 +7,13 @@ import json
 
 import numpy as np
 import pytest
+from conftest import make_images
 from PIL import Image
 
-from conftest import make_images
 from tlops import evaluate as ev
+from tlops.history import merge_history
 from tlops.preprocess import PreprocessSpec
+from tlops.runtime import softmax
 
 CLASSES7 = [f"c{i}" for i in range(7)]
 
@@ -83,10 +85,10 @@ def history(epochs, phase):
 
 
 def test_merge_history_puts_both_phases_on_one_axis_and_marks_the_unfreeze_point():
-    rows, unfreeze = ev.merge_history(history([1, 2, 3], "head"), history([4, 5], "finetune"))
+    rows, unfreeze = merge_history(history([1, 2, 3], "head"), history([4, 5], "finetune"))
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
     assert unfreeze == 3.5
-    rows, unfreeze = ev.merge_history(history([1, 2, 3], "head"), history([1, 2], "finetune"))  # restarted count
+    rows, unfreeze = merge_history(history([1, 2, 3], "head"), history([1, 2], "finetune"))  # restarted count
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5] and unfreeze == 3.5
 
 
@@ -95,9 +97,9 @@ def test_plots_are_written_as_png(tmp_path):
     y = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
     pred = np.array([0, 1, 0, 1, 1, 2, 2, 2, 0])
     ev.plot_confusion(y, pred, ["a", "b", "c"], tmp_path / "p" / "confusion.png")
-    rows, unfreeze = ev.merge_history(history([1, 2], "head"), history([3, 4], "finetune"))
+    rows, unfreeze = merge_history(history([1, 2], "head"), history([3, 4], "finetune"))
     ev.plot_curves(rows, unfreeze, tmp_path / "p" / "curves.png")
-    probs = ev.softmax(one_hot_logits(pred, 3, 2.0))
+    probs = softmax(one_hot_logits(pred, 3, 2.0))
     worst = [ev.Mistake(str(images[i]), "abc"[y[i]], "abc"[pred[i]], float(probs[i].max()))
              for i in ev.worst_indices(probs, y, 4)]
     assert len(worst) == 3
@@ -115,8 +117,9 @@ def test_confusion_rows_name_classes():
 
 
 def test_evaluate_stage_writes_metrics_plots_and_dvc_renders_the_confusion_matrix(trained, capsys):
-    from tasks.evaluate import evaluate
     from conftest import run_cmd
+
+    from tasks.evaluate import evaluate
     from tlops import paths
 
     summary = evaluate.fn()

@@ -16,16 +16,16 @@ import onnx
 import pytest
 import torch
 import yaml
+from conftest import ROOT, TINY, deep_update, make_images
 from PIL import Image
 from torch import nn
 
-from conftest import ROOT, TINY, deep_update, make_images
 from tlops import export as ex
-from tlops import onnx_meta, paths, tracking
+from tlops import onnx_meta, paths, registry, runtime, tracking
 from tlops.config import parse_params
 from tlops.errors import ModelIntegrityError, ParityError
-from tlops.evaluate import iter_batches
 from tlops.preprocess import PreprocessSpec
+from tlops.preprocess import preprocess_batches as iter_batches
 
 SNIPPET = ROOT / "docs" / "onnx_snippet.py"
 CLASSES = ["class_0", "class_1", "class_2"]
@@ -39,7 +39,7 @@ def tiny_params(**over):
 def tiny_classifier(spec: PreprocessSpec | None = None, seed: int = 0) -> tuple[nn.Module, PreprocessSpec]:
     """The tiny_test backbone + a linear head, random init: the shape of the real fine-tuned model."""
     from tlops.backbones import create_backbone
-    from tlops.train import Classifier, build_head
+    from tlops.model import Classifier, build_head
 
     bb = create_backbone("tiny_test", weights="random", image_size=32)
     torch.manual_seed(seed)
@@ -60,7 +60,7 @@ class ChannelScore(nn.Module):
 
 
 def write_onnx(model: nn.Module, spec: PreprocessSpec, path: Path, **meta) -> Path:
-    ex.export_onnx(model, spec, path, opset=17)
+    ex.export_onnx(model, spec.input_size, path, opset=17)
     fields = {"backbone": "tiny_test", "data_version": "dv1", "git_commit": "abc", "run_id": "r1",
               "params_sha": "p" * 64, **meta}
     ex.write_metadata(path, ex.build_metadata(CLASSES, spec, **fields))
@@ -88,7 +88,7 @@ def test_export_is_one_self_contained_file_with_pinned_opset_and_dynamic_batch(t
     (inp,), (out,) = proto.graph.input, proto.graph.output
     assert (inp.name, out.name) == ("input", "logits")
     assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"
-    sess = ex.session(path)
+    sess = runtime.session(path, cpu_only=True)
     for n in (1, 5):
         x = np.zeros((n, 3, 32, 32), np.float32)
         assert sess.run(None, {"input": x})[0].shape == (n, 3)
@@ -116,7 +116,7 @@ def test_parity_passes_on_the_exported_model_and_fails_on_an_altered_graph(tmp_p
     w[0] += 5.0
     init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
     onnx.save(proto, str(tmp_path / "altered.onnx"))
-    with pytest.raises(ParityError, match=r"top-1 agreement .*max \|Δlogit\|") as err:
+    with pytest.raises(ParityError, match=r"top-1 agreement .*max \|Δ\|") as err:
         ex.check_parity(tmp_path / "altered.onnx", model, batches(images, spec), atol=1e-3)
     assert "parity_atol = 0.001" in str(err.value)
 
@@ -134,7 +134,7 @@ def test_metadata_round_trip(tmp_path):
     assert meta["tlops.mlflow_run_id"] == "run-42"
     assert meta["tlops.precision"] == "fp32" and meta["tlops.created"].startswith("20")
     # onnxruntime sees the same metadata (what serving and the README snippet read)
-    assert ex.session(path).get_modelmeta().custom_metadata_map == meta
+    assert runtime.session(path).get_modelmeta().custom_metadata_map == meta
     # rewriting replaces tlops.* keys and keeps foreign ones
     proto = onnx.load(str(path))
     proto.metadata_props.add(key="other", value="kept")
@@ -200,7 +200,7 @@ def test_readme_snippet_gives_the_same_predictions_as_tlops_preprocessing(tmp_pa
     got = [line.split("\t") for line in out.getvalue().splitlines()]
 
     meta = onnx_meta.read_metadata(path)
-    logits = ex.onnx_logits(ex.session(path), iter_batches([str(f) for f in files], onnx_meta.spec_of(meta), 10**7))
+    logits = runtime.run_batches(runtime.session(path), iter_batches([str(f) for f in files], onnx_meta.spec_of(meta), 10**7))
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     want = [[str(f), CLASSES[int(p.argmax())], f"{p.max():.3f}"] for f, p in zip(files, probs, strict=True)]
@@ -296,28 +296,28 @@ def test_champion_alias_moves_only_when_the_threshold_is_met(manifest_ws):
         params = tiny_params(export={"registered_model": name}, evaluate={"promote_min_delta": min_delta})
         with tracking.stage_run("export", params) as run:
             example = ex.input_example(path, files[0], 10**7)
-            version = tracking.log_onnx_model(path, example, name, run_id=run.run_id)
+            version = registry.log_onnx_model(path, example, name, run_id=run.run_id)
             decision = promote(params, version, acc[path], run.run_id)
-        assert tracking.get_alias_version(name, tracking.CANDIDATE) == version
-        assert tracking.get_version_tags(name, version)["promotion.promoted"] == str(decision["promoted"])
+        assert registry.get_alias_version(name, registry.CANDIDATE) == version
+        assert registry.get_version_tags(name, version)["promotion.promoted"] == str(decision["promoted"])
         assert tracking.client().get_run(run.run_id).data.tags["promotion.reason"] == decision["reason"]
         return {**decision, "version": version}
 
     first = register_and_promote(bad, 0.0)
     assert first["promoted"] and first["champion_version"] is None
-    assert tracking.get_alias_version(name, tracking.CHAMPION) == first["version"]
+    assert registry.get_alias_version(name, registry.CHAMPION) == first["version"]
 
     short = register_and_promote(good, margin + 0.01)  # better, but not by enough
     assert not short["promoted"] and short["champion_accuracy"] == pytest.approx(acc[bad])
-    assert tracking.get_alias_version(name, tracking.CHAMPION) == first["version"]
+    assert registry.get_alias_version(name, registry.CHAMPION) == first["version"]
 
     enough = register_and_promote(good, margin)  # better by exactly min_delta
     assert enough["promoted"] and enough["champion_version"] == first["version"]
-    assert tracking.get_alias_version(name, tracking.CHAMPION) == enough["version"]
+    assert registry.get_alias_version(name, registry.CHAMPION) == enough["version"]
 
     same = register_and_promote(good, 0.0)  # identical re-export: equal accuracy, champion stays
     assert not same["promoted"] and same["champion_accuracy"] == pytest.approx(acc[good])
-    assert tracking.get_alias_version(name, tracking.CHAMPION) == enough["version"]
+    assert registry.get_alias_version(name, registry.CHAMPION) == enough["version"]
 
 
 # ---------------------------------------------------------------- the stage
@@ -370,11 +370,11 @@ def test_export_stage_verifies_registers_and_promotes_only_a_better_model(traine
     assert np.mean([p == t for p, t in zip(predicted, truth, strict=True)]) == pytest.approx(
         metrics["finetuned"]["accuracy"])
 
-    assert tracking.get_alias_version(name, tracking.CHAMPION) == first["version"]
+    assert registry.get_alias_version(name, registry.CHAMPION) == first["version"]
     second = export.fn()  # the same model again: new candidate, champion unchanged
     assert not second["promoted"] and second["version"] != first["version"]
-    assert tracking.get_alias_version(name, tracking.CANDIDATE) == second["version"]
-    assert tracking.get_alias_version(name, tracking.CHAMPION) == first["version"]
+    assert registry.get_alias_version(name, registry.CANDIDATE) == second["version"]
+    assert registry.get_alias_version(name, registry.CHAMPION) == first["version"]
     promotion = json.loads(paths.EXPORT_REPORT.read_text())["promotion"]
     assert promotion["champion_version"] == first["version"] and promotion["champion_after"] == first["version"]
 

@@ -19,15 +19,25 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import make_images, run_cmd, write_params
+from pipeline_support import (
+    UP_TO_DATE,
+    artifacts_of,
+    dvc_status,
+    lock_entries,
+    running_mlflow_runs,
+    states,
+    task_run_states,
+    toy_workspace,
+    write_toy_pipeline,
+)
+
 from flows.pipeline import pipeline_flow, run_pipeline
-from pipeline_support import (UP_TO_DATE, artifacts_of, dvc_status, lock_entries, running_mlflow_runs, states,
-                              task_run_states, toy_workspace, write_toy_pipeline)
-from tasks import dvc_stages, pipeline_report
-from tasks.pipeline_report import StageRecord
-from tasks.workspace import workspace_lock
-from tlops import tracking
+from orchestration import dvc_stages
+from orchestration import report as pipeline_report
+from orchestration.report import StageRecord
+from orchestration.workspace import workspace_lock
+from tlops import registry, tracking
 from tlops.errors import ConfigError, DataError, TlopsError, WorkspaceBusyError
 
 
@@ -141,17 +151,16 @@ def test_a_data_error_fails_the_flow_run_at_once_and_is_not_recorded(toy: Path):
 def test_a_stage_over_its_timeout_fails_with_a_message_naming_the_limit(toy: Path):
     write_params(toy, {"schedule": {"retries": 0, "stage_timeout_s": 1}})
     write_toy_pipeline(toy, ["ingest", "slow"])
-    started = time.monotonic()
     with pytest.raises(TlopsError, match=r"stage slow ran longer than schedule.stage_timeout_s=1 s"):
         run_pipeline()
-    assert time.monotonic() - started < 20
+    assert not (toy / "slow.txt").exists()  # cut off: the stage writes it only after 30 s
     assert "slow" not in lock_entries(toy)
     assert running_mlflow_runs() == []
 
 
 def test_a_second_run_is_rejected_naming_the_holder_or_waits_up_to_lock_timeout(toy: Path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from tasks.workspace import "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from orchestration.workspace import "
          "workspace_lock\nwith workspace_lock(Path('.tlops/pipeline.lock')):\n print('held', flush=True); "
          "time.sleep(60)"], cwd=toy, stdout=subprocess.PIPE, text=True)
     try:
@@ -227,7 +236,7 @@ def test_real_pipeline_runs_end_to_end_then_skips_then_reruns_only_after_a_finet
     fourth = run_pipeline()
     assert states(fourth)["export"] == "ran"
     name = params["export"]["registered_model"]
-    assert fourth["promotion"]["candidate_version"] == tracking.get_alias_version(name, tracking.CANDIDATE)
+    assert fourth["promotion"]["candidate_version"] == registry.get_alias_version(name, registry.CANDIDATE)
     assert fourth["promotion"]["candidate_version"] != third["promotion"]["candidate_version"]
 
 
@@ -288,7 +297,7 @@ def servers_using(prefect_home: Path) -> list[int]:
 def test_the_workspace_lock_is_released_when_its_holder_is_killed(tmp_path: Path):
     lock = tmp_path / ".tlops" / "pipeline.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import time; from pathlib import Path; from tasks.workspace import workspace_lock\n"
+        [sys.executable, "-c", f"import time; from pathlib import Path; from orchestration.workspace import workspace_lock\n"
          f"with workspace_lock(Path({str(lock)!r})):\n print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

@@ -9,7 +9,7 @@ import uuid
 import yaml
 from serving_support import ThreadServer, serve_params, wait_for
 
-from serving.client import split_accuracy
+from serving.client import http_accuracy
 from serving.predict import predict_files
 from tlops import paths, tracking
 from tlops.data import load_manifest
@@ -32,7 +32,7 @@ def test_predict_over_the_test_split_reproduces_the_evaluated_accuracy(trained, 
 
     with ThreadServer(serve_params(max_pixels=10**7), str(paths.ONNX)) as server:
         wait_for(f"{server.url}/v2/health/ready")
-        got = split_accuracy(server.url, batch_size=4)
+        got = http_accuracy(server.url, [(r.path, r.label) for r in test_rows], batch_size=4)
     assert got["n"] == len(test_rows)
     # within one image of evaluate (PyTorch on the same spec); the ONNX parity gate makes it exact in practice
     assert abs(got["correct"] - round(metrics["finetuned"]["accuracy"] * got["n"])) <= 1

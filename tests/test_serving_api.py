@@ -10,8 +10,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import make_images
-from serving_support import (SPEC, ThreadServer, export_tiny_model, http, metric_value, png_bytes, serve_params,
-                             wait_for)
+from serving_support import SPEC, ThreadServer, export_tiny_model, http, metric_value, png_bytes, serve_params, wait_for
 
 from serving.client import http_accuracy
 from serving.predict import predict_files, results_json, results_table
@@ -163,8 +162,9 @@ def _png(size: int = 24) -> bytes:
 
 
 def _bomb() -> bytes:
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buf = io.BytesIO()
     Image.new("L", (3000, 3000)).save(buf, format="PNG")  # 9 Mpx in ~9 kB, over the test's max_pixels (1 Mpx)

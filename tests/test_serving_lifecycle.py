@@ -15,8 +15,19 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from serving_support import (ROOT, ThreadServer, export_tiny_model, free_port, http, install_model, metric_value,
-                             png_bytes, process_server, serve_params, wait_for)
+from serving_support import (
+    ROOT,
+    ThreadServer,
+    export_tiny_model,
+    free_port,
+    http,
+    install_model,
+    metric_value,
+    png_bytes,
+    process_server,
+    serve_params,
+    wait_for,
+)
 
 IMAGE = png_bytes(np.full((24, 24, 3), 90, np.uint8))
 
@@ -98,19 +109,65 @@ def test_a_bad_new_model_is_rejected_and_the_old_one_keeps_serving(models, tmp_p
         assert metric_value(text, "tlops_model_info", version=version_of(models["a"])) == 1
 
 
-def test_polling_follows_the_champion_alias(models, monkeypatch: pytest.MonkeyPatch):
-    import tlops.tracking
+@pytest.fixture
+def registry_ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """cwd in a fresh folder (downloads land in its .tlops/registry), a fresh experiment; a fresh model name."""
+    import uuid
 
-    champion = {"path": models["a"]}
-    monkeypatch.setattr(tlops.tracking, "resolve_model_uri", lambda uri: champion["path"], raising=False)
-    with ThreadServer(serve_params(reload_s=0.1), "models:/tiny@champion") as s:
+    from tlops import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(tracking.EXPERIMENT_ENV, f"serving-{uuid.uuid4().hex[:8]}")
+    return f"tiny-{uuid.uuid4().hex[:8]}"
+
+
+def _register(path: Path, name: str) -> tuple[str, str]:
+    """Register an exported file in the real MLflow registry: (its version, the version the service reports)."""
+    from tlops import registry
+    from tlops.io import sha256_file
+
+    version = registry.log_onnx_model(path, np.zeros((1, 3, 32, 32), np.float32), name)
+    return version, sha256_file(registry.download_model_file(name, version))[:12]
+
+
+def _rejected(url: str) -> float:
+    return metric_value(http().get(f"{url}/metrics").text, "tlops_model_loads_total", result="rejected")
+
+
+@pytest.mark.slow
+def test_polling_follows_the_champion_alias_under_load_and_rejects_a_tampered_copy(models, registry_ws: str):
+    from tlops import registry
+
+    name = registry_ws
+    v1, served1 = _register(models["a"], name)
+    registry.set_alias(name, registry.CHAMPION, v1)
+    with ThreadServer(serve_params(reload_s=0.1), f"models:/{name}@champion") as s:
         wait_for(f"{s.url}/v2/health/ready")
-        assert served_version(s.url, "tiny") == version_of(models["a"])
-        champion["path"] = models["b"]  # the alias moves
-        deadline = time.monotonic() + 10
-        while served_version(s.url, "tiny") != version_of(models["b"]) and time.monotonic() < deadline:
+        assert served_version(s.url, name) == served1
+        log: list[tuple[int, str | None]] = []
+        stop = threading.Event()
+        threads = _load(s.url, stop, log, workers=4)
+        v2, served2 = _register(models["b"], name)
+        registry.set_alias(name, registry.CHAMPION, v2)  # the alias moves under concurrent requests
+        deadline = time.monotonic() + 30
+        while served_version(s.url, name) != served2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert served_version(s.url, "tiny") == version_of(models["b"])
+        assert served_version(s.url, name) == served2
+
+        v3, _ = _register(models["a"], name)  # a third version, whose local copy is then tampered with
+        copy = registry.download_model_file(name, v3)
+        copy.write_bytes(copy.read_bytes()[:-1] + b"\x00")
+        registry.set_alias(name, registry.CHAMPION, v3)
+        deadline = time.monotonic() + 30
+        while _rejected(s.url) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        assert _rejected(s.url) >= 1
+        assert served_version(s.url, name) == served2  # the old version keeps serving
+    assert len(log) > 10 and {code for code, _ in log} == {200}, [x for x in log if x[0] != 200][:5]
+    assert {v for _, v in log} == {served1, served2}
 
 
 def test_full_queue_answers_503_at_once_and_a_slow_answer_504(models):
@@ -119,19 +176,21 @@ def test_full_queue_answers_503_at_once_and_a_slow_answer_504(models):
     with ThreadServer(params, str(models["a"])) as s:
         wait_for(f"{s.url}/v2/health/ready")
 
-        async def burst() -> list[tuple[int, float]]:
+        async def burst() -> tuple[list[int], list[int]]:
+            finished: list[int] = []  # request indices in the order their answers arrived
             async with httpx.AsyncClient(timeout=30) as c:
-                async def one(delay: float) -> tuple[int, float]:
+                async def one(i: int, delay: float) -> int:
                     await asyncio.sleep(delay)
-                    t0 = time.perf_counter()
                     r = await c.post(f"{s.url}/predict", content=IMAGE)
-                    return r.status_code, time.perf_counter() - t0
+                    finished.append(i)
+                    return r.status_code
                 # the first two are queued before the others arrive
-                return await asyncio.gather(one(0), one(0), *(one(0.1) for _ in range(4)))
+                codes = await asyncio.gather(one(0, 0), one(1, 0), *(one(i, 0.1) for i in range(2, 6)))
+            return list(codes), finished
 
-        results = asyncio.run(burst())
-    assert [code for code, _ in results] == [504, 504, 503, 503, 503, 503]
-    assert all(t < 0.3 for code, t in results if code == 503)
+        codes, finished = asyncio.run(burst())
+    assert codes == [504, 504, 503, 503, 503, 503]
+    assert sorted(finished[:4]) == [2, 3, 4, 5]  # refused at once: before the queued two time out
 
 
 def _load(url: str, stop: threading.Event, log: list[tuple[int, str | None]], workers: int = 6
@@ -238,20 +297,23 @@ assert not heavy, heavy
     assert out.returncode == 0, out.stderr
 
 
-def test_registry_models_need_no_sidecar_but_plain_files_do(models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import tlops.tracking
+def test_registry_models_need_no_sidecar_but_plain_files_do(models, tmp_path: Path, registry_ws: str):
     from serving.model import ModelSource
     from serving.predict import predict_files
+    from tlops import registry
     from tlops.errors import ConfigError, ModelIntegrityError
 
-    bare = tmp_path / "registry" / "model.onnx"  # as MLflow stores it: the resolver checked the registered sha256
-    bare.parent.mkdir()
-    bare.write_bytes(models["a"].read_bytes())
+    version, served = _register(models["a"], registry_ws)
+    registry.set_alias(registry_ws, registry.CHAMPION, version)
+    copy = registry.download_model_file(registry_ws, version)  # as MLflow stores it: no sidecar beside it
+    assert not Path(f"{copy}.sha256").exists()
     image = tmp_path / "x.png"
     image.write_bytes(IMAGE)
-    monkeypatch.setattr(tlops.tracking, "resolve_model_uri", lambda uri: bare, raising=False)
-    [result] = predict_files("models:/tiny@champion", [image], top_k=1)
-    assert result["model_name"] == "tiny" and result["model_version"] == version_of(models["a"])
+    [result] = predict_files(f"models:/{registry_ws}@champion", [image], top_k=1)
+    assert result["model_name"] == registry_ws and result["model_version"] == served
+    bare = tmp_path / "bare" / "model.onnx"  # the same bytes as a plain file, with no sidecar to check them by
+    bare.parent.mkdir()
+    bare.write_bytes(copy.read_bytes())
     with pytest.raises(ModelIntegrityError, match="sha256"):
         predict_files(bare, [image])
     with pytest.raises(ConfigError, match="models:/<name>@<alias>"):

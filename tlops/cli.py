@@ -51,7 +51,7 @@ def run(
 ) -> None:
     """Run the whole pipeline (the DVC stages, as a Prefect flow); unchanged stages are skipped."""
     _params(params)
-    from flows.temporary_server import spawn_unless_configured
+    from orchestration.prefect_server import spawn_unless_configured
 
     server = spawn_unless_configured()  # first, so that its start-up overlaps the imports below
     from flows.pipeline import run_pipeline
@@ -71,7 +71,7 @@ def stage(name: Annotated[str, typer.Argument(help="a stage of dvc.yaml, e.g. pr
     _params(params)
     import importlib.util
 
-    from flows.temporary_server import prefect_api, spawn_unless_configured
+    from orchestration.prefect_server import prefect_api, spawn_unless_configured
 
     if importlib.util.find_spec(f"flows.{name}") is None:
         typer.echo(f"error: no stage named {name!r} (see `dvc stage list`)", err=True)
@@ -170,7 +170,7 @@ def predict(
 ) -> None:
     """Classify images locally with the ONNX model and print the top-k labels (exit 1 if an image was unusable)."""
     p = _params(params)
-    from serving.predict import print_predictions, predict_files
+    from serving.predict import predict_files, print_predictions
 
     try:
         results = predict_files(model or p.serve.model, images, top_k=top_k)

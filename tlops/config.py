@@ -1,4 +1,8 @@
-"""Schema of params.yaml: the only source of hyperparameters."""
+"""Schema of params.yaml: the only source of hyperparameters.
+
+The defaults here equal params.yaml's values (tests/test_config.py holds them to it), so a key left out of a
+user's params.yaml means what the project's params.yaml says.
+"""
 
 from __future__ import annotations
 
@@ -89,10 +93,10 @@ class AugmentParams(Section):
 
 class FinetuneParams(Section):
     epochs: PositiveInt = 4
-    unfreeze_groups: Annotated[int, Field(ge=0)] = 2
+    unfreeze_groups: Annotated[int, Field(ge=0)] = 3
     unfreeze_every: Annotated[int, Field(ge=0)] = 0
-    lr: PositiveFloat = 1e-3
-    lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.3
+    lr: PositiveFloat = 3e-3
+    lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.6
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
     warmup_epochs: Annotated[float, Field(ge=0.0)] = 0.5
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
@@ -101,7 +105,7 @@ class FinetuneParams(Section):
     augment: AugmentParams = AugmentParams()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: Annotated[int, Field(ge=0)] = 0
-    num_threads: PositiveInt | None = None
+    num_threads: PositiveInt | None = 1
     seed: int = 42
 
 
@@ -139,7 +143,7 @@ class ScheduleParams(Section):
     timezone: str = "UTC"
     work_pool: Annotated[str, Field(min_length=1)] = "gpu"
     deployment: Annotated[str, Field(min_length=1)] = "nightly"
-    env: dict[str, str] = {}
+    env: dict[str, str] = {"CUDA_VISIBLE_DEVICES": "0"}
     retries: Annotated[int, Field(ge=0, le=10)] = 2
     retry_delay_s: Annotated[float, Field(ge=0.0)] = 10
     stage_timeout_s: PositiveFloat = 3600

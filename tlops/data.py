@@ -85,12 +85,21 @@ class Manifest:
             raise DataError(f"label {label!r} is not one of the manifest's classes {self.classes}") from None
 
 
+def split_items(manifest: Manifest, split: str) -> list[tuple[str, int]]:
+    """(image path, class index) of the manifest rows in `split`, in manifest order; DataError when there are none."""
+    items = [(row.path, manifest.label_index(row.label)) for row in manifest.rows_in(split)]
+    if not items:
+        raise DataError(f"manifest has no {split!r} images; the prepare stage must assign some to {split}")
+    return items
+
+
 # ---------------------------------------------------------------- ingest
 
 
 def ingest(params: DataParams, out_dir: Path = paths.RAW) -> dict:
     """Materialise data.source as out_dir/<class>/<image>, swapping the whole folder in at the end."""
     writer = _source_writer(params, Path(out_dir))
+    forget_data_version()
     with replaced_dir(Path(out_dir)) as tmp:
         writer(tmp)
     files = [f.relative_to(out_dir) for f in visible_files(Path(out_dir))]
@@ -322,6 +331,16 @@ def deduplicate(images: list[Checked]) -> tuple[list[Checked], list[dict], list[
     return kept, sorted(duplicates, key=lambda d: d["kept"]), conflicting
 
 
+def same_classes(*class_lists: list[str]) -> list[str]:
+    """The class list shared by the manifest and every model trained on it; DataError if they differ."""
+    first = list(class_lists[0])
+    for other in class_lists[1:]:
+        if list(other) != first:
+            raise DataError(f"class lists differ: manifest has {first}, a model was trained on {list(other)}; "
+                            "rerun train_head and finetune on this data")
+    return first
+
+
 def check_classes(kept: list[Checked], label_of: dict[str, str], quarantined: list[dict], min_per_class: int,
                   raw_dir: Path) -> None:
     """DataError unless there are >= 2 classes, each with at least min_per_class valid images."""
@@ -406,11 +425,14 @@ def load_manifest(path: Path = paths.MANIFEST) -> Manifest:
 
 # ---------------------------------------------------------------- data version
 
+DATA_VERSION_ENV = "TLOPS_DATA_VERSION"  # "<version> <absolute data/raw>": this run's data version, once known
+
 
 def data_version(root: Path = Path(".")) -> str:
     """THE data version: DVC's hash of data/raw, the `md5` ("<hex>.dir") that dvc.lock records for it.
 
-    Hashed from the workspace through DVC's state cache, so a repeat call only stats the files.
+    Hashed from the workspace through DVC's state cache, so a repeat call only stats the files. A run needs it
+    once: stages ask current_data_version(), which hashes only when nobody in this run has yet.
     """
     from dvc_data.hashfile.build import build
 
@@ -429,6 +451,31 @@ def data_version(root: Path = Path(".")) -> str:
     with repo:
         _, _, obj = build(repo.cache.local, str(raw), repo.fs, "md5", ignore=repo.dvcignore, dry_run=True)
     return obj.hash_info.value
+
+
+def current_data_version(root: Path = Path(".")) -> str:
+    """This run's data version: the one already known (see remember_data_version), else data_version() once."""
+    version = known_data_version(root)
+    if version is None:
+        version = data_version(root)
+        remember_data_version(version, root)
+    return version
+
+
+def known_data_version(root: Path = Path(".")) -> str | None:
+    """The data version of root's data/raw already known to this run (no hashing), else None."""
+    version, _, raw = os.environ.get(DATA_VERSION_ENV, "").partition(" ")
+    return version if version and raw == str(Path(root).resolve() / paths.RAW) else None
+
+
+def remember_data_version(version: str, root: Path = Path(".")) -> None:
+    """Record the data version for the rest of this run, including the stage processes it starts."""
+    os.environ[DATA_VERSION_ENV] = f"{version} {Path(root).resolve() / paths.RAW}"
+
+
+def forget_data_version() -> None:
+    """data/raw is about to change: a version recorded earlier in this run no longer holds."""
+    os.environ.pop(DATA_VERSION_ENV, None)
 
 
 def _open_dvc_repo(root: Path):

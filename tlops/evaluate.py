@@ -19,9 +19,14 @@ import numpy as np
 
 from tlops import paths
 from tlops.config import Params
+from tlops.data import current_data_version, load_manifest, same_classes, split_items
 from tlops.errors import DataError
+from tlops.features import load_feature_dataset
+from tlops.history import merge_history, read_history, write_history
 from tlops.io import write_bytes, write_json, write_text
-from tlops.preprocess import PreprocessSpec, load_image, preprocess, resize_crop
+from tlops.model import load_classifier, load_head
+from tlops.preprocess import PreprocessSpec, load_image, preprocess_batches, resize_crop
+from tlops.runtime import softmax
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -29,17 +34,9 @@ if TYPE_CHECKING:
 
 ECE_BINS = 15
 CONFUSION_COLUMNS = ["actual", "predicted"]
-HISTORY_COLUMNS = ["epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
-BATCH = 64
 
 
 # ---------------------------------------------------------------- metrics (pure)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
@@ -110,33 +107,12 @@ def confusion_rows(y: np.ndarray, pred: np.ndarray, classes: Sequence[str]) -> l
 # ---------------------------------------------------------------- history (pure)
 
 
-def read_csv(path: str | Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
 def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, buf.getvalue())
-
-
-def merge_history(head: Sequence[dict[str, Any]],
-                  finetune: Sequence[dict[str, Any]]) -> tuple[list[dict], float | None]:
-    """Both phases on one epoch axis, and the epoch boundary where fine-tuning (unfreezing) starts.
-
-    Fine-tune epochs normally continue the head's numbering; if they restart, they are shifted after it.
-    """
-    rows = [{**r, "epoch": int(float(r["epoch"]))} for r in head]
-    last = max((r["epoch"] for r in rows), default=0)
-    ft = [{**r, "epoch": int(float(r["epoch"]))} for r in finetune]
-    if ft and min(r["epoch"] for r in ft) <= last:
-        shift = last - min(r["epoch"] for r in ft) + 1
-        ft = [{**r, "epoch": r["epoch"] + shift} for r in ft]
-    unfreeze = (min(r["epoch"] for r in ft) - 0.5) if ft else None
-    return rows + ft, unfreeze
 
 
 # ---------------------------------------------------------------- plots (matplotlib's Figure: no pyplot state)
@@ -232,14 +208,6 @@ def plot_worst(mistakes: Sequence[Mistake], spec: PreprocessSpec, max_pixels: in
 # ---------------------------------------------------------------- inference
 
 
-def iter_batches(images: Sequence[str | Path], spec: PreprocessSpec, max_pixels: int,
-                 batch: int = BATCH) -> Iterator[np.ndarray]:
-    """Preprocessed float32 NCHW batches of the given image files, in order."""
-    for start in range(0, len(images), batch):
-        chunk = images[start : start + batch]
-        yield np.stack([preprocess(load_image(p, max_pixels), spec) for p in chunk])
-
-
 def torch_logits(model: nn.Module, batches: Iterator[np.ndarray] | Sequence[np.ndarray],
                  device: str = "cpu") -> np.ndarray:
     """Logits of `model` (eval mode) over the batches, as float32 on the CPU."""
@@ -259,10 +227,6 @@ def torch_logits(model: nn.Module, batches: Iterator[np.ndarray] | Sequence[np.n
 
 def evaluate(params: Params) -> dict[str, Any]:
     """Score the head-only and fine-tuned models on the test split; write metrics, DVC plots and PNGs."""
-    from tlops.data import data_version, load_manifest
-    from tlops.loaders import split_items
-    from tlops.train import load_classifier, load_head
-
     manifest = load_manifest(paths.MANIFEST)
     items = split_items(manifest, "test")
     head, head_info = load_head(paths.HEAD_DIR)
@@ -273,29 +237,17 @@ def evaluate(params: Params) -> dict[str, Any]:
     spec = PreprocessSpec.from_dict(info["preprocess"])
     images, y = [p for p, _ in items], np.array([c for _, c in items], dtype=int)
     # On the CPU on purpose: these are the numbers the exported ONNX model (CPU) must reproduce.
-    logits = torch_logits(model, iter_batches(images, spec, params.data.max_pixels), device="cpu")
+    logits = torch_logits(model, preprocess_batches(images, spec, params.data.max_pixels), device="cpu")
     ft_metrics = compute_metrics(logits, y, classes)
     report = {"head": head_metrics, "finetuned": ft_metrics, "finetune_gain": gain(head_metrics, ft_metrics),
-              "test_images": len(items), "data_version": data_version()}
+              "test_images": len(items), "data_version": current_data_version()}
     write_json(paths.METRICS, report)
     write_plots(images, y, logits, classes, spec, params)
     return report
 
 
-def same_classes(*class_lists: Sequence[str]) -> list[str]:
-    """The class list shared by the manifest, the head and the fine-tuned model; DataError if they differ."""
-    first = list(class_lists[0])
-    for other in class_lists[1:]:
-        if list(other) != first:
-            raise DataError(f"class lists differ: manifest has {first}, a model was trained on {list(other)}; "
-                            "rerun train_head and finetune on this data")
-    return first
-
-
 def head_test_logits(head: nn.Module, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(logits, labels) of the head-only model = the trained head on the cached test features."""
-    from tlops.features import load_feature_dataset
-
     ds = load_feature_dataset()
     same_classes(classes, ds.classes)
     X, y = ds.split("test")
@@ -309,8 +261,8 @@ def write_plots(images: Sequence[str], y: np.ndarray, logits: np.ndarray, classe
     """confusion.csv + history.csv for `dvc plots`, and confusion/curves/worst PNGs."""
     probs, pred = softmax(logits), logits.argmax(axis=1)
     write_csv(paths.CONFUSION, confusion_rows(y, pred, classes), CONFUSION_COLUMNS)
-    rows, unfreeze = merge_history(read_csv(paths.HEAD_HISTORY), read_csv(paths.FINETUNE_HISTORY))
-    write_csv(paths.HISTORY, rows, HISTORY_COLUMNS)
+    rows, unfreeze = merge_history(read_history(paths.HEAD_HISTORY), read_history(paths.FINETUNE_HISTORY))
+    write_history(rows, paths.HISTORY)
     plot_confusion(y, pred, classes, paths.PLOTS_DIR / "confusion.png")
     plot_curves(rows, unfreeze, paths.PLOTS_DIR / "curves.png")
     worst = [Mistake(str(images[i]), classes[y[i]], classes[pred[i]], float(probs[i].max()))

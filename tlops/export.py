@@ -1,6 +1,6 @@
 """ONNX export of the fine-tuned classifier: one verified file with its metadata, parity gate, int8, promotion.
 
-    export_onnx(model, spec, paths.ONNX, opset)       # legacy TorchScript exporter: pinned opset, one file
+    export_onnx(model, size, paths.ONNX, opset)       # legacy TorchScript exporter: pinned opset, one file
     write_metadata(paths.ONNX, build_metadata(...))   # labels + preprocessing travel inside the file
     check_parity(paths.ONNX, model, batches, atol)    # ONNX Runtime vs PyTorch on the whole test split
     decide_promotion(candidate_acc, champion_acc, min_delta)
@@ -23,40 +23,42 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tlops import onnx_meta, paths
+from tlops import onnx_meta, paths, runtime
 from tlops.config import Params, flatten
+from tlops.data import load_manifest, same_classes, split_items
 from tlops.errors import ModelIntegrityError, ParityError
 from tlops.io import atomic_path, read_json, sha256_json, write_json, write_text
-from tlops.preprocess import PreprocessSpec
+from tlops.preprocess import PreprocessSpec, load_and_preprocess, preprocess_batches
 
 if TYPE_CHECKING:
-    import onnxruntime as ort
     from torch import nn
 
 
 # ---------------------------------------------------------------- export and metadata
 
 
-def export_onnx(model: nn.Module, spec: PreprocessSpec, path: str | os.PathLike, opset: int) -> Path:
-    """Export `model` (NCHW float32 -> logits) to ONE self-contained ONNX file at `path`, checked.
+def export_onnx(model: nn.Module, input_size: int, path: str | os.PathLike, opset: int,
+                output: str = onnx_meta.OUTPUT) -> Path:
+    """Export `model` (NCHW float32, dynamic batch -> `output`) to ONE self-contained ONNX file at `path`, checked.
 
-    The TorchScript exporter is used on purpose: the dynamo exporter (torch >= 2.9) cannot convert timm's
-    EfficientNet-Lite0 down to opset 17 and silently writes opset 18 instead, so the opset would not be pinned;
-    it is also 5-15x slower here. The exported graph is checked against the original model by check_parity.
+    The one ONNX export of tlops: the features stage runs the frozen base through it, the export stage the whole
+    classifier. The TorchScript exporter is used on purpose: the dynamo exporter (torch >= 2.9) cannot convert timm's
+    EfficientNet-Lite0 down to opset 17 and silently writes opset 18 instead, so the opset would not be pinned; it is
+    also 5-15x slower here. What it exports is compared with the original by `parity`.
     """
     import onnx
     import torch
 
-    model = static_same_padding(model.eval().to("cpu"), spec.input_size)
-    example = torch.zeros(2, 3, spec.input_size, spec.input_size)
+    model = static_same_padding(model.eval().to("cpu"), input_size)
+    example = torch.zeros(2, 3, input_size, input_size)
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "legacy exporter": chosen on purpose, see above
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # F.pad's index reversal
         torch.onnx.export(
             model, (example,), str(tmp), dynamo=False, opset_version=opset,
-            input_names=[onnx_meta.INPUT], output_names=[onnx_meta.OUTPUT],
-            dynamic_axes={onnx_meta.INPUT: {0: "batch"}, onnx_meta.OUTPUT: {0: "batch"}},
+            input_names=[onnx_meta.INPUT], output_names=[output],
+            dynamic_axes={onnx_meta.INPUT: {0: "batch"}, output: {0: "batch"}},
         )
         assert_self_contained(tmp)
         onnx.checker.check_model(str(tmp), full_check=True)
@@ -154,55 +156,43 @@ def write_metadata(path: str | os.PathLike, meta: dict[str, str]) -> None:
         onnx.checker.check_model(str(tmp), full_check=True)
 
 
-# ---------------------------------------------------------------- ONNX Runtime
+# ---------------------------------------------------------------- parity
 
 
-def session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session; the CPU provider is the reference the parity gate holds the model to."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def onnx_logits(sess: ort.InferenceSession, batches: Iterable[np.ndarray]) -> np.ndarray:
-    """Logits of the ONNX model over the batches."""
-    out = [sess.run([onnx_meta.OUTPUT], {onnx_meta.INPUT: np.ascontiguousarray(x, np.float32)})[0] for x in batches]
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
-def parity_stats(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
-    """Top-1 agreement and max |difference| of two logit arrays of the same samples."""
+def parity(reference: np.ndarray, candidate: np.ndarray, atol: float, top1: bool = True) -> dict[str, Any]:
+    """The one parity rule: max |candidate - reference| <= atol * max(1, max |reference|), and with top1 the same
+    argmax on every row. Returns the figures; ParityError naming them when the rule fails."""
     if reference.shape != candidate.shape:
-        raise ParityError(f"ONNX logits have shape {candidate.shape}, PyTorch's {reference.shape}")
+        raise ParityError(f"ONNX Runtime output has shape {candidate.shape}, PyTorch's {reference.shape}")
     n = len(reference)
-    agree = float((reference.argmax(1) == candidate.argmax(1)).mean()) if n else 1.0
+    agree = float((reference.argmax(1) == candidate.argmax(1)).mean()) if n and top1 else 1.0
     diff = float(np.abs(reference.astype(np.float64) - candidate).max()) if n else 0.0
-    return {"agreement": agree, "max_abs_diff": diff, "n": n}
+    scale = max(1.0, float(np.abs(reference).max())) if n else 1.0
+    stats = {"agreement": agree, "max_abs_diff": diff, "allowed_diff": atol * scale, "n": n, "atol": atol}
+    if agree < 1.0 or not diff <= atol * scale:
+        raise ParityError(f"ONNX Runtime disagrees with PyTorch on {n} inputs: top-1 agreement {agree:.2%} (must be "
+                          f"100%), max |Δ| {diff:.3g} (must be <= export.parity_atol = {atol:g} times max(1, max |output|) "
+                          f"= {atol * scale:.3g})")
+    return stats
 
 
 def check_parity(onnx_path: str | os.PathLike, model: nn.Module, batches: Iterable[np.ndarray],
                  atol: float) -> dict[str, Any]:
-    """Compare ONNX Runtime with PyTorch (CPU) on every batch; ParityError unless 100% top-1 and max|Δ| <= atol."""
+    """ONNX Runtime (CPU) against PyTorch (CPU) on every batch, under the one parity rule."""
     import torch
 
-    sess, model = session(onnx_path), model.eval().to("cpu")
+    sess, model = runtime.session(onnx_path, cpu_only=True), model.eval().to("cpu")
     ref, got = [], []
     with torch.inference_mode():
         for x in batches:
             ref.append(model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).float().numpy())
-            got.append(sess.run([onnx_meta.OUTPUT], {onnx_meta.INPUT: np.ascontiguousarray(x, np.float32)})[0])
+            got.append(runtime.run_batches(sess, [x]))
     if not ref:
         raise ParityError("parity check got no test images: the test split is empty")
-    stats = parity_stats(np.concatenate(ref), np.concatenate(got))
-    if stats["agreement"] < 1.0 or not stats["max_abs_diff"] <= atol:
-        raise ParityError(
-            f"{onnx_path}: ONNX Runtime disagrees with PyTorch on the test split ({stats['n']} images): "
-            f"top-1 agreement {stats['agreement']:.2%} (must be 100%), max |Δlogit| {stats['max_abs_diff']:.3g} "
-            f"(must be <= export.parity_atol = {atol:g})")
-    return {**stats, "atol": atol}
+    try:
+        return parity(np.concatenate(ref), np.concatenate(got), atol)
+    except ParityError as e:
+        raise ParityError(f"{onnx_path}: {e} (the test split)") from None
 
 
 def accuracy_of(pred_labels: Sequence[str], true_labels: Sequence[str]) -> float:
@@ -215,17 +205,15 @@ def accuracy_of(pred_labels: Sequence[str], true_labels: Sequence[str]) -> float
 def score_onnx(path: str | os.PathLike, images: Sequence[str | Path], true_labels: Sequence[str],
                max_pixels: int) -> float:
     """Test accuracy of an ONNX file with its OWN labels and preprocessing (from its metadata)."""
-    from tlops.evaluate import iter_batches
-
     meta = onnx_meta.read_metadata(path)
     labels, spec = onnx_meta.labels_of(meta), onnx_meta.spec_of(meta)
-    logits = onnx_logits(session(path), iter_batches(images, spec, max_pixels))
+    logits = runtime.run_batches(runtime.session(path, cpu_only=True), preprocess_batches(images, spec, max_pixels))
     return accuracy_of([labels[i] for i in logits.argmax(1)], true_labels)
 
 
 def benchmark(path: str | os.PathLike, x: np.ndarray, repeats: int = 20) -> dict[str, float]:
     """Median batch-1 latency (ms) and throughput (images/s) at the batch size of `x`."""
-    sess = session(path)
+    sess = runtime.session(path, cpu_only=True)
     run = lambda batch: sess.run([onnx_meta.OUTPUT], {onnx_meta.INPUT: batch})  # noqa: E731
     run(x[:1]), run(x)  # warm-up: first runs allocate and pick kernels
     single = []
@@ -313,9 +301,7 @@ def export_model(params: Params, run_id: str | None, git_commit: str | None) -> 
     The file is verified (checker, self-contained, parity) under a temp name and only then renamed into
     place, so a model that fails the parity gate never replaces the last good models/model.onnx.
     """
-    from tlops.data import load_manifest
-    from tlops.evaluate import iter_batches, same_classes
-    from tlops.train import load_classifier
+    from tlops.model import load_classifier
 
     manifest = load_manifest(paths.MANIFEST)
     model, info = load_classifier(paths.FINETUNE_DIR)
@@ -325,9 +311,9 @@ def export_model(params: Params, run_id: str | None, git_commit: str | None) -> 
     meta = build_metadata(classes, spec, info["backbone"], info.get("data_version"), git_commit, run_id,
                           params_hash(params))
     with atomic_path(paths.ONNX) as tmp:
-        export_onnx(model, spec, tmp, ex.opset)
+        export_onnx(model, spec.input_size, tmp, ex.opset)
         write_metadata(tmp, meta)
-        parity = check_parity(tmp, model, iter_batches(images, spec, max_pixels), ex.parity_atol)
+        parity = check_parity(tmp, model, preprocess_batches(images, spec, max_pixels), ex.parity_atol)
     sha = onnx_meta.write_sha256(paths.ONNX)
     accuracy = score_onnx(paths.ONNX, images, truth, max_pixels)
     calibration = calibration_images(manifest, ex.calibration_images)
@@ -341,16 +327,12 @@ def export_model(params: Params, run_id: str | None, git_commit: str | None) -> 
 
 def labelled_test_images(manifest: Any) -> tuple[list[str], list[str]]:
     """(image paths, true class names) of the manifest's test split; DataError if it is empty."""
-    from tlops.loaders import split_items
-
     items = split_items(manifest, "test")
     return [p for p, _ in items], [manifest.classes[c] for _, c in items]
 
 
 def input_example(onnx_path: str | os.PathLike, image: str | os.PathLike, max_pixels: int) -> np.ndarray:
     """One image preprocessed as the model's metadata says: (1, 3, S, S) float32, for the registry."""
-    from tlops.preprocess import load_and_preprocess
-
     spec = onnx_meta.spec_of(onnx_meta.read_metadata(onnx_path))
     return load_and_preprocess(image, spec, max_pixels)[None]
 
@@ -378,8 +360,6 @@ def export_int8(params: Params, spec: PreprocessSpec, fp32_acc: float, images: S
 
     paths.INT8_DIR always ends up holding quantization.json, which says what happened and why.
     """
-    from tlops.evaluate import iter_batches
-
     ex, max_pixels = params.export, params.data.max_pixels
     for stale in (paths.INT8_ONNX, onnx_meta.sidecar_path(paths.INT8_ONNX)):
         stale.unlink(missing_ok=True)
@@ -388,10 +368,10 @@ def export_int8(params: Params, spec: PreprocessSpec, fp32_acc: float, images: S
     elif not calibration:
         result = {"enabled": True, "kept": False, "reason": "no training images to calibrate on"}
     else:
-        quantize_int8(paths.ONNX, paths.INT8_ONNX, iter_batches(calibration, spec, max_pixels, batch=16))
+        quantize_int8(paths.ONNX, paths.INT8_ONNX, preprocess_batches(calibration, spec, max_pixels, batch=16))
         int8_acc = score_onnx(paths.INT8_ONNX, images, truth, max_pixels)
         keep, reason = int8_verdict(fp32_acc, int8_acc, ex.int8_max_drop)
-        x = next(iter_batches(images[:32], spec, max_pixels, batch=32))
+        x = next(preprocess_batches(images[:32], spec, max_pixels, batch=32))
         result = {"enabled": True, "kept": keep, "reason": reason, "format": "QDQ", "per_channel": True,
                   "calibration_images": len(calibration), "fp32_accuracy": fp32_acc, "int8_accuracy": int8_acc,
                   "accuracy_drop": fp32_acc - int8_acc, "max_drop": ex.int8_max_drop,
@@ -408,8 +388,6 @@ def export_int8(params: Params, spec: PreprocessSpec, fp32_acc: float, images: S
 def promotion(params: Params, candidate_version: str, candidate_accuracy: float,
               champion_path: str | os.PathLike | None, champion_version: str | None) -> dict[str, Any]:
     """Score the champion (if any) on the current test split exactly like the candidate was, and decide."""
-    from tlops.data import load_manifest
-
     champion_acc = None
     if champion_path is not None:
         images, truth = labelled_test_images(load_manifest(paths.MANIFEST))

@@ -11,32 +11,32 @@ batch): on 2 cores it is 2-4x faster than eager PyTorch. On CUDA, or if export f
 from __future__ import annotations
 
 import copy
-import io
 import json
 import logging
+import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tlops import paths
+from tlops import paths, runtime
 from tlops.backbones import Backbone, create_backbone
 from tlops.config import Params
 from tlops.data import Manifest
+from tlops.devices import torch_threads
 from tlops.errors import DataError
+from tlops.export import export_onnx, parity
 from tlops.io import atomic_path, sha256_bytes, sha256_json
+from tlops.loaders import augment
 from tlops.preprocess import load_and_preprocess, load_image, normalize
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "onnxruntime")
 PRECISION = "fp32"  # part of every key: features from another precision are other features
-PARITY_ATOL = 1e-3  # ONNX Runtime vs PyTorch on the first batch, relative to the largest feature
 
 Runner = Callable[[np.ndarray], np.ndarray]  # float32 NCHW batch -> float32 (N, D) features
 
@@ -96,7 +96,8 @@ def extract_with(bb: Backbone, manifest: Manifest, params: Params, out_dir: Path
     if todo:
         t = time.perf_counter()
         with torch_threads(params.features.num_threads):
-            run, used = make_runner(bb, engine, params.features.num_threads, example=_batch(todo[:4], bb, params))
+            run, used = make_runner(bb, engine, params.features.num_threads, example=_batch(todo[:4], bb, params),
+                                    opset=params.export.opset, atol=params.export.parity_atol)
             new = run_batches(run, todo, bb, params, progress)
         seconds = time.perf_counter() - t
         write_shard(cache_dir, [it.key for it in todo], new)
@@ -143,9 +144,7 @@ def _input(item: Item, bb: Backbone, params: Params) -> np.ndarray:
     """The model input of one item: the eval preprocessing, or a seeded augmented view."""
     if item.view == 0:
         return load_and_preprocess(item.path, bb.spec, params.data.max_pixels)
-    from tlops.loaders import augment  # the fine-tuning augmentation, so views look like fine-tuning inputs
-
-    # Seeded by image content, not position, so a view is the same however the dataset grows.
+    # The fine-tuning augmentation, so views look like fine-tuning inputs. Seeded by image content, not position, so a view is the same however the dataset grows.
     rng = np.random.default_rng([params.finetune.seed, item.view, int(item.sha256[:16], 16)])
     img = augment(load_image(item.path, params.data.max_pixels), bb.spec, params.finetune.augment, rng)
     return normalize(np.asarray(img, dtype=np.uint8), bb.spec)
@@ -173,10 +172,10 @@ def run_batches(run: Runner, items: list[Item], bb: Backbone, params: Params, pr
 
 
 def make_runner(bb: Backbone, engine: str = "auto", num_threads: int | None = None,
-                example: np.ndarray | None = None) -> tuple[Runner, str]:
+                example: np.ndarray | None = None, opset: int = 17, atol: float = 1e-3) -> tuple[Runner, str]:
     """The fastest available way to run bb.model on float32 batches, and its name.
 
-    auto: PyTorch on CUDA when there is one, else ONNX Runtime if the export matches PyTorch on `example`,
+    auto: PyTorch on CUDA when there is one, else ONNX Runtime if its export passes the parity rule on `example`,
     else PyTorch on CPU.
     """
     if engine not in ENGINES:
@@ -184,9 +183,9 @@ def make_runner(bb: Backbone, engine: str = "auto", num_threads: int | None = No
     if engine == "torch" or (engine == "auto" and torch.cuda.is_available()):
         return torch_runner(bb), "torch-cuda" if torch.cuda.is_available() else "torch"
     try:
-        run = onnx_runner(bb, num_threads)
+        run = onnx_runner(bb, num_threads, opset)
         if example is not None:
-            check_parity(run, torch_runner(bb, torch.device("cpu")), example)
+            parity(torch_runner(bb, torch.device("cpu"))(example), run(example), atol, top1=False)
         return run, "onnxruntime"
     except Exception as e:  # an op the exporter or runtime lacks: PyTorch still works, only slower
         if engine == "onnxruntime":
@@ -209,46 +208,12 @@ def torch_runner(bb: Backbone, device: torch.device | None = None) -> Runner:
     return run
 
 
-def onnx_runner(bb: Backbone, num_threads: int | None = None) -> Runner:
-    """bb.model exported to ONNX in memory and run by ONNX Runtime on CPU, batch size dynamic."""
-    import onnxruntime as ort
-
-    from tlops.export import static_same_padding
-
-    size = bb.spec.input_size
-    # Constant "same" padding, as export does: dynamic padding costs EfficientNet-Lite0 a quarter of its speed at 224 px
-    model = static_same_padding(bb.model.eval(), size)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():  # the TorchScript exporter is deprecated but exports in a second
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, 3, size, size),), buf, input_names=["input"],
-                          output_names=["features"], dynamic_axes={"input": {0: "n"}, "features": {0: "n"}},
-                          opset_version=17, dynamo=False)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = num_threads or 0  # 0: one per physical core
-    options.log_severity_level = 3
-    session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)})[0]
-
-
-def check_parity(run: Runner, reference: Runner, x: np.ndarray) -> None:
-    """Raise if `run` and `reference` disagree on x beyond PARITY_ATOL (relative to the largest feature)."""
-    got, want = run(x), reference(x)
-    err = float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
-    if got.shape != want.shape or not err <= PARITY_ATOL:
-        raise RuntimeError(f"ONNX Runtime differs from PyTorch by {err:.2e} (allowed {PARITY_ATOL})")
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """torch.set_num_threads(n) for the block (None: leave it), restored afterwards."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def onnx_runner(bb: Backbone, num_threads: int | None = None, opset: int = 17) -> Runner:
+    """bb.model exported by tlops.export.export_onnx and run by ONNX Runtime on CPU, batch size dynamic."""
+    with tempfile.TemporaryDirectory(prefix="tlops-features-") as tmp:
+        path = export_onnx(bb.model, bb.spec.input_size, Path(tmp) / "backbone.onnx", opset, output="features")
+        session = runtime.session(path.read_bytes(), threads=num_threads, cpu_only=True)
+    return lambda x: session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)})[0]
 
 
 # ---------------------------------------------------------------- cache and dataset files

@@ -10,7 +10,6 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,16 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tlops.config import AugmentParams, FinetuneParams
-from tlops.errors import DataError
 from tlops.preprocess import INTERPOLATIONS, PreprocessSpec, load_image, normalize, preprocess, resize_crop
-
-
-def split_items(manifest: Any, split: str) -> list[tuple[str, int]]:
-    """(image path, class index) of the manifest rows in `split`, in manifest order."""
-    items = [(row.path, manifest.label_index(row.label)) for row in manifest.rows_in(split)]
-    if not items:
-        raise DataError(f"manifest has no {split!r} images; the prepare stage must assign some to {split}")
-    return items
 
 
 def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float], interpolation: str,

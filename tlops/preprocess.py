@@ -10,6 +10,7 @@ import io
 import json
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -165,3 +166,10 @@ def preprocess_uint8(arr: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 def load_and_preprocess(source: str | os.PathLike | bytes, spec: PreprocessSpec, max_pixels: int) -> np.ndarray:
     return preprocess(load_image(source, max_pixels), spec)
+
+
+def preprocess_batches(images: Sequence[str | os.PathLike], spec: PreprocessSpec, max_pixels: int,
+                       batch: int = 64) -> Iterator[np.ndarray]:
+    """Preprocessed float32 NCHW batches of the given image files, in order."""
+    for start in range(0, len(images), batch):
+        yield np.stack([load_and_preprocess(p, spec, max_pixels) for p in images[start : start + batch]])

@@ -1,9 +1,11 @@
-"""MLflow tracking: the only module that talks to MLflow (runs grouped as a tree, and the model registry).
+"""MLflow tracking runs, grouped as a tree; with tlops.registry, the only modules that talk to MLflow.
 
 One pipeline execution is one parent run; each stage is a child run under it (tag `mlflow.parentRunId`).
 `tlops run` opens the parent with `pipeline_run` and passes its id to stages in $TLOPS_PARENT_RUN_ID. Under plain
 `dvc repro` every stage is its own process, so the parent is keyed by the `dvc` ancestor process and shared through
-`.tlops/parent_run.json`. mlflow is imported inside functions: importing this module costs nothing.
+`.tlops/parent_run.json`. A run left RUNNING by a process that died (kill -9) is found by its owner tags (pid and
+process start time, read with psutil) and marked KILLED. mlflow is imported inside functions: importing this module
+costs nothing.
 """
 
 from __future__ import annotations
@@ -12,12 +14,10 @@ import fcntl
 import getpass
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,13 +25,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
+
 from tlops import paths
 from tlops.config import Params, flatten
-from tlops.errors import ConfigError, ModelIntegrityError
+from tlops.data import current_data_version, known_data_version
+from tlops.errors import ConfigError
 from tlops.io import read_json, write_json
 
 if TYPE_CHECKING:
-    import numpy as np
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,6 @@ EXPERIMENT_ENV = "TLOPS_EXPERIMENT"
 DEFAULT_EXPERIMENT = "tlops"
 PARENT_ENV = "TLOPS_PARENT_RUN_ID"
 PARENT_STATE = paths.STATE_DIR / "parent_run.json"
-CANDIDATE = "candidate"
-CHAMPION = "champion"
 
 # Tags that identify who owns a run, so a later process can tell a live run from one whose process died.
 TAG_KIND, TAG_WORKSPACE, TAG_HOST, TAG_PID, TAG_PID_START = (
@@ -129,22 +129,15 @@ def experiment_id(c: MlflowClient) -> str:
 # ---------------------------------------------------------------- processes
 
 
-def _proc_stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time in clock ticks since boot) of a live process, else None."""
+def _proc_start(pid: int) -> str | None:
+    """When a live process started (psutil's create time, as a tag string), else None (gone or a zombie)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:  # it has exited already
+            return None
+        return f"{p.create_time():.3f}"
+    except psutil.Error:
         return None
-    # The command name (field 2) may hold spaces and parentheses: split after its closing one.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] == "Z":  # a zombie has exited already
-        return None
-    return int(fields[1]), int(fields[19])
-
-
-def _proc_start(pid: int) -> int | None:
-    st = _proc_stat(pid)
-    return None if st is None else st[1]
 
 
 def _is_dvc(cmdline: list[str]) -> bool:
@@ -155,22 +148,19 @@ def _is_dvc(cmdline: list[str]) -> bool:
 
 def _dvc_ancestor() -> int | None:
     """Pid of the nearest ancestor process that is dvc, if any."""
-    pid = os.getppid()
-    while pid > 1:
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            return None
-        if _is_dvc(cmd):
-            return pid
-        st = _proc_stat(pid)
-        if st is None:
-            return None
-        pid = st[0]
+    try:
+        for p in psutil.Process().parents():
+            try:
+                if _is_dvc(p.cmdline()):
+                    return p.pid
+            except psutil.Error:  # an ancestor we may not inspect, or one that just exited
+                continue
+    except psutil.Error:
+        return None
     return None
 
 
-def _alive(pid: int, start: int) -> bool:
+def _alive(pid: int, start: str) -> bool:
     return _proc_start(pid) == start
 
 
@@ -188,21 +178,6 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (out.stdout.strip() or None) if out.returncode == 0 else None
-
-
-def _data_version() -> str | None:
-    """tlops.data.data_version() once the raw data exists; None before ingest or without tlops.data."""
-    if not paths.RAW.exists():
-        return None
-    try:
-        from tlops.data import data_version
-    except ImportError:
-        return None
-    try:
-        return str(data_version())
-    except Exception as e:  # a tag is not worth failing a stage for
-        log.warning("data version unavailable for tracking: %s", e)
-        return None
 
 
 def _device(params: Params) -> str:
@@ -228,12 +203,12 @@ def _context_tags(params: Params) -> dict[str, str]:
     if commit := git_commit():
         tags["git_commit"] = commit
         tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI
-    if version := _data_version():
+    if version := known_data_version():  # hashed only at the run's end, once ingest has made it
         tags["data_version"] = version
     return tags
 
 
-def _stringify(d: dict[str, Any]) -> dict[str, str]:
+def stringify(d: dict[str, Any]) -> dict[str, str]:
     return {str(k): "" if v is None else str(v) for k, v in d.items()}
 
 
@@ -253,13 +228,13 @@ class StageRun:
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
         # Long values (e.g. a list of class labels) are cut rather than failing the stage.
-        params = [Param(k, v[:MAX_PARAM_VAL_LENGTH]) for k, v in _stringify(d).items()]
+        params = [Param(k, v[:MAX_PARAM_VAL_LENGTH]) for k, v in stringify(d).items()]
         self._client.log_batch(self.run_id, params=params)
 
     def set_tags(self, d: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in _stringify(d).items()])
+        self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in stringify(d).items()])
 
     def log_metrics(self, d: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -351,21 +326,24 @@ def _tracked(c: MlflowClient, run_id: str, parent_id: str | None, hold: Any, als
         raise
     finally:
         hold()
-        if parent_id:
-            _copy_data_version(c, run_id, parent_id)
+        _record_data_version(c, run_id, parent_id)
         _end(c, run_id, status)
         if also_end:
             _end(c, also_end, status)
 
 
-def _copy_data_version(c: MlflowClient, run_id: str, parent_id: str) -> None:
-    """Give the parent the data version its stage saw last (ingest sets the new one), without hashing again."""
+def _record_data_version(c: MlflowClient, run_id: str, parent_id: str | None) -> None:
+    """Tag the run with the data version it ended on (this run's, hashed at most once per process), and give the
+    parent the version its stage saw last (ingest makes a new one)."""
     try:
         version = c.get_run(run_id).data.tags.get("data_version")
-        if version:
+        if not version and paths.RAW.is_dir():
+            version = current_data_version()
+            c.set_tag(run_id, "data_version", version)
+        if version and parent_id:
             c.set_tag(parent_id, "data_version", version)
-    except Exception as e:
-        log.warning("could not copy the data version to MLflow run %s: %s", parent_id, e)
+    except Exception as e:  # a tag is not worth failing (or masking the failure of) a stage
+        log.warning("could not record the data version of MLflow run %s: %s", run_id, e)
 
 
 @contextmanager
@@ -493,7 +471,7 @@ def reap_stale_runs(c: MlflowClient | None = None) -> int:
         if tags.get(TAG_WORKSPACE) != workspace or tags.get(TAG_HOST) != host or TAG_PID not in tags:
             continue
         try:
-            alive = _alive(int(tags[TAG_PID]), int(tags[TAG_PID_START]))
+            alive = _alive(int(tags[TAG_PID]), tags[TAG_PID_START])
         except (KeyError, ValueError):
             continue
         if not alive:
@@ -514,162 +492,5 @@ def _running_runs(c: MlflowClient, exp: str) -> Iterator[Any]:
         if not token:
             return
 
-
-# ---------------------------------------------------------------- model registry
-
-
-@contextmanager
-def _fluent_target(exp: str) -> Iterator[None]:
-    """Point MLflow's fluent API (used by mlflow.onnx.log_model) at our store and experiment, then restore."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
-    os.environ["MLFLOW_EXPERIMENT_ID"] = exp
-    os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _signature(onnx_path: Path, example: np.ndarray) -> tuple[Any, dict[str, np.ndarray]]:
-    """(signature inferred from ONNX Runtime's outputs on `example`, the named input example)."""
-    import onnxruntime as ort
-    from mlflow.models import infer_signature
-
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    inputs = {sess.get_inputs()[0].name: example}
-    outputs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, inputs), strict=True))
-    return infer_signature(inputs, outputs), inputs
-
-
-def _available_providers() -> list[str]:
-    import onnxruntime as ort
-
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-
-
-def log_onnx_model(onnx_path: Path, input_example: np.ndarray, registered_model: str, run_id: str | None = None,
-                   metadata: dict | None = None) -> str:
-    """Log `onnx_path` with mlflow.onnx (signature + input example), register it, alias it `candidate`; return the version.
-
-    The version gets the file's sha256 as tag `sha256`, which download_model_file checks.
-    """
-    import mlflow.onnx
-    import onnx
-
-    from tlops.io import sha256_bytes, sha256_file
-
-    onnx_path = Path(onnx_path)
-    proto = onnx.load_model(str(onnx_path))
-    stored = proto.SerializeToString()  # mlflow.onnx re-serializes the proto: this is what the registry holds
-    if sha256_bytes(stored) != sha256_file(onnx_path):
-        log.warning("%s: protobuf re-serialization changed its bytes; the registry's copy differs from it", onnx_path)
-    c = client()
-    exp = c.get_run(run_id).info.experiment_id if run_id else experiment_id(c)
-    # One row is enough to document the input; a full batch would bloat the MLmodel folder.
-    signature, example = _signature(onnx_path, input_example[:1])
-    with _fluent_target(exp):
-        info = mlflow.onnx.log_model(
-            proto, name="model", signature=signature, input_example=example,
-            registered_model_name=registered_model, metadata=metadata, save_as_external_data=False,
-            run_id=run_id, await_registration_for=0,
-            # The flavor's known requirements: inferring them imports the model in a subprocess (~8 s).
-            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
-            onnx_execution_providers=_available_providers())
-    version = str(info.registered_model_version)
-    set_version_tags(registered_model, version, {"sha256": sha256_bytes(stored), "source_file": str(onnx_path)})
-    set_alias(registered_model, CANDIDATE, version)
-    return version
-
-
-def get_alias_version(name: str, alias: str) -> str | None:
-    """Version of registered model `name` behind `alias`, or None when the model or the alias does not exist."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client().get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
-
-
-def set_alias(name: str, alias: str, version: str | int) -> None:
-    client().set_registered_model_alias(name, alias, str(version))
-
-
-def set_version_tags(name: str, version: str | int, tags: dict[str, Any]) -> None:
-    c = client()
-    for k, v in _stringify(tags).items():
-        c.set_model_version_tag(name, str(version), k, v)
-
-
-def get_version_tags(name: str, version: str | int) -> dict[str, str]:
-    return dict(client().get_model_version(name, str(version)).tags)
-
-
 def set_run_tags(run_id: str, tags: dict[str, Any]) -> None:
     StageRun(client(), run_id).set_tags(tags)
-
-
-def _version_of(c: MlflowClient, name: str, alias_or_version: str | int) -> str:
-    from mlflow.exceptions import MlflowException
-
-    ref = str(alias_or_version)
-    try:
-        mv = c.get_model_version(name, ref) if ref.isdigit() else c.get_model_version_by_alias(name, ref)
-    except MlflowException as e:
-        raise ConfigError(f"models:/{name}@{ref}: no such registered model version or alias in {c.tracking_uri}"
-                          f" ({e.message})") from None
-    return str(mv.version)
-
-
-def download_model_file(name: str, alias_or_version: str | int) -> Path:
-    """Local path of the `.onnx` file of a registered version (by alias or number), checked against its sha256.
-
-    Versions are immutable, so each is downloaded once into .tlops/registry/<store>/<name>/<version>/ (keyed by
-    the registry too: version 1 on a tracking server is not version 1 in the local store).
-    """
-    import mlflow.artifacts
-
-    from tlops.io import sha256_bytes, sha256_file
-
-    c = client()
-    version = _version_of(c, name, alias_or_version)
-    target = paths.STATE_DIR / "registry" / sha256_bytes(registry_uri().encode())[:12] / name / version
-    if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
-        try:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp),
-                                                tracking_uri=c.tracking_uri, registry_uri=registry_uri())
-            os.replace(tmp, target)
-        except OSError:
-            if not target.is_dir():  # lost a race with another downloader: theirs is as good as ours
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    model_file = target / _onnx_data_path(target)
-    expected = c.get_model_version(name, version).tags.get("sha256")
-    if expected and sha256_file(model_file) != expected:
-        raise ModelIntegrityError(f"{model_file}: sha256 differs from registered {name} v{version} ({expected})")
-    return model_file
-
-
-def _onnx_data_path(model_dir: Path) -> str:
-    """The ONNX file named by the onnx flavor of an MLmodel folder."""
-    import yaml
-
-    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-    return mlmodel["flavors"]["onnx"]["data"]
-
-
-def resolve_model_uri(uri: str) -> Path:
-    """Local .onnx path for `models:/<name>@<alias>` or `models:/<name>/<version>`."""
-    rest = uri.removeprefix("models:/")
-    name, sep, ref = rest.partition("@") if "@" in rest else rest.rpartition("/")
-    if not uri.startswith("models:/") or not sep or not name or not ref:
-        raise ConfigError(f"{uri}: not a registry model URI (expected models:/<name>@<alias> or models:/<name>/<n>)")
-    return download_model_file(name, ref)

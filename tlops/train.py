@@ -10,44 +10,34 @@ Library code: no MLflow, no Prefect. Callers see progress through `on_epoch(row,
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
 from tlops import paths
+from tlops.backbones import create_backbone
 from tlops.checkpoint import latest_checkpoint, restore_checkpoint, run_fingerprint, save_checkpoint
 from tlops.config import FinetuneParams, HeadParams, Params
-from tlops.errors import ConfigError, DataError, ModelIntegrityError, NonFiniteLossError
-from tlops.io import atomic_path, read_json, sha256_file, write_json, write_text
-from tlops.loaders import ImageDataset, eval_loader, split_items, train_dataset, train_loader
+from tlops.data import current_data_version, split_items
+from tlops.devices import amp_dtype, resolve_device, torch_threads
+from tlops.errors import DataError, NonFiniteLossError
+from tlops.history import history_row, write_history
+from tlops.io import sha256_file, write_json
+from tlops.loaders import ImageDataset, eval_loader, train_dataset, train_loader
+from tlops.model import Classifier, build_head, load_head, save_state
 from tlops.schedule import lr_factor, param_groups, set_trainable, unfrozen_at
 
-HISTORY_COLUMNS = ["epoch", "phase", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
 OnEpoch = Callable[[dict, int], None]
 
 
 # ---------------------------------------------------------------- head on cached features
-
-
-def build_head(kind: str, in_features: int, num_classes: int, hidden: int, dropout: float) -> nn.Module:
-    """The new classifier head: dropout + linear, or a one-hidden-layer MLP with dropout."""
-    if kind == "linear":
-        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
-    if kind == "mlp":
-        return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout),
-                             nn.Linear(hidden, num_classes))
-    raise ConfigError(f"head.kind: {kind!r} is not linear or mlp")
 
 
 @dataclass
@@ -104,17 +94,6 @@ def train_head(ds: Any, params: HeadParams, on_epoch: OnEpoch | None = None) -> 
         backbone=dict(getattr(ds, "meta", {}) or {}))
 
 
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run a block with n torch intra-op threads (None: leave the setting), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n or before)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def fit_head(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor, num_classes: int,
              params: HeadParams, lr: float, weight_decay: float,
              weight: torch.Tensor | None = None) -> tuple[nn.Module, list[dict]]:
@@ -168,32 +147,12 @@ def class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return w
 
 
-def history_row(epoch: int, phase: str, train_loss: float, train_acc: float, val_loss: float, val_acc: float,
-                lr: float) -> dict:
-    return {"epoch": epoch, "phase": phase, "train_loss": train_loss, "train_accuracy": train_acc,
-            "val_loss": val_loss, "val_accuracy": val_acc, "lr": lr}
-
-
-def epoch_metrics(row: dict) -> dict[str, float]:
-    """The numeric columns of a history row, for a tracker's log_metrics(step=row["epoch"])."""
-    return {k: float(row[k]) for k in HISTORY_COLUMNS if k not in ("epoch", "phase")}
-
-
 def check_finite(loss: torch.Tensor, stage: str, epoch: int, step: int) -> None:
     """Stop at once on a NaN/inf loss: training on would only spread it through every weight."""
     if not torch.isfinite(loss.detach()).all():
         raise NonFiniteLossError(
             f"{stage}: loss became {loss.item()} at epoch {epoch}, step {step}; lower the learning rate "
             f"or check the inputs for NaN")
-
-
-def write_history(rows: list[dict], path: str | Path) -> None:
-    """Per-epoch rows as CSV with HISTORY_COLUMNS, written atomically."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: r[k] for k in HISTORY_COLUMNS} for r in rows)
-    write_text(path, buf.getvalue())
 
 
 def save_head(result: HeadResult, out_dir: str | Path = paths.HEAD_DIR,
@@ -214,38 +173,7 @@ def save_head(result: HeadResult, out_dir: str | Path = paths.HEAD_DIR,
     return info
 
 
-def load_head(head_dir: str | Path = paths.HEAD_DIR) -> tuple[nn.Module, dict]:
-    """The saved head (eval mode) and its head.json."""
-    head_dir = Path(head_dir)
-    info_path, weights_path = head_dir / paths.HEAD_INFO.name, head_dir / paths.HEAD_WEIGHTS.name
-    if not info_path.exists() or not weights_path.exists():
-        raise DataError(f"{head_dir}: no trained head ({info_path.name} + {weights_path.name}); run the train_head stage")
-    info = read_json(info_path)
-    head = build_head(info["kind"], info["in_features"], len(info["classes"]), info["hidden"], info["dropout"])
-    head.load_state_dict(load_file(str(weights_path)))
-    return head.eval(), info
-
-
-def save_state(state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """A state dict as .safetensors, atomically (contiguous CPU copies; the format refuses views)."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
-
-
 # ---------------------------------------------------------------- fine-tuning
-
-
-class Classifier(nn.Module):
-    """Backbone features -> head logits: the model that is fine-tuned, evaluated and exported."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
 
 
 @dataclass
@@ -320,8 +248,6 @@ def _finetune(params: Params, manifest: Any, head_dir: str | Path, out_dir: Path
 
 def setup(params: Params, manifest: Any, head_dir: str | Path) -> Setup:
     """Backbone + trained head on the device, every parameter group of the optimizer, the image datasets."""
-    from tlops.backbones import create_backbone
-
     ft = params.finetune
     device = resolve_device(ft.device)
     backbone = create_backbone(params.model.backbone, weights=params.model.weights, image_size=params.model.image_size)
@@ -395,30 +321,6 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[t
     return x.to(device, non_blocking=cuda, memory_format=torch.channels_last), y.to(device, non_blocking=cuda)
 
 
-def resolve_device(name: str) -> torch.device:
-    """finetune.device auto|cpu|cuda -> a torch device; cuda without a GPU is a config error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("finetune.device: cuda, but torch sees no CUDA GPU (use auto or cpu)")
-    return torch.device(name)
-
-
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision on CUDA: bf16 where the GPU has it (no scaler needed), else fp16 with a GradScaler."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def device_tags(device: torch.device) -> dict[str, str]:
-    """Where fine-tuning runs, for run tags: device, GPU name, mixed-precision dtype."""
-    tags = {"device": device.type, "amp": str(amp_dtype(device) or "off").removeprefix("torch.")}
-    if device.type == "cuda":
-        tags["gpu"] = torch.cuda.get_device_name(device)
-    return tags
-
-
 def check_compatible(backbone: Any, head_info: dict, manifest: Any) -> list[str]:
     """The head must fit the backbone's feature width and the manifest's classes; returns the classes."""
     if head_info["in_features"] != backbone.num_features:
@@ -433,8 +335,6 @@ def check_compatible(backbone: Any, head_info: dict, manifest: Any) -> list[str]
 
 def model_info(params: Params, backbone: Any, classes: list[str], head_info: dict, history: list[dict]) -> dict:
     """model.json: everything export and serving need to rebuild and feed the model."""
-    from tlops.data import data_version
-
     return {
         "backbone": backbone.name,
         "num_features": backbone.num_features,
@@ -442,7 +342,7 @@ def model_info(params: Params, backbone: Any, classes: list[str], head_info: dic
         "head": {k: head_info[k] for k in ("kind", "hidden", "dropout")},
         "preprocess": backbone.spec.to_dict(),
         "weights_id": backbone.weights_id,
-        "data_version": data_version(),
+        "data_version": current_data_version(),
         "image_size": backbone.spec.input_size,
         "head_epochs": int(head_info["epochs"]),
         "epochs": params.finetune.epochs,
@@ -450,24 +350,3 @@ def model_info(params: Params, backbone: Any, classes: list[str], head_info: dic
         "head_val_accuracy": float(head_info["val_accuracy"]),
         "params": {"model": params.model.model_dump(mode="json"), "finetune": params.finetune.model_dump(mode="json")},
     }
-
-
-def load_classifier(model_dir: str | Path = paths.FINETUNE_DIR) -> tuple[Classifier, dict]:
-    """The fine-tuned model (eval mode, CPU) rebuilt from model.json + model.safetensors, and model.json."""
-    from tlops.backbones import create_backbone
-
-    model_dir = Path(model_dir)
-    info_path, weights_path = model_dir / paths.FINETUNE_INFO.name, model_dir / paths.FINETUNE_WEIGHTS.name
-    if not info_path.exists() or not weights_path.exists():
-        raise DataError(f"{model_dir}: no fine-tuned model ({info_path.name} + {weights_path.name}); "
-                        "run the finetune stage")
-    info = read_json(info_path)
-    backbone = create_backbone(info["backbone"], weights="random", image_size=info["image_size"])
-    h = info["head"]
-    model = Classifier(backbone.model, build_head(h["kind"], info["num_features"], len(info["classes"]),
-                                                  h["hidden"], h["dropout"]))
-    try:
-        model.load_state_dict(load_file(str(weights_path)))
-    except RuntimeError as e:
-        raise ModelIntegrityError(f"{weights_path} does not fit the model described in {info_path}: {e}") from None
-    return model.eval(), info

@@ -1,4 +1,4 @@
-"""flows.temporary_server: the Prefect API server of a run without a configured one, and its end."""
+"""orchestration.prefect_server: the Prefect API server of a run without a configured one, and its end."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
 def test_a_killed_run_leaves_no_prefect_server_behind(tmp_path: Path):
-    code = ("import time\nfrom flows.temporary_server import TemporaryServer\n"
+    code = ("import time\nfrom orchestration.prefect_server import TemporaryServer\n"
             "s = TemporaryServer()\ns.wait_ready(120)\nprint(s.url, flush=True)\ntime.sleep(300)")
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)

@@ -118,6 +118,14 @@ def _locked(stage: PipelineStage) -> bool:
     return stage.name in (lockfile.load().get("stages") or {})
 
 
+def output_hash(stage: PipelineStage, path: str | Path) -> str | None:
+    """The hash DVC recorded for the stage's output at `path` (relative to the repo root), if it has one."""
+    for out in stage.outs:
+        if Path(out.def_path) == Path(path) and out.hash_info:
+            return out.hash_info.value
+    return None
+
+
 def _output_hashes(stage: PipelineStage) -> list[str | None]:
     return [o.hash_info.value if o.hash_info else None for o in stage.outs]
 

@@ -1,4 +1,4 @@
-"""What every stage task and stage flow shares: params loading and the command-line entry."""
+"""The command-line entry of every stage flow (`python -m flows.<stage>`, what dvc.yaml runs)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def stage_main(flow: Callable[..., Any]) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    from flows.temporary_server import prefect_api
+    from orchestration.prefect_server import prefect_api
 
     try:
         with prefect_api():  # under plain `dvc repro` each stage process needs a Prefect API of its own
