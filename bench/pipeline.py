@@ -24,23 +24,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["tlops", "flows", "tasks", "orchestration", "serving", "dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore",
-                 "prefect.yaml"]
 BIN = Path(sys.executable).parent
 
 
 def make_project(dest: Path) -> Path:
-    """A fresh git + DVC repo holding the project's code and params.yaml, as a clone would."""
-    dest.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, dest / name)
-    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"],
-                [str(BIN / "dvc"), "config", "core.analytics", "false"]):
-        subprocess.run(cmd, cwd=dest, check=True)
+    """A fresh clone of the project's committed state, as a user's first checkout would be."""
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(dest)], check=True)  # .dvc/config: analytics off
     return dest
 
 

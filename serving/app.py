@@ -89,6 +89,10 @@ class Service:
             self.metrics.model_loaded(new.name, new.version, new.sha256, new.metadata)
             log.info("serving %s version %s from %s%s", new.name, new.version, new.path,
                      f" (was {old.version})" if old else "")
+            if old is not None and old.task != new.task:  # clients' label indices and inputs change meaning
+                self.metrics.task_changes.inc()
+                log.warning("model %s version %s is of another task than version %s it replaces: %s -> %s",
+                            new.name, new.version, old.version, _describe(old.task), _describe(new.task))
             return True
 
     def _load_and_warm(self, path: Path) -> LoadedModel:
@@ -181,6 +185,11 @@ class Service:
         finally:
             self.metrics.queue_depth.set(self.batcher.depth)
         return extra, y, used
+
+
+def _describe(task: tuple[str, tuple[str, ...]]) -> str:
+    kind, labels = task
+    return f"{kind} [{', '.join(labels[:6])}{', ...' if len(labels) > 6 else ''}] ({len(labels)} labels)"
 
 
 def create_app(params: ServeParams, model: str | None = None) -> FastAPI:

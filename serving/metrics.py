@@ -32,6 +32,8 @@ class Metrics:
                              ["result"], registry=r)
         self.last_rejected = Gauge("tlops_model_last_rejected_timestamp_seconds",
                                    "When a model last failed to load or verify (0: never)", registry=r)
+        self.task_changes = Counter("tlops_model_task_changes", "Swaps to a model of other labels or input kind",
+                                    registry=r)
         self.loaded_at = Gauge("tlops_model_loaded_timestamp_seconds", "When the serving model was swapped in",
                                registry=r)
 

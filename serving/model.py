@@ -97,6 +97,11 @@ class LoadedModel:
     key: tuple | None = None
 
     @property
+    def task(self) -> tuple[str, tuple[str, ...]]:
+        """(input kind, labels): what the model reads and answers; a model of another task is not a drop-in."""
+        return onnx_meta.input_kind_of(self.metadata), self.labels
+
+    @property
     def input_shape(self) -> list[int]:
         """[-1, 3, S, S]: -1 for the dynamic batch axis, as the v2 metadata API writes it."""
         return [-1, 3, self.spec.input_size, self.spec.input_size]

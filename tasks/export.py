@@ -48,7 +48,8 @@ def promote(params: Params, version: str, accuracy: float, run_id: str) -> dict[
     name = params.export.registered_model
     champion = registry.get_alias_version(name, registry.CHAMPION)
     path = registry.download_model_file(name, champion) if champion else None
-    decision = exporting.promotion(params, version, accuracy, path, champion)
+    candidate = registry.download_model_file(name, version)  # the registered copy: what `champion` would serve
+    decision = exporting.promotion(params, version, accuracy, candidate, path, champion)
     if decision["promoted"]:
         registry.set_alias(name, registry.CHAMPION, version)
     tags = {"promotion.promoted": decision["promoted"], "promotion.reason": decision["reason"],

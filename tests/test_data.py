@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 import struct
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from conftest import make_images, make_messy_images
 from PIL import Image
 
 from tlops import data
-from tlops.config import DataParams
+from tlops.config import DataParams, NearDuplicateParams
 from tlops.errors import ConfigError, DataError
 from tlops.io import sha256_file
 from tlops.preprocess import load_image
@@ -117,8 +118,10 @@ def test_duplicates_keep_one_row_never_straddle_splits_and_are_reported(here):
     rows = data.load_manifest(Path("prepared/manifest.csv")).rows
     sha = sha256_file(here / "raw/class_0/img_000.png")
     assert [r.path for r in rows if r.sha256 == sha] == ["raw/class_0/copy_a.png"]  # lexicographically first
-    assert report["duplicates"] == [{"sha256": sha, "label": "class_0", "kept": "raw/class_0/copy_a.png",
-                                     "dropped": ["raw/class_0/copy_b.png", "raw/class_0/img_000.png"]}]
+    [dup] = report["duplicates"]
+    assert {k: v for k, v in dup.items() if k != "pixels_sha256"} == {
+        "sha256": sha, "label": "class_0", "kept": "raw/class_0/copy_a.png",
+        "dropped": ["raw/class_0/copy_b.png", "raw/class_0/img_000.png"]}
     assert report["totals"]["duplicates_dropped"] == 2
     assert len({r.sha256 for r in rows}) == len(rows)
 
@@ -244,3 +247,60 @@ def test_data_version_is_the_same_inside_and_outside_a_dvc_repo(workspace, tmp_p
     shutil.copytree(workspace / "data", outside / "data")
     assert data.data_version(outside) == inside
     assert inside.endswith(".dir")
+
+
+def _same_pictures(folder: Path, n: int = 16, seed: int = 0) -> dict[str, int]:
+    """n photo crops (two classes by source photo), each as PNG, BMP, TIFF and GIF (identical pixels), JPEG, WebP,
+    a half-size copy and a JPEG re-encoded from the JPEG; returns {path relative to folder: picture index}."""
+    from sklearn.datasets import load_sample_images
+
+    photos, rng, where = load_sample_images().images, np.random.default_rng(seed), {}
+    for k in range(n):
+        photo = photos[k % 2]
+        y, x = rng.integers(0, photo.shape[0] - 96), rng.integers(0, photo.shape[1] - 96)
+        palette = Image.fromarray(photo[y:y + 96, x:x + 96]).quantize(200, dither=Image.Dither.NONE)  # GIF: lossless
+        rgb, d = palette.convert("RGB"), folder / f"class_{k % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        for name, save in {f"p{k}.png": lambda p: rgb.save(p), f"p{k}.bmp": lambda p: rgb.save(p),
+                           f"p{k}.tiff": lambda p: rgb.save(p), f"p{k}.gif": lambda p: palette.save(p),
+                           f"p{k}.jpg": lambda p: rgb.save(p, quality=85), f"p{k}.webp": lambda p: rgb.save(p, quality=80),
+                           f"p{k}_half.png": lambda p: rgb.resize((48, 48), Image.Resampling.LANCZOS).save(p)}.items():
+            save(d / name)
+            where[f"class_{k % 2}/{name}"] = k
+        Image.open(d / f"p{k}.jpg").save(d / f"p{k}_again.jpg", quality=70)
+        where[f"class_{k % 2}/p{k}_again.jpg"] = k
+    return where
+
+
+def test_the_same_picture_in_other_formats_sizes_and_encodings_never_straddles_splits_and_stays_put(here):
+    where = _same_pictures(here / "raw")
+    report = run_prepare(val_fraction=0.3, test_fraction=0.3)
+    rows = {r.path.removeprefix("raw/"): r.split for r in data.load_manifest(Path("prepared/manifest.csv")).rows}
+    assert report["totals"]["duplicates_dropped"] == 16 * 3  # BMP, TIFF and GIF hold the PNG's very pixels
+    assert all(sum(p.removeprefix("raw/") in rows for p in [d["kept"], *d["dropped"]]) == 1
+               for d in report["duplicates"])
+    splits_of = defaultdict(set)
+    for path, split in rows.items():
+        splits_of[where[path]].add(split)
+    assert all(len(s) == 1 for s in splits_of.values()), splits_of  # one picture, one split
+    assert len({next(iter(s)) for s in splits_of.values()}) == 3  # and the pictures do spread over the splits
+    assert report["totals"]["near_duplicate_groups"] == 16
+    assert sorted(len(g["paths"]) for g in report["near_duplicates"]) == [5] * 16  # PNG, JPEG, WebP, half, again
+
+    make_images(here / "raw", classes=2, per_class=10, size=64, seed=7)  # the data grows
+    run_prepare(val_fraction=0.3, test_fraction=0.3)
+    after = {r.path.removeprefix("raw/"): r.split for r in data.load_manifest(Path("prepared/manifest.csv")).rows}
+    assert {p: after[p] for p in rows} == rows
+
+
+def test_near_duplicates_by_hash_need_one_image_of_32_px_and_by_thumbnail_stay_below_the_grey_level():
+    near = NearDuplicateParams(phash_bits=4, thumbnail_grey=1.5)
+    dark, light = bytes([10] * 256), bytes([200] * 256)
+    a = data.Checked("a.png", "x", "1" * 64, 8, 8, "p1", 0b1011, dark)
+    b = data.Checked("b.png", "x", "2" * 64, 8, 8, "p2", 0b1001, light)  # one bit away, but both 8x8
+    c = data.Checked("c.png", "x", "3" * 64, 64, 64, "p3", 0b1000, bytes([100] * 256))  # larger: compared by hash
+    d = data.Checked("d.png", "x", "4" * 64, 8, 8, "p4", 2**63, bytes([11] * 256))  # a's thumbnail, 1 level up
+    assert data.near_duplicate_groups([a, b], near) == []
+    assert [[m.path for m in g] for g in data.near_duplicate_groups([a, b, c], near)] == [["a.png", "b.png", "c.png"]]
+    assert [[m.path for m in g] for g in data.near_duplicate_groups([a, b, d], near)] == [["a.png", "d.png"]]
+    assert data.near_duplicate_groups([a, b, c, d], None) == []

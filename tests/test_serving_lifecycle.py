@@ -318,3 +318,21 @@ def test_registry_models_need_no_sidecar_but_plain_files_do(models, tmp_path: Pa
         predict_files(bare, [image])
     with pytest.raises(ConfigError, match="models:/<name>@<alias>"):
         ModelSource("models:/tiny")
+
+
+def test_a_swap_to_a_model_of_other_labels_is_counted_and_logged(models, tmp_path: Path, caplog):
+    target = tmp_path / "model.onnx"
+    install_model(models["a"], target)
+    other = export_tiny_model(tmp_path / "other" / "model.onnx", labels=["cat", "dog", "eel"])
+    with ThreadServer(serve_params(), str(target)) as s:
+        wait_for(f"{s.url}/v2/health/ready")
+        install_model(models["b"], target)  # same task: a plain swap
+        assert s.reload()
+        install_model(other, target)
+        with caplog.at_level("WARNING", logger="serving"):
+            assert s.reload()
+        text = http().get(f"{s.url}/metrics").text
+        assert metric_value(text, "tlops_model_task_changes_total") == 1
+        assert http().get(f"{s.url}/v2/models/model").json()["parameters"]["labels"] == ["cat", "dog", "eel"]
+    warned = [r.getMessage() for r in caplog.records if "another task" in r.getMessage()]
+    assert len(warned) == 1 and "class_0" in warned[0] and "cat" in warned[0]

@@ -28,6 +28,11 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class NearDuplicateParams(Section):
+    phash_bits: Annotated[int, Field(ge=0, le=16)] = 4
+    thumbnail_grey: Annotated[float, Field(ge=0.0, le=32.0)] = 1.5
+
+
 class DataParams(Section):
     source: str = "digits"
     path: str | None = None
@@ -37,6 +42,7 @@ class DataParams(Section):
     val_fraction: Fraction = 0.15
     test_fraction: Fraction = 0.15
     split_salt: str = "tlops"
+    near_duplicates: NearDuplicateParams | None = NearDuplicateParams()
 
     @field_validator("source")
     @classmethod

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from tlops import paths
-from tlops.config import DataParams
+from tlops.config import DataParams, NearDuplicateParams
 from tlops.errors import ConfigError, DataError
 from tlops.io import sha256_bytes, sha256_file, write_json, write_text
 from tlops.preprocess import ImageError, load_image
@@ -243,13 +243,16 @@ def _class_folder(target: Any, classes: list[str]) -> str:
 
 @dataclass(frozen=True)
 class Checked:
-    """An image that decoded fully."""
+    """An image that decoded fully, with the two fingerprints that find its copies."""
 
     path: str
     label: str
-    sha256: str
+    sha256: str  # of the file's bytes
     width: int
     height: int
+    pixels: str = ""  # sha256 of the decoded RGB pixels: the same picture in PNG, BMP, TIFF, ... has one
+    phash: int = 0  # 64-bit perceptual hash: re-encoded and resized copies differ from it in a few bits
+    thumbnail: bytes = b""  # 16x16 grey: flat pictures, whose perceptual hash is unstable, still match on it
 
 
 def prepare(raw_dir: Path, params: DataParams, manifest_path: Path, report_path: Path) -> dict:
@@ -262,10 +265,12 @@ def prepare(raw_dir: Path, params: DataParams, manifest_path: Path, report_path:
     kept, duplicates, conflicting = deduplicate(good)
     quarantined = sorted([*quarantined, *bad, *conflicting], key=lambda q: q["path"])
     check_classes(kept, dict(candidates), quarantined, params.min_per_class, raw_dir)
-    rows = sorted((ManifestRow(c.path, c.label, split_of(c.sha256, params), c.sha256, c.width, c.height)
-                   for c in kept), key=lambda r: r.path)
+    groups = near_duplicate_groups(kept, params.near_duplicates)
+    key = {c.path: min(m.sha256 for m in group) for group in groups for c in group}  # a group splits as one
+    rows = sorted((ManifestRow(c.path, c.label, split_of(key.get(c.path, c.sha256), params), c.sha256, c.width,
+                               c.height) for c in kept), key=lambda r: r.path)
     check_splits(rows, params)
-    report = data_report(rows, quarantined, duplicates)
+    report = data_report(rows, quarantined, duplicates, groups)
     write_manifest(manifest_path, rows)
     write_json(report_path, report)
     return report
@@ -296,11 +301,16 @@ def _display(path: Path) -> str:
 
 def check_images(candidates: list[tuple[str, str]], max_pixels: int) -> tuple[list[Checked], list[dict]]:
     """Decode every candidate fully; the ones that fail become {path, reason, detail} entries."""
+    import imagehash
+
     good, bad = [], []
     for path, label in candidates:
         try:
             img = load_image(path, max_pixels)
-            good.append(Checked(path, label, sha256_file(path), img.width, img.height))
+            pixels = sha256_bytes(f"{img.width}x{img.height}:".encode() + img.tobytes())
+            thumbnail = img.convert("L").resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX).tobytes()
+            good.append(Checked(path, label, sha256_file(path), img.width, img.height, pixels,
+                                int(str(imagehash.phash(img)), 16), thumbnail))
         except ImageError as e:
             bad.append({"path": path, "reason": e.reason, "detail": e.detail})
         except OSError as e:
@@ -311,12 +321,13 @@ def check_images(candidates: list[tuple[str, str]], max_pixels: int) -> tuple[li
 
 
 def deduplicate(images: list[Checked]) -> tuple[list[Checked], list[dict], list[dict]]:
-    """Keep one copy (the first path) of each content; copies filed under different labels are all rejected."""
-    by_hash: dict[str, list[Checked]] = defaultdict(list)
+    """Keep one copy (the first path) of each picture, by decoded pixels; copies under different labels are all
+    rejected. Byte-identical files are the simplest case; the same picture saved as PNG and BMP is another."""
+    by_pixels: dict[str, list[Checked]] = defaultdict(list)
     for img in images:
-        by_hash[img.sha256].append(img)
+        by_pixels[img.pixels or img.sha256].append(img)
     kept, duplicates, conflicting = [], [], []
-    for sha, group in by_hash.items():
+    for sha, group in by_pixels.items():
         group.sort(key=lambda c: c.path)
         labels = sorted({c.label for c in group})
         if len(labels) > 1:
@@ -326,9 +337,80 @@ def deduplicate(images: list[Checked]) -> tuple[list[Checked], list[dict], list[
             continue
         kept.append(group[0])
         if len(group) > 1:
-            duplicates.append({"sha256": sha, "label": labels[0], "kept": group[0].path,
-                               "dropped": [c.path for c in group[1:]]})
+            duplicates.append({"sha256": group[0].sha256, "pixels_sha256": sha, "label": labels[0],
+                               "kept": group[0].path, "dropped": [c.path for c in group[1:]]})
     return kept, sorted(duplicates, key=lambda d: d["kept"]), conflicting
+
+
+# Below this short side a perceptual hash (computed at 32x32) says too little: two different 8x8 digits often
+# hash within a few bits. A pair is compared by hash only when at least one of the two images reaches it.
+PHASH_MIN_SIDE = 32
+THUMBNAIL = 16
+
+
+def near_duplicate_groups(images: list[Checked], near: NearDuplicateParams | None) -> list[list[Checked]]:
+    """Groups (two or more, each sorted by path) of pictures that are near-duplicates, linked transitively:
+    perceptual hashes within near.phash_bits bits, or grey thumbnails within near.thumbnail_grey levels on average.
+    Re-encoded, resized and lightly edited copies of one picture end up in one group. None: no grouping."""
+    if near is None or len(images) < 2:
+        return []
+    parent = list(range(len(images)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def big_enough(i: int, j: int) -> bool:
+        return max(min(images[k].width, images[k].height) for k in (i, j)) >= PHASH_MIN_SIDE
+
+    pairs = {p for p in _close_pairs([c.phash for c in images], near.phash_bits) if big_enough(*p)}
+    thumbs = np.stack([np.frombuffer(c.thumbnail, np.uint8) for c in images]).astype(np.float32)
+    for i, j in pairs | _close_thumbnails(thumbs, near.thumbnail_grey):
+        parent[root(i)] = root(j)
+    members: dict[int, list[Checked]] = defaultdict(list)
+    for i, c in enumerate(images):
+        members[root(i)].append(c)
+    return sorted((sorted(g, key=lambda c: c.path) for g in members.values() if len(g) > 1), key=lambda g: g[0].path)
+
+
+def _close_thumbnails(thumbs: np.ndarray, max_grey: float) -> set[tuple[int, int]]:
+    """Index pairs whose thumbnails differ by <= max_grey on average. Two thumbnails' mean levels differ by no more
+    than that, so after sorting by mean level each one is compared only with a narrow window of others."""
+    means = thumbs.mean(axis=1)
+    order = np.argsort(means, kind="stable")
+    sorted_means = means[order]
+    pairs = set()
+    for pos, i in enumerate(order):
+        end = int(np.searchsorted(sorted_means, sorted_means[pos] + max_grey, side="right"))
+        others = order[pos + 1 : end]
+        if len(others):
+            close = others[np.abs(thumbs[others] - thumbs[i]).mean(axis=1) <= max_grey]
+            pairs |= {(min(int(i), int(j)), max(int(i), int(j))) for j in close}
+    return pairs
+
+
+def _close_pairs(hashes: list[int], max_bits: int) -> set[tuple[int, int]]:
+    """Index pairs of 64-bit hashes within max_bits of each other (Hamming), without comparing every pair.
+
+    Pigeonhole: cut the 64 bits into max_bits + 1 chunks; two hashes that differ in at most max_bits bits agree
+    on at least one whole chunk, so only hashes sharing a chunk value are compared.
+    """
+    chunks = max_bits + 1
+    bounds = [round(k * 64 / chunks) for k in range(chunks + 1)]
+    pairs: set[tuple[int, int]] = set()
+    for k in range(chunks):
+        width, shift = bounds[k + 1] - bounds[k], bounds[k]
+        buckets: dict[int, list[int]] = defaultdict(list)
+        for i, h in enumerate(hashes):
+            buckets[(h >> shift) & ((1 << width) - 1)].append(i)
+        for idx in buckets.values():
+            for x, i in enumerate(idx):
+                for j in idx[x + 1:]:
+                    if (i, j) not in pairs and bin(hashes[i] ^ hashes[j]).count("1") <= max_bits:
+                        pairs.add((i, j))
+    return pairs
 
 
 def same_classes(*class_lists: list[str]) -> list[str]:
@@ -383,8 +465,9 @@ def check_splits(rows: list[ManifestRow], params: DataParams) -> None:
                         "add images or raise the fractions")
 
 
-def data_report(rows: list[ManifestRow], quarantined: list[dict], duplicates: list[dict]) -> dict:
-    """reports/data.json: counts per class and split, totals, quarantined files, duplicate groups."""
+def data_report(rows: list[ManifestRow], quarantined: list[dict], duplicates: list[dict],
+                groups: list[list[Checked]] = ()) -> dict:
+    """reports/data.json: counts per class and split, totals, quarantined files, duplicates and near-duplicates."""
     per_class: dict[str, dict[str, int]] = {}
     for r in rows:
         counts = per_class.setdefault(r.label, dict.fromkeys((*SPLITS, "total"), 0))
@@ -392,13 +475,19 @@ def data_report(rows: list[ManifestRow], quarantined: list[dict], duplicates: li
         counts["total"] += 1
     warnings = [f"class {label!r} has no {s} image" for label, c in sorted(per_class.items())
                 for s in SPLITS if c[s] == 0]
+    split_of_path = {r.path: r.split for r in rows}
+    near = [{"split": split_of_path[g[0].path], "labels": sorted({c.label for c in g}), "paths": [c.path for c in g]}
+            for g in groups]
+    warnings += [f"near-duplicate pictures filed under different classes {n['labels']}: {', '.join(n['paths'])}"
+                 for n in near if len(n["labels"]) > 1]
     for w in warnings:
         log.warning("prepare: %s", w)
     totals = {"images": len(rows), "classes": len(per_class),
               **{s: sum(1 for r in rows if r.split == s) for s in SPLITS},
-              "quarantined": len(quarantined), "duplicates_dropped": sum(len(d["dropped"]) for d in duplicates)}
+              "quarantined": len(quarantined), "duplicates_dropped": sum(len(d["dropped"]) for d in duplicates),
+              "near_duplicate_groups": len(near), "near_duplicate_images": sum(len(n["paths"]) for n in near)}
     return {"totals": totals, "classes": dict(sorted(per_class.items())), "quarantined": quarantined,
-            "duplicates": duplicates, "warnings": warnings}
+            "duplicates": duplicates, "near_duplicates": near, "warnings": warnings}
 
 
 def write_manifest(path: Path, rows: list[ManifestRow]) -> None:

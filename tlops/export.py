@@ -139,6 +139,7 @@ def build_metadata(classes: Sequence[str], spec: PreprocessSpec, backbone: str, 
         onnx_meta.PARAMS_HASH: params_sha,
         onnx_meta.CREATED: created,
         onnx_meta.PRECISION: precision,
+        onnx_meta.INPUT_KIND: onnx_meta.IMAGE,
     }
 
 
@@ -385,19 +386,36 @@ def export_int8(params: Params, spec: PreprocessSpec, fp32_acc: float, images: S
     return result
 
 
-def promotion(params: Params, candidate_version: str, candidate_accuracy: float,
+def promotion(params: Params, candidate_version: str, candidate_accuracy: float, candidate_path: str | os.PathLike,
               champion_path: str | os.PathLike | None, champion_version: str | None) -> dict[str, Any]:
-    """Score the champion (if any) on the current test split exactly like the candidate was, and decide."""
-    champion_acc = None
-    if champion_path is not None:
-        images, truth = labelled_test_images(load_manifest(paths.MANIFEST))
-        champion_acc = score_onnx(champion_path, images, truth, params.data.max_pixels)
+    """Score the champion (if any) on the current test split exactly like the candidate was, and decide.
+
+    A champion of another task (other labels, or another kind of input) is no rival: it is not scored, the
+    candidate is not promoted over it, and the reason says so.
+    """
     min_delta = params.evaluate.promote_min_delta
-    promote, reason = decide_promotion(candidate_accuracy, champion_acc, min_delta)
-    return {"promoted": promote, "reason": reason, "min_delta": min_delta,
-            "candidate_version": candidate_version, "candidate_accuracy": candidate_accuracy,
-            "champion_version": champion_version, "champion_accuracy": champion_acc,
+    decision = {"min_delta": min_delta, "candidate_version": candidate_version,
+                "candidate_accuracy": candidate_accuracy, "champion_version": champion_version,
+                "champion_accuracy": None, "comparable": True}
+    if champion_path is not None:
+        mine, theirs = (onnx_meta.task_of(onnx_meta.read_metadata(p)) for p in (candidate_path, champion_path))
+        if mine != theirs:
+            reason = (f"not compared: champion v{champion_version} is a model of another task ({_task(theirs)}) "
+                      f"than the candidate ({_task(mine)}); the champion stays. Give this task its own "
+                      f"export.registered_model (now {params.export.registered_model!r}) to track its champion")
+            return {**decision, "promoted": False, "comparable": False, "reason": reason,
+                    "champion_after": champion_version}
+        images, truth = labelled_test_images(load_manifest(paths.MANIFEST))
+        decision["champion_accuracy"] = score_onnx(champion_path, images, truth, params.data.max_pixels)
+    promote, reason = decide_promotion(candidate_accuracy, decision["champion_accuracy"], min_delta)
+    return {**decision, "promoted": promote, "reason": reason,
             "champion_after": candidate_version if promote else champion_version}
+
+
+def _task(task: tuple[str, tuple[str, ...]]) -> str:
+    kind, labels = task
+    shown = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
+    return f"{kind}, {len(labels)} labels: {shown}"
 
 
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:

@@ -28,8 +28,10 @@ MLFLOW_RUN_ID = "tlops.mlflow_run_id"
 PARAMS_HASH = "tlops.params_hash"
 CREATED = "tlops.created"
 PRECISION = "tlops.precision"        # fp32 | int8
+INPUT_KIND = "tlops.input_kind"      # image: what the model reads (another kind of model is never its rival)
 KEYS = (LABELS, PREPROCESS, INPUT_SIZE, BACKBONE, DATA_VERSION, GIT_COMMIT, MLFLOW_RUN_ID, PARAMS_HASH, CREATED,
-        PRECISION)
+        PRECISION, INPUT_KIND)
+IMAGE = "image"
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -57,6 +59,16 @@ def spec_of(meta: dict[str, str]) -> PreprocessSpec:
         return PreprocessSpec.from_json(meta[PREPROCESS])
     except (KeyError, ValueError, TypeError) as e:
         raise ModelIntegrityError(f"ONNX metadata {PREPROCESS} is missing or not a preprocessing spec ({e})") from None
+
+
+def input_kind_of(meta: dict[str, str]) -> str:
+    """What the model reads; models exported before the key existed read images."""
+    return meta.get(INPUT_KIND) or IMAGE
+
+
+def task_of(meta: dict[str, str]) -> tuple[str, tuple[str, ...]]:
+    """(input kind, labels): two models are rivals, and may be compared and swapped, only when these are equal."""
+    return input_kind_of(meta), tuple(labels_of(meta))
 
 
 def sidecar_path(onnx_path: str | os.PathLike) -> Path:
