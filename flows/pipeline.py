@@ -28,7 +28,6 @@ from orchestration.workspace import workspace_lock
 from tlops import paths, tracking
 from tlops.config import Params, ScheduleParams, load_params
 from tlops.config import params_path as resolve_params_path
-from tlops.data import forget_data_version, remember_data_version
 from tlops.errors import ConfigError, TlopsError, is_permanent
 
 if TYPE_CHECKING:
@@ -46,6 +45,8 @@ def pipeline_flow(params_path: str | None = None, refresh: bool = False, force: 
     """Bring every stage of dvc.yaml up to date: `refresh` re-reads the data source first, `force` re-runs all."""
     params = load_params(params_path)
     _check_params_file(params_path)
+    from tlops.data import forget_data_version  # here, not above: numpy and Pillow stay out of a cached start-up
+
     forget_data_version()  # learnt anew once the ingest stage is up to date
     started = time.perf_counter()
     records: list[StageRecord] = []
@@ -74,6 +75,8 @@ def run_pipeline(params_path: str | None = None, refresh: bool = False, force: b
 def _run_stages(repo: Repo, params: Params, params_path: str | None, refresh: bool, force: bool,
                 records: list[StageRecord]) -> None:
     """Each stage in order; on a failure record it (and the stages left) and re-raise."""
+    from tlops.data import remember_data_version
+
     stages = dvc_stages.pipeline_stages(repo)
     for stage in stages:  # a stage that cannot run in-process fails the run before any stage runs
         dvc_stages.stage_module(stage)

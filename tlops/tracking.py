@@ -29,7 +29,6 @@ import psutil
 
 from tlops import paths
 from tlops.config import Params, flatten
-from tlops.data import current_data_version, known_data_version
 from tlops.errors import ConfigError
 from tlops.io import read_json, write_json
 
@@ -203,6 +202,8 @@ def _context_tags(params: Params) -> dict[str, str]:
     if commit := git_commit():
         tags["git_commit"] = commit
         tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI
+    from tlops.data import known_data_version  # here: numpy and Pillow stay out of a cached run's start-up
+
     if version := known_data_version():  # hashed only at the run's end, once ingest has made it
         tags["data_version"] = version
     return tags
@@ -335,6 +336,8 @@ def _tracked(c: MlflowClient, run_id: str, parent_id: str | None, hold: Any, als
 def _record_data_version(c: MlflowClient, run_id: str, parent_id: str | None) -> None:
     """Tag the run with the data version it ended on (this run's, hashed at most once per process), and give the
     parent the version its stage saw last (ingest makes a new one)."""
+    from tlops.data import current_data_version
+
     try:
         version = c.get_run(run_id).data.tags.get("data_version")
         if not version and paths.RAW.is_dir():
