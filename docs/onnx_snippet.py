@@ -1,6 +1,6 @@
 # Classify images with the exported model: onnxruntime, Pillow and numpy only (no tlops, no torch).
 # Usage: python docs/onnx_snippet.py models/model.onnx image.png [more images...]
-import json, sys
+import json, math, sys
 import numpy as np, onnxruntime as ort
 from PIL import Image, ImageOps
 
@@ -8,7 +8,12 @@ session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 meta = session.get_modelmeta().custom_metadata_map  # labels and preprocessing travel inside the file
 labels, spec = json.loads(meta["tlops.labels"]), json.loads(meta["tlops.preprocess"])
 for path in sys.argv[2:]:
-    img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    img, work = Image.open(path), spec.get("decode_size", 0)  # decode at working size: JPEG DCT scaling...
+    if work and img.format == "JPEG" and min(img.size) >= 2 * work:
+        img.draft(None, tuple(math.ceil(d * work / min(img.size)) for d in img.size))
+    img = ImageOps.exif_transpose(img).convert("RGB")
+    if work and min(img.size) // work >= 2:  # ...else a whole-factor box reduction
+        img = img.reduce(min(img.size) // work)
     (w, h), short, s = img.size, spec["resize_size"], spec["input_size"]
     scale = short / min(w, h)  # resize the shorter side, then centre-crop a square
     nw, nh = max(short, round(w * scale)), max(short, round(h * scale))

@@ -36,7 +36,7 @@ from serving.middleware import BodyLimit, RequestMetrics
 from serving.model import LoadedModel, ModelSource, file_key, load_model, top_labels, warm_up
 from serving.protocol import ApiError
 from tlops.config import ServeParams
-from tlops.preprocess import ImageError, PreprocessSpec, load_image, preprocess
+from tlops.preprocess import ImageError, PreprocessSpec, load_and_preprocess
 from tlops.runtime import softmax
 
 log = logging.getLogger("serving")
@@ -292,7 +292,7 @@ def decode_images(files: list[tuple[str | None, bytes]], spec: PreprocessSpec, m
     arrays = []
     for i, (name, data) in enumerate(files):
         try:
-            arrays.append(preprocess(load_image(data, max_pixels), spec))
+            arrays.append(load_and_preprocess(data, spec, max_pixels))
         except ImageError as e:
             status = 415 if e.reason == "not_an_image" else 400
             label = name or (f"#{i}" if len(files) > 1 else "body")

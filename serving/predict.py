@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from serving.model import LoadedModel, ModelSource, top_labels
-from tlops.preprocess import ImageError, load_image, preprocess
+from tlops.preprocess import ImageError, load_and_preprocess
 from tlops.runtime import softmax
 
 BATCH = 32
@@ -29,7 +29,7 @@ def predict_files(model_path: str | os.PathLike, images: Sequence[str | os.PathL
     ok: list[tuple[int, np.ndarray]] = []
     for i, image in enumerate(images):
         try:
-            ok.append((i, preprocess(load_image(image, max_pixels), model.spec)))
+            ok.append((i, load_and_preprocess(image, model.spec, max_pixels)))
         except ImageError as e:
             results[i] = {"image": str(image), "error": str(e), "reason": e.reason}
         except OSError as e:

@@ -17,7 +17,8 @@ def features(params_path: str | None = None) -> dict:
     with tracking.stage_run("features", params) as run:
         stats = extract_features(load_manifest(paths.MANIFEST), params, paths.FEATURES_DIR)
         run.set_tags({k: stats[k] for k in ("backbone", "weights_id", "engine")})
-        run.log_metrics({k: float(stats[k]) for k in ("extracted", "cached", "total", "seconds", "images_per_s")})
-    print(f"features: {stats['extracted']} extracted, {stats['cached']} cached, {stats['total']} rows "
-          f"({stats['images_per_s']} images/s on {stats['engine']})")
+        run.log_metrics({k: float(stats[k]) for k in ("extracted", "cached", "total", "decoded", "seconds",
+                                                      "images_per_s")})
+    print(f"features: {stats['extracted']} extracted, {stats['cached']} cached, {stats['total']} rows, "
+          f"{stats['decoded']} images decoded ({stats['images_per_s']} images/s on {stats['engine']})")
     return stats

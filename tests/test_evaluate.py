@@ -12,7 +12,7 @@ from PIL import Image
 
 from tlops import evaluate as ev
 from tlops.history import merge_history
-from tlops.preprocess import PreprocessSpec
+from tlops.preprocess import PreprocessSpec, load_image
 from tlops.runtime import softmax
 
 CLASSES7 = [f"c{i}" for i in range(7)]
@@ -103,8 +103,8 @@ def test_plots_are_written_as_png(tmp_path):
     worst = [ev.Mistake(str(images[i]), "abc"[y[i]], "abc"[pred[i]], float(probs[i].max()))
              for i in ev.worst_indices(probs, y, 4)]
     assert len(worst) == 3
-    ev.plot_worst(worst, PreprocessSpec(32, "bilinear"), 10**7, tmp_path / "p" / "worst.png")
-    ev.plot_worst([], PreprocessSpec(32), 10**7, tmp_path / "p" / "none.png")
+    ev.plot_worst(worst, PreprocessSpec(32, "bilinear"), lambda p: load_image(p, 10**7), tmp_path / "p" / "worst.png")
+    ev.plot_worst([], PreprocessSpec(32), lambda p: load_image(p, 10**7), tmp_path / "p" / "none.png")
     for name in ("confusion", "curves", "worst", "none"):
         with Image.open(tmp_path / "p" / f"{name}.png") as img:
             assert img.format == "PNG" and img.width > 100

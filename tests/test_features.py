@@ -107,11 +107,13 @@ def test_a_grown_dataset_extracts_only_the_new_images(project):
 
 def test_cache_key_changes_with_backbone_weights_spec_and_view():
     bb = create_backbone("tiny_test", weights="random")
-    base = extractor_id(bb)
+    base = extractor_id(bb, bb.spec)
     image = "ab" * 32
     key = feature_key(base, image)
-    assert key == feature_key(extractor_id(create_backbone("tiny_test", weights="random")), image)
-    bigger = extractor_id(create_backbone("tiny_test", weights="random", image_size=40))
+    again = create_backbone("tiny_test", weights="random")
+    assert key == feature_key(extractor_id(again, again.spec), image)
+    big = create_backbone("tiny_test", weights="random", image_size=40)
+    bigger = extractor_id(big, big.spec)
     for other in ({**base, "backbone": "resnet18"}, {**base, "weights_id": "0" * 64}, bigger):
         assert feature_key(other, image) != key
     assert feature_key(base, image, view=1, augment={"hflip": True}) != key

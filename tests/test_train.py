@@ -141,12 +141,17 @@ def test_frozen_backbone_modules_run_in_eval_mode():
     assert not any(m.training for m in bb.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
-def test_training_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path: Path):
-    make_images(tmp_path, classes=1, per_class=1)
-    items = [(str(next(tmp_path.rglob("*.png"))), 0)]
+def test_a_training_view_is_a_function_of_seed_view_and_content_not_of_position(tmp_path: Path):
+    from tlops.images import WorkingImages
+    from tlops.io import sha256_file
+
+    [a, b] = make_images(tmp_path, classes=1, per_class=2)
     bb = create_backbone("tiny_test", weights="random")
-    ds = ImageDataset(items, bb.spec, 10**7, augment=tiny_params().finetune.augment, seed=1)
-    assert torch.equal(ds[0][0], ds[0][0]) and not torch.equal(ds[0][0], ds.at_epoch(1)[0][0])
+    images = WorkingImages(tmp_path / "store", bb.spec, 10**7, {str(p): sha256_file(p) for p in (a, b)})
+    ds = ImageDataset([(str(a), 0), (str(b), 0)], images, augment=tiny_params().finetune.augment, seed=1)
+    moved = ImageDataset([(str(b), 0), (str(a), 0)], images, augment=tiny_params().finetune.augment, seed=1)
+    assert torch.equal(ds[0][0], moved[1][0])  # the same image at another position: the same view
+    assert not torch.equal(ds[0][0], ds.at_view(1)[0][0]) and torch.equal(ds.at_view(1)[0][0], ds.at_view(1)[0][0])
     assert ds[0][0].shape == (3, 32, 32)
 
 
@@ -217,6 +222,63 @@ def test_finetune_gradual_unfreeze_trains_one_more_group_each_epoch(project: Pat
     assert [changed(before, after, f"backbone.features.{g}.0.weight") for g in range(4)] == [False, False, True, True]
 
 
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("over", [{}, {"unfreeze_groups": 3, "unfreeze_every": 1, "epochs": 3}, {"views": 1}],
+                         ids=["top-2", "gradual-unfreezing", "one-view"])
+def test_the_trunk_cache_trains_on_the_same_inputs_as_the_whole_backbone(project: Path, tmp_path: Path, over):
+    cached = run_finetune(tmp_path / "cached", tiny_params(trunk_cache=True, **over))
+    whole = run_finetune(tmp_path / "whole", tiny_params(trunk_cache=False, **over))
+    assert cached.trunk == "cached" and whole.trunk == "finetune.trunk_cache is false"
+    a, b = _weights(tmp_path / "cached"), _weights(tmp_path / "whole")
+    assert a.keys() == b.keys()
+    for k in a:  # the trunk ran on ONNX Runtime, the whole backbone on PyTorch: float rounding apart
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    for x, y in zip(cached.history, whole.history, strict=True):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
+        assert x["val_accuracy"] == y["val_accuracy"]
+
+
+def test_the_trunk_is_computed_once_per_view_and_reused_by_a_rerun_with_other_params(project: Path, tmp_path: Path,
+                                                                                     monkeypatch):
+    import tlops.inference
+
+    runs = []
+    original = tlops.inference.make_runner
+    monkeypatch.setattr("tlops.trunk.make_runner", lambda *a, **k: runs.append(1) or original(*a, **k))
+    run_finetune(tmp_path, tiny_params(epochs=3, views=2))
+    shards = sorted((tmp_path / "ckpt" / "trunk").glob("trunk-*.keys.npy"))
+    assert len(shards) == 3  # views 0 and 1 of the training images, and the validation images
+    runs.clear()
+    run_finetune(tmp_path, tiny_params(epochs=3, views=2, lr=2e-3))  # another run: nothing recomputed
+    assert runs == [] and sorted((tmp_path / "ckpt" / "trunk").glob("trunk-*.keys.npy")) == shards
+
+
+def test_no_epoch_decodes_an_image_the_features_stage_decoded(project: Path, tmp_path: Path, monkeypatch):
+    import tlops.images
+
+    decoded = []
+    original = tlops.images.decode
+    monkeypatch.setattr(tlops.images, "decode", lambda *a, **k: decoded.append(a[0]) or original(*a, **k))
+    run_finetune(tmp_path / "cached", tiny_params(trunk_cache=True))
+    run_finetune(tmp_path / "whole", tiny_params(trunk_cache=False))
+    assert decoded == []
+
+
+def test_batchnorm_train_turns_the_trunk_cache_off_and_says_why(project: Path, tmp_path: Path):
+    result = run_finetune(tmp_path, tiny_params(batchnorm="train"))
+    assert "batchnorm is train" in result.trunk
+
+
+def test_one_bf16_epoch_lands_near_the_fp32_one(project: Path, tmp_path: Path):
+    fp32 = run_finetune(tmp_path / "fp32", tiny_params(epochs=1, precision="fp32"))
+    bf16 = run_finetune(tmp_path / "bf16", tiny_params(epochs=1, precision="bf16"))
+    assert bf16.history[0]["train_loss"] == pytest.approx(fp32.history[0]["train_loss"], rel=0.05)
+    assert bf16.history[0]["val_loss"] == pytest.approx(fp32.history[0]["val_loss"], rel=0.05)
+
+
 def test_finetune_two_cpu_runs_write_identical_weights(project: Path, tmp_path: Path):
     run_finetune(tmp_path / "a")
     run_finetune(tmp_path / "b")
@@ -241,7 +303,7 @@ def test_finetune_resumed_after_a_crash_ends_with_the_uninterrupted_weights(proj
 
 def test_finetune_ignores_a_checkpoint_made_with_other_params(project: Path, tmp_path: Path):
     run_finetune(tmp_path, tiny_params(lr=1e-3))
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("epoch_*")) == ["epoch_0001.pt", "epoch_0002.pt"]
     assert run_finetune(tmp_path, tiny_params(lr=2e-3)).resumed_epochs == 0
 
 

@@ -69,6 +69,7 @@ class ModelParams(Section):
 class FeaturesParams(Section):
     batch_size: PositiveInt = 64
     augment_views: Annotated[int, Field(ge=0, le=32)] = 0
+    num_workers: PositiveInt | None = None
     num_threads: PositiveInt | None = None
 
 
@@ -109,6 +110,10 @@ class FinetuneParams(Section):
     batchnorm: Literal["frozen", "train"] = "frozen"
     batch_size: PositiveInt = 32
     augment: AugmentParams = AugmentParams()
+    views: PositiveInt | None = None
+    trunk_cache: bool = True
+    trunk_cache_max_gb: PositiveFloat = 2.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: Annotated[int, Field(ge=0)] = 0
     num_threads: PositiveInt | None = 1

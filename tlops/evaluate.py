@@ -10,12 +10,13 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
 from tlops import paths
 from tlops.config import Params
@@ -23,9 +24,10 @@ from tlops.data import current_data_version, load_manifest, same_classes, split_
 from tlops.errors import DataError
 from tlops.features import load_feature_dataset
 from tlops.history import merge_history, read_history, write_history
+from tlops.images import for_manifest
 from tlops.io import write_bytes, write_json, write_text
 from tlops.model import load_classifier, load_head
-from tlops.preprocess import PreprocessSpec, load_image, preprocess_batches, resize_crop
+from tlops.preprocess import PreprocessSpec, preprocess_batches, resize_crop
 from tlops.runtime import softmax
 
 if TYPE_CHECKING:
@@ -190,7 +192,8 @@ class Mistake:
     confidence: float
 
 
-def plot_worst(mistakes: Sequence[Mistake], spec: PreprocessSpec, max_pixels: int, path: str | Path) -> None:
+def plot_worst(mistakes: Sequence[Mistake], spec: PreprocessSpec, load: Callable[[str], Image.Image],
+               path: str | Path) -> None:
     """Grid of the most confidently wrong test images, as the model saw them, with labels and confidence."""
     cols = max(1, min(4, len(mistakes)))
     grid_rows = max(1, math.ceil(len(mistakes) / cols))
@@ -199,7 +202,7 @@ def plot_worst(mistakes: Sequence[Mistake], spec: PreprocessSpec, max_pixels: in
         fig.text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
     for i, m in enumerate(mistakes):
         ax = fig.add_subplot(grid_rows, cols, i + 1)
-        ax.imshow(resize_crop(load_image(m.path, max_pixels), spec))
+        ax.imshow(resize_crop(load(m.path), spec))
         ax.set_title(f"true: {m.actual}\npred: {m.predicted} ({m.confidence:.2f})", fontsize=9, color="darkred")
         ax.axis("off")
     _save(fig, path)
@@ -237,12 +240,14 @@ def evaluate(params: Params) -> dict[str, Any]:
     spec = PreprocessSpec.from_dict(info["preprocess"])
     images, y = [p for p, _ in items], np.array([c for _, c in items], dtype=int)
     # On the CPU on purpose: these are the numbers the exported ONNX model (CPU) must reproduce.
-    logits = torch_logits(model, preprocess_batches(images, spec, params.data.max_pixels), device="cpu")
+    store = for_manifest(manifest, spec, params.data.max_pixels)  # the features stage decoded them already
+    logits = torch_logits(model, preprocess_batches(images, spec, params.data.max_pixels, load=store.get),
+                          device="cpu")
     ft_metrics = compute_metrics(logits, y, classes)
     report = {"head": head_metrics, "finetuned": ft_metrics, "finetune_gain": gain(head_metrics, ft_metrics),
               "test_images": len(items), "data_version": current_data_version()}
     write_json(paths.METRICS, report)
-    write_plots(images, y, logits, classes, spec, params)
+    write_plots(images, y, logits, classes, spec, store.get, params)
     return report
 
 
@@ -257,7 +262,7 @@ def head_test_logits(head: nn.Module, classes: Sequence[str]) -> tuple[np.ndarra
 
 
 def write_plots(images: Sequence[str], y: np.ndarray, logits: np.ndarray, classes: Sequence[str],
-                spec: PreprocessSpec, params: Params) -> None:
+                spec: PreprocessSpec, load: Callable[[str], Image.Image], params: Params) -> None:
     """confusion.csv + history.csv for `dvc plots`, and confusion/curves/worst PNGs."""
     probs, pred = softmax(logits), logits.argmax(axis=1)
     write_csv(paths.CONFUSION, confusion_rows(y, pred, classes), CONFUSION_COLUMNS)
@@ -267,7 +272,7 @@ def write_plots(images: Sequence[str], y: np.ndarray, logits: np.ndarray, classe
     plot_curves(rows, unfreeze, paths.PLOTS_DIR / "curves.png")
     worst = [Mistake(str(images[i]), classes[y[i]], classes[pred[i]], float(probs[i].max()))
              for i in worst_indices(probs, y, params.evaluate.worst_k)]
-    plot_worst(worst, spec, params.data.max_pixels, paths.PLOTS_DIR / "worst.png")
+    plot_worst(worst, spec, load, paths.PLOTS_DIR / "worst.png")
 
 
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:

@@ -10,35 +10,32 @@ batch): on 2 cores it is 2-4x faster than eager PyTorch. On CUDA, or if export f
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import tempfile
+import os
 import time
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from tlops import paths, runtime
+from tlops import paths
 from tlops.backbones import Backbone, create_backbone
 from tlops.config import Params
 from tlops.data import Manifest
 from tlops.devices import torch_threads
 from tlops.errors import DataError
-from tlops.export import export_onnx, parity
+from tlops.images import WorkingImages, for_manifest
+from tlops.inference import Runner, make_runner
 from tlops.io import atomic_path, sha256_bytes, sha256_json
-from tlops.loaders import augment
-from tlops.preprocess import load_and_preprocess, load_image, normalize
+from tlops.loaders import training_view, working_spec
+from tlops.preprocess import PreprocessSpec, preprocess
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "onnxruntime")
 PRECISION = "fp32"  # part of every key: features from another precision are other features
 
-Runner = Callable[[np.ndarray], np.ndarray]  # float32 NCHW batch -> float32 (N, D) features
 
 
 @dataclass(frozen=True)
@@ -88,35 +85,39 @@ def extract_with(bb: Backbone, manifest: Manifest, params: Params, out_dir: Path
                  engine: str = "auto") -> dict:
     """extract_features with a given backbone (which is left as it was: eval mode, weights untouched)."""
     start = time.perf_counter()
+    spec = working_spec(bb.spec, params.finetune.augment)
     cache_dir = out_dir / paths.FEATURES_CACHE.relative_to(paths.FEATURES_DIR)
-    items = manifest_items(manifest, params, extractor_id(bb))
+    images = for_manifest(manifest, spec, params.data.max_pixels, out_dir / paths.FEATURES_IMAGES.name)
+    items = manifest_items(manifest, params, extractor_id(bb, spec))
     cached = read_cache(cache_dir, {it.key for it in items})
     todo = list({it.key: it for it in items if it.key not in cached}.values())  # an image once, however often listed
-    used, seconds = "none", 0.0
+    used, seconds, decoded = "none", 0.0, 0
     if todo:
         t = time.perf_counter()
+        decoded = images.ensure([it.path for it in todo], params.features.num_workers)  # the one decode of each
         with torch_threads(params.features.num_threads):
-            run, used = make_runner(bb, engine, params.features.num_threads, example=_batch(todo[:4], bb, params),
-                                    opset=params.export.opset, atol=params.export.parity_atol)
-            new = run_batches(run, todo, bb, params, progress)
+            run, used = make_runner(bb.model, spec.input_size, engine, params.features.num_threads,
+                                    example=_batch(todo[:4], images, params), opset=params.export.opset,
+                                    atol=params.export.parity_atol)
+            new = run_batches(run, todo, images, params, bb.num_features, progress)
         seconds = time.perf_counter() - t
         write_shard(cache_dir, [it.key for it in todo], new)
         cached.update(zip((it.key for it in todo), new, strict=True))
-    meta = {"backbone": bb.name, "weights_id": bb.weights_id, "spec": bb.spec.to_dict(),
+    meta = {"backbone": bb.name, "weights_id": bb.weights_id, "spec": spec.to_dict(),
             "num_features": bb.num_features, "precision": PRECISION,
             "augment_views": params.features.augment_views,
             "augment": params.finetune.augment.model_dump(mode="json"), "augment_seed": params.finetune.seed}
     write_dataset(out_dir / paths.FEATURES_DATASET.relative_to(paths.FEATURES_DIR), items, cached,
                   manifest.classes, meta, bb.num_features)
-    return {"extracted": len(todo), "cached": len(items) - len(todo), "total": len(items),
+    return {"extracted": len(todo), "cached": len(items) - len(todo), "total": len(items), "decoded": decoded,
             "seconds": round(time.perf_counter() - start, 3),
             "images_per_s": round(len(todo) / seconds, 1) if seconds else 0.0, "engine": used,
             "backbone": bb.name, "weights_id": bb.weights_id}
 
 
-def extractor_id(bb: Backbone) -> dict:
+def extractor_id(bb: Backbone, spec: PreprocessSpec) -> dict:
     """What makes a feature what it is, apart from the image: network, weights, preprocessing, precision."""
-    return {"backbone": bb.name, "weights_id": bb.weights_id, "spec": bb.spec.to_dict(), "precision": PRECISION}
+    return {"backbone": bb.name, "weights_id": bb.weights_id, "spec": spec.to_dict(), "precision": PRECISION}
 
 
 def feature_key(extractor: dict, image_sha256: str, view: int = 0, augment: dict | None = None) -> str:
@@ -140,80 +141,44 @@ def manifest_items(manifest: Manifest, params: Params, extractor: dict) -> list[
 # ---------------------------------------------------------------- decoding and running
 
 
-def _input(item: Item, bb: Backbone, params: Params) -> np.ndarray:
-    """The model input of one item: the eval preprocessing, or a seeded augmented view."""
+def _input(item: Item, images: WorkingImages, params: Params) -> np.ndarray:
+    """The model input of one item: the eval preprocessing, or augmented view k, drawn as fine-tuning's view k is."""
+    img = images.get(item.path)
     if item.view == 0:
-        return load_and_preprocess(item.path, bb.spec, params.data.max_pixels)
-    # The fine-tuning augmentation, so views look like fine-tuning inputs. Seeded by image content, not position, so a view is the same however the dataset grows.
-    rng = np.random.default_rng([params.finetune.seed, item.view, int(item.sha256[:16], 16)])
-    img = augment(load_image(item.path, params.data.max_pixels), bb.spec, params.finetune.augment, rng)
-    return normalize(np.asarray(img, dtype=np.uint8), bb.spec)
+        return preprocess(img, images.spec)
+    return training_view(img, images.spec, params.finetune.augment, params.finetune.seed, item.view, item.sha256)
 
 
-def _batch(items: list[Item], bb: Backbone, params: Params) -> np.ndarray:
+def _batch(items: list[Item], images: WorkingImages, params: Params, pool: ThreadPoolExecutor | None = None
+           ) -> np.ndarray:
     try:
-        return np.stack([_input(it, bb, params) for it in items])
+        arrays = pool.map(lambda it: _input(it, images, params), items) if pool else [
+            _input(it, images, params) for it in items]
+        return np.stack(list(arrays))
     except FileNotFoundError as e:
         raise DataError(f"{e.filename} is in the manifest but not on disk; rerun the prepare stage") from None
 
 
-def run_batches(run: Runner, items: list[Item], bb: Backbone, params: Params, progress: bool) -> np.ndarray:
-    """(len(items), D) float32 features, features.batch_size images at a time, with a progress bar."""
+def run_batches(run: Runner, items: list[Item], images: WorkingImages, params: Params, width: int,
+                progress: bool) -> np.ndarray:
+    """(len(items), width) float32 features, features.batch_size images at a time; the next batch is prepared
+    (resized, augmented) by features.num_workers threads while the current one runs."""
     from tqdm.auto import tqdm
 
     size = params.features.batch_size
-    out = np.empty((len(items), bb.num_features), dtype=np.float32)
-    with tqdm(total=len(items), desc=f"features {bb.name}", unit="img", disable=not progress) as bar:
-        for i in range(0, len(items), size):
-            chunk = items[i : i + size]
-            out[i : i + len(chunk)] = run(_batch(chunk, bb, params))
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    out = np.empty((len(items), width), dtype=np.float32)
+    with (ThreadPoolExecutor(max_workers=params.features.num_workers or os.cpu_count() or 1) as pool,
+          ThreadPoolExecutor(max_workers=1) as ahead,
+          tqdm(total=len(items), desc="features", unit="img", disable=not progress) as bar):
+        upcoming = ahead.submit(_batch, chunks[0], images, params, pool) if chunks else None
+        for k, chunk in enumerate(chunks):
+            x = upcoming.result()
+            if k + 1 < len(chunks):
+                upcoming = ahead.submit(_batch, chunks[k + 1], images, params, pool)
+            out[k * size : k * size + len(chunk)] = run(x)
             bar.update(len(chunk))
     return out
-
-
-def make_runner(bb: Backbone, engine: str = "auto", num_threads: int | None = None,
-                example: np.ndarray | None = None, opset: int = 17, atol: float = 1e-3) -> tuple[Runner, str]:
-    """The fastest available way to run bb.model on float32 batches, and its name.
-
-    auto: PyTorch on CUDA when there is one, else ONNX Runtime if its export passes the parity rule on `example`,
-    else PyTorch on CPU.
-    """
-    if engine not in ENGINES:
-        raise ValueError(f"engine {engine!r} is not one of {ENGINES}")
-    if engine == "torch" or (engine == "auto" and torch.cuda.is_available()):
-        return torch_runner(bb), "torch-cuda" if torch.cuda.is_available() else "torch"
-    try:
-        run = onnx_runner(bb, num_threads, opset)
-        if example is not None:
-            parity(torch_runner(bb, torch.device("cpu"))(example), run(example), atol, top1=False)
-        return run, "onnxruntime"
-    except Exception as e:  # an op the exporter or runtime lacks: PyTorch still works, only slower
-        if engine == "onnxruntime":
-            raise
-        log.warning("features: ONNX Runtime unavailable for %s (%s); extracting with PyTorch", bb.name, e)
-        return torch_runner(bb), "torch"
-
-
-def torch_runner(bb: Backbone, device: torch.device | None = None) -> Runner:
-    """bb.model under inference_mode, channels_last (oneDNN's fast layout), on `device` (default: CUDA if any)."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # A copy: the caller's backbone keeps its device and memory format.
-    model = copy.deepcopy(bb.model).to(device, memory_format=torch.channels_last).eval()
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            t = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
-            return model(t).float().cpu().numpy()
-
-    return run
-
-
-def onnx_runner(bb: Backbone, num_threads: int | None = None, opset: int = 17) -> Runner:
-    """bb.model exported by tlops.export.export_onnx and run by ONNX Runtime on CPU, batch size dynamic."""
-    with tempfile.TemporaryDirectory(prefix="tlops-features-") as tmp:
-        path = export_onnx(bb.model, bb.spec.input_size, Path(tmp) / "backbone.onnx", opset, output="features")
-        session = runtime.session(path.read_bytes(), threads=num_threads, cpu_only=True)
-    return lambda x: session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)})[0]
 
 
 # ---------------------------------------------------------------- cache and dataset files

@@ -1,15 +1,15 @@
 """Manifest images -> batches of model inputs: evaluation preprocessing exactly, seeded training augmentation.
 
-Augmentation draws from a generator seeded by (seed, epoch, image index), never from a global one, so a
-batch is the same whatever the worker count, and a resumed run sees the very images it would have seen.
+A training view is a function of (seed, view, image content) alone: its generator is seeded by them, never drawn
+from a global one. So a batch is the same whatever the worker count, a resumed run sees the very images it would
+have seen, a view stays the same as the dataset grows, and the trunk cache (tlops/trunk.py) can compute it ahead.
+Epoch e shows view e (finetune.views null) or view e mod finetune.views.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +17,28 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tlops.config import AugmentParams, FinetuneParams
-from tlops.preprocess import INTERPOLATIONS, PreprocessSpec, load_image, normalize, preprocess, resize_crop
+from tlops.images import WorkingImages
+from tlops.preprocess import INTERPOLATIONS, PreprocessSpec, normalize, preprocess, resize_crop
+
+
+def working_spec(spec: PreprocessSpec, augment: AugmentParams) -> PreprocessSpec:
+    """The spec with the working size training needs: the random crop of the smallest area must not upsample."""
+    need = spec.resize_size
+    if augment.random_resized_crop is not None:
+        need = max(need, math.ceil(spec.input_size / math.sqrt(augment.random_resized_crop[0])))
+    return replace(spec, decode_size=need)
+
+
+def view_of(epoch: int, views: int | None) -> int:
+    """The augmented view that epoch `epoch` (0-based) trains on."""
+    return epoch % views if views else epoch
+
+
+def training_view(img: Image.Image, spec: PreprocessSpec, params: AugmentParams, seed: int, view: int,
+                  sha256: str) -> np.ndarray:
+    """Augmented view `view` of an image as a float32 CHW model input, drawn from (seed, view, content)."""
+    rng = np.random.default_rng([seed, view, int(sha256[:16], 16)])
+    return normalize(np.asarray(augment(img, spec, params, rng), dtype=np.uint8), spec)
 
 
 def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float], interpolation: str,
@@ -53,49 +74,57 @@ def augment(img: Image.Image, spec: PreprocessSpec, params: AugmentParams, rng: 
 
 @dataclass
 class ImageDataset(Dataset):
-    """(path, label) items -> (float32 CHW tensor, label); with `augment` set, seeded training views."""
+    """(path, label) items -> (float32 CHW tensor, label); with `augment` set, seeded training view `view`."""
 
     items: list[tuple[str, int]]
-    spec: PreprocessSpec
-    max_pixels: int
+    images: WorkingImages
     augment: AugmentParams | None = None
     seed: int = 0
-    epoch: int = 0
+    view: int = 0
 
-    def at_epoch(self, epoch: int) -> ImageDataset:
-        return replace(self, epoch=epoch)
+    def at_view(self, view: int) -> ImageDataset:
+        return replace(self, view=view)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[i]
-        img = load_image(Path(path), self.max_pixels)
+        img, spec = self.images.get(path), self.images.spec
         if self.augment is None:
-            x = preprocess(img, self.spec)
+            x = preprocess(img, spec)
         else:
-            rng = np.random.default_rng([self.seed, self.epoch, i])
-            x = normalize(np.asarray(augment(img, self.spec, self.augment, rng), dtype=np.uint8), self.spec)
+            x = training_view(img, spec, self.augment, self.seed, self.view, self.images.sha256[path])
         return torch.from_numpy(x), label
 
 
-def train_dataset(items: list[tuple[str, int]], spec: PreprocessSpec, max_pixels: int,
-                  ft: FinetuneParams) -> ImageDataset:
-    return ImageDataset(items, spec, max_pixels, augment=ft.augment, seed=ft.seed)
+def train_dataset(items: list[tuple[str, int]], images: WorkingImages, ft: FinetuneParams) -> ImageDataset:
+    return ImageDataset(items, images, augment=ft.augment, seed=ft.seed)
+
+
+def epoch_order(n: int, ft: FinetuneParams, epoch: int) -> list[int]:
+    """The order of the training images in an epoch: shuffled by (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(ft.seed + epoch)).tolist()
+
+
+def batches_of(order: list[int], batch_size: int) -> list[list[int]]:
+    """The training batches of an epoch; a ragged last batch is dropped when there is more than one (a batch of
+    one breaks BatchNorm in train mode)."""
+    out = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return out[:-1] if len(out) > 1 and len(out[-1]) < batch_size else out
 
 
 def train_loader(ds: ImageDataset, ft: FinetuneParams, epoch: int, device: torch.device) -> DataLoader:
-    """Shuffled by (seed, epoch); drops a ragged last batch (a batch of one breaks BatchNorm in train mode)."""
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(ft.seed + epoch)).tolist()
-    return _loader(ds.at_epoch(epoch), order, ft, device, drop_last=len(ds) > ft.batch_size)
+    """The epoch's batches (epoch_order, batches_of) of view view_of(epoch)."""
+    batches = batches_of(epoch_order(len(ds), ft, epoch), ft.batch_size)
+    return DataLoader(ds.at_view(view_of(epoch, ft.views)), batch_sampler=batches, **_loading(ft, device))
 
 
 def eval_loader(ds: ImageDataset, ft: FinetuneParams, device: torch.device) -> DataLoader:
-    return _loader(ds, range(len(ds)), ft, device, drop_last=False)
+    return DataLoader(ds, batch_size=ft.batch_size, shuffle=False, **_loading(ft, device))
 
 
-def _loader(ds: Dataset, order: Iterable[int], ft: FinetuneParams, device: torch.device, drop_last: bool) -> DataLoader:
+def _loading(ft: FinetuneParams, device: torch.device) -> dict:
     # An own generator keeps DataLoader from drawing its worker base seed from the global one.
-    return DataLoader(ds, batch_size=ft.batch_size, sampler=list(order), drop_last=drop_last,
-                      num_workers=ft.num_workers, pin_memory=device.type == "cuda",
-                      persistent_workers=False, generator=torch.Generator().manual_seed(ft.seed))
+    return {"num_workers": ft.num_workers, "pin_memory": device.type == "cuda", "persistent_workers": False,
+            "generator": torch.Generator().manual_seed(ft.seed)}

@@ -12,6 +12,7 @@ DATA_REPORT = Path("reports/data.json")
 FEATURES_DIR = Path("features")               # persist: a content-addressed cache that survives reruns
 FEATURES_CACHE = FEATURES_DIR / "cache"
 FEATURES_DATASET = FEATURES_DIR / "dataset.npz"
+FEATURES_IMAGES = FEATURES_DIR / "images"         # working images, decoded once (tlops/images.py)
 
 HEAD_DIR = Path("models/head")
 HEAD_WEIGHTS = HEAD_DIR / "head.safetensors"
@@ -23,6 +24,7 @@ FINETUNE_WEIGHTS = FINETUNE_DIR / "model.safetensors"
 FINETUNE_INFO = FINETUNE_DIR / "model.json"
 FINETUNE_HISTORY = Path("reports/finetune_history.csv")
 CHECKPOINT_DIR = Path("checkpoints/finetune")  # persist: resume after a crash
+TRUNK_CACHE = CHECKPOINT_DIR / "trunk"          # the frozen trunk's outputs (tlops/trunk.py)
 
 METRICS = Path("reports/metrics.json")
 HISTORY = Path("reports/history.csv")

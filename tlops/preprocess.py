@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,7 +39,13 @@ class ImageError(DataError):
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """How an image becomes a model input: resize shorter side, centre crop, scale, normalise."""
+    """How an image becomes a model input: decode at working size, resize shorter side, centre crop, normalise.
+
+    decode_size > 0: the image is decoded at the smallest reduced scale whose shorter side is still at least
+    decode_size (JPEG: DCT scaling, Pillow's draft; other formats: Image.reduce by a whole factor), then resized
+    exactly as below. A phone photo then costs a fraction of its full decode, and every consumer (training,
+    evaluation, export parity, the service, the README snippet) starts from the same pixels. 0: full decode.
+    """
 
     input_size: int
     interpolation: str = "bicubic"
@@ -47,6 +54,7 @@ class PreprocessSpec:
     crop_pct: float = 1.0
     layout: str = "NCHW"
     color: str = "RGB"
+    decode_size: int = 0
 
     def __post_init__(self) -> None:
         if self.interpolation not in INTERPOLATIONS:
@@ -69,18 +77,20 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessSpec:
-        fields = {k: d[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "layout", "color") if k in d}
-        return cls(**fields)
+        keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "layout", "color", "decode_size")
+        return cls(**{k: d[k] for k in keys if k in d})  # no decode_size: a model of full decodes
 
     @classmethod
     def from_json(cls, s: str) -> PreprocessSpec:
         return cls.from_dict(json.loads(s))
 
 
-def load_image(source: str | os.PathLike | bytes, max_pixels: int) -> Image.Image:
-    """Decode an image fully and return it as 8-bit RGB, EXIF orientation applied.
+def load_image(source: str | os.PathLike | bytes, max_pixels: int, min_short: int = 0) -> Image.Image:
+    """Decode an image completely and return it as 8-bit RGB, EXIF orientation applied.
 
-    Raises ImageError with reason empty_file, not_an_image, too_many_pixels, truncated or corrupt.
+    min_short > 0: decode at the smallest reduced scale whose shorter side is still >= min_short (JPEG: DCT scaling;
+    others: a whole-factor box reduction after decoding). Every byte is still read, so a truncated or corrupt file
+    fails either way. Raises ImageError with reason empty_file, not_an_image, too_many_pixels, truncated or corrupt.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         data, name = bytes(source), "<bytes>"
@@ -96,6 +106,9 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int) -> Image.Imag
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError("too_many_pixels", f"{name} declares {w}x{h} pixels, over the limit of {max_pixels}")
+            if min_short and img.format == "JPEG" and min(w, h) >= 2 * min_short:
+                scale = min_short / min(w, h)
+                img.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))  # DCT scaling: 1/2, 1/4 or 1/8
             img.load()
     except ImageError:
         raise
@@ -107,9 +120,21 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int) -> Image.Imag
         reason = "truncated" if "truncat" in str(e).lower() else "corrupt"
         raise ImageError(reason, f"{name}: {e}") from None
     try:
-        return to_rgb(img)
+        rgb = to_rgb(img)
     except (OSError, ValueError) as e:
         raise ImageError("corrupt", f"{name}: cannot convert mode {img.mode} to RGB ({e})") from None
+    return reduce_to(rgb, min_short)
+
+
+def reduce_to(img: Image.Image, min_short: int) -> Image.Image:
+    """Box-reduce by the largest whole factor that keeps the shorter side >= min_short (0: unchanged)."""
+    factor = min(img.size) // min_short if min_short else 1
+    return img.reduce(factor) if factor >= 2 else img
+
+
+def decode(source: str | os.PathLike | bytes, spec: PreprocessSpec, max_pixels: int) -> Image.Image:
+    """The working image of `source` for `spec`: decoded at the spec's working size, RGB, oriented."""
+    return load_image(source, max_pixels, spec.decode_size)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -161,15 +186,18 @@ def preprocess_uint8(arr: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
         raise ValueError(f"expected an HxWxC uint8 image with C in 1, 3, 4; got shape {tuple(arr.shape)}")
     img = to_rgb(Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr))
-    return preprocess(img, spec)
+    return preprocess(reduce_to(img, spec.decode_size), spec)
 
 
 def load_and_preprocess(source: str | os.PathLike | bytes, spec: PreprocessSpec, max_pixels: int) -> np.ndarray:
-    return preprocess(load_image(source, max_pixels), spec)
+    """Bytes or a file -> the model input, through the spec's working image."""
+    return preprocess(decode(source, spec, max_pixels), spec)
 
 
 def preprocess_batches(images: Sequence[str | os.PathLike], spec: PreprocessSpec, max_pixels: int,
-                       batch: int = 64) -> Iterator[np.ndarray]:
-    """Preprocessed float32 NCHW batches of the given image files, in order."""
+                       batch: int = 64, load: Callable[[str], Image.Image] | None = None) -> Iterator[np.ndarray]:
+    """Preprocessed float32 NCHW batches of the given image files, in order; `load` gives a file's working image
+    (default: decode it; tlops.images.WorkingImages.get reads the decoded copy instead)."""
+    load = load or (lambda p: decode(p, spec, max_pixels))
     for start in range(0, len(images), batch):
-        yield np.stack([load_and_preprocess(p, spec, max_pixels) for p in images[start : start + batch]])
+        yield np.stack([preprocess(load(str(p)), spec) for p in images[start : start + batch]])

@@ -10,8 +10,9 @@ Library code: no MLflow, no Prefect. Callers see progress through `on_epoch(row,
 from __future__ import annotations
 
 import copy
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,12 +30,25 @@ from tlops.data import current_data_version, split_items
 from tlops.devices import amp_dtype, resolve_device, torch_threads
 from tlops.errors import DataError, NonFiniteLossError
 from tlops.history import history_row, write_history
+from tlops.images import for_manifest
 from tlops.io import sha256_file, write_json
-from tlops.loaders import ImageDataset, eval_loader, train_dataset, train_loader
+from tlops.loaders import (
+    ImageDataset,
+    batches_of,
+    epoch_order,
+    eval_loader,
+    train_dataset,
+    train_loader,
+    view_of,
+    working_spec,
+)
 from tlops.model import Classifier, build_head, load_head, save_state
+from tlops.preprocess import PreprocessSpec
 from tlops.schedule import lr_factor, param_groups, set_trainable, unfrozen_at
+from tlops.trunk import EVAL_VIEW, Trunk
 
 OnEpoch = Callable[[dict, int], None]
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- head on cached features
@@ -186,6 +200,7 @@ class FinetuneResult:
     head_val_accuracy: float
     device: str
     resumed_epochs: int  # epochs restored from a checkpoint; 0 for a fresh start
+    trunk: str  # how the frozen trunk ran: "cached (...)" or why it was not
 
 
 @dataclass
@@ -194,6 +209,7 @@ class Setup:
 
     model: Classifier
     backbone: Any  # tlops.backbones.Backbone
+    spec: PreprocessSpec  # the working spec: what model.json records and every consumer decodes by
     top: list[nn.Module]  # the groups that may train, top first
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -204,25 +220,29 @@ class Setup:
     classes: list[str]
     head_info: dict
     fingerprint: str
+    trunk: Trunk | None  # None: every step runs the whole backbone (why: trunk_reason)
+    trunk_reason: str
 
 
 def finetune(params: Params, manifest: Any, head_dir: str | Path = paths.HEAD_DIR,
              out_dir: str | Path = paths.FINETUNE_DIR, checkpoint_dir: str | Path = paths.CHECKPOINT_DIR,
-             on_epoch: OnEpoch | None = None, history_path: str | Path = paths.FINETUNE_HISTORY) -> FinetuneResult:
+             on_epoch: OnEpoch | None = None, history_path: str | Path = paths.FINETUNE_HISTORY,
+             images_dir: str | Path = paths.FEATURES_IMAGES) -> FinetuneResult:
     """Fine-tune backbone + trained head on the manifest's images; write model.safetensors + model.json.
 
     Resumes from the newest checkpoint in checkpoint_dir made with the same params, head and data.
     """
     ft = params.finetune
     with torch_threads(ft.num_threads):
-        return _finetune(params, manifest, head_dir, Path(out_dir), checkpoint_dir, on_epoch, history_path)
+        return _finetune(params, manifest, head_dir, Path(out_dir), Path(checkpoint_dir), on_epoch, history_path,
+                         Path(images_dir))
 
 
-def _finetune(params: Params, manifest: Any, head_dir: str | Path, out_dir: Path, checkpoint_dir: str | Path,
-              on_epoch: OnEpoch | None, history_path: str | Path) -> FinetuneResult:
+def _finetune(params: Params, manifest: Any, head_dir: str | Path, out_dir: Path, checkpoint_dir: Path,
+              on_epoch: OnEpoch | None, history_path: str | Path, images_dir: Path) -> FinetuneResult:
     ft = params.finetune
-    s = setup(params, manifest, head_dir)
-    steps = len(train_loader(s.train_set, ft, 0, s.device))  # optimizer steps per epoch
+    s = setup(params, manifest, head_dir, images_dir, checkpoint_dir)
+    steps = len(batches_of(list(range(len(s.train_set))), ft.batch_size))  # optimizer steps per epoch
     schedule = partial(lr_factor, total_steps=ft.epochs * steps, warmup_steps=round(ft.warmup_epochs * steps))
     history, start = [], 0
     if ckpt := latest_checkpoint(checkpoint_dir, s.fingerprint):
@@ -230,11 +250,14 @@ def _finetune(params: Params, manifest: Any, head_dir: str | Path, out_dir: Path
     first = int(s.head_info["epochs"]) + 1  # history continues the head's epoch axis
     for epoch in range(start, ft.epochs):
         # Freeze/unfreeze: the top n groups train (n grows with a gradual schedule), the rest stays frozen.
-        set_trainable(s.model.backbone, s.top, unfrozen_at(epoch, len(s.top), ft.unfreeze_every), ft.batchnorm)
+        n = unfrozen_at(epoch, len(s.top), ft.unfreeze_every)
+        set_trainable(s.model.backbone, s.top, n, ft.batchnorm)
         s.model.head.train()
-        loader = train_loader(s.train_set, ft, epoch, s.device)
-        train_loss, train_acc = train_epoch(s, loader, ft, epoch, epoch * steps, schedule)
-        val_loss, val_acc = evaluate(s.model, eval_loader(s.val_set, ft, s.device), s.device, s.amp)
+        # The epoch's inputs: trunk outputs computed ahead (the frozen groups never run again), or images
+        # through the whole backbone.
+        train_batches, val_batches, forward = epoch_feed(s, ft, epoch, len(s.backbone.groups) - n)
+        train_loss, train_acc = train_epoch(s, train_batches, forward, ft, epoch, epoch * steps, schedule)
+        val_loss, val_acc = evaluate(s.model, val_batches, s.device, s.amp, forward)
         lr = s.opt.param_groups[0]["lr"]
         history.append(history_row(first + epoch, "finetune", train_loss, train_acc, val_loss, val_acc, lr))
         save_checkpoint(checkpoint_dir, s.model, s.opt, s.scaler, epoch + 1, history, s.fingerprint)
@@ -243,50 +266,80 @@ def _finetune(params: Params, manifest: Any, head_dir: str | Path, out_dir: Path
     info = save_finetuned(s, params, history, out_dir, history_path)
     last = history[-1]
     return FinetuneResult(s.model.eval(), info, history, last["val_accuracy"], last["val_loss"],
-                          float(s.head_info["val_accuracy"]), str(s.device), start)
+                          float(s.head_info["val_accuracy"]), str(s.device), start,
+                          s.trunk_reason if s.trunk is None else "cached")
 
 
-def setup(params: Params, manifest: Any, head_dir: str | Path) -> Setup:
+def setup(params: Params, manifest: Any, head_dir: str | Path, images_dir: Path = paths.FEATURES_IMAGES,
+          checkpoint_dir: Path = paths.CHECKPOINT_DIR) -> Setup:
     """Backbone + trained head on the device, every parameter group of the optimizer, the image datasets."""
     ft = params.finetune
     device = resolve_device(ft.device)
     backbone = create_backbone(params.model.backbone, weights=params.model.weights, image_size=params.model.image_size)
+    spec = working_spec(backbone.spec, ft.augment)
     head, head_info = load_head(head_dir)
     classes = check_compatible(backbone, head_info, manifest)
     # channels_last is oneDNN's and cuDNN's fast layout for convolutions, on CPU too.
     model = Classifier(backbone.model, head).to(device, memory_format=torch.channels_last)
     top = backbone.groups[::-1][: ft.unfreeze_groups]
     opt = torch.optim.AdamW(param_groups(head, top, ft.lr, ft.lr_decay), weight_decay=ft.weight_decay)
-    amp = amp_dtype(device)
+    amp = amp_dtype(device, ft.precision)
     torch.manual_seed(ft.seed)  # dropout and drop-path draw from the global generator
+    images = for_manifest(manifest, spec, params.data.max_pixels, images_dir)
+    trunk, reason = Trunk.for_params(params, backbone, spec, checkpoint_dir / paths.TRUNK_CACHE.name)
+    if trunk is None:
+        log.info("finetune: every step runs the whole backbone: %s", reason)
     return Setup(
-        model=model, backbone=backbone, top=top, opt=opt, amp=amp, device=device,
+        model=model, backbone=backbone, spec=spec, top=top, opt=opt, amp=amp, device=device,
         scaler=torch.amp.GradScaler("cuda", enabled=amp == torch.float16),
-        train_set=train_dataset(split_items(manifest, "train"), backbone.spec, params.data.max_pixels, ft),
-        val_set=ImageDataset(split_items(manifest, "val"), backbone.spec, params.data.max_pixels),
-        classes=classes, head_info=head_info, fingerprint=run_fingerprint(params, manifest, head_dir))
+        train_set=train_dataset(split_items(manifest, "train"), images, ft),
+        val_set=ImageDataset(split_items(manifest, "val"), images),
+        classes=classes, head_info=head_info, fingerprint=run_fingerprint(params, manifest, head_dir),
+        trunk=trunk, trunk_reason=reason)
+
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def epoch_feed(s: Setup, ft: FinetuneParams, epoch: int, cut: int) -> tuple[Batches, Batches, Forward]:
+    """(training batches, validation batches, the forward that takes them) of an epoch whose frozen groups are
+    those below `cut`: with the trunk cache, trunk outputs and the top alone; else images and the whole model."""
+    if s.trunk is not None and (top := s.trunk.top(cut)) is not None:
+        view = view_of(epoch, ft.views)
+        train = s.trunk.rows(s.train_set, cut, view, s.device)
+        val = s.trunk.rows(s.val_set, cut, EVAL_VIEW, s.device)
+        batches = batches_of(epoch_order(len(s.train_set), ft, epoch), ft.batch_size)
+        labels = torch.tensor([c for _, c in s.train_set.items])
+        val_labels = torch.tensor([c for _, c in s.val_set.items])
+        train_batches = ((torch.from_numpy(train.take(b)), labels[b]) for b in batches)
+        val_batches = ((torch.from_numpy(val.take(range(i, min(i + ft.batch_size, len(val))))),
+                        val_labels[i : i + ft.batch_size]) for i in range(0, len(val), ft.batch_size))
+        return train_batches, val_batches, lambda t: s.model.head(top(t))
+    return train_loader(s.train_set, ft, epoch, s.device), eval_loader(s.val_set, ft, s.device), s.model
 
 
 def save_finetuned(s: Setup, params: Params, history: list[dict], out_dir: Path, history_path: str | Path) -> dict:
     """model.safetensors, then model.json naming its sha256, then the history CSV; returns model.json."""
     weights = out_dir / paths.FINETUNE_WEIGHTS.name
     save_state(s.model.state_dict(), weights)
-    info = {**model_info(params, s.backbone, s.classes, s.head_info, history), "weights_sha256": sha256_file(weights)}
+    info = {**model_info(params, s.backbone, s.spec, s.classes, s.head_info, history),
+            "weights_sha256": sha256_file(weights)}
     write_json(out_dir / paths.FINETUNE_INFO.name, info)
     write_history(history, history_path)
     return info
 
 
-def train_epoch(s: Setup, loader: Any, ft: FinetuneParams, epoch: int, step: int,
+def train_epoch(s: Setup, batches: Batches, forward: Forward, ft: FinetuneParams, epoch: int, step: int,
                 schedule: Callable[[int], float]) -> tuple[float, float]:
-    """One pass over the training images, every group's LR set per step; returns (mean loss, accuracy)."""
+    """One pass over the training batches, every group's LR set per step; returns (mean loss, accuracy)."""
     loss_sum, correct, seen = 0.0, 0, 0
-    for x, y in loader:
+    for x, y in batches:
         x, y = to_device(x, y, s.device)
         for group in s.opt.param_groups:
             group["lr"] = group["base_lr"] * schedule(step)
         with torch.autocast(s.device.type, dtype=s.amp or torch.float32, enabled=s.amp is not None):
-            logits = s.model(x)
+            logits = forward(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=ft.label_smoothing)
         check_finite(loss, "finetune", epoch + 1, step)
         s.opt.zero_grad(set_to_none=True)
@@ -300,15 +353,17 @@ def train_epoch(s: Setup, loader: Any, ft: FinetuneParams, epoch: int, step: int
     return loss_sum / seen, correct / seen
 
 
-def evaluate(model: nn.Module, loader: Any, device: torch.device, amp: torch.dtype | None = None) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of model over a loader, in eval mode; restores the previous modes."""
+def evaluate(model: nn.Module, batches: Batches, device: torch.device, amp: torch.dtype | None = None,
+             forward: Forward | None = None) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of forward (default: model) over batches with model in eval mode; restores
+    the previous modes."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
     logits, labels = [], []
     with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        for x, y in loader:
+        for x, y in batches:
             x, y = to_device(x, y, device)
-            logits.append(model(x).float())
+            logits.append((forward or model)(x).float())
             labels.append(y)
     for m, training in modes.items():
         m.train(training)
@@ -318,7 +373,8 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, amp: torch.dty
 def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch on the device in channels_last; non_blocking pairs with the loader's pinned memory on CUDA."""
     cuda = device.type == "cuda"
-    return x.to(device, non_blocking=cuda, memory_format=torch.channels_last), y.to(device, non_blocking=cuda)
+    layout = torch.channels_last if x.dim() == 4 else torch.contiguous_format
+    return x.to(device, non_blocking=cuda, memory_format=layout), y.to(device, non_blocking=cuda)
 
 
 def check_compatible(backbone: Any, head_info: dict, manifest: Any) -> list[str]:
@@ -333,17 +389,18 @@ def check_compatible(backbone: Any, head_info: dict, manifest: Any) -> list[str]
     return classes
 
 
-def model_info(params: Params, backbone: Any, classes: list[str], head_info: dict, history: list[dict]) -> dict:
+def model_info(params: Params, backbone: Any, spec: PreprocessSpec, classes: list[str], head_info: dict,
+               history: list[dict]) -> dict:
     """model.json: everything export and serving need to rebuild and feed the model."""
     return {
         "backbone": backbone.name,
         "num_features": backbone.num_features,
         "classes": classes,
         "head": {k: head_info[k] for k in ("kind", "hidden", "dropout")},
-        "preprocess": backbone.spec.to_dict(),
+        "preprocess": spec.to_dict(),
         "weights_id": backbone.weights_id,
         "data_version": current_data_version(),
-        "image_size": backbone.spec.input_size,
+        "image_size": spec.input_size,
         "head_epochs": int(head_info["epochs"]),
         "epochs": params.finetune.epochs,
         "val_accuracy": history[-1]["val_accuracy"],
