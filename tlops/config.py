@@ -116,7 +116,7 @@ class FinetuneParams(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: Annotated[int, Field(ge=0)] = 0
-    num_threads: PositiveInt | None = 1
+    num_threads: PositiveInt | None = None
     seed: int = 42
 
 

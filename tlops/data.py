@@ -299,17 +299,23 @@ def _display(path: Path) -> str:
     return path.as_posix()
 
 
+# prepare decodes at this working size: enough for the fingerprints, and a phone photo costs an eighth of its decode
+CHECK_SHORT = 256
+
+
 def check_images(candidates: list[tuple[str, str]], max_pixels: int) -> tuple[list[Checked], list[dict]]:
-    """Decode every candidate fully; the ones that fail become {path, reason, detail} entries."""
+    """Decode every candidate completely (at working size); the ones that fail become {path, reason, detail}
+    entries. Pixel identity and the perceptual fingerprints are taken at that size."""
     import imagehash
 
     good, bad = [], []
     for path, label in candidates:
         try:
-            img = load_image(path, max_pixels)
-            pixels = sha256_bytes(f"{img.width}x{img.height}:".encode() + img.tobytes())
+            img = load_image(path, max_pixels, CHECK_SHORT)  # every byte decoded, full-size pixels never held
+            width, height = img.info["decoded_from"]
+            pixels = sha256_bytes(f"{width}x{height}:".encode() + img.tobytes())
             thumbnail = img.convert("L").resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX).tobytes()
-            good.append(Checked(path, label, sha256_file(path), img.width, img.height, pixels,
+            good.append(Checked(path, label, sha256_file(path), width, height, pixels,
                                 int(str(imagehash.phash(img)), 16), thumbnail))
         except ImageError as e:
             bad.append({"path": path, "reason": e.reason, "detail": e.detail})

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,19 +88,26 @@ def extract_with(bb: Backbone, manifest: Manifest, params: Params, out_dir: Path
     start = time.perf_counter()
     spec = working_spec(bb.spec, params.finetune.augment)
     cache_dir = out_dir / paths.FEATURES_CACHE.relative_to(paths.FEATURES_DIR)
-    images = for_manifest(manifest, spec, params.data.max_pixels, out_dir / paths.FEATURES_IMAGES.name)
+    images = for_manifest(manifest, spec, params.data.max_pixels, out_dir / paths.FEATURES_IMAGES.name, writer=True)
     items = manifest_items(manifest, params, extractor_id(bb, spec))
     cached = read_cache(cache_dir, {it.key for it in items})
     todo = list({it.key: it for it in items if it.key not in cached}.values())  # an image once, however often listed
     used, seconds, decoded = "none", 0.0, 0
     if todo:
         t = time.perf_counter()
-        decoded = images.ensure([it.path for it in todo], params.features.num_workers)  # the one decode of each
-        with torch_threads(params.features.num_threads):
-            run, used = make_runner(bb.model, spec.input_size, engine, params.features.num_threads,
+        engine_used: list[str] = []
+
+        def runner() -> Runner:
+            run, name = make_runner(bb.model, spec.input_size, engine, params.features.num_threads,
                                     example=_batch(todo[:4], images, params), opset=params.export.opset,
                                     atol=params.export.parity_atol)
-            new = run_batches(run, todo, images, params, bb.num_features, progress)
+            engine_used.append(name)
+            return run
+
+        with torch_threads(params.features.num_threads):
+            new = run_batches(runner, todo, images, params, bb.num_features, progress)  # decodes what it lacks
+        used = engine_used[0]
+        decoded = images.flush()  # the one decode of each image, kept for fine-tuning and evaluation
         seconds = time.perf_counter() - t
         write_shard(cache_dir, [it.key for it in todo], new)
         cached.update(zip((it.key for it in todo), new, strict=True))
@@ -159,10 +167,11 @@ def _batch(items: list[Item], images: WorkingImages, params: Params, pool: Threa
         raise DataError(f"{e.filename} is in the manifest but not on disk; rerun the prepare stage") from None
 
 
-def run_batches(run: Runner, items: list[Item], images: WorkingImages, params: Params, width: int,
+def run_batches(runner: Callable[[], Runner], items: list[Item], images: WorkingImages, params: Params, width: int,
                 progress: bool) -> np.ndarray:
-    """(len(items), width) float32 features, features.batch_size images at a time; the next batch is prepared
-    (resized, augmented) by features.num_workers threads while the current one runs."""
+    """(len(items), width) float32 features, features.batch_size images at a time. The next batch is prepared
+    (decoded when new, resized, augmented) by features.num_workers threads while the current one runs; `runner()`
+    builds the engine (export, parity check) first."""
     from tqdm.auto import tqdm
 
     size = params.features.batch_size
@@ -171,6 +180,7 @@ def run_batches(run: Runner, items: list[Item], images: WorkingImages, params: P
     with (ThreadPoolExecutor(max_workers=params.features.num_workers or os.cpu_count() or 1) as pool,
           ThreadPoolExecutor(max_workers=1) as ahead,
           tqdm(total=len(items), desc="features", unit="img", disable=not progress) as bar):
+        run = runner()  # first: exporting beside the decoding threads costs both more than it saves (2 cores)
         upcoming = ahead.submit(_batch, chunks[0], images, params, pool) if chunks else None
         for k, chunk in enumerate(chunks):
             x = upcoming.result()

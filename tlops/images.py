@@ -31,19 +31,26 @@ DECODE_RULE = 1  # bump when tlops.preprocess.decode changes what it returns: ev
 
 
 class WorkingImages:
-    """The working images of one spec; `get(path)` returns an image as tlops.preprocess.decode would."""
+    """The working images of one spec; `get(path)` returns an image as tlops.preprocess.decode would.
 
-    def __init__(self, root: Path, spec: PreprocessSpec, max_pixels: int, sha256: dict[str, str]) -> None:
+    With `writer` set (the features stage), an image decoded because the store lacked it is kept until `flush()`
+    writes every such image as one new shard.
+    """
+
+    def __init__(self, root: Path, spec: PreprocessSpec, max_pixels: int, sha256: dict[str, str],
+                 writer: bool = False) -> None:
         self.root, self.spec, self.max_pixels, self.sha256 = Path(root), spec, max_pixels, dict(sha256)
+        self.writer = writer
         self._index: dict[str, Path] | None = None
         self._open: dict[Path, np.lib.npyio.NpzFile] = {}
+        self._new: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()  # decoding threads share the open shards, whose zip reads are not thread-safe
 
     def __getstate__(self) -> dict:  # for DataLoader worker processes: they reopen the shards themselves
-        return {k: v for k, v in self.__dict__.items() if k not in ("_index", "_open", "_lock")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_index", "_open", "_lock", "_new")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _index=None, _open={}, _lock=threading.Lock())
+        self.__dict__.update(state, _index=None, _open={}, _new={}, _lock=threading.Lock())
 
     def key(self, path: str) -> str:
         """The content address of an image's working copy: its bytes, the working size, the decode rule."""
@@ -65,37 +72,49 @@ class WorkingImages:
 
     def get(self, path: str) -> Image.Image:
         """The working image of a manifest path: from the store, else decoded now (same pixels)."""
-        shard = self.index().get(self.key(path))
+        key = self.key(path)
+        shard = self.index().get(key)
         if shard is not None:
             with self._lock:
                 if shard not in self._open:
                     self._open[shard] = np.load(shard)
-                array = self._open[shard][self.key(path)]
+                array = self._open[shard][key]
             return Image.fromarray(array)
-        return decode(path, self.spec, self.max_pixels)
+        if key in self._new:
+            return Image.fromarray(self._new[key])
+        try:
+            img = decode(path, self.spec, self.max_pixels)
+        except FileNotFoundError as e:
+            raise DataError(f"{e.filename} is in the manifest but not on disk; rerun the prepare stage") from None
+        if self.writer:
+            with self._lock:
+                self._new[key] = np.asarray(img)
+        return img
 
-    def ensure(self, paths: Sequence[str], workers: int | None = None) -> int:
-        """Decode the images not in the store yet (`workers` threads; Pillow decodes without the GIL) and write them
-        as one new shard; returns how many were decoded."""
-        missing = sorted({p for p in paths if self.key(p) not in self.index()})
-        if not missing:
+    def flush(self) -> int:
+        """Write the images decoded since the last flush as one shard; returns how many."""
+        with self._lock:
+            new, self._new = self._new, {}
+        if not new:
             return 0
-        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-            try:
-                arrays = list(pool.map(lambda p: np.asarray(decode(p, self.spec, self.max_pixels)), missing))
-            except FileNotFoundError as e:
-                raise DataError(f"{e.filename} is in the manifest but not on disk; rerun the prepare stage") from None
-        keys = [self.key(p) for p in missing]
+        keys = sorted(new)
         shard = self.root / f"shard-{sha256_bytes(chr(10).join(keys).encode())[:16]}.npz"
         self.root.mkdir(parents=True, exist_ok=True)
         with atomic_path(shard) as tmp, open(tmp, "wb") as f:  # a file object: numpy adds no .npz suffix
-            np.savez(f, **dict(zip(keys, arrays, strict=True)))
+            np.savez(f, **{k: new[k] for k in keys})
         with self._lock:
             self._index = None
-        return len(missing)
+        return len(new)
+
+    def ensure(self, paths: Sequence[str], workers: int | None = None) -> int:
+        """Decode the images not in the store yet (`workers` threads; Pillow decodes without the GIL) and write them;
+        returns how many were decoded."""
+        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            list(pool.map(self.get, sorted(set(paths))))
+        return self.flush()
 
 
 def for_manifest(manifest: Manifest, spec: PreprocessSpec, max_pixels: int,
-                 root: Path = paths.FEATURES_IMAGES) -> WorkingImages:
+                 root: Path = paths.FEATURES_IMAGES, writer: bool = False) -> WorkingImages:
     """The working images of a manifest's rows for a spec, in the features stage's store."""
-    return WorkingImages(root, spec, max_pixels, {r.path: r.sha256 for r in manifest.rows})
+    return WorkingImages(root, spec, max_pixels, {r.path: r.sha256 for r in manifest.rows}, writer)

@@ -120,10 +120,12 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int, min_short: in
         reason = "truncated" if "truncat" in str(e).lower() else "corrupt"
         raise ImageError(reason, f"{name}: {e}") from None
     try:
-        rgb = to_rgb(img)
+        rgb = reduce_to(to_rgb(img), min_short)
     except (OSError, ValueError) as e:
         raise ImageError("corrupt", f"{name}: cannot convert mode {img.mode} to RGB ({e})") from None
-    return reduce_to(rgb, min_short)
+    # The full size it was decoded from, oriented as the result is (EXIF may have turned it a quarter).
+    rgb.info["decoded_from"] = (w, h) if (rgb.width >= rgb.height) == (w >= h) else (h, w)
+    return rgb
 
 
 def reduce_to(img: Image.Image, min_short: int) -> Image.Image:

@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from tlops.config import AugmentParams, Params
-from tlops.inference import make_runner
+from tlops.inference import Runner, make_runner
 from tlops.io import atomic_path, sha256_bytes, sha256_json
 from tlops.loaders import training_view
 from tlops.preprocess import PreprocessSpec, preprocess
@@ -110,9 +110,6 @@ def _subgraph(root: fx.GraphModule, nodes: list[fx.Node], start: fx.Node | None,
 # ---------------------------------------------------------------- the cache
 
 
-Runner = Callable[[np.ndarray], np.ndarray]
-
-
 @dataclass(frozen=True)
 class Rows:
     """Trunk outputs of a list of samples, by position: in memory, or gathered from shards on disk per batch."""
@@ -144,13 +141,22 @@ class TrunkCache:
         return sha256_json({"extractor": self.extractor, "cut": cut, "image": sha256, "view": view,
                             "augment": recipe if view != EVAL_VIEW else None})[:40]
 
-    def rows(self, keys: list[str], make: Callable[[list[int]], np.ndarray], batch: int = 64) -> Rows:
-        """The rows of `keys`; those not cached yet are made (make(positions) -> trunk outputs) and stored."""
+    def rows(self, keys: list[str], inputs: Callable[[list[int]], np.ndarray], run: Runner, batch: int = 64) -> Rows:
+        """The rows of `keys`; those not cached yet are computed, run(inputs(positions)), a batch at a time with the
+        next batch's inputs prepared meanwhile, and stored."""
         index = self._index()
         todo = [i for i, k in enumerate(keys) if k not in index]
         if todo:
-            out = np.concatenate([make(todo[i : i + batch]) for i in range(0, len(todo), batch)])
-            self._write([keys[i] for i in todo], out)
+            chunks = [todo[i : i + batch] for i in range(0, len(todo), batch)]
+            out = []
+            with ThreadPoolExecutor(max_workers=1) as ahead:
+                upcoming = ahead.submit(inputs, chunks[0])
+                for k in range(len(chunks)):
+                    x = upcoming.result()
+                    if k + 1 < len(chunks):
+                        upcoming = ahead.submit(inputs, chunks[k + 1])
+                    out.append(run(x))
+            self._write([keys[i] for i in todo], np.concatenate(out))
             index = self._index()
         shards = sorted({index[k][0] for k in keys})
         sources = [np.load(s, mmap_mode="r") for s in shards]
@@ -221,7 +227,8 @@ class Trunk:
             return None
         if cut not in self._splits:
             try:
-                self._splits[cut] = split(self.model, self.groups, cut)
+                with torch.random.fork_rng(devices=[]):
+                    self._splits[cut] = split(self.model, self.groups, cut)
             except SplitError as e:
                 log.warning("finetune: the trunk cache is off at cut %d: %s", cut, e)
                 self._splits[cut] = None
@@ -243,13 +250,13 @@ class Trunk:
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
                 return np.stack(list(pool.map(one, positions)))
 
-        def make(positions: list[int]) -> np.ndarray:
-            x = inputs(positions)
-            if cut not in self._runners:
+        def run(x: np.ndarray) -> np.ndarray:
+            if cut not in self._runners:  # built on the first batch, which is also its parity check's example
                 trunk = self._splits[cut].trunk
                 self._runners[cut], engine = make_runner(trunk, self.spec.input_size, "auto", None, example=x[:4],
                                                          opset=self.opset, atol=self.atol)
                 log.info("finetune: frozen trunk below group %d runs once per view on %s", cut, engine)
             return self._runners[cut](x)
 
-        return self.cache.rows(keys, make, self.batch)
+        with torch.random.fork_rng(devices=[]):  # exporting and tracing must not move the run's random stream
+            return self.cache.rows(keys, inputs, run, self.batch)
