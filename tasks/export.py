@@ -19,11 +19,12 @@ def export(params_path: str | None = None) -> dict:
     with tracking.stage_run("export", params) as run:
         report = exporting.export_model(params, run.run_id, tracking.git_commit())
         version = register(params, report, run.run_id)
-        report["promotion"] = promote(params, version, report["test_accuracy"], run.run_id)
+        report["promotion"] = promote(params, version, report["test_score"], run.run_id, report["metric"])
         report["registered"] = {"name": params.export.registered_model, "version": version}
         write_json(paths.EXPORT_REPORT, report)
         run.log_metrics(exporting.flat_metrics(report))
-        run.set_tags({"sha256": report["sha256"], "registered_version": version})
+        run.set_tags({"sha256": report["sha256"], "registered_version": version, "selected": report["selected"],
+                      "selection_metric": report["metric"]})
         for path in (paths.ONNX_SHA256, paths.MODEL_CARD, paths.EXPORT_REPORT):
             run.log_artifact(path, "export")
         run.log_artifacts(paths.INT8_DIR, "export/int8")
@@ -43,18 +44,18 @@ def register(params: Params, report: dict[str, Any], run_id: str) -> str:
                                    metadata={k.removeprefix(onnx_meta.PREFIX): v for k, v in meta.items()})
 
 
-def promote(params: Params, version: str, accuracy: float, run_id: str) -> dict[str, Any]:
+def promote(params: Params, version: str, accuracy: float, run_id: str, metric: str = "accuracy") -> dict[str, Any]:
     """The promotion gate: candidate vs current champion on today's test split; tags the decision everywhere."""
     name = params.export.registered_model
     champion = registry.get_alias_version(name, registry.CHAMPION)
     path = registry.download_model_file(name, champion) if champion else None
     candidate = registry.download_model_file(name, version)  # the registered copy: what `champion` would serve
-    decision = exporting.promotion(params, version, accuracy, candidate, path, champion)
+    decision = exporting.promotion(params, version, accuracy, candidate, path, champion, metric)
     if decision["promoted"]:
         registry.set_alias(name, registry.CHAMPION, version)
     tags = {"promotion.promoted": decision["promoted"], "promotion.reason": decision["reason"],
-            "promotion.candidate_accuracy": accuracy, "promotion.champion_accuracy": decision["champion_accuracy"],
-            "promotion.champion_version": champion}
+            "promotion.metric": metric, "promotion.candidate_score": accuracy,
+            "promotion.champion_score": decision["champion_score"], "promotion.champion_version": champion}
     registry.set_version_tags(name, version, tags)
     tracking.set_run_tags(run_id, tags)
     return decision

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from prefect import task
 
-from tlops import history, paths, tracking, train
+from tlops import history, paths, scoring, tracking, train
 from tlops.config import load_params
+from tlops.data import load_manifest
 from tlops.features import load_feature_dataset
 
 
@@ -15,13 +16,16 @@ def train_head(params_path: str | None = None) -> dict:
     params = load_params(params_path)
     with tracking.stage_run("train_head", params) as run:
         ds = load_feature_dataset(paths.FEATURES_DATASET)
+        policy = scoring.policy(params, load_manifest(paths.MANIFEST))
+        weighted = params.head.class_weighting is True or (params.head.class_weighting == "auto" and policy.imbalanced)
         result = train.train_head(ds, params.head, on_epoch=lambda row, epoch: run.log_metrics(
-            history.epoch_metrics(row), step=epoch))
+            history.epoch_metrics(row), step=epoch), metric=policy.metric, class_weighted=weighted)
         train.save_head(result)
         run.set_tags({"device": "cpu", "backbone": result.backbone.get("backbone", ""),
-                      "head.best_lr": result.lr, "head.best_weight_decay": result.weight_decay})
+                      "head.best_lr": result.lr, "head.best_weight_decay": result.weight_decay,
+                      "selection_metric": result.metric, "class_weighted": result.class_weighted})
         run.log_metrics({"head_val_accuracy": result.val_accuracy, "head_val_loss": result.val_loss,
-                         "head_epochs": float(result.epochs)})
+                         f"head_val_{result.metric}": result.val_metric, "head_epochs": float(result.epochs)})
         run.log_artifact(paths.HEAD_INFO, "head")
         run.log_artifact(paths.HEAD_HISTORY, "reports")
     print(f"head-only val accuracy: {result.val_accuracy:.4f} "

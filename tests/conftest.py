@@ -36,9 +36,9 @@ CODE = ["tlops", "flows", "tasks", "orchestration", "serving", "dvc.yaml", "para
 TINY = {
     "data": {"min_per_class": 2, "val_fraction": 0.25, "test_fraction": 0.25},
     "model": {"backbone": "tiny_test", "weights": "random", "image_size": 32},
-    "features": {"batch_size": 16},
+    "features": {"batch_size": 16, "augment_views": 0},
     "head": {"epochs": 5, "lrs": [0.01], "weight_decays": [0.0], "patience": 3},
-    "finetune": {"epochs": 2, "batch_size": 8, "device": "cpu", "warmup_epochs": 0.5},
+    "finetune": {"epochs": 2, "batch_size": 8, "device": "cpu", "warmup_steps": 2},
     "export": {"int8": False, "calibration_images": 8},
     "evaluate": {"worst_k": 4},
 }

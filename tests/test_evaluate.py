@@ -26,7 +26,7 @@ def test_metrics_have_every_key_and_per_class_entry():
     rng = np.random.default_rng(0)
     logits, y = rng.normal(size=(50, 7)).astype(np.float32), rng.integers(0, 7, 50)
     m = ev.compute_metrics(logits, y, CLASSES7)
-    assert set(m) == {"accuracy", "macro_f1", "top5_accuracy", "ece", "loss", "per_class"}
+    assert set(m) == {"accuracy", "balanced_accuracy", "macro_f1", "top5_accuracy", "ece", "loss", "per_class"}
     assert set(m["per_class"]) == set(CLASSES7)
     assert set(m["per_class"]["c0"]) == {"precision", "recall", "f1", "support"}
     assert sum(v["support"] for v in m["per_class"].values()) == 50

@@ -246,12 +246,12 @@ def test_int8_gate_at_the_default_max_drop_keeps_a_faithful_model_and_rejects_on
     assert json.loads((paths.INT8_DIR / "quantization.json").read_text()) == json.loads(json.dumps(result))
     assert result["format"] == "QDQ" and result["speed"]["int8"]["latency_ms"] > 0
     if kept:
-        assert result["int8_accuracy"] == fp32
+        assert result["int8_score"] == fp32
         assert onnx_meta.read_metadata(paths.INT8_ONNX)["tlops.precision"] == "int8"
         assert onnx_meta.verify_sha256(paths.INT8_ONNX) == result["sha256"]
         assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(paths.INT8_ONNX)).graph.node)
     else:
-        assert result["accuracy_drop"] > 0.1 and "rejected" in result["reason"]
+        assert result["drop"] > 0.1 and "rejected" in result["reason"]
 
 
 def test_int8_disabled_says_so(tmp_path, monkeypatch, images):
@@ -329,7 +329,7 @@ def test_champion_alias_moves_only_when_the_threshold_is_met(manifest_ws):
     assert registry.get_alias_version(name, registry.CHAMPION) == first["version"]
 
     short = register_and_promote(good, margin + 0.01)  # better, but not by enough
-    assert not short["promoted"] and short["champion_accuracy"] == pytest.approx(acc[bad])
+    assert not short["promoted"] and short["champion_score"] == pytest.approx(acc[bad])
     assert registry.get_alias_version(name, registry.CHAMPION) == first["version"]
 
     enough = register_and_promote(good, margin)  # better by exactly min_delta
@@ -337,7 +337,7 @@ def test_champion_alias_moves_only_when_the_threshold_is_met(manifest_ws):
     assert registry.get_alias_version(name, registry.CHAMPION) == enough["version"]
 
     same = register_and_promote(good, 0.0)  # identical re-export: equal accuracy, champion stays
-    assert not same["promoted"] and same["champion_accuracy"] == pytest.approx(acc[good])
+    assert not same["promoted"] and same["champion_score"] == pytest.approx(acc[good])
     assert registry.get_alias_version(name, registry.CHAMPION) == enough["version"]
 
 
@@ -358,7 +358,7 @@ def test_the_gate_refuses_to_compare_a_champion_of_another_task(manifest_ws):
         registry.set_alias(name, registry.CHAMPION, v1)  # a model of other labels, which scores 0 on this split
         v2 = registry.log_onnx_model(ours, example, name, run_id=run.run_id)
         decision = promote(params, v2, ex.score_onnx(ours, files, truth, 10**7), run.run_id)
-    assert not decision["promoted"] and not decision["comparable"] and decision["champion_accuracy"] is None
+    assert not decision["promoted"] and not decision["comparable"] and decision["champion_score"] is None
     assert "another task" in decision["reason"] and "export.registered_model" in decision["reason"]
     assert registry.get_alias_version(name, registry.CHAMPION) == v1
 
@@ -396,7 +396,7 @@ def test_export_stage_verifies_registers_and_promotes_only_a_better_model(traine
     assert report["sha256"] == onnx_meta.verify_sha256(paths.ONNX) == first["sha256"]
     assert report["test_accuracy"] == pytest.approx(metrics["finetuned"]["accuracy"])
     int8 = report["int8"]  # the gate at the default max drop: kept exactly when int8 stays within it
-    assert int8["kept"] == (int8["accuracy_drop"] <= 0.005 + 1e-9) == paths.INT8_ONNX.exists()
+    assert int8["kept"] == (int8["drop"] <= 0.005 + 1e-9) == paths.INT8_ONNX.exists()
     assert (paths.INT8_DIR / "quantization.json").exists()
     assert report["promotion"]["promoted"] and report["registered"] == {"name": name, "version": first["version"]}
 

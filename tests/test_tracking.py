@@ -125,7 +125,7 @@ def test_stage_runs_nest_under_the_pipeline_run(ws):
         assert r.data.tags["mlflow.parentRunId"] == parent.run_id
     assert child.data.tags["stage"] == "train_head" and child.data.tags["workspace"] == str(ws)
     assert child.data.tags["device"] in ("cpu", "cuda")
-    assert child.data.params["finetune.lr"] == "0.003"
+    assert child.data.params["finetune.lr"] == "0.001"
     history = tracking.client().get_metric_history(run.run_id, "train_loss")
     assert [(m.step, m.value) for m in history] == [(0, 0.9), (1, 0.5), (2, 0.3)]
     assert [a.path for a in tracking.client().list_artifacts(run.run_id, "reports")] == ["reports/report.json"]

@@ -22,7 +22,7 @@ from tlops.history import HISTORY_COLUMNS
 from tlops.io import sha256_file
 from tlops.loaders import ImageDataset
 from tlops.model import build_head, load_classifier, load_head
-from tlops.schedule import lr_factor, param_groups, set_trainable, unfrozen_at
+from tlops.schedule import lr_factor, param_groups, set_trainable, small_data_scale, unfrozen_at, warmup_steps
 from tlops.train import finetune, save_head, train_head
 
 
@@ -111,12 +111,17 @@ def test_saved_head_loads_back_with_its_metadata(tmp_path: Path):
 # ---------------------------------------------------------------- schedule
 
 
-def test_param_group_lrs_follow_lr_decay_from_the_top():
+def test_param_group_lrs_follow_lr_decay_from_the_top_and_the_head_has_its_own():
     bb = create_backbone("tiny_test", weights="random")
     top = bb.groups[::-1][:3]
-    groups = param_groups(build_head("linear", 32, 3, 8, 0.0), top, lr=1e-2, lr_decay=0.5)
-    assert [g["base_lr"] for g in groups] == [1e-2, 5e-3, 2.5e-3, 1.25e-3]
+    groups = param_groups(build_head("linear", 32, 3, 8, 0.0), top, lr=1e-2, lr_decay=0.5, head_lr=1e-3)
+    assert [g["base_lr"] for g in groups] == [1e-3, 1e-2, 5e-3, 2.5e-3]
     assert groups[1]["params"] == list(bb.groups[-1].parameters())
+
+
+def test_warmup_is_counted_in_steps_and_small_data_scales_the_lrs_down():
+    assert warmup_steps(50, total=1000) == 50 and warmup_steps(50, total=16) == 8
+    assert small_data_scale(1250) == 1.0 and small_data_scale(100) == pytest.approx(0.316, abs=1e-3)
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_about_zero():
@@ -188,6 +193,12 @@ def run_finetune(out: Path, params: Params | None = None, on_epoch=None):
                     on_epoch=on_epoch, history_path=out / "history.csv")
 
 
+def tuned_weights(out: Path) -> dict[str, torch.Tensor]:
+    """What fine-tuning reached: model.safetensors, or finetuned.safetensors beside it when the head was selected."""
+    tuned = out / "model" / "finetuned.safetensors"
+    return load_file(str(tuned if tuned.exists() else out / "model" / "model.safetensors"))
+
+
 def state_of(name: str = "tiny_test") -> dict[str, torch.Tensor]:
     return {f"backbone.{k}": v.clone() for k, v in create_backbone(name, weights="random").model.state_dict().items()}
 
@@ -200,7 +211,7 @@ def changed(before: dict, after: dict, prefix: str) -> bool:
 def test_finetune_frozen_parameters_and_bn_statistics_stay_bit_identical(project: Path, tmp_path: Path):
     before = state_of()
     run_finetune(tmp_path, tiny_params(unfreeze_groups=1, batchnorm="frozen"))
-    after = load_file(str(tmp_path / "model" / "model.safetensors"))
+    after = tuned_weights(tmp_path)
     for group in range(3):
         assert not changed(before, after, f"backbone.features.{group}.")
     assert not changed(before, after, "backbone.features.3.1.running_")
@@ -210,7 +221,7 @@ def test_finetune_frozen_parameters_and_bn_statistics_stay_bit_identical(project
 def test_finetune_bn_statistics_update_under_batchnorm_train(project: Path, tmp_path: Path):
     before = state_of()
     run_finetune(tmp_path, tiny_params(unfreeze_groups=1, batchnorm="train"))
-    after = load_file(str(tmp_path / "model" / "model.safetensors"))
+    after = tuned_weights(tmp_path)
     assert changed(before, after, "backbone.features.3.1.running_mean")
     assert not changed(before, after, "backbone.features.2.")
 
@@ -218,12 +229,12 @@ def test_finetune_bn_statistics_update_under_batchnorm_train(project: Path, tmp_
 def test_finetune_gradual_unfreeze_trains_one_more_group_each_epoch(project: Path, tmp_path: Path):
     before = state_of()
     run_finetune(tmp_path, tiny_params(epochs=2, unfreeze_groups=3, unfreeze_every=1))
-    after = load_file(str(tmp_path / "model" / "model.safetensors"))
+    after = tuned_weights(tmp_path)
     assert [changed(before, after, f"backbone.features.{g}.0.weight") for g in range(4)] == [False, False, True, True]
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "model" / "model.safetensors"))
+    return tuned_weights(out)
 
 
 @pytest.mark.parametrize("over", [{}, {"unfreeze_groups": 3, "unfreeze_every": 1, "epochs": 3}, {"views": 1}],

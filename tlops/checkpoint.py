@@ -39,9 +39,12 @@ def checkpoint_path(checkpoint_dir: str | Path, epoch: int) -> Path:
 
 
 def save_checkpoint(checkpoint_dir: str | Path, model: nn.Module, opt: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, epoch: int, history: list[dict], fingerprint: str) -> Path:
-    """Everything needed to continue after `epoch` finished epochs; older checkpoints beyond KEEP are removed."""
+                    scaler: torch.amp.GradScaler, epoch: int, history: list[dict], fingerprint: str,
+                    best: dict | None = None) -> Path:
+    """Everything needed to continue after `epoch` finished epochs (with `best`, the best epoch so far and its
+    weights); older checkpoints beyond KEEP are removed."""
     state = {
+        "best": best,
         "fingerprint": fingerprint,
         "epoch": epoch,
         "model": model.state_dict(),

@@ -42,6 +42,7 @@ class DataParams(Section):
     val_fraction: Fraction = 0.15
     test_fraction: Fraction = 0.15
     split_salt: str = "tlops"
+    imbalance_ratio: Annotated[float, Field(ge=1.0)] = 3.0
     near_duplicates: NearDuplicateParams | None = NearDuplicateParams()
 
     @field_validator("source")
@@ -68,7 +69,7 @@ class ModelParams(Section):
 
 class FeaturesParams(Section):
     batch_size: PositiveInt = 64
-    augment_views: Annotated[int, Field(ge=0, le=32)] = 0
+    augment_views: Annotated[int, Field(ge=0, le=32)] = 2
     num_workers: PositiveInt | None = None
     num_threads: PositiveInt | None = None
 
@@ -82,7 +83,7 @@ class HeadParams(Section):
     lrs: Annotated[list[PositiveFloat], Field(min_length=1)] = [0.003, 0.01]
     weight_decays: Annotated[list[Annotated[float, Field(ge=0.0)]], Field(min_length=1)] = [1e-4, 1e-3]
     patience: PositiveInt = 10
-    class_weighting: bool = False
+    class_weighting: bool | Literal["auto"] = "auto"
     seed: int = 42
 
 
@@ -102,13 +103,16 @@ class FinetuneParams(Section):
     epochs: PositiveInt = 4
     unfreeze_groups: Annotated[int, Field(ge=0)] = 3
     unfreeze_every: Annotated[int, Field(ge=0)] = 0
-    lr: PositiveFloat = 3e-3
+    lr: PositiveFloat = 1e-3
     lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.6
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
-    warmup_epochs: Annotated[float, Field(ge=0.0)] = 0.5
+    head_lr: PositiveFloat = 1e-3
+    warmup_steps: Annotated[int, Field(ge=0)] = 50
+    patience: PositiveInt = 3
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     batchnorm: Literal["frozen", "train"] = "frozen"
     batch_size: PositiveInt = 32
+    class_weighting: bool | Literal["auto"] = "auto"
     augment: AugmentParams = AugmentParams()
     views: PositiveInt | None = None
     trunk_cache: bool = True
@@ -121,6 +125,7 @@ class FinetuneParams(Section):
 
 
 class EvaluateParams(Section):
+    metric: Literal["auto", "accuracy", "balanced_accuracy", "macro_f1"] = "auto"
     promote_min_delta: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     worst_k: PositiveInt = 16
 

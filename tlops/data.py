@@ -270,7 +270,7 @@ def prepare(raw_dir: Path, params: DataParams, manifest_path: Path, report_path:
     rows = sorted((ManifestRow(c.path, c.label, split_of(key.get(c.path, c.sha256), params), c.sha256, c.width,
                                c.height) for c in kept), key=lambda r: r.path)
     check_splits(rows, params)
-    report = data_report(rows, quarantined, duplicates, groups)
+    report = data_report(rows, quarantined, duplicates, groups, params.imbalance_ratio)
     write_manifest(manifest_path, rows)
     write_json(report_path, report)
     return report
@@ -472,7 +472,7 @@ def check_splits(rows: list[ManifestRow], params: DataParams) -> None:
 
 
 def data_report(rows: list[ManifestRow], quarantined: list[dict], duplicates: list[dict],
-                groups: list[list[Checked]] = ()) -> dict:
+                groups: list[list[Checked]] = (), imbalance_threshold: float = 3.0) -> dict:
     """reports/data.json: counts per class and split, totals, quarantined files, duplicates and near-duplicates."""
     per_class: dict[str, dict[str, int]] = {}
     for r in rows:
@@ -486,9 +486,15 @@ def data_report(rows: list[ManifestRow], quarantined: list[dict], duplicates: li
             for g in groups]
     warnings += [f"near-duplicate pictures filed under different classes {n['labels']}: {', '.join(n['paths'])}"
                  for n in near if len(n["labels"]) > 1]
+    train = Counter(r.label for r in rows if r.split == "train")
+    ratio = max(train.values()) / min(train.values()) if train else 1.0
+    if ratio > imbalance_threshold:
+        warnings.append(f"imbalanced: the largest class has {ratio:.1f}x the training images of the smallest "
+                        f"(over data.imbalance_ratio = {imbalance_threshold:g}): class-weighted losses, selection by "
+                        "balanced accuracy (evaluate.metric auto)")
     for w in warnings:
         log.warning("prepare: %s", w)
-    totals = {"images": len(rows), "classes": len(per_class),
+    totals = {"imbalance_ratio": round(ratio, 3), "imbalanced": ratio > imbalance_threshold,"images": len(rows), "classes": len(per_class),
               **{s: sum(1 for r in rows if r.split == s) for s in SPLITS},
               "quarantined": len(quarantined), "duplicates_dropped": sum(len(d["dropped"]) for d in duplicates),
               "near_duplicate_groups": len(near), "near_duplicate_images": sum(len(n["paths"]) for n in near)}

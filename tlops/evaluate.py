@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from tlops import paths
+from tlops import paths, scoring
 from tlops.config import Params
 from tlops.data import current_data_version, load_manifest, same_classes, split_items
 from tlops.errors import DataError
@@ -75,6 +75,7 @@ def compute_metrics(logits: np.ndarray, y: np.ndarray, classes: Sequence[str]) -
     labels = list(range(len(classes)))
     out: dict[str, Any] = {
         "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": scoring.score("balanced_accuracy", y, pred, len(classes)),
         "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
     }
     if len(classes) > 5:
@@ -233,9 +234,11 @@ def evaluate(params: Params) -> dict[str, Any]:
     manifest = load_manifest(paths.MANIFEST)
     items = split_items(manifest, "test")
     head, head_info = load_head(paths.HEAD_DIR)
-    model, info = load_classifier(paths.FINETUNE_DIR)
+    model, info = load_classifier(paths.FINETUNE_DIR, tuned=True)
     classes = same_classes(manifest.classes, head_info["classes"], info["classes"])
-    head_metrics = compute_metrics(*head_test_logits(head, classes), classes)
+    head_logits, head_y = head_test_logits(head, classes)
+    head_metrics = compute_metrics(head_logits, head_y, classes)
+    policy = scoring.policy(params, manifest)
 
     spec = PreprocessSpec.from_dict(info["preprocess"])
     images, y = [p for p, _ in items], np.array([c for _, c in items], dtype=int)
@@ -244,10 +247,15 @@ def evaluate(params: Params) -> dict[str, Any]:
     logits = torch_logits(model, preprocess_batches(images, spec, params.data.max_pixels, load=store.get),
                           device="cpu")
     ft_metrics = compute_metrics(logits, y, classes)
-    report = {"head": head_metrics, "finetuned": ft_metrics, "finetune_gain": gain(head_metrics, ft_metrics),
+    selected = info.get("selected", "finetuned")
+    report = {"metric": policy.metric, "selected": selected, "selection": info.get("selection", {}),
+              "imbalance_ratio": policy.ratio, "head": head_metrics, "finetuned": ft_metrics,
+              "finetune_gain": gain(head_metrics, ft_metrics),
+              "exported": head_metrics if selected == "head" else ft_metrics,
               "test_images": len(items), "data_version": current_data_version()}
     write_json(paths.METRICS, report)
-    write_plots(images, y, logits, classes, spec, store.get, params)
+    shown = (head_logits, head_y) if selected == "head" else (logits, y)  # the plots show the exported model
+    write_plots(images, shown[1], shown[0], classes, spec, store.get, params)
     return report
 
 
@@ -278,7 +286,7 @@ def write_plots(images: Sequence[str], y: np.ndarray, logits: np.ndarray, classe
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     """The scalar metrics of a report as {"head.accuracy": ..., "finetuned.ece": ...} for tracking."""
     out = {}
-    for section in ("head", "finetuned", "finetune_gain"):
+    for section in ("head", "finetuned", "finetune_gain", "exported"):
         for k, v in report.get(section, {}).items():
             if isinstance(v, (int, float)):
                 out[f"{section}.{k}"] = float(v)
@@ -287,8 +295,9 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """What the stage prints: head-only vs fine-tuned test accuracy."""
-    h, f = report["head"], report["finetuned"]
+    h, f, m = report["head"], report["finetuned"], report.get("metric", "accuracy")
     n = report["test_images"]
-    return [f"test accuracy, head only:  {h['accuracy']:.4f}  (macro F1 {h['macro_f1']:.4f}, {n} images)",
-            f"test accuracy, fine-tuned: {f['accuracy']:.4f}  (macro F1 {f['macro_f1']:.4f}, "
-            f"{report['finetune_gain']['accuracy']:+.4f} from fine-tuning)"]
+    return [f"test accuracy, head only:  {h['accuracy']:.4f}  ({m} {h[m]:.4f}, {n} images)",
+            f"test accuracy, fine-tuned: {f['accuracy']:.4f}  ({m} {f[m]:.4f}, "
+            f"{report['finetune_gain']['accuracy']:+.4f} from fine-tuning)",
+            f"selected by validation {m}: {report.get('selected', 'finetuned')}"]

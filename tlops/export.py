@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tlops import onnx_meta, paths, runtime
+from tlops import onnx_meta, paths, runtime, scoring
 from tlops.config import Params, flatten
 from tlops.data import load_manifest, same_classes, split_items
 from tlops.errors import ModelIntegrityError, ParityError
@@ -125,7 +125,7 @@ def params_hash(params: Params) -> str:
 
 def build_metadata(classes: Sequence[str], spec: PreprocessSpec, backbone: str, data_version: str | None,
                    git_commit: str | None, run_id: str | None, params_sha: str, precision: str = "fp32",
-                   created: str | None = None) -> dict[str, str]:
+                   created: str | None = None, selected: str = "finetuned") -> dict[str, str]:
     """The tlops.* metadata_props of an exported model (every value a string)."""
     created = created or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     return {
@@ -140,6 +140,7 @@ def build_metadata(classes: Sequence[str], spec: PreprocessSpec, backbone: str, 
         onnx_meta.CREATED: created,
         onnx_meta.PRECISION: precision,
         onnx_meta.INPUT_KIND: onnx_meta.IMAGE,
+        onnx_meta.SELECTED: selected,
     }
 
 
@@ -204,12 +205,17 @@ def accuracy_of(pred_labels: Sequence[str], true_labels: Sequence[str]) -> float
 
 
 def score_onnx(path: str | os.PathLike, images: Sequence[str | Path], true_labels: Sequence[str],
-               max_pixels: int) -> float:
-    """Test accuracy of an ONNX file with its OWN labels and preprocessing (from its metadata)."""
+               max_pixels: int, metric: str = "accuracy") -> float:
+    """`metric` (tlops.scoring) of an ONNX file on labelled images, with its OWN labels and preprocessing (from its
+    metadata); a true label the model does not know counts as a miss."""
     meta = onnx_meta.read_metadata(path)
     labels, spec = onnx_meta.labels_of(meta), onnx_meta.spec_of(meta)
     logits = runtime.run_batches(runtime.session(path, cpu_only=True), preprocess_batches(images, spec, max_pixels))
-    return accuracy_of([labels[i] for i in logits.argmax(1)], true_labels)
+    if metric == "accuracy":
+        return accuracy_of([labels[i] for i in logits.argmax(1)], true_labels)
+    known = {name: i for i, name in enumerate(labels)}
+    y = np.array([known.get(t, len(labels)) for t in true_labels])  # unknown: a class no prediction can match
+    return scoring.score(metric, y, logits.argmax(1), len(labels) + 1)
 
 
 def benchmark(path: str | os.PathLike, x: np.ndarray, repeats: int = 20) -> dict[str, float]:
@@ -234,7 +240,8 @@ def benchmark(path: str | os.PathLike, x: np.ndarray, repeats: int = 20) -> dict
 # ---------------------------------------------------------------- promotion gate (pure)
 
 
-def decide_promotion(candidate_acc: float, champion_acc: float | None, min_delta: float) -> tuple[bool, str]:
+def decide_promotion(candidate_acc: float, champion_acc: float | None, min_delta: float,
+                     metric: str = "accuracy") -> tuple[bool, str]:
     """Promote when there is no champion, or when the candidate is strictly better AND better by >= min_delta.
 
     "Strictly better" makes min_delta = 0 mean "any improvement": re-exporting an identical model (equal
@@ -242,13 +249,14 @@ def decide_promotion(candidate_acc: float, champion_acc: float | None, min_delta
     """
     eps = 1e-9
     if champion_acc is None or math.isnan(champion_acc):
-        return True, f"no champion yet: candidate ({candidate_acc:.4f}) becomes champion"
+        return True, f"no champion yet: candidate ({metric} {candidate_acc:.4f}) becomes champion"
     delta = candidate_acc - champion_acc
     if delta > eps and delta >= min_delta - eps:
-        return True, (f"candidate {candidate_acc:.4f} beats champion {champion_acc:.4f} by {delta:+.4f} "
+        return True, (f"candidate {metric} {candidate_acc:.4f} beats champion {champion_acc:.4f} by {delta:+.4f} "
                       f"(>= {min_delta:g})")
     need = "any improvement" if min_delta == 0 else f"an improvement of at least {min_delta:g}"
-    return False, f"candidate {candidate_acc:.4f} vs champion {champion_acc:.4f} ({delta:+.4f}): needs {need}"
+    return False, (f"candidate {metric} {candidate_acc:.4f} vs champion {champion_acc:.4f} ({delta:+.4f}): "
+                   f"needs {need}")
 
 
 # ---------------------------------------------------------------- int8
@@ -285,12 +293,13 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
     return Path(out_path)
 
 
-def int8_verdict(fp32_acc: float, int8_acc: float, max_drop: float) -> tuple[bool, str]:
-    """Keep the int8 model only if its accuracy is at most `max_drop` below fp32's."""
+def int8_verdict(fp32_acc: float, int8_acc: float, max_drop: float, metric: str = "accuracy") -> tuple[bool, str]:
+    """Keep the int8 model only if its `metric` is at most `max_drop` below fp32's."""
     drop = fp32_acc - int8_acc
+    said = f"int8 {metric} {int8_acc:.4f} vs fp32 {fp32_acc:.4f} (drop {drop:+.4f}"
     if drop <= max_drop + 1e-9:
-        return True, f"int8 accuracy {int8_acc:.4f} vs fp32 {fp32_acc:.4f} (drop {drop:+.4f} <= {max_drop:g}): kept"
-    return False, f"int8 accuracy {int8_acc:.4f} vs fp32 {fp32_acc:.4f} (drop {drop:+.4f} > {max_drop:g}): rejected"
+        return True, f"{said} <= {max_drop:g}): kept"
+    return False, f"{said} > {max_drop:g}): rejected"
 
 
 # ---------------------------------------------------------------- the stage
@@ -310,16 +319,19 @@ def export_model(params: Params, run_id: str | None, git_commit: str | None) -> 
     spec, ex, max_pixels = PreprocessSpec.from_dict(info["preprocess"]), params.export, params.data.max_pixels
     images, truth = labelled_test_images(manifest)
     meta = build_metadata(classes, spec, info["backbone"], info.get("data_version"), git_commit, run_id,
-                          params_hash(params))
+                          params_hash(params), selected=info.get("selected", "finetuned"))
     with atomic_path(paths.ONNX) as tmp:
         export_onnx(model, spec.input_size, tmp, ex.opset)
         write_metadata(tmp, meta)
         parity = check_parity(tmp, model, preprocess_batches(images, spec, max_pixels), ex.parity_atol)
     sha = onnx_meta.write_sha256(paths.ONNX)
+    metric = scoring.policy(params, manifest).metric
     accuracy = score_onnx(paths.ONNX, images, truth, max_pixels)
+    score = accuracy if metric == "accuracy" else score_onnx(paths.ONNX, images, truth, max_pixels, metric)
     calibration = calibration_images(manifest, ex.calibration_images)
-    int8 = export_int8(params, spec, accuracy, images, truth, calibration)
+    int8 = export_int8(params, spec, score, images, truth, calibration, metric)
     report = {"onnx": str(paths.ONNX), "opset": ex.opset, "sha256": sha, "parity": parity,
+              "selected": info.get("selected", "finetuned"), "metric": metric, "test_score": score,
               "test_accuracy": accuracy, "test_images": len(images), "int8": int8}
     metrics = read_json(paths.METRICS) if paths.METRICS.exists() else {}
     write_text(paths.MODEL_CARD, model_card(info, meta, spec, class_counts(manifest), metrics, report))
@@ -356,8 +368,9 @@ def class_counts(manifest: Any) -> dict[str, dict[str, int]]:
 
 
 def export_int8(params: Params, spec: PreprocessSpec, fp32_acc: float, images: Sequence[str],
-                truth: Sequence[str], calibration: Sequence[str]) -> dict[str, Any]:
-    """Quantize paths.ONNX to paths.INT8_ONNX if export.int8; keep it only within export.int8_max_drop.
+                truth: Sequence[str], calibration: Sequence[str], metric: str = "accuracy") -> dict[str, Any]:
+    """Quantize paths.ONNX to paths.INT8_ONNX if export.int8; keep it only if its `metric` (fp32's is fp32_acc)
+    stays within export.int8_max_drop.
 
     paths.INT8_DIR always ends up holding quantization.json, which says what happened and why.
     """
@@ -370,12 +383,12 @@ def export_int8(params: Params, spec: PreprocessSpec, fp32_acc: float, images: S
         result = {"enabled": True, "kept": False, "reason": "no training images to calibrate on"}
     else:
         quantize_int8(paths.ONNX, paths.INT8_ONNX, preprocess_batches(calibration, spec, max_pixels, batch=16))
-        int8_acc = score_onnx(paths.INT8_ONNX, images, truth, max_pixels)
-        keep, reason = int8_verdict(fp32_acc, int8_acc, ex.int8_max_drop)
+        int8_acc = score_onnx(paths.INT8_ONNX, images, truth, max_pixels, metric)
+        keep, reason = int8_verdict(fp32_acc, int8_acc, ex.int8_max_drop, metric)
         x = next(preprocess_batches(images[:32], spec, max_pixels, batch=32))
         result = {"enabled": True, "kept": keep, "reason": reason, "format": "QDQ", "per_channel": True,
-                  "calibration_images": len(calibration), "fp32_accuracy": fp32_acc, "int8_accuracy": int8_acc,
-                  "accuracy_drop": fp32_acc - int8_acc, "max_drop": ex.int8_max_drop,
+                  "calibration_images": len(calibration), "metric": metric, "fp32_score": fp32_acc,
+                  "int8_score": int8_acc, "drop": fp32_acc - int8_acc, "max_drop": ex.int8_max_drop,
                   "speed": {"fp32": benchmark(paths.ONNX, x), "int8": benchmark(paths.INT8_ONNX, x)}}
         if keep:
             result["sha256"] = onnx_meta.write_sha256(paths.INT8_ONNX)
@@ -386,17 +399,18 @@ def export_int8(params: Params, spec: PreprocessSpec, fp32_acc: float, images: S
     return result
 
 
-def promotion(params: Params, candidate_version: str, candidate_accuracy: float, candidate_path: str | os.PathLike,
-              champion_path: str | os.PathLike | None, champion_version: str | None) -> dict[str, Any]:
-    """Score the champion (if any) on the current test split exactly like the candidate was, and decide.
+def promotion(params: Params, candidate_version: str, candidate_score: float, candidate_path: str | os.PathLike,
+              champion_path: str | os.PathLike | None, champion_version: str | None,
+              metric: str = "accuracy") -> dict[str, Any]:
+    """Score the champion (if any) by `metric` on the current test split exactly like the candidate was, and decide.
 
     A champion of another task (other labels, or another kind of input) is no rival: it is not scored, the
     candidate is not promoted over it, and the reason says so.
     """
     min_delta = params.evaluate.promote_min_delta
-    decision = {"min_delta": min_delta, "candidate_version": candidate_version,
-                "candidate_accuracy": candidate_accuracy, "champion_version": champion_version,
-                "champion_accuracy": None, "comparable": True}
+    decision = {"metric": metric, "min_delta": min_delta, "candidate_version": candidate_version,
+                "candidate_score": candidate_score, "champion_version": champion_version,
+                "champion_score": None, "comparable": True}
     if champion_path is not None:
         mine, theirs = (onnx_meta.task_of(onnx_meta.read_metadata(p)) for p in (candidate_path, champion_path))
         if mine != theirs:
@@ -406,8 +420,8 @@ def promotion(params: Params, candidate_version: str, candidate_accuracy: float,
             return {**decision, "promoted": False, "comparable": False, "reason": reason,
                     "champion_after": champion_version}
         images, truth = labelled_test_images(load_manifest(paths.MANIFEST))
-        decision["champion_accuracy"] = score_onnx(champion_path, images, truth, params.data.max_pixels)
-    promote, reason = decide_promotion(candidate_accuracy, decision["champion_accuracy"], min_delta)
+        decision["champion_score"] = score_onnx(champion_path, images, truth, params.data.max_pixels, metric)
+    promote, reason = decide_promotion(candidate_score, decision["champion_score"], min_delta, metric)
     return {**decision, "promoted": promote, "reason": reason,
             "champion_after": candidate_version if promote else champion_version}
 
@@ -422,8 +436,8 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     """The export report's numbers for tracking: parity, ONNX accuracy, int8 accuracy and speed, promotion."""
     int8, promo = report.get("int8", {}), report.get("promotion", {})
     out = {"parity.agreement": report["parity"]["agreement"], "parity.max_abs_diff": report["parity"]["max_abs_diff"],
-           "onnx.test_accuracy": report["test_accuracy"]}
-    for key in ("int8_accuracy", "accuracy_drop"):
+           "onnx.test_accuracy": report["test_accuracy"], f"onnx.test_{report['metric']}": report["test_score"]}
+    for key in ("int8_score", "drop"):
         if key in int8:
             out[f"int8.{key}"] = int8[key]
     for precision, speed in int8.get("speed", {}).items():
@@ -431,14 +445,14 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
         out[f"{precision}.throughput_ips"] = speed["throughput_ips"]
     if "promoted" in promo:
         out["promotion.promoted"] = float(promo["promoted"])
-        if promo.get("champion_accuracy") is not None:
-            out["promotion.champion_accuracy"] = promo["champion_accuracy"]
+        if promo.get("champion_score") is not None:
+            out["promotion.champion_score"] = promo["champion_score"]
     return {k: float(v) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------- model card (pure)
 
-_CARD_METRICS = ("accuracy", "macro_f1", "top5_accuracy", "ece", "loss")
+_CARD_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "top5_accuracy", "ece", "loss")
 
 
 def model_card(info: dict, meta: dict[str, str], spec: PreprocessSpec, counts: dict[str, dict[str, int]],
@@ -449,9 +463,15 @@ def model_card(info: dict, meta: dict[str, str], spec: PreprocessSpec, counts: d
     count_rows = [f"| {c} | {n['train']} | {n['val']} | {n['test']} |" for c, n in counts.items()]
     int8 = report.get("int8", {})
     parity = report["parity"]
+    selected, selection = info.get("selected", "finetuned"), info.get("selection", {})
+    chose = (f"the {'fine-tuned' if selected == 'finetuned' else 'head-only (frozen backbone)'} model: validation "
+             f"{selection.get('metric', 'accuracy')} {_fmt(selection.get(selected, {}).get('val_metric'))} against "
+             f"{_fmt(selection.get('head' if selected == 'finetuned' else 'finetuned', {}).get('val_metric'))}"
+             if selection else "the fine-tuned model")
     return "\n".join([
-        f"# Model card: {info['backbone']} fine-tuned, {len(counts)} classes",
+        f"# Model card: {info['backbone']}, {len(counts)} classes",
         "",
+        f"- exported: {chose}",
         f"- ONNX file: `{report['onnx']}` (opset {report['opset']}, sha256 `{report['sha256']}`)",
         f"- backbone: {info['backbone']} (initial weights: {info.get('weights_id', 'unknown')})",
         f"- data version: `{meta[onnx_meta.DATA_VERSION]}` (DVC hash of data/raw)",
@@ -462,6 +482,7 @@ def model_card(info: dict, meta: dict[str, str], spec: PreprocessSpec, counts: d
         "## Data", "", "| class | train | val | test |", "|---|---:|---:|---:|", *count_rows, "",
         f"## Test metrics ({metrics.get('test_images', report['test_images'])} images)", "",
         "| metric | head only (frozen backbone) | fine-tuned |", "|---|---:|---:|", *rows, "",
+        f"Selection, early stopping and promotion go by {report.get('metric', 'accuracy')}.",
         f"ONNX Runtime matches PyTorch on all {parity['n']} test images (top-1 agreement "
         f"{parity['agreement']:.0%}, max |Δlogit| {parity['max_abs_diff']:.2g}); ONNX test accuracy "
         f"{report['test_accuracy']:.4f}.",

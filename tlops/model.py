@@ -55,10 +55,15 @@ def save_state(state: dict[str, torch.Tensor], path: str | Path) -> None:
         save_file(tensors, str(tmp))
 
 
-def load_classifier(model_dir: str | Path = paths.FINETUNE_DIR) -> tuple[Classifier, dict]:
-    """The fine-tuned model (eval mode, CPU) rebuilt from model.json + model.safetensors, and model.json."""
+def load_classifier(model_dir: str | Path = paths.FINETUNE_DIR, tuned: bool = False) -> tuple[Classifier, dict]:
+    """The selected model (eval mode, CPU) rebuilt from model.json + model.safetensors, and model.json.
+
+    tuned=True: fine-tuning's best weights, also when the head-only model was selected over them.
+    """
     model_dir = Path(model_dir)
     info_path, weights_path = model_dir / paths.FINETUNE_INFO.name, model_dir / paths.FINETUNE_WEIGHTS.name
+    if tuned and (model_dir / paths.FINETUNED_WEIGHTS.name).exists():
+        weights_path = model_dir / paths.FINETUNED_WEIGHTS.name
     if not info_path.exists() or not weights_path.exists():
         raise DataError(f"{model_dir}: no fine-tuned model ({info_path.name} + {weights_path.name}); "
                         "run the finetune stage")

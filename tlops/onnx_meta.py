@@ -29,8 +29,9 @@ PARAMS_HASH = "tlops.params_hash"
 CREATED = "tlops.created"
 PRECISION = "tlops.precision"        # fp32 | int8
 INPUT_KIND = "tlops.input_kind"      # image: what the model reads (another kind of model is never its rival)
+SELECTED = "tlops.selected"          # finetuned | head: which was better on validation, and so exported
 KEYS = (LABELS, PREPROCESS, INPUT_SIZE, BACKBONE, DATA_VERSION, GIT_COMMIT, MLFLOW_RUN_ID, PARAMS_HASH, CREATED,
-        PRECISION, INPUT_KIND)
+        PRECISION, INPUT_KIND, SELECTED)
 IMAGE = "image"
 
 

@@ -20,7 +20,8 @@ HEAD_INFO = HEAD_DIR / "head.json"
 HEAD_HISTORY = Path("reports/head_history.csv")
 
 FINETUNE_DIR = Path("models/finetuned")
-FINETUNE_WEIGHTS = FINETUNE_DIR / "model.safetensors"
+FINETUNE_WEIGHTS = FINETUNE_DIR / "model.safetensors"    # the selected model: what export exports
+FINETUNED_WEIGHTS = FINETUNE_DIR / "finetuned.safetensors"  # fine-tuning's best, when the head-only model won
 FINETUNE_INFO = FINETUNE_DIR / "model.json"
 FINETUNE_HISTORY = Path("reports/finetune_history.csv")
 CHECKPOINT_DIR = Path("checkpoints/finetune")  # persist: resume after a crash

@@ -31,16 +31,35 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def param_groups(head: nn.Module, top_groups: list[nn.Module], lr: float, lr_decay: float) -> list[dict]:
-    """AdamW parameter groups: the head at lr, the i-th backbone group from the top at lr * lr_decay**(i+1).
+def warmup_steps(steps: int, total: int) -> int:
+    """Warm-up in optimizer steps, finetune.warmup_steps, but at most half of the run (a small dataset has few)."""
+    return min(steps, total // 2)
+
+
+# Below this many training images the fine-tuning LRs shrink with the square root of the count: a few images give
+# few, noisy gradient steps, which a full-size LR turns into a jump away from where the head left off.
+SMALL_DATA = 1000
+
+
+def small_data_scale(train_images: int) -> float:
+    """The factor of every fine-tuning LR for a training split of this size (1 from SMALL_DATA images up)."""
+    return min(1.0, math.sqrt(max(train_images, 1) / SMALL_DATA))
+
+
+def param_groups(head: nn.Module, top_groups: list[nn.Module], lr: float, lr_decay: float,
+                 head_lr: float) -> list[dict]:
+    """AdamW parameter groups: the head at head_lr, the i-th backbone group from the top at lr * lr_decay**i.
+
+    The head's LR is set apart: it has already converged on the frozen features and only needs to follow them as
+    the backbone moves.
 
     Every group that may ever train is created here, up front: a frozen one simply gets no gradients
     (AdamW skips parameters whose .grad is None), so unfreezing later never rebuilds the optimizer and a
     checkpointed optimizer state always matches.
     """
-    groups = [{"params": list(head.parameters()), "base_lr": lr, "lr": lr, "name": "head"}]
+    groups = [{"params": list(head.parameters()), "base_lr": head_lr, "lr": head_lr, "name": "head"}]
     for i, module in enumerate(top_groups):
-        group_lr = lr * lr_decay ** (i + 1)
+        group_lr = lr * lr_decay**i
         groups.append({"params": list(module.parameters()), "base_lr": group_lr, "lr": group_lr, "name": f"top{i}"})
     return groups
 

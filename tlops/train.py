@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tlops import paths
+from tlops import paths, scoring
 from tlops.backbones import create_backbone
 from tlops.checkpoint import latest_checkpoint, restore_checkpoint, run_fingerprint, save_checkpoint
 from tlops.config import FinetuneParams, HeadParams, Params
@@ -44,7 +44,8 @@ from tlops.loaders import (
 )
 from tlops.model import Classifier, build_head, load_head, save_state
 from tlops.preprocess import PreprocessSpec
-from tlops.schedule import lr_factor, param_groups, set_trainable, unfrozen_at
+from tlops.schedule import lr_factor, param_groups, set_trainable, small_data_scale, unfrozen_at, warmup_steps
+from tlops.scoring import score
 from tlops.trunk import EVAL_VIEW, Trunk
 
 OnEpoch = Callable[[dict, int], None]
@@ -66,17 +67,22 @@ class HeadResult:
     classes: list[str]
     lr: float
     weight_decay: float
+    metric: str  # the selection metric (tlops.scoring) the grid and early stopping went by
+    val_metric: float
     val_accuracy: float
     val_loss: float
     epochs: int  # epochs the kept config ran before early stopping (or the limit)
     best_epoch: int
     history: list[dict]
     grid: list[dict]
+    class_weighted: bool = False
     backbone: dict = field(default_factory=dict)
 
 
-def train_head(ds: Any, params: HeadParams, on_epoch: OnEpoch | None = None) -> HeadResult:
-    """Sweep head.lrs x head.weight_decays on the cached features; keep the config with the best val accuracy.
+def train_head(ds: Any, params: HeadParams, on_epoch: OnEpoch | None = None, metric: str = "accuracy",
+               class_weighted: bool | None = None) -> HeadResult:
+    """Sweep head.lrs x head.weight_decays on the cached features; keep the config with the best validation
+    `metric` (tlops.scoring; ties: the lower val loss, then the earlier grid point).
 
     `ds` is a tlops.features.FeatureDataset. on_epoch sees the kept config's epochs, after the sweep.
     """
@@ -86,38 +92,40 @@ def train_head(ds: Any, params: HeadParams, on_epoch: OnEpoch | None = None) -> 
         if len(labels) == 0:
             raise DataError(f"feature dataset has no {name} rows: the prepare stage must assign some images to {name}")
     num_classes = len(ds.classes)
-    weight = class_weights(y, num_classes) if params.class_weighting else None
+    weighted = params.class_weighting is True if class_weighted is None else class_weighted
+    weight = class_weight_tensor(y, num_classes) if weighted else None
     runs = []
     with torch_threads(1):  # a head's small matmuls lose more to thread hand-offs than they gain
         for lr in params.lrs:
             for wd in params.weight_decays:
-                head, history = fit_head(X.float(), y.long(), Xv.float(), yv.long(), num_classes, params, lr, wd, weight)
-                best = min(history, key=lambda r: r["val_loss"])
+                head, history, best = fit_head(X.float(), y.long(), Xv.float(), yv.long(), num_classes, params, lr,
+                                               wd, metric, weight)
                 runs.append((head, history, best, lr, wd))
-    # Best val accuracy; ties go to the lower val loss, then to the earlier grid point.
-    head, history, best, lr, wd = max(runs, key=lambda r: (r[2]["val_accuracy"], -r[2]["val_loss"]))
+    head, history, best, lr, wd = max(runs, key=lambda r: (r[2]["val_metric"], -r[2]["val_loss"]))
     for row in history:
         if on_epoch:
             on_epoch(row, row["epoch"])
-    grid = [{"lr": r[3], "weight_decay": r[4], "val_accuracy": r[2]["val_accuracy"], "val_loss": r[2]["val_loss"],
-             "epochs": len(r[1])} for r in runs]
+    grid = [{"lr": r[3], "weight_decay": r[4], f"val_{metric}": r[2]["val_metric"],
+             "val_accuracy": r[2]["val_accuracy"], "val_loss": r[2]["val_loss"], "epochs": len(r[1])} for r in runs]
     return HeadResult(
         model=head, kind=params.kind, hidden=params.hidden, dropout=params.dropout, in_features=X.shape[1],
-        classes=list(ds.classes), lr=lr, weight_decay=wd, val_accuracy=best["val_accuracy"],
-        val_loss=best["val_loss"], epochs=len(history), best_epoch=best["epoch"], history=history, grid=grid,
+        classes=list(ds.classes), lr=lr, weight_decay=wd, metric=metric, val_metric=best["val_metric"],
+        val_accuracy=best["val_accuracy"], val_loss=best["val_loss"], epochs=len(history), best_epoch=best["epoch"],
+        history=history, grid=grid, class_weighted=weight is not None,
         backbone=dict(getattr(ds, "meta", {}) or {}))
 
 
 def fit_head(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor, num_classes: int,
-             params: HeadParams, lr: float, weight_decay: float,
-             weight: torch.Tensor | None = None) -> tuple[nn.Module, list[dict]]:
-    """One grid point: AdamW with early stopping on val loss; returns the head at its best epoch + history."""
+             params: HeadParams, lr: float, weight_decay: float, metric: str = "accuracy",
+             weight: torch.Tensor | None = None) -> tuple[nn.Module, list[dict], dict]:
+    """One grid point: AdamW, kept at its best epoch by (val metric, -val loss), stopped after head.patience epochs
+    without a better one; returns the head, the history and the kept epoch's row (with val_metric)."""
     torch.manual_seed(params.seed)
     order = torch.Generator().manual_seed(params.seed)
     head = build_head(params.kind, X.shape[1], num_classes, params.hidden, params.dropout)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     history: list[dict] = []
-    best_loss, best_state, stale = math.inf, copy.deepcopy(head.state_dict()), 0
+    best, best_state, stale = None, copy.deepcopy(head.state_dict()), 0
     for epoch in range(1, params.epochs + 1):
         head.train()
         loss_sum, correct = 0.0, 0
@@ -130,17 +138,19 @@ def fit_head(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tenso
             opt.step()
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y[idx]).sum())
-        val_loss, val_acc = evaluate_logits(_eval(head, Xv), yv)
+        val_logits = _eval(head, Xv)
+        val_loss, val_acc = evaluate_logits(val_logits, yv)
         history.append(history_row(epoch, "head", loss_sum / len(y), correct / len(y), val_loss, val_acc, lr))
-        if val_loss < best_loss:
-            best_loss, best_state, stale = val_loss, copy.deepcopy(head.state_dict()), 0
+        row = {**history[-1], "val_metric": score(metric, yv.numpy(), val_logits.argmax(1).numpy(), num_classes)}
+        if best is None or (row["val_metric"], -row["val_loss"]) > (best["val_metric"], -best["val_loss"]):
+            best, best_state, stale = row, copy.deepcopy(head.state_dict()), 0
         else:
             stale += 1
             if stale >= params.patience:
                 break
     head.load_state_dict(best_state)
     head.eval()
-    return head, history
+    return head, history, best
 
 
 def _eval(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
@@ -154,11 +164,9 @@ def evaluate_logits(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float
     return float(F.cross_entropy(logits.float(), y)), float((logits.argmax(1) == y).float().mean())
 
 
-def class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights (mean 1 over present classes) so rare classes count as much as common ones."""
-    counts = torch.bincount(y.long(), minlength=num_classes).float()
-    w = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
-    return w
+def class_weight_tensor(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """tlops.scoring.class_weights of a label tensor."""
+    return torch.from_numpy(scoring.class_weights(torch.bincount(y.long(), minlength=num_classes).numpy())).float()
 
 
 def check_finite(loss: torch.Tensor, stage: str, epoch: int, step: int) -> None:
@@ -176,8 +184,9 @@ def save_head(result: HeadResult, out_dir: str | Path = paths.HEAD_DIR,
     info = {
         "kind": result.kind, "hidden": result.hidden, "dropout": result.dropout,
         "in_features": result.in_features, "classes": result.classes,
-        "lr": result.lr, "weight_decay": result.weight_decay,
-        "val_accuracy": result.val_accuracy, "val_loss": result.val_loss,
+        "lr": result.lr, "weight_decay": result.weight_decay, "metric": result.metric,
+        "val_metric": result.val_metric, "val_accuracy": result.val_accuracy, "val_loss": result.val_loss,
+        "class_weighted": result.class_weighted,
         "epochs": result.epochs, "best_epoch": result.best_epoch, "grid": result.grid,
         "backbone": result.backbone,
     }
@@ -192,15 +201,16 @@ def save_head(result: HeadResult, out_dir: str | Path = paths.HEAD_DIR,
 
 @dataclass
 class FinetuneResult:
-    model: Classifier
+    model: Classifier  # the selected model: fine-tuned at its best epoch, or the frozen base with the head
     info: dict  # what model.json holds
     history: list[dict]
-    val_accuracy: float
+    val_accuracy: float  # of the best fine-tuning epoch
     val_loss: float
     head_val_accuracy: float
     device: str
     resumed_epochs: int  # epochs restored from a checkpoint; 0 for a fresh start
-    trunk: str  # how the frozen trunk ran: "cached (...)" or why it was not
+    trunk: str  # how the frozen trunk ran: "cached", or why it did not
+    selected: str = "finetuned"  # finetuned | head: which of the two is better on validation (and exported)
 
 
 @dataclass
@@ -222,6 +232,9 @@ class Setup:
     fingerprint: str
     trunk: Trunk | None  # None: every step runs the whole backbone (why: trunk_reason)
     trunk_reason: str
+    metric: str  # the selection metric (tlops.scoring)
+    loss_weight: torch.Tensor | None  # class weights of the loss on an imbalanced training split
+    initial: dict[str, torch.Tensor]  # the frozen base + head before fine-tuning: the head-only model
 
 
 def finetune(params: Params, manifest: Any, head_dir: str | Path = paths.HEAD_DIR,
@@ -230,6 +243,8 @@ def finetune(params: Params, manifest: Any, head_dir: str | Path = paths.HEAD_DI
              images_dir: str | Path = paths.FEATURES_IMAGES) -> FinetuneResult:
     """Fine-tune backbone + trained head on the manifest's images; write model.safetensors + model.json.
 
+    The run keeps its best epoch by the validation metric (not its last) and stops after finetune.patience epochs
+    without a better one; then the better on validation of that and the head-only model is `selected`.
     Resumes from the newest checkpoint in checkpoint_dir made with the same params, head and data.
     """
     ft = params.finetune
@@ -243,12 +258,16 @@ def _finetune(params: Params, manifest: Any, head_dir: str | Path, out_dir: Path
     ft = params.finetune
     s = setup(params, manifest, head_dir, images_dir, checkpoint_dir)
     steps = len(batches_of(list(range(len(s.train_set))), ft.batch_size))  # optimizer steps per epoch
-    schedule = partial(lr_factor, total_steps=ft.epochs * steps, warmup_steps=round(ft.warmup_epochs * steps))
-    history, start = [], 0
+    total = ft.epochs * steps
+    schedule = partial(lr_factor, total_steps=total, warmup_steps=warmup_steps(ft.warmup_steps, total))
+    history, start, best = [], 0, None
     if ckpt := latest_checkpoint(checkpoint_dir, s.fingerprint):
         history, start = restore_checkpoint(ckpt, s.model, s.opt, s.scaler), ckpt["epoch"]
+        best = ckpt["best"]
     first = int(s.head_info["epochs"]) + 1  # history continues the head's epoch axis
     for epoch in range(start, ft.epochs):
+        if best is not None and best["stale"] >= ft.patience:
+            break  # early stopping: finetune.patience epochs without a better validation metric
         # Freeze/unfreeze: the top n groups train (n grows with a gradual schedule), the rest stays frozen.
         n = unfrozen_at(epoch, len(s.top), ft.unfreeze_every)
         set_trainable(s.model.backbone, s.top, n, ft.batchnorm)
@@ -257,17 +276,34 @@ def _finetune(params: Params, manifest: Any, head_dir: str | Path, out_dir: Path
         # through the whole backbone.
         train_batches, val_batches, forward = epoch_feed(s, ft, epoch, len(s.backbone.groups) - n)
         train_loss, train_acc = train_epoch(s, train_batches, forward, ft, epoch, epoch * steps, schedule)
-        val_loss, val_acc = evaluate(s.model, val_batches, s.device, s.amp, forward)
+        val_loss, val_acc, val_metric = evaluate(s.model, val_batches, s.device, s.amp, forward, s.metric,
+                                                 len(s.classes))
         lr = s.opt.param_groups[0]["lr"]
         history.append(history_row(first + epoch, "finetune", train_loss, train_acc, val_loss, val_acc, lr))
-        save_checkpoint(checkpoint_dir, s.model, s.opt, s.scaler, epoch + 1, history, s.fingerprint)
+        best = keep_best(best, {"epoch": first + epoch, "val_metric": val_metric, "val_loss": val_loss,
+                                "val_accuracy": val_acc}, s.model)
+        save_checkpoint(checkpoint_dir, s.model, s.opt, s.scaler, epoch + 1, history, s.fingerprint, best=best)
         if on_epoch:
             on_epoch(history[-1], history[-1]["epoch"])
-    info = save_finetuned(s, params, history, out_dir, history_path)
-    last = history[-1]
-    return FinetuneResult(s.model.eval(), info, history, last["val_accuracy"], last["val_loss"],
+    s.model.load_state_dict(best["state"])  # the best epoch, not the last
+    head = {"val_metric": float(s.head_info["val_metric"]), "val_loss": float(s.head_info["val_loss"])}
+    # Unfreeze only if it helps: fine-tuning must beat the head-only model on the validation metric, not tie it.
+    selected = "finetuned" if best["val_metric"] > head["val_metric"] else "head"
+    selection = {"metric": s.metric, "head": head, "finetuned": {k: best[k] for k in ("epoch", "val_metric",
+                                                                                      "val_loss")}}
+    info = save_finetuned(s, params, history, out_dir, history_path, selected, selection)
+    if selected == "head":
+        s.model.load_state_dict(s.initial)
+    return FinetuneResult(s.model.eval(), info, history, best["val_accuracy"], best["val_loss"],
                           float(s.head_info["val_accuracy"]), str(s.device), start,
-                          s.trunk_reason if s.trunk is None else "cached")
+                          s.trunk_reason if s.trunk is None else "cached", selected)
+
+
+def keep_best(best: dict | None, row: dict, model: nn.Module) -> dict:
+    """The best epoch so far by (validation metric, -validation loss), with its weights and the epochs since."""
+    if best is None or (row["val_metric"], -row["val_loss"]) > (best["val_metric"], -best["val_loss"]):
+        return {**row, "stale": 0, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    return {**best, "stale": best["stale"] + 1}
 
 
 def setup(params: Params, manifest: Any, head_dir: str | Path, images_dir: Path = paths.FEATURES_IMAGES,
@@ -282,9 +318,16 @@ def setup(params: Params, manifest: Any, head_dir: str | Path, images_dir: Path 
     # channels_last is oneDNN's and cuDNN's fast layout for convolutions, on CPU too.
     model = Classifier(backbone.model, head).to(device, memory_format=torch.channels_last)
     top = backbone.groups[::-1][: ft.unfreeze_groups]
+    scale = small_data_scale(len(manifest.rows_in("train")))
     # fused: one kernel for every parameter's update (on 2 CPU cores 6x faster than the per-tensor loop)
-    opt = torch.optim.AdamW(param_groups(head, top, ft.lr, ft.lr_decay), weight_decay=ft.weight_decay, fused=True)
+    opt = torch.optim.AdamW(param_groups(head, top, ft.lr * scale, ft.lr_decay, ft.head_lr * scale),
+                            weight_decay=ft.weight_decay, fused=True)
     amp = amp_dtype(device, ft.precision)
+    policy = scoring.policy(params, manifest)
+    counts = np.bincount([manifest.label_index(r.label) for r in manifest.rows_in("train")], minlength=len(classes))
+    weighted = ft.class_weighting is True or (ft.class_weighting == "auto" and policy.imbalanced)
+    loss_weight = torch.from_numpy(scoring.class_weights(counts)).float().to(device) if weighted else None
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.manual_seed(ft.seed)  # dropout and drop-path draw from the global generator
     images = for_manifest(manifest, spec, params.data.max_pixels, images_dir)
     trunk, reason = Trunk.for_params(params, backbone, spec, checkpoint_dir / paths.TRUNK_CACHE.name)
@@ -296,7 +339,7 @@ def setup(params: Params, manifest: Any, head_dir: str | Path, images_dir: Path 
         train_set=train_dataset(split_items(manifest, "train"), images, ft),
         val_set=ImageDataset(split_items(manifest, "val"), images),
         classes=classes, head_info=head_info, fingerprint=run_fingerprint(params, manifest, head_dir),
-        trunk=trunk, trunk_reason=reason)
+        trunk=trunk, trunk_reason=reason, metric=policy.metric, loss_weight=loss_weight, initial=initial)
 
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -320,12 +363,20 @@ def epoch_feed(s: Setup, ft: FinetuneParams, epoch: int, cut: int) -> tuple[Batc
     return train_loader(s.train_set, ft, epoch, s.device), eval_loader(s.val_set, ft, s.device), s.model
 
 
-def save_finetuned(s: Setup, params: Params, history: list[dict], out_dir: Path, history_path: str | Path) -> dict:
-    """model.safetensors, then model.json naming its sha256, then the history CSV; returns model.json."""
+def save_finetuned(s: Setup, params: Params, history: list[dict], out_dir: Path, history_path: str | Path,
+                   selected: str, selection: dict) -> dict:
+    """model.safetensors (the selected model), the fine-tuned weights beside it when the head was selected, then
+    model.json naming them and their sha256, then the history CSV; returns model.json."""
     weights = out_dir / paths.FINETUNE_WEIGHTS.name
-    save_state(s.model.state_dict(), weights)
-    info = {**model_info(params, s.backbone, s.spec, s.classes, s.head_info, history),
-            "weights_sha256": sha256_file(weights)}
+    save_state(s.model.state_dict() if selected == "finetuned" else s.initial, weights)
+    tuned = out_dir / paths.FINETUNED_WEIGHTS.name
+    if selected == "head":  # kept so evaluate can say what fine-tuning reached
+        save_state(s.model.state_dict(), tuned)
+    else:
+        tuned.unlink(missing_ok=True)
+    info = {**model_info(params, s.backbone, s.spec, s.classes, s.head_info, history), "selected": selected,
+            "selection": selection, "weights_sha256": sha256_file(weights),
+            "class_weighted": s.loss_weight is not None}
     write_json(out_dir / paths.FINETUNE_INFO.name, info)
     write_history(history, history_path)
     return info
@@ -341,7 +392,7 @@ def train_epoch(s: Setup, batches: Batches, forward: Forward, ft: FinetuneParams
             group["lr"] = group["base_lr"] * schedule(step)
         with torch.autocast(s.device.type, dtype=s.amp or torch.float32, enabled=s.amp is not None):
             logits = forward(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=ft.label_smoothing)
+        loss = F.cross_entropy(logits.float(), y, weight=s.loss_weight, label_smoothing=ft.label_smoothing)
         check_finite(loss, "finetune", epoch + 1, step)
         s.opt.zero_grad(set_to_none=True)
         s.scaler.scale(loss).backward()
@@ -355,9 +406,10 @@ def train_epoch(s: Setup, batches: Batches, forward: Forward, ft: FinetuneParams
 
 
 def evaluate(model: nn.Module, batches: Batches, device: torch.device, amp: torch.dtype | None = None,
-             forward: Forward | None = None) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of forward (default: model) over batches with model in eval mode; restores
-    the previous modes."""
+             forward: Forward | None = None, metric: str = "accuracy", num_classes: int = 0
+             ) -> tuple[float, float, float]:
+    """(mean cross-entropy, accuracy, `metric`) of forward (default: model) over batches with model in eval mode;
+    restores the previous modes."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
     logits, labels = [], []
@@ -368,7 +420,10 @@ def evaluate(model: nn.Module, batches: Batches, device: torch.device, amp: torc
             labels.append(y)
     for m, training in modes.items():
         m.train(training)
-    return evaluate_logits(torch.cat(logits), torch.cat(labels))
+    logits_all, y_all = torch.cat(logits), torch.cat(labels)
+    loss, acc = evaluate_logits(logits_all, y_all)
+    value = score(metric, y_all.cpu().numpy(), logits_all.argmax(1).cpu().numpy(), num_classes or logits_all.shape[1])
+    return loss, acc, value
 
 
 def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,8 +458,7 @@ def model_info(params: Params, backbone: Any, spec: PreprocessSpec, classes: lis
         "data_version": current_data_version(),
         "image_size": spec.input_size,
         "head_epochs": int(head_info["epochs"]),
-        "epochs": params.finetune.epochs,
-        "val_accuracy": history[-1]["val_accuracy"],
+        "epochs": len(history),
         "head_val_accuracy": float(head_info["val_accuracy"]),
         "params": {"model": params.model.model_dump(mode="json"), "finetune": params.finetune.model_dump(mode="json")},
     }
