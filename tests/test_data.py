@@ -304,3 +304,13 @@ def test_near_duplicates_by_hash_need_one_image_of_32_px_and_by_thumbnail_stay_b
     assert [[m.path for m in g] for g in data.near_duplicate_groups([a, b, c], near)] == [["a.png", "b.png", "c.png"]]
     assert [[m.path for m in g] for g in data.near_duplicate_groups([a, b, d], near)] == [["a.png", "d.png"]]
     assert data.near_duplicate_groups([a, b, c, d], None) == []
+
+
+def test_prepare_reports_the_imbalance_of_the_training_split(here):
+    make_images(here / "raw", classes=2, per_class=40)
+    for p in sorted((here / "raw" / "class_1").glob("*.png"))[8:]:
+        p.unlink()
+    report = run_prepare(imbalance_ratio=3.0)
+    assert report["totals"]["imbalanced"] and report["totals"]["imbalance_ratio"] > 3
+    assert any(w.startswith("imbalanced:") for w in report["warnings"])
+    assert not run_prepare(imbalance_ratio=20.0)["totals"]["imbalanced"]

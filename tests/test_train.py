@@ -23,7 +23,7 @@ from tlops.io import sha256_file
 from tlops.loaders import ImageDataset
 from tlops.model import build_head, load_classifier, load_head
 from tlops.schedule import lr_factor, param_groups, set_trainable, small_data_scale, unfrozen_at, warmup_steps
-from tlops.train import finetune, save_head, train_head
+from tlops.train import finetune, keep_best, save_head, train_head
 
 
 @dataclass
@@ -377,3 +377,33 @@ def test_stage_tasks_print_both_accuracies_and_log_epochs_on_one_axis(tmp_path: 
     assert steps["train_head"] == list(range(1, head["epochs"] + 1))
     assert steps["finetune"] == [head["epochs"] + 1, head["epochs"] + 2]
     assert runs["finetune"].data.tags["device"] == "cpu"
+
+
+# ---------------------------------------------------------------- the recipe: best epoch, selection, early stopping
+
+
+def test_keep_best_keeps_the_weights_of_the_best_epoch_by_metric_then_loss():
+    model = torch.nn.Linear(2, 2)
+    best = keep_best(None, {"val_metric": 0.8, "val_loss": 0.5}, model)
+    kept = best["state"]["weight"].clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    worse = keep_best(best, {"val_metric": 0.8, "val_loss": 0.6}, model)
+    assert worse["stale"] == 1 and torch.equal(worse["state"]["weight"], kept)
+    better = keep_best(worse, {"val_metric": 0.8, "val_loss": 0.4}, model)
+    assert better["stale"] == 0 and not torch.equal(better["state"]["weight"], kept)
+
+
+def test_a_fine_tuning_that_does_not_beat_the_head_exports_the_head_only_model(project: Path, tmp_path: Path):
+    result = run_finetune(tmp_path, tiny_params(lr=1e-12, head_lr=1e-12))  # moves nothing: it can only tie
+    assert result.selected == "head" and result.info["selected"] == "head"
+    exported = load_file(str(tmp_path / "model" / "model.safetensors"))
+    initial = {**state_of(), **{f"head.{k}": v for k, v in load_file(str(paths.HEAD_WEIGHTS)).items()}}
+    assert all(torch.equal(exported[k], initial[k]) for k in initial)
+    assert (tmp_path / "model" / "finetuned.safetensors").exists()
+    assert set(result.info["selection"]) == {"metric", "head", "finetuned"}
+
+
+def test_fine_tuning_stops_after_patience_epochs_without_a_better_metric(project: Path, tmp_path: Path):
+    result = run_finetune(tmp_path, tiny_params(epochs=6, patience=1, lr=1e-12, head_lr=1e-12))
+    assert len(result.history) == 2  # the first epoch is the best; one more without improvement ends it

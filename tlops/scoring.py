@@ -67,7 +67,7 @@ def score(metric: str, y: np.ndarray, pred: np.ndarray, num_classes: int) -> flo
 
 
 def class_weights(counts: np.ndarray) -> np.ndarray:
-    """Inverse-frequency loss weights (mean 1 over present classes): a rare class counts as much as a common one."""
+    """Inverse-frequency loss weights (a sample weighs 1 on average): a rare class counts as much as a common one."""
     counts = np.asarray(counts, dtype=np.float64)
     present = counts > 0
     w = np.zeros_like(counts)
