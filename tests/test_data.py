@@ -314,3 +314,13 @@ def test_prepare_reports_the_imbalance_of_the_training_split(here):
     assert report["totals"]["imbalanced"] and report["totals"]["imbalance_ratio"] > 3
     assert any(w.startswith("imbalanced:") for w in report["warnings"])
     assert not run_prepare(imbalance_ratio=20.0)["totals"]["imbalanced"]
+
+
+def test_the_reduced_decode_reports_the_full_oriented_size(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a quarter turn
+    Image.new("RGB", (1000, 1001), (9, 9, 9)).save(tmp_path / "square.png")
+    Image.new("RGB", (1200, 600), (9, 9, 9)).save(tmp_path / "turned.jpg", exif=exif.tobytes())
+    square, turned = load_image(tmp_path / "square.png", 10**7, 256), load_image(tmp_path / "turned.jpg", 10**7, 256)
+    assert square.info["decoded_from"] == (1000, 1001) and min(square.size) >= 256
+    assert turned.info["decoded_from"] == (600, 1200) and turned.width < turned.height

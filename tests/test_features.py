@@ -165,3 +165,13 @@ def test_features_task_writes_the_dataset_and_returns_its_stats(project):
     assert stats["extracted"] == stats["total"] > 0 and stats["backbone"] == "tiny_test"
     assert Path(paths.FEATURES_DATASET).is_file()
     assert features.fn()["cached"] == stats["total"]
+
+
+def test_a_lost_image_store_is_filled_again_though_every_feature_was_cached(project):
+    params = tiny_params()
+    manifest = prepare(params)
+    first = extract(params)
+    shutil.rmtree("features/images")
+    again = extract(params)
+    assert again["extracted"] == 0 and again["decoded"] == len(manifest.rows) == first["decoded"]
+    assert extract(params)["decoded"] == 0

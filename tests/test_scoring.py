@@ -32,8 +32,9 @@ def test_class_weights_make_every_present_class_count_the_same():
 
 
 class _Manifest:
-    def __init__(self, labels):
+    def __init__(self, labels, classes=None):
         self._rows = [type("Row", (), {"label": lab})() for lab in labels]
+        self.classes = classes or sorted(set(labels))
 
     def rows_in(self, split):
         return self._rows
@@ -53,3 +54,5 @@ def test_auto_is_balanced_accuracy_past_the_imbalance_ratio_and_accuracy_below()
     assert scoring.policy(_Params("auto"), balanced).metric == "accuracy"
     assert scoring.policy(_Params("macro_f1"), imbalanced).metric == "macro_f1"
     assert scoring.policy(_Params("auto", threshold=10.0), imbalanced).metric == "accuracy"
+    empty_class = _Manifest(["a"] * 10 + ["b"] * 10, classes=["a", "b", "c"])  # c has no training image
+    assert scoring.policy(_Params("auto"), empty_class).ratio == float("inf")

@@ -22,15 +22,25 @@ log = logging.getLogger(__name__)
 KEEP = 2  # the newest two, so a checkpoint damaged on disk still leaves one to resume from
 
 
+# The code of a fine-tuning run: a checkpoint written by other code is not resumed (it would replay its result).
+TRAINING_CODE = ("tlops.train", "tlops.schedule", "tlops.loaders", "tlops.trunk", "tlops.model", "tlops.scoring",
+                 "tlops.checkpoint", "tlops.images", "tlops.preprocess")
+
+
 def run_fingerprint(params: Params, manifest: Any, head_dir: str | Path) -> str:
-    """Hash of what a resumed run must share with the interrupted one."""
+    """Hash of what a resumed run must share with the interrupted one: params, selection policy, head, data, code."""
+    import importlib
+
     return sha256_json({
         "model": params.model.model_dump(mode="json"),
         "finetune": params.finetune.model_dump(mode="json"),
         "max_pixels": params.data.max_pixels,
+        "policy": {"metric": params.evaluate.metric, "imbalance_ratio": params.data.imbalance_ratio},
         "head": sha256_file(Path(head_dir) / paths.HEAD_WEIGHTS.name),
+        "head_info": sha256_file(Path(head_dir) / paths.HEAD_INFO.name),
         "classes": list(manifest.classes),
         "rows": [str(r) for r in manifest.rows],
+        "code": {m: sha256_file(importlib.import_module(m).__file__) for m in TRAINING_CODE},
     })
 
 

@@ -31,6 +31,7 @@ from tlops.config import DataParams, NearDuplicateParams
 from tlops.errors import ConfigError, DataError
 from tlops.io import sha256_bytes, sha256_file, write_json, write_text
 from tlops.preprocess import ImageError, load_image
+from tlops.scoring import imbalance_ratio
 
 log = logging.getLogger(__name__)
 
@@ -352,6 +353,7 @@ def deduplicate(images: list[Checked]) -> tuple[list[Checked], list[dict], list[
 # hash within a few bits. A pair is compared by hash only when at least one of the two images reaches it.
 PHASH_MIN_SIDE = 32
 THUMBNAIL = 16
+LARGE_GROUP = 50  # a near-duplicate group larger than this (and than 5% of the images) is reported
 
 
 def near_duplicate_groups(images: list[Checked], near: NearDuplicateParams | None) -> list[list[Checked]]:
@@ -486,8 +488,11 @@ def data_report(rows: list[ManifestRow], quarantined: list[dict], duplicates: li
             for g in groups]
     warnings += [f"near-duplicate pictures filed under different classes {n['labels']}: {', '.join(n['paths'])}"
                  for n in near if len(n["labels"]) > 1]
-    train = Counter(r.label for r in rows if r.split == "train")
-    ratio = max(train.values()) / min(train.values()) if train else 1.0
+    # Groups link transitively: a chain of small steps can join many pictures, all of which then share one split.
+    warnings += [f"a near-duplicate group of {len(n['paths'])} pictures (from {n['paths'][0]}) shares one split; "
+                 "if they are not copies of one picture, lower data.near_duplicates' thresholds"
+                 for n in near if len(n["paths"]) > max(LARGE_GROUP, len(rows) // 20)]
+    ratio = imbalance_ratio([r.label for r in rows if r.split == "train"], sorted(per_class))
     if ratio > imbalance_threshold:
         warnings.append(f"imbalanced: the largest class has {ratio:.1f}x the training images of the smallest "
                         f"(over data.imbalance_ratio = {imbalance_threshold:g}): class-weighted losses, selection by "

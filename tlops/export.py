@@ -214,8 +214,8 @@ def score_onnx(path: str | os.PathLike, images: Sequence[str | Path], true_label
     if metric == "accuracy":
         return accuracy_of([labels[i] for i in logits.argmax(1)], true_labels)
     known = {name: i for i, name in enumerate(labels)}
-    y = np.array([known.get(t, len(labels)) for t in true_labels])  # unknown: a class no prediction can match
-    return scoring.score(metric, y, logits.argmax(1), len(labels) + 1)
+    y = np.array([known.get(t, -1) for t in true_labels])  # a label the model does not know: never matched
+    return scoring.score(metric, y, logits.argmax(1), len(labels))
 
 
 def benchmark(path: str | os.PathLike, x: np.ndarray, repeats: int = 20) -> dict[str, float]:

@@ -111,6 +111,7 @@ def extract_with(bb: Backbone, manifest: Manifest, params: Params, out_dir: Path
         seconds = time.perf_counter() - t
         write_shard(cache_dir, [it.key for it in todo], new)
         cached.update(zip((it.key for it in todo), new, strict=True))
+    decoded += images.ensure([r.path for r in manifest.rows], params.features.num_workers)  # a lost or older store
     meta = {"backbone": bb.name, "weights_id": bb.weights_id, "spec": spec.to_dict(),
             "num_features": bb.num_features, "precision": PRECISION,
             "augment_views": params.features.augment_views,

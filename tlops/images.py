@@ -44,13 +44,14 @@ class WorkingImages:
         self._index: dict[str, Path] | None = None
         self._open: dict[Path, np.lib.npyio.NpzFile] = {}
         self._new: dict[str, np.ndarray] = {}
+        self._decoding: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()  # decoding threads share the open shards, whose zip reads are not thread-safe
 
     def __getstate__(self) -> dict:  # for DataLoader worker processes: they reopen the shards themselves
-        return {k: v for k, v in self.__dict__.items() if k not in ("_index", "_open", "_lock", "_new")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_index", "_open", "_lock", "_new", "_decoding")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _index=None, _open={}, _new={}, _lock=threading.Lock())
+        self.__dict__.update(state, _index=None, _open={}, _new={}, _decoding={}, _lock=threading.Lock())
 
     def key(self, path: str) -> str:
         """The content address of an image's working copy: its bytes, the working size, the decode rule."""
@@ -80,21 +81,23 @@ class WorkingImages:
                     self._open[shard] = np.load(shard)
                 array = self._open[shard][key]
             return Image.fromarray(array)
-        if key in self._new:
-            return Image.fromarray(self._new[key])
-        try:
-            img = decode(path, self.spec, self.max_pixels)
-        except FileNotFoundError as e:
-            raise DataError(f"{e.filename} is in the manifest but not on disk; rerun the prepare stage") from None
-        if self.writer:
-            with self._lock:
+        with self._lock:
+            once = self._decoding.setdefault(key, threading.Lock())
+        with once:  # views of one image are prepared side by side: the first thread decodes, the others wait
+            if (array := self._new.get(key)) is not None:
+                return Image.fromarray(array)
+            try:
+                img = decode(path, self.spec, self.max_pixels)
+            except FileNotFoundError as e:
+                raise DataError(f"{e.filename} is in the manifest but not on disk; rerun the prepare stage") from None
+            if self.writer:
                 self._new[key] = np.asarray(img)
         return img
 
     def flush(self) -> int:
         """Write the images decoded since the last flush as one shard; returns how many."""
         with self._lock:
-            new, self._new = self._new, {}
+            new, self._new, self._decoding = self._new, {}, {}
         if not new:
             return 0
         keys = sorted(new)

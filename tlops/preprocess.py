@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tlops.errors import DataError
 
+EXIF_ORIENTATION = 0x0112
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -120,11 +121,11 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int, min_short: in
         reason = "truncated" if "truncat" in str(e).lower() else "corrupt"
         raise ImageError(reason, f"{name}: {e}") from None
     try:
+        turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn: width and height swap
         rgb = reduce_to(to_rgb(img), min_short)
     except (OSError, ValueError) as e:
         raise ImageError("corrupt", f"{name}: cannot convert mode {img.mode} to RGB ({e})") from None
-    # The full size it was decoded from, oriented as the result is (EXIF may have turned it a quarter).
-    rgb.info["decoded_from"] = (w, h) if (rgb.width >= rgb.height) == (w >= h) else (h, w)
+    rgb.info["decoded_from"] = (h, w) if turned else (w, h)  # the full size, oriented as the result is
     return rgb
 
 

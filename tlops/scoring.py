@@ -18,10 +18,14 @@ import numpy as np
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
-def imbalance_ratio(labels: Sequence[Any]) -> float:
-    """Images of the largest class / images of the smallest (1.0 for balanced data, inf for an empty class)."""
+def imbalance_ratio(labels: Sequence[Any], classes: Sequence[Any] | None = None) -> float:
+    """Images of the largest class / images of the smallest, over `classes` (default: those in `labels`): 1.0 for
+    balanced data, inf when a class has none."""
     counts = Counter(labels)
-    return max(counts.values()) / min(counts.values()) if counts else 1.0
+    sizes = [counts.get(c, 0) for c in (classes if classes is not None else counts)]
+    if not sizes or max(sizes) == 0:
+        return 1.0
+    return max(sizes) / min(sizes) if min(sizes) else float("inf")
 
 
 def train_labels(manifest: Any) -> list[str]:
@@ -39,7 +43,7 @@ class Policy:
 
 def policy(params: Any, manifest: Any) -> Policy:
     """The policy of tlops.config.Params for a manifest: evaluate.metric resolved, imbalance by data.imbalance_ratio."""
-    ratio = imbalance_ratio(train_labels(manifest))
+    ratio = imbalance_ratio(train_labels(manifest), manifest.classes)
     imbalanced = ratio > params.data.imbalance_ratio
     metric = params.evaluate.metric
     return Policy("balanced_accuracy" if metric == "auto" and imbalanced else

@@ -285,6 +285,7 @@ def _finetune(params: Params, manifest: Any, head_dir: str | Path, out_dir: Path
         save_checkpoint(checkpoint_dir, s.model, s.opt, s.scaler, epoch + 1, history, s.fingerprint, best=best)
         if on_epoch:
             on_epoch(history[-1], history[-1]["epoch"])
+        del train_batches, val_batches  # this epoch's trunk rows go before the next epoch's are read
     s.model.load_state_dict(best["state"])  # the best epoch, not the last
     head = {"val_metric": float(s.head_info["val_metric"]), "val_loss": float(s.head_info["val_loss"])}
     # Unfreeze only if it helps: fine-tuning must beat the head-only model on the validation metric, not tie it.

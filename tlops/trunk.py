@@ -24,6 +24,7 @@ import torch
 from torch import fx, nn
 
 from tlops.config import AugmentParams, Params
+from tlops.images import DECODE_RULE
 from tlops.inference import Runner, make_runner
 from tlops.io import atomic_path, sha256_bytes, sha256_json
 from tlops.loaders import training_view
@@ -32,6 +33,8 @@ from tlops.preprocess import PreprocessSpec, preprocess
 log = logging.getLogger(__name__)
 
 EVAL_VIEW = -1  # the evaluation preprocessing (validation images), as opposed to augmented view k >= 0
+TRUNK_RULE = 1  # bump when what a trunk row holds changes for the same inputs: every cached row is then stale
+SHARD_BYTES = 256 * 2**20  # rows are written to disk in shards of about this size as they are computed
 
 
 class SplitError(Exception):
@@ -148,15 +151,19 @@ class TrunkCache:
         todo = [i for i, k in enumerate(keys) if k not in index]
         if todo:
             chunks = [todo[i : i + batch] for i in range(0, len(todo), batch)]
-            out = []
+            done: list[int] = []
+            out: list[np.ndarray] = []
             with ThreadPoolExecutor(max_workers=1) as ahead:
                 upcoming = ahead.submit(inputs, chunks[0])
-                for k in range(len(chunks)):
+                for k, chunk in enumerate(chunks):
                     x = upcoming.result()
                     if k + 1 < len(chunks):
                         upcoming = ahead.submit(inputs, chunks[k + 1])
                     out.append(run(x))
-            self._write([keys[i] for i in todo], np.concatenate(out))
+                    done += chunk
+                    if sum(o.nbytes for o in out) >= SHARD_BYTES or k + 1 == len(chunks):  # bounded memory
+                        self._write([keys[i] for i in done], np.concatenate(out))
+                        done, out = [], []
             index = self._index()
         shards = sorted({index[k][0] for k in keys})
         sources = [np.load(s, mmap_mode="r") for s in shards]
@@ -215,7 +222,7 @@ class Trunk:
             return None, ("finetune.batchnorm is train: BatchNorm statistics change as training goes, so no part "
                           "of the backbone is a fixed function of the image")
         extractor = {"backbone": backbone.name, "weights_id": backbone.weights_id, "spec": spec.to_dict(),
-                     "precision": "fp32"}
+                     "precision": "fp32", "decode": DECODE_RULE, "trunk": TRUNK_RULE}
         cache = TrunkCache(root, extractor, ft.trunk_cache_max_gb * 1e9)
         return cls(backbone.model, backbone.groups, spec, cache, ft.augment, ft.seed, params.export.opset,
                    params.export.parity_atol), "cached"
