@@ -35,6 +35,7 @@ from serving.metrics import Metrics
 from serving.middleware import BodyLimit, RequestMetrics
 from serving.model import LoadedModel, ModelSource, file_key, load_model, top_labels, warm_up
 from serving.protocol import ApiError
+from tlops import onnx_meta
 from tlops.config import ServeParams
 from tlops.preprocess import ImageError, PreprocessSpec, load_and_preprocess
 from tlops.runtime import softmax
@@ -92,7 +93,8 @@ class Service:
             if old is not None and old.task != new.task:  # clients' label indices and inputs change meaning
                 self.metrics.task_changes.inc()
                 log.warning("model %s version %s is of another task than version %s it replaces: %s -> %s",
-                            new.name, new.version, old.version, _describe(old.task), _describe(new.task))
+                            new.name, new.version, old.version, onnx_meta.describe_task(old.task),
+                            onnx_meta.describe_task(new.task))
             return True
 
     def _load_and_warm(self, path: Path) -> LoadedModel:
@@ -185,11 +187,6 @@ class Service:
         finally:
             self.metrics.queue_depth.set(self.batcher.depth)
         return extra, y, used
-
-
-def _describe(task: tuple[str, tuple[str, ...]]) -> str:
-    kind, labels = task
-    return f"{kind} [{', '.join(labels[:6])}{', ...' if len(labels) > 6 else ''}] ({len(labels)} labels)"
 
 
 def create_app(params: ServeParams, model: str | None = None) -> FastAPI:

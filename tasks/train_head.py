@@ -17,9 +17,9 @@ def train_head(params_path: str | None = None) -> dict:
     with tracking.stage_run("train_head", params) as run:
         ds = load_feature_dataset(paths.FEATURES_DATASET)
         policy = scoring.policy(params, load_manifest(paths.MANIFEST))
-        weighted = params.head.class_weighting is True or (params.head.class_weighting == "auto" and policy.imbalanced)
         result = train.train_head(ds, params.head, on_epoch=lambda row, epoch: run.log_metrics(
-            history.epoch_metrics(row), step=epoch), metric=policy.metric, class_weighted=weighted)
+            history.epoch_metrics(row), step=epoch), metric=policy.metric,
+            class_weighted=policy.weighted(params.head.class_weighting))
         train.save_head(result)
         run.set_tags({"device": "cpu", "backbone": result.backbone.get("backbone", ""),
                       "head.best_lr": result.lr, "head.best_weight_decay": result.weight_decay,

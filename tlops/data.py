@@ -499,7 +499,8 @@ def data_report(rows: list[ManifestRow], quarantined: list[dict], duplicates: li
                         "balanced accuracy (evaluate.metric auto)")
     for w in warnings:
         log.warning("prepare: %s", w)
-    totals = {"imbalance_ratio": round(ratio, 3), "imbalanced": ratio > imbalance_threshold,"images": len(rows), "classes": len(per_class),
+    totals = {"imbalance_ratio": round(ratio, 3), "imbalanced": ratio > imbalance_threshold,
+              "images": len(rows), "classes": len(per_class),
               **{s: sum(1 for r in rows if r.split == s) for s in SPLITS},
               "quarantined": len(quarantined), "duplicates_dropped": sum(len(d["dropped"]) for d in duplicates),
               "near_duplicate_groups": len(near), "near_duplicate_images": sum(len(n["paths"]) for n in near)}

@@ -173,8 +173,8 @@ def parity(reference: np.ndarray, candidate: np.ndarray, atol: float, top1: bool
     stats = {"agreement": agree, "max_abs_diff": diff, "allowed_diff": atol * scale, "n": n, "atol": atol}
     if agree < 1.0 or not diff <= atol * scale:
         raise ParityError(f"ONNX Runtime disagrees with PyTorch on {n} inputs: top-1 agreement {agree:.2%} (must be "
-                          f"100%), max |Δ| {diff:.3g} (must be <= export.parity_atol = {atol:g} times max(1, max |output|) "
-                          f"= {atol * scale:.3g})")
+                          f"100%), max |Δ| {diff:.3g} (must be <= export.parity_atol = {atol:g} times "
+                          f"max(1, max |output|) = {atol * scale:.3g})")
     return stats
 
 
@@ -206,16 +206,22 @@ def accuracy_of(pred_labels: Sequence[str], true_labels: Sequence[str]) -> float
 
 def score_onnx(path: str | os.PathLike, images: Sequence[str | Path], true_labels: Sequence[str],
                max_pixels: int, metric: str = "accuracy") -> float:
-    """`metric` (tlops.scoring) of an ONNX file on labelled images, with its OWN labels and preprocessing (from its
-    metadata); a true label the model does not know counts as a miss."""
+    """`metric` (tlops.scoring) of an ONNX file on labelled images (see onnx_scores)."""
+    return onnx_scores(path, images, true_labels, max_pixels, (metric,))[metric]
+
+
+def onnx_scores(path: str | os.PathLike, images: Sequence[str | Path], true_labels: Sequence[str],
+                max_pixels: int, metrics: Sequence[str]) -> dict[str, float]:
+    """Each of `metrics` of an ONNX file on labelled images, from one run, with the file's OWN labels and
+    preprocessing (from its metadata); a true label the model does not know counts as a miss."""
     meta = onnx_meta.read_metadata(path)
     labels, spec = onnx_meta.labels_of(meta), onnx_meta.spec_of(meta)
-    logits = runtime.run_batches(runtime.session(path, cpu_only=True), preprocess_batches(images, spec, max_pixels))
-    if metric == "accuracy":
-        return accuracy_of([labels[i] for i in logits.argmax(1)], true_labels)
+    pred = runtime.run_batches(runtime.session(path, cpu_only=True),
+                               preprocess_batches(images, spec, max_pixels)).argmax(1)
     known = {name: i for i, name in enumerate(labels)}
     y = np.array([known.get(t, -1) for t in true_labels])  # a label the model does not know: never matched
-    return scoring.score(metric, y, logits.argmax(1), len(labels))
+    return {m: accuracy_of([labels[i] for i in pred], true_labels) if m == "accuracy" else
+            scoring.score(m, y, pred, len(labels)) for m in metrics}
 
 
 def benchmark(path: str | os.PathLike, x: np.ndarray, repeats: int = 20) -> dict[str, float]:
@@ -326,8 +332,8 @@ def export_model(params: Params, run_id: str | None, git_commit: str | None) -> 
         parity = check_parity(tmp, model, preprocess_batches(images, spec, max_pixels), ex.parity_atol)
     sha = onnx_meta.write_sha256(paths.ONNX)
     metric = scoring.policy(params, manifest).metric
-    accuracy = score_onnx(paths.ONNX, images, truth, max_pixels)
-    score = accuracy if metric == "accuracy" else score_onnx(paths.ONNX, images, truth, max_pixels, metric)
+    scores = onnx_scores(paths.ONNX, images, truth, max_pixels, ("accuracy", metric))
+    accuracy, score = scores["accuracy"], scores[metric]
     calibration = calibration_images(manifest, ex.calibration_images)
     int8 = export_int8(params, spec, score, images, truth, calibration, metric)
     report = {"onnx": str(paths.ONNX), "opset": ex.opset, "sha256": sha, "parity": parity,
@@ -414,9 +420,10 @@ def promotion(params: Params, candidate_version: str, candidate_score: float, ca
     if champion_path is not None:
         mine, theirs = (onnx_meta.task_of(onnx_meta.read_metadata(p)) for p in (candidate_path, champion_path))
         if mine != theirs:
-            reason = (f"not compared: champion v{champion_version} is a model of another task ({_task(theirs)}) "
-                      f"than the candidate ({_task(mine)}); the champion stays. Give this task its own "
-                      f"export.registered_model (now {params.export.registered_model!r}) to track its champion")
+            reason = (f"not compared: champion v{champion_version} is a model of another task "
+                      f"({onnx_meta.describe_task(theirs)}) than the candidate ({onnx_meta.describe_task(mine)}); the "
+                      f"champion stays. Give this task its own export.registered_model (now "
+                      f"{params.export.registered_model!r}) to track its champion")
             return {**decision, "promoted": False, "comparable": False, "reason": reason,
                     "champion_after": champion_version}
         images, truth = labelled_test_images(load_manifest(paths.MANIFEST))
@@ -424,12 +431,6 @@ def promotion(params: Params, candidate_version: str, candidate_score: float, ca
     promote, reason = decide_promotion(candidate_score, decision["champion_score"], min_delta, metric)
     return {**decision, "promoted": promote, "reason": reason,
             "champion_after": candidate_version if promote else champion_version}
-
-
-def _task(task: tuple[str, tuple[str, ...]]) -> str:
-    kind, labels = task
-    shown = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
-    return f"{kind}, {len(labels)} labels: {shown}"
 
 
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:

@@ -41,6 +41,7 @@ class WorkingImages:
                  writer: bool = False) -> None:
         self.root, self.spec, self.max_pixels, self.sha256 = Path(root), spec, max_pixels, dict(sha256)
         self.writer = writer
+        self._keys: dict[str, str] = {}
         self._index: dict[str, Path] | None = None
         self._open: dict[Path, np.lib.npyio.NpzFile] = {}
         self._new: dict[str, np.ndarray] = {}
@@ -55,7 +56,10 @@ class WorkingImages:
 
     def key(self, path: str) -> str:
         """The content address of an image's working copy: its bytes, the working size, the decode rule."""
-        return sha256_json({"image": self.sha256[path], "decode_size": self.spec.decode_size, "rule": DECODE_RULE})[:40]
+        if path not in self._keys:
+            self._keys[path] = sha256_json({"image": self.sha256[path], "decode_size": self.spec.decode_size,
+                                            "rule": DECODE_RULE})[:40]
+        return self._keys[path]
 
     def index(self) -> dict[str, Path]:
         """key -> shard holding it, over every readable shard."""
@@ -112,8 +116,10 @@ class WorkingImages:
     def ensure(self, paths: Sequence[str], workers: int | None = None) -> int:
         """Decode the images not in the store yet (`workers` threads; Pillow decodes without the GIL) and write them;
         returns how many were decoded."""
-        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-            list(pool.map(self.get, sorted(set(paths))))
+        missing = sorted({p for p in paths if self.key(p) not in self.index()})
+        if missing:
+            with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+                list(pool.map(self.get, missing))
         return self.flush()
 
 

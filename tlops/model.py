@@ -41,7 +41,8 @@ def load_head(head_dir: str | Path = paths.HEAD_DIR) -> tuple[nn.Module, dict]:
     head_dir = Path(head_dir)
     info_path, weights_path = head_dir / paths.HEAD_INFO.name, head_dir / paths.HEAD_WEIGHTS.name
     if not info_path.exists() or not weights_path.exists():
-        raise DataError(f"{head_dir}: no trained head ({info_path.name} + {weights_path.name}); run the train_head stage")
+        raise DataError(f"{head_dir}: no trained head ({info_path.name} + {weights_path.name}); "
+                        "run the train_head stage")
     info = read_json(info_path)
     head = build_head(info["kind"], info["in_features"], len(info["classes"]), info["hidden"], info["dropout"])
     head.load_state_dict(load_file(str(weights_path)))

@@ -72,6 +72,13 @@ def task_of(meta: dict[str, str]) -> tuple[str, tuple[str, ...]]:
     return input_kind_of(meta), tuple(labels_of(meta))
 
 
+def describe_task(task: tuple[str, tuple[str, ...]]) -> str:
+    """A task in words, for logs and reasons: "image, 3 labels: cat, dog, eel"."""
+    kind, labels = task
+    shown = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
+    return f"{kind}, {len(labels)} labels: {shown}"
+
+
 def sidecar_path(onnx_path: str | os.PathLike) -> Path:
     """models/model.onnx -> models/model.onnx.sha256."""
     return Path(f"{onnx_path}.sha256")

@@ -63,7 +63,8 @@ def _signature(onnx_path: Path, example: np.ndarray) -> tuple[Any, dict[str, np.
 
 def log_onnx_model(onnx_path: Path, input_example: np.ndarray, registered_model: str, run_id: str | None = None,
                    metadata: dict | None = None) -> str:
-    """Log `onnx_path` with mlflow.onnx (signature + input example), register it, alias it `candidate`; return the version.
+    """Log `onnx_path` with mlflow.onnx (signature + input example), register it, alias it `candidate`; return its
+    version.
 
     The version gets the file's sha256 as tag `sha256`, which download_model_file checks.
     """

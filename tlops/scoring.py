@@ -40,6 +40,10 @@ class Policy:
     imbalanced: bool
     ratio: float
 
+    def weighted(self, setting: bool | str) -> bool:
+        """head.class_weighting / finetune.class_weighting resolved: auto weights the loss on imbalanced data."""
+        return setting is True or (setting == "auto" and self.imbalanced)
+
 
 def policy(params: Any, manifest: Any) -> Policy:
     """The policy of tlops.config.Params for a manifest: evaluate.metric resolved, imbalance by data.imbalance_ratio."""

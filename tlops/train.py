@@ -17,7 +17,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -325,9 +324,9 @@ def setup(params: Params, manifest: Any, head_dir: str | Path, images_dir: Path 
                             weight_decay=ft.weight_decay, fused=True)
     amp = amp_dtype(device, ft.precision)
     policy = scoring.policy(params, manifest)
-    counts = np.bincount([manifest.label_index(r.label) for r in manifest.rows_in("train")], minlength=len(classes))
-    weighted = ft.class_weighting is True or (ft.class_weighting == "auto" and policy.imbalanced)
-    loss_weight = torch.from_numpy(scoring.class_weights(counts)).float().to(device) if weighted else None
+    train_items = split_items(manifest, "train")
+    labels = torch.tensor([c for _, c in train_items])
+    loss_weight = class_weight_tensor(labels, len(classes)).to(device) if policy.weighted(ft.class_weighting) else None
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.manual_seed(ft.seed)  # dropout and drop-path draw from the global generator
     images = for_manifest(manifest, spec, params.data.max_pixels, images_dir)
@@ -337,7 +336,7 @@ def setup(params: Params, manifest: Any, head_dir: str | Path, images_dir: Path 
     return Setup(
         model=model, backbone=backbone, spec=spec, top=top, opt=opt, amp=amp, device=device,
         scaler=torch.amp.GradScaler("cuda", enabled=amp == torch.float16),
-        train_set=train_dataset(split_items(manifest, "train"), images, ft),
+        train_set=train_dataset(train_items, images, ft),
         val_set=ImageDataset(split_items(manifest, "val"), images),
         classes=classes, head_info=head_info, fingerprint=run_fingerprint(params, manifest, head_dir),
         trunk=trunk, trunk_reason=reason, metric=policy.metric, loss_weight=loss_weight, initial=initial)
@@ -352,8 +351,8 @@ def epoch_feed(s: Setup, ft: FinetuneParams, epoch: int, cut: int) -> tuple[Batc
     those below `cut`: with the trunk cache, trunk outputs and the top alone; else images and the whole model."""
     if s.trunk is not None and (top := s.trunk.top(cut)) is not None:
         view = view_of(epoch, ft.views)
-        train = s.trunk.rows(s.train_set, cut, view, s.device)
-        val = s.trunk.rows(s.val_set, cut, EVAL_VIEW, s.device)
+        train = s.trunk.rows(s.train_set, cut, view)
+        val = s.trunk.rows(s.val_set, cut, EVAL_VIEW)
         batches = batches_of(epoch_order(len(s.train_set), ft, epoch), ft.batch_size)
         labels = torch.tensor([c for _, c in s.train_set.items])
         val_labels = torch.tensor([c for _, c in s.val_set.items])

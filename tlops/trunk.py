@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,7 @@ from tlops.config import AugmentParams, Params
 from tlops.images import DECODE_RULE
 from tlops.inference import Runner, make_runner
 from tlops.io import atomic_path, sha256_bytes, sha256_json
-from tlops.loaders import training_view
-from tlops.preprocess import PreprocessSpec, preprocess
+from tlops.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +137,7 @@ class TrunkCache:
 
     def __init__(self, root: Path, extractor: dict, max_bytes: float) -> None:
         self.root, self.extractor, self.max_bytes = Path(root), extractor, max_bytes
+        self._known: dict[str, tuple[Path, int]] | None = None  # key -> (shard, row): read once, kept up to date
 
     def key(self, cut: int, sha256: str, view: int, recipe: dict) -> str:
         """The address of one row: the image's content, what runs it (extractor + cut) and which view it is."""
@@ -166,8 +166,9 @@ class TrunkCache:
                         done, out = [], []
             index = self._index()
         shards = sorted({index[k][0] for k in keys})
+        number = {s: n for n, s in enumerate(shards)}
         sources = [np.load(s, mmap_mode="r") for s in shards]
-        where = np.array([(shards.index(index[k][0]), index[k][1]) for k in keys], dtype=np.int64)
+        where = np.array([(number[index[k][0]], index[k][1]) for k in keys], dtype=np.int64)
         rows = Rows(sources, where)
         if rows.take([0]).nbytes * len(keys) <= self.max_bytes:  # fits: read it all into memory once
             rows = Rows([rows.take(range(len(keys)))], np.stack([np.zeros(len(keys), np.int64),
@@ -177,6 +178,8 @@ class TrunkCache:
         return rows
 
     def _index(self) -> dict[str, tuple[Path, int]]:
+        if self._known is not None:
+            return self._known
         index = {}
         for keys_file in sorted(self.root.glob("trunk-*.keys.npy")):
             data = keys_file.with_name(keys_file.name.replace(".keys.npy", ".npy"))
@@ -187,6 +190,7 @@ class TrunkCache:
                 continue
             if data.exists():
                 index.update({str(k): (data, i) for i, k in enumerate(keys)})
+        self._known = index
         return index
 
     def _write(self, keys: list[str], rows: np.ndarray) -> None:
@@ -196,6 +200,7 @@ class TrunkCache:
                             (self.root / f"{name}.keys.npy", np.asarray(keys, dtype=str))):  # the keys last
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.save(f, array)
+        self._index().update({k: (self.root / f"{name}.npy", i) for i, k in enumerate(keys)})
 
 
 # ---------------------------------------------------------------- a fine-tuning run's trunk
@@ -242,20 +247,16 @@ class Trunk:
         found = self._splits[cut]
         return found.top if found else None
 
-    def rows(self, ds: Any, cut: int, view: int, device: torch.device) -> Rows:
-        """Trunk outputs at `cut` of a dataset's images (tlops.loaders.ImageDataset), as view `view`."""
+    def rows(self, ds: Any, cut: int, view: int) -> Rows:
+        """Trunk outputs at `cut` of a dataset's images (tlops.loaders.ImageDataset), as view `view`: the very
+        inputs the dataset gives for that view."""
         sha = ds.images.sha256
         keys = [self.cache.key(cut, sha[p], view, self.recipe) for p, _ in ds.items]
+        source = replace(ds, augment=None) if view == EVAL_VIEW else ds.at_view(view)
+        pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
 
         def inputs(positions: list[int]) -> np.ndarray:
-            def one(i: int) -> np.ndarray:
-                path = ds.items[i][0]
-                img = ds.images.get(path)
-                if view == EVAL_VIEW:
-                    return preprocess(img, self.spec)
-                return training_view(img, self.spec, self.augment, self.seed, view, sha[path])
-            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-                return np.stack(list(pool.map(one, positions)))
+            return np.stack(list(pool.map(lambda i: source[i][0].numpy(), positions)))
 
         def run(x: np.ndarray) -> np.ndarray:
             if cut not in self._runners:  # built on the first batch, which is also its parity check's example
@@ -265,5 +266,5 @@ class Trunk:
                 log.info("finetune: frozen trunk below group %d runs once per view on %s", cut, engine)
             return self._runners[cut](x)
 
-        with torch.random.fork_rng(devices=[]):  # exporting and tracing must not move the run's random stream
+        with pool, torch.random.fork_rng(devices=[]):  # exporting and tracing must not move the random stream
             return self.cache.rows(keys, inputs, run, self.batch)
