@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REFRESH_STAGE = "ingest"  # the stage that materialises the data source; `refresh` re-runs it
+REFRESH_STAGES = ("ingest", "ingest_target")  # the stages that read the data sources; `refresh` re-runs them
 LOCK_FILE = paths.STATE_DIR / "pipeline.lock"
 
 
@@ -84,7 +84,7 @@ def _run_stages(repo: Repo, params: Params, params_path: str | None, refresh: bo
         started = time.perf_counter()
         try:
             records.append(_bring_up_to_date(repo, stage, params, params_path,
-                                             force=force or (refresh and stage.name == REFRESH_STAGE)))
+                                             force=force or (refresh and stage.name in REFRESH_STAGES)))
             if version := dvc_stages.output_hash(stage, paths.RAW):  # DVC has just hashed the data: pass it on
                 remember_data_version(version)
         except BaseException as exc:

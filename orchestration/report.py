@@ -51,6 +51,10 @@ def summarise(records: list[StageRecord], seconds: float, data_version: str | No
     }
 
 
+MODELS = (("head", "head-only"), ("finetuned", "fine-tuned"), ("adapted", "adapted"),
+          ("target_source_only", "target: source-only"), ("target_adapted", "target: adapted"))
+
+
 def _read(path: Path) -> dict:
     try:
         data = read_json(path)
@@ -62,8 +66,12 @@ def _read(path: Path) -> dict:
 def _accuracies() -> dict[str, float]:
     """Test accuracy of the head-only and the fine-tuned model, from reports/metrics.json."""
     metrics = _read(paths.METRICS)
-    return {k: metrics[k]["accuracy"] for k in ("head", "finetuned")
-            if isinstance(metrics.get(k), dict) and "accuracy" in metrics[k]}
+    out = {k: metrics[k]["accuracy"] for k in ("head", "finetuned", "adapted")
+           if isinstance(metrics.get(k), dict) and "accuracy" in metrics[k]}
+    target = metrics.get("target") if isinstance(metrics.get("target"), dict) else {}
+    out |= {f"target_{k}": target[k]["accuracy"] for k in ("source_only", "adapted")
+            if isinstance(target.get(k), dict) and "accuracy" in target[k]}
+    return out
 
 
 def _promotion() -> dict | None:
@@ -91,7 +99,7 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += ["", "**No change**: the data and every stage are as in dvc.lock; nothing was retrained."]
     if acc := summary["metrics"]:
         lines += ["", "| model (test split) | accuracy |", "|---|---:|"]
-        lines += [f"| {label} | {acc[k]:.4f} |" for k, label in (("head", "head only"), ("finetuned", "fine-tuned"))
+        lines += [f"| {label} | {acc[k]:.4f} |" for k, label in MODELS
                   if k in acc]
     if promo := summary["promotion"]:
         lines += ["", f"Promotion: {promotion_line(promo)}"]
@@ -120,7 +128,7 @@ def console_table(summary: dict[str, Any]) -> Any:
         colour = colours.get(s["state"], "")
         table.add_row(s["stage"], f"[{colour}]{s['state']}[/]", f"{s['seconds']:.1f}", s["reason"])
     acc = summary["metrics"]
-    caption = [f"{label} accuracy {acc[k]:.4f}" for k, label in (("head", "head-only"), ("finetuned", "fine-tuned"))
+    caption = [f"{label} accuracy {acc[k]:.4f}" for k, label in MODELS
                if k in acc]
     if summary["promotion"]:
         caption.append(promotion_line(summary["promotion"]))

@@ -7,8 +7,9 @@ from typing import Any
 from prefect import task
 
 from tlops import export as exporting
-from tlops import onnx_meta, paths, registry, tracking
+from tlops import onnx_meta, paths, registry, target, tracking
 from tlops.config import Params, load_params
+from tlops.data import load_manifest
 from tlops.io import write_json
 
 
@@ -17,9 +18,10 @@ def export(params_path: str | None = None) -> dict:
     """Export + verify the model, register it as `candidate`, move `champion` if it wins; write reports/export.json."""
     params = load_params(params_path)
     with tracking.stage_run("export", params) as run:
-        report = exporting.export_model(params, run.run_id, tracking.git_commit())
+        gate = target.gate_split(load_manifest(paths.MANIFEST))  # the target's test split when it has labels
+        report = exporting.export_model(params, run.run_id, tracking.git_commit(), gate)
         version = register(params, report, run.run_id)
-        report["promotion"] = promote(params, version, report["test_score"], run.run_id, report["metric"])
+        report["promotion"] = promote(params, version, report["gate"]["score"], run.run_id, report["metric"], gate)
         report["registered"] = {"name": params.export.registered_model, "version": version}
         write_json(paths.EXPORT_REPORT, report)
         run.log_metrics(exporting.flat_metrics(report))
@@ -35,8 +37,6 @@ def export(params_path: str | None = None) -> dict:
 
 def register(params: Params, report: dict[str, Any], run_id: str) -> str:
     """Log models/model.onnx with mlflow.onnx under export.registered_model; it becomes `candidate`."""
-    from tlops.data import load_manifest
-
     images, _ = exporting.labelled_test_images(load_manifest(paths.MANIFEST))
     example = exporting.input_example(paths.ONNX, images[0], params.data.max_pixels)
     meta = onnx_meta.read_metadata(paths.ONNX)
@@ -44,18 +44,20 @@ def register(params: Params, report: dict[str, Any], run_id: str) -> str:
                                    metadata={k.removeprefix(onnx_meta.PREFIX): v for k, v in meta.items()})
 
 
-def promote(params: Params, version: str, accuracy: float, run_id: str, metric: str = "accuracy") -> dict[str, Any]:
+def promote(params: Params, version: str, accuracy: float, run_id: str, metric: str = "accuracy",
+            gate: exporting.Gate | None = None) -> dict[str, Any]:
     """The promotion gate: candidate vs current champion on today's test split; tags the decision everywhere."""
     name = params.export.registered_model
     champion = registry.get_alias_version(name, registry.CHAMPION)
     path = registry.download_model_file(name, champion) if champion else None
     candidate = registry.download_model_file(name, version)  # the registered copy: what `champion` would serve
-    decision = exporting.promotion(params, version, accuracy, candidate, path, champion, metric)
+    decision = exporting.promotion(params, version, accuracy, candidate, path, champion, metric, gate)
     if decision["promoted"]:
         registry.set_alias(name, registry.CHAMPION, version)
     tags = {"promotion.promoted": decision["promoted"], "promotion.reason": decision["reason"],
             "promotion.metric": metric, "promotion.candidate_score": accuracy,
-            "promotion.champion_score": decision["champion_score"], "promotion.champion_version": champion}
+            "promotion.champion_score": decision["champion_score"], "promotion.champion_version": champion,
+            "promotion.split": decision.get("split", "source test")}
     registry.set_version_tags(name, version, tags)
     tracking.set_run_tags(run_id, tags)
     return decision

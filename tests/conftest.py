@@ -79,6 +79,32 @@ def make_images(folder: Path, classes: int = 3, per_class: int = 8, size: int = 
     return written
 
 
+def make_domain_images(folder: Path, domain: str, per_class: int = 16, size: int = 32, seed: int = 0,
+                       flat: bool = False) -> list[Path]:
+    """Three patterns (horizontal stripes, vertical stripes, a checkerboard) at a random phase: light on a dark
+    background ("source"), or faint on a bright, tinted, noisier one ("target"): one task in two domains."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    written = []
+    for c in range(3):
+        d = folder if flat else folder / f"class_{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            period = rng.integers(5, 9)
+            phase = rng.integers(0, period, 2)
+            h, v = ((yy + phase[0]) % period) < period // 2, ((xx + phase[1]) % period) < period // 2
+            mask = (h, v, h ^ v)[c][..., None]
+            if domain == "source":
+                a = np.where(mask, 200.0, 30.0) + rng.normal(0, 8, (size, size, 3))
+            else:
+                tint = rng.uniform([120, 60, 10], [200, 140, 60])
+                a = tint + np.where(mask, 45.0, 0.0) + rng.normal(0, 20, (size, size, 3))
+            p = d / f"{domain}_{c}_{i:03d}.png"
+            Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(p)
+            written.append(p)
+    return written
+
+
 def _png_declaring(width: int, height: int) -> bytes:
     """A tiny PNG whose IHDR claims width x height (CRC fixed), without allocating the pixels."""
     buf = io.BytesIO()

@@ -139,6 +139,32 @@ class ExportParams(Section):
     registered_model: Annotated[str, Field(min_length=1)] = "tlops-classifier"
 
 
+class AdaptParams(Section):
+    method: Literal["none", "adabn", "self_training", "mcc", "auto"] = "none"
+    target: str | None = None
+    test_fraction: Fraction = 0.2
+    epochs: PositiveInt = 5
+    batch_size: PositiveInt = 32
+    lr: PositiveFloat = 2e-3
+    head_lr: PositiveFloat = 2e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    warmup_steps: Annotated[int, Field(ge=0)] = 20
+    confidence: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.9
+    class_share: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    target_weight: Annotated[float, Field(ge=0.0)] = 1.0
+    mcc_temperature: PositiveFloat = 2.5
+    batchnorm: Literal["source", "mixed"] = "source"
+    unfreeze_groups: Annotated[int, Field(ge=0)] | None = 8
+    max_source_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _needs_target(self) -> AdaptParams:
+        if self.method != "none" and not self.target:
+            raise ValueError(f"method {self.method} needs adapt.target (a folder of target-domain images)")
+        return self
+
+
 class ServeParams(Section):
     model: str = "models/model.onnx"
     host: str = "127.0.0.1"
@@ -180,6 +206,7 @@ class Params(Section):
     head: HeadParams = HeadParams()
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
+    adapt: AdaptParams = AdaptParams()
     export: ExportParams = ExportParams()
     serve: ServeParams = ServeParams()
     schedule: ScheduleParams = ScheduleParams()

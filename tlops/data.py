@@ -261,20 +261,40 @@ def prepare(raw_dir: Path, params: DataParams, manifest_path: Path, report_path:
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         raise DataError(f"{raw_dir} does not exist; run the ingest stage first (dvc repro ingest)")
-    candidates, quarantined = find_candidates(raw_dir)
-    good, bad = check_images(candidates, params.max_pixels)
-    kept, duplicates, conflicting = deduplicate(good)
-    quarantined = sorted([*quarantined, *bad, *conflicting], key=lambda q: q["path"])
-    check_classes(kept, dict(candidates), quarantined, params.min_per_class, raw_dir)
-    groups = near_duplicate_groups(kept, params.near_duplicates)
-    key = {c.path: min(m.sha256 for m in group) for group in groups for c in group}  # a group splits as one
-    rows = sorted((ManifestRow(c.path, c.label, split_of(key.get(c.path, c.sha256), params), c.sha256, c.width,
-                               c.height) for c in kept), key=lambda r: r.path)
+    candidates, stray = find_candidates(raw_dir)
+    checked = validate(candidates, stray, params)
+    check_classes(checked.kept, dict(candidates), checked.quarantined, params.min_per_class, raw_dir)
+    rows = checked.rows(lambda key, label: split_of(key, params))
     check_splits(rows, params)
-    report = data_report(rows, quarantined, duplicates, groups, params.imbalance_ratio)
+    report = data_report(rows, checked.quarantined, checked.duplicates, checked.groups, params.imbalance_ratio)
     write_manifest(manifest_path, rows)
     write_json(report_path, report)
     return report
+
+
+@dataclass
+class Validated:
+    """What validation keeps and rejects of a folder's candidate images (prepare, and the target domain's too)."""
+
+    kept: list[Checked]
+    quarantined: list[dict]
+    duplicates: list[dict]
+    groups: list[list[Checked]]
+
+    def rows(self, split: Callable[[str, str], str]) -> list[ManifestRow]:
+        """Manifest rows sorted by path; `split(key, label)` assigns one, key = the content hash shared by a
+        near-duplicate group (so a group splits as one)."""
+        key = {c.path: min(m.sha256 for m in group) for group in self.groups for c in group}
+        return sorted((ManifestRow(c.path, c.label, split(key.get(c.path, c.sha256), c.label), c.sha256, c.width,
+                                   c.height) for c in self.kept), key=lambda r: r.path)
+
+
+def validate(candidates: list[tuple[str, str]], stray: list[dict], params: DataParams) -> Validated:
+    """Decode every candidate, quarantine the bad ones, keep one copy of each picture, group near-duplicates."""
+    good, bad = check_images(candidates, params.max_pixels)
+    kept, duplicates, conflicting = deduplicate(good)
+    quarantined = sorted([*stray, *bad, *conflicting], key=lambda q: q["path"])
+    return Validated(kept, quarantined, duplicates, near_duplicate_groups(kept, params.near_duplicates))
 
 
 def find_candidates(raw_dir: Path) -> tuple[list[tuple[str, str]], list[dict]]:
@@ -522,12 +542,17 @@ def load_manifest(path: Path = paths.MANIFEST) -> Manifest:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"{path} not found; run the prepare stage first (dvc repro prepare)") from None
+    rows = parse_manifest(text, path)
+    return Manifest(rows=rows, classes=sorted({r.label for r in rows}))
+
+
+def parse_manifest(text: str, path: Path) -> list[ManifestRow]:
+    """The rows of a manifest CSV's text (the source's or the target domain's)."""
     reader = csv.DictReader(io.StringIO(text))
     if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
         raise DataError(f"{path}: columns are {reader.fieldnames}, expected {list(MANIFEST_COLUMNS)}")
-    rows = [ManifestRow(d["path"], d["label"], d["split"], d["sha256"], int(d["width"]), int(d["height"]))
+    return [ManifestRow(d["path"], d["label"], d["split"], d["sha256"], int(d["width"]), int(d["height"]))
             for d in reader]
-    return Manifest(rows=rows, classes=sorted({r.label for r in rows}))
 
 
 # ---------------------------------------------------------------- data version
@@ -535,7 +560,7 @@ def load_manifest(path: Path = paths.MANIFEST) -> Manifest:
 DATA_VERSION_ENV = "TLOPS_DATA_VERSION"  # "<version> <absolute data/raw>": this run's data version, once known
 
 
-def data_version(root: Path = Path(".")) -> str:
+def data_version(root: Path = Path("."), folder: Path = paths.RAW) -> str:
     """THE data version: DVC's hash of data/raw, the `md5` ("<hex>.dir") that dvc.lock records for it.
 
     Hashed from the workspace through DVC's state cache, so a repeat call only stats the files. A run needs it
@@ -543,9 +568,10 @@ def data_version(root: Path = Path(".")) -> str:
     """
     from dvc_data.hashfile.build import build
 
-    raw = Path(root).resolve() / paths.RAW
+    raw = Path(root).resolve() / folder
     if not raw.is_dir():
-        raise DataError(f"{raw} does not exist; run the ingest stage first (dvc repro ingest)")
+        stage = "ingest_target" if Path(folder) == paths.TARGET else "ingest"
+        raise DataError(f"{raw} does not exist; run the {stage} stage first (dvc repro {stage})")
     repo = _open_dvc_repo(Path(root))
     if repo is None:  # not a DVC repo: same hash, no state cache
         from dvc_data.hashfile.db import HashFileDB

@@ -133,7 +133,8 @@ def _save(fig: Figure, path: str | Path) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def plot_confusion(y: np.ndarray, pred: np.ndarray, classes: Sequence[str], path: str | Path) -> None:
+def plot_confusion(y: np.ndarray, pred: np.ndarray, classes: Sequence[str], path: str | Path,
+                   title: str | None = None) -> None:
     """Confusion matrix (rows actual, columns predicted) with counts in the cells."""
     from sklearn.metrics import confusion_matrix
 
@@ -145,7 +146,7 @@ def plot_confusion(y: np.ndarray, pred: np.ndarray, classes: Sequence[str], path
     im = ax.imshow(cm, cmap="Blues")
     fig.colorbar(im, ax=ax, shrink=0.8)
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="actual",
-           title=f"Confusion matrix (fine-tuned, {len(y)} test images)")
+           title=title or f"Confusion matrix (fine-tuned, {len(y)} test images)")
     ax.set_xticklabels(classes, rotation=90 if n > 10 else 0)
     ax.set_yticklabels(classes)
     if n <= 30:  # beyond that the numbers are unreadable; the colours still tell
@@ -253,10 +254,58 @@ def evaluate(params: Params) -> dict[str, Any]:
               "finetune_gain": gain(head_metrics, ft_metrics),
               "exported": head_metrics if selected == "head" else ft_metrics,
               "test_images": len(items), "data_version": current_data_version()}
-    write_json(paths.METRICS, report)
     shown = (head_logits, head_y) if selected == "head" else (logits, y)  # the plots show the exported model
+    adapted = adapted_model(classes)
+    if adapted is not None:  # the exported model is the adapted one: score it on the source test split too
+        model_a, info_a = adapted
+        shown = (torch_logits(model_a, preprocess_batches(images, spec, params.data.max_pixels, load=store.get)), y)
+        report["adapted"] = compute_metrics(shown[0], y, classes)
+        report["adapt_gain"] = gain(report["exported"], report["adapted"])
+        report["exported"] = report["adapted"]
+        report["adapt"] = {k: info_a["adapt"][k] for k in ("method", "chosen")}
+    if (target := target_metrics(params, classes, adapted)) is not None:
+        report["target"] = target
+    write_json(paths.METRICS, report)
     write_plots(images, shown[1], shown[0], classes, spec, store.get, params)
     return report
+
+
+def adapted_model(classes: Sequence[str]) -> tuple[nn.Module, dict] | None:
+    """The adapt stage's model when adaptation changed it (else None: it is the selected fine-tuned model)."""
+    from tlops.io import read_json
+
+    if not paths.ADAPT_INFO.exists() or read_json(paths.ADAPT_INFO).get("adapt", {}).get("chosen", "none") == "none":
+        return None
+    model, info = load_classifier(paths.ADAPT_DIR)
+    same_classes(classes, info["classes"])
+    return model, info
+
+
+def target_metrics(params: Params, classes: Sequence[str], adapted: tuple[nn.Module, dict] | None
+                   ) -> dict[str, Any] | None:
+    """Metrics of the source-only (selected) and the adapted model on the target's labelled test split, with a
+    confusion matrix of each in reports/plots; None without target labels."""
+    from tlops.images import WorkingImages
+    from tlops.target import load_target, scored_items
+
+    if not paths.TARGET_MANIFEST.exists():
+        return None
+    rows = load_target(paths.TARGET_MANIFEST)
+    test_paths, test_y, unknown = scored_items(rows, list(classes))
+    if not test_paths:
+        return None
+    source_only, info = load_classifier(paths.FINETUNE_DIR)
+    spec = PreprocessSpec.from_dict(info["preprocess"])
+    store = WorkingImages(paths.TARGET_IMAGES, spec, params.data.max_pixels, {r.path: r.sha256 for r in rows})
+    y = np.array(test_y, dtype=int)
+    out: dict[str, Any] = {"n_test": len(test_paths), "unknown_labels": unknown}
+    for name, model in (("source_only", source_only), ("adapted", adapted[0] if adapted else source_only)):
+        logits = torch_logits(model, preprocess_batches(test_paths, spec, params.data.max_pixels, load=store.get))
+        out[name] = compute_metrics(logits, y, classes)
+        plot_confusion(y, logits.argmax(1), classes, paths.PLOTS_DIR / f"target_confusion_{name}.png",
+                       title=f"Target test, {name.replace('_', '-')} model ({len(y)} images)")
+    out["gain"] = gain(out["source_only"], out["adapted"])
+    return out
 
 
 def head_test_logits(head: nn.Module, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -286,10 +335,14 @@ def write_plots(images: Sequence[str], y: np.ndarray, logits: np.ndarray, classe
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     """The scalar metrics of a report as {"head.accuracy": ..., "finetuned.ece": ...} for tracking."""
     out = {}
-    for section in ("head", "finetuned", "finetune_gain", "exported"):
+    for section in ("head", "finetuned", "finetune_gain", "adapted", "adapt_gain", "exported"):
         for k, v in report.get(section, {}).items():
             if isinstance(v, (int, float)):
                 out[f"{section}.{k}"] = float(v)
+    for name in ("source_only", "adapted", "gain"):
+        for k, v in (report.get("target") or {}).get(name, {}).items():
+            if isinstance(v, (int, float)):
+                out[f"target.{name}.{k}"] = float(v)
     return out
 
 
@@ -300,4 +353,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return [f"test accuracy, head only:  {h['accuracy']:.4f}  ({m} {h[m]:.4f}, {n} images)",
             f"test accuracy, fine-tuned: {f['accuracy']:.4f}  ({m} {f[m]:.4f}, "
             f"{report['finetune_gain']['accuracy']:+.4f} from fine-tuning)",
-            f"selected by validation {m}: {report.get('selected', 'finetuned')}"]
+            f"selected by validation {m}: {report.get('selected', 'finetuned')}",
+            *([f"test accuracy, adapted ({report['adapt']['chosen']}): {report['adapted']['accuracy']:.4f}"]
+              if "adapted" in report else []),
+            *([f"target test accuracy: source-only {t['source_only']['accuracy']:.4f}, adapted "
+               f"{t['adapted']['accuracy']:.4f} ({t['n_test']} images)"] if (t := report.get("target")) else [])]

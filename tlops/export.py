@@ -125,7 +125,8 @@ def params_hash(params: Params) -> str:
 
 def build_metadata(classes: Sequence[str], spec: PreprocessSpec, backbone: str, data_version: str | None,
                    git_commit: str | None, run_id: str | None, params_sha: str, precision: str = "fp32",
-                   created: str | None = None, selected: str = "finetuned") -> dict[str, str]:
+                   created: str | None = None, selected: str = "finetuned", adapt_method: str = "none",
+                   target_data_version: str | None = None) -> dict[str, str]:
     """The tlops.* metadata_props of an exported model (every value a string)."""
     created = created or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     return {
@@ -141,6 +142,8 @@ def build_metadata(classes: Sequence[str], spec: PreprocessSpec, backbone: str, 
         onnx_meta.PRECISION: precision,
         onnx_meta.INPUT_KIND: onnx_meta.IMAGE,
         onnx_meta.SELECTED: selected,
+        onnx_meta.ADAPT_METHOD: adapt_method,
+        onnx_meta.TARGET_DATA_VERSION: target_data_version or "",
     }
 
 
@@ -311,7 +314,11 @@ def int8_verdict(fp32_acc: float, int8_acc: float, max_drop: float, metric: str 
 # ---------------------------------------------------------------- the stage
 
 
-def export_model(params: Params, run_id: str | None, git_commit: str | None) -> dict[str, Any]:
+Gate = tuple[list[str], list[str], str]  # (images, true class names, the split's name) the promotion gate scores on
+
+
+def export_model(params: Params, run_id: str | None, git_commit: str | None, gate: Gate | None = None
+                 ) -> dict[str, Any]:
     """Export the fine-tuned model to paths.ONNX (+ sha256, model card, int8); return the export report.
 
     The file is verified (checker, self-contained, parity) under a temp name and only then renamed into
@@ -320,12 +327,15 @@ def export_model(params: Params, run_id: str | None, git_commit: str | None) -> 
     from tlops.model import load_classifier
 
     manifest = load_manifest(paths.MANIFEST)
-    model, info = load_classifier(paths.FINETUNE_DIR)
+    model, info = load_classifier(paths.ADAPT_DIR)  # the adapt stage's: the selected model, adapted or passed through
     classes = same_classes(manifest.classes, info["classes"])
     spec, ex, max_pixels = PreprocessSpec.from_dict(info["preprocess"]), params.export, params.data.max_pixels
     images, truth = labelled_test_images(manifest)
+    adapted = info.get("adapt", {})
     meta = build_metadata(classes, spec, info["backbone"], info.get("data_version"), git_commit, run_id,
-                          params_hash(params), selected=info.get("selected", "finetuned"))
+                          params_hash(params), selected=info.get("selected", "finetuned"),
+                          adapt_method=adapted.get("chosen", "none"),
+                          target_data_version=adapted.get("target_data_version"))
     with atomic_path(paths.ONNX) as tmp:
         export_onnx(model, spec.input_size, tmp, ex.opset)
         write_metadata(tmp, meta)
@@ -336,9 +346,13 @@ def export_model(params: Params, run_id: str | None, git_commit: str | None) -> 
     accuracy, score = scores["accuracy"], scores[metric]
     calibration = calibration_images(manifest, ex.calibration_images)
     int8 = export_int8(params, spec, score, images, truth, calibration, metric)
+    gate_images, gate_truth, gate_split = gate or (images, truth, "source test")
+    gate_score = score if gate_split == "source test" else score_onnx(paths.ONNX, gate_images, gate_truth,
+                                                                       max_pixels, metric)
     report = {"onnx": str(paths.ONNX), "opset": ex.opset, "sha256": sha, "parity": parity,
-              "selected": info.get("selected", "finetuned"), "metric": metric, "test_score": score,
-              "test_accuracy": accuracy, "test_images": len(images), "int8": int8}
+              "selected": info.get("selected", "finetuned"), "adapt_method": adapted.get("chosen", "none"),
+              "metric": metric, "test_score": score, "test_accuracy": accuracy, "test_images": len(images),
+              "gate": {"split": gate_split, "images": len(gate_images), "score": gate_score}, "int8": int8}
     metrics = read_json(paths.METRICS) if paths.METRICS.exists() else {}
     write_text(paths.MODEL_CARD, model_card(info, meta, spec, class_counts(manifest), metrics, report))
     return report
@@ -407,16 +421,18 @@ def export_int8(params: Params, spec: PreprocessSpec, fp32_acc: float, images: S
 
 def promotion(params: Params, candidate_version: str, candidate_score: float, candidate_path: str | os.PathLike,
               champion_path: str | os.PathLike | None, champion_version: str | None,
-              metric: str = "accuracy") -> dict[str, Any]:
-    """Score the champion (if any) by `metric` on the current test split exactly like the candidate was, and decide.
+              metric: str = "accuracy", gate: Gate | None = None) -> dict[str, Any]:
+    """Score the champion (if any) by `metric` on the gate's split (default: the source test split) exactly like the
+    candidate was, and decide.
 
     A champion of another task (other labels, or another kind of input) is no rival: it is not scored, the
     candidate is not promoted over it, and the reason says so.
     """
     min_delta = params.evaluate.promote_min_delta
+    images, truth, split = gate or (*labelled_test_images(load_manifest(paths.MANIFEST)), "source test")
     decision = {"metric": metric, "min_delta": min_delta, "candidate_version": candidate_version,
                 "candidate_score": candidate_score, "champion_version": champion_version,
-                "champion_score": None, "comparable": True}
+                "champion_score": None, "comparable": True, "split": split}
     if champion_path is not None:
         mine, theirs = (onnx_meta.task_of(onnx_meta.read_metadata(p)) for p in (candidate_path, champion_path))
         if mine != theirs:
@@ -426,9 +442,9 @@ def promotion(params: Params, candidate_version: str, candidate_score: float, ca
                       f"{params.export.registered_model!r}) to track its champion")
             return {**decision, "promoted": False, "comparable": False, "reason": reason,
                     "champion_after": champion_version}
-        images, truth = labelled_test_images(load_manifest(paths.MANIFEST))
         decision["champion_score"] = score_onnx(champion_path, images, truth, params.data.max_pixels, metric)
     promote, reason = decide_promotion(candidate_score, decision["champion_score"], min_delta, metric)
+    reason = f"{reason} (on the {split} split, {len(images)} images)"
     return {**decision, "promoted": promote, "reason": reason,
             "champion_after": candidate_version if promote else champion_version}
 

@@ -30,8 +30,10 @@ CREATED = "tlops.created"
 PRECISION = "tlops.precision"        # fp32 | int8
 INPUT_KIND = "tlops.input_kind"      # image: what the model reads (another kind of model is never its rival)
 SELECTED = "tlops.selected"          # finetuned | head: which was better on validation, and so exported
+ADAPT_METHOD = "tlops.adapt_method"  # none | adabn | self_training | mcc: the domain adaptation it carries
+TARGET_DATA_VERSION = "tlops.target_data_version"  # DVC hash of data/target it was adapted to ("" when none)
 KEYS = (LABELS, PREPROCESS, INPUT_SIZE, BACKBONE, DATA_VERSION, GIT_COMMIT, MLFLOW_RUN_ID, PARAMS_HASH, CREATED,
-        PRECISION, INPUT_KIND, SELECTED)
+        PRECISION, INPUT_KIND, SELECTED, ADAPT_METHOD, TARGET_DATA_VERSION)
 IMAGE = "image"
 
 

@@ -27,6 +27,16 @@ FINETUNE_HISTORY = Path("reports/finetune_history.csv")
 CHECKPOINT_DIR = Path("checkpoints/finetune")  # persist: resume after a crash
 TRUNK_CACHE = CHECKPOINT_DIR / "trunk"          # the frozen trunk's outputs (tlops/trunk.py)
 
+TARGET = Path("data/target")                     # adapt.target, materialised (DVC-tracked, its own data version)
+TARGET_MANIFEST = Path("data/prepared/target.csv")  # target rows: split adapt (used unlabeled) | test (scoring only)
+TARGET_REPORT = Path("reports/target.json")
+ADAPT_DIR = Path("models/adapted")                 # the model evaluate scores and export exports
+ADAPT_WEIGHTS = ADAPT_DIR / "model.safetensors"
+ADAPT_INFO = ADAPT_DIR / "model.json"
+ADAPT_CHECKPOINTS = Path("checkpoints/adapt")      # persist: resume after a crash, one folder per method
+TARGET_IMAGES = ADAPT_CHECKPOINTS / "images"       # working images of the target (tlops/images.py)
+ADAPT_REPORT = Path("reports/adapt.json")
+
 METRICS = Path("reports/metrics.json")
 HISTORY = Path("reports/history.csv")
 CONFUSION = Path("reports/confusion.csv")

@@ -1,0 +1,48 @@
+"""Prefect task of the adapt stage: the selected model carried to the target domain, the shift measured."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import task
+
+from tlops import adapt as adaptation
+from tlops import paths, tracking
+from tlops.config import load_params
+from tlops.data import load_manifest
+from tlops.io import write_json
+from tlops.target import load_target
+
+
+@task(name="adapt")
+def adapt(params_path: str | None = None) -> dict:
+    """Adapt by adapt.method; write models/adapted and reports/adapt.json; log both, publish the report."""
+    params = load_params(params_path)
+    started = time.perf_counter()
+    with tracking.stage_run("adapt", params) as run:
+        manifest, rows = load_manifest(paths.MANIFEST), load_target(paths.TARGET_MANIFEST)
+        result = adaptation.adapt(params, manifest, rows, on_method=lambda c: run.log_metrics(
+            {f"{c.method}.im": c.im, f"{c.method}.source_val": c.source_val, f"{c.method}.seconds": c.seconds}))
+        report = adaptation.report(result, params, manifest, rows, time.perf_counter() - started)
+        write_json(paths.ADAPT_REPORT, report)
+        run.set_tags({"adapt.method": result.method, "adapt.chosen": result.chosen,
+                      "target_data_version": report["target_data_version"] or ""})
+        run.log_metrics(adaptation.flat_metrics(report))
+        run.log_artifact(paths.ADAPT_REPORT, "reports")
+        run.log_artifact(paths.ADAPT_INFO, "model")
+    publish(report)
+    for line in adaptation.summary_lines(report):
+        print(line)
+    return {"method": result.method, "chosen": result.chosen,
+            "target_accuracy": (report.get("target") or {}).get("adapted", {}).get("accuracy")}
+
+
+def publish(report: dict) -> None:
+    """The adaptation report as a Prefect markdown artifact (never fails the stage)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    try:
+        create_markdown_artifact(markdown=adaptation.markdown(report), key="tlops-adapt",
+                                 description=f"domain adaptation: {report['method']} -> {report['chosen']}")
+    except Exception as e:  # noqa: BLE001 - an artifact is for people; it must not fail the run
+        print(f"could not create the Prefect artifact of the adaptation: {e}")

@@ -1,0 +1,278 @@
+"""Domain adaptation: the target domain's data, each method on two synthetic domains, no target label in training,
+`none` passing the model through, resuming after SIGKILL, and the downstream stages scoring the adapted model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import deep_update, make_domain_images, make_workspace, write_params
+from PIL import Image
+from safetensors.torch import load_file
+
+from tlops import adapt as adaptation
+from tlops import onnx_meta, paths
+from tlops.config import load_params, parse_params
+from tlops.errors import ConfigError
+from tlops.data import load_manifest
+from tlops.io import read_json, sha256_file
+from tlops.target import adapt_paths, ingest_target, load_target, scored_items
+
+# A source task the tiny random-init backbone learns fully (its BatchNorm statistics estimated on the source), and
+# adaptation that runs in a second or two.
+PARAMS = {
+    "head": {"epochs": 40, "lrs": [0.03]},
+    "finetune": {"epochs": 4, "batchnorm": "train", "unfreeze_groups": 5, "lr": 0.01, "head_lr": 0.01},
+    "adapt": {"lr": 0.01, "head_lr": 0.01, "epochs": 4, "batch_size": 8, "batchnorm": "mixed", "unfreeze_groups": 3,
+              "test_fraction": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def domains_workspace(tmp_path_factory: pytest.TempPathFactory, mlflow_store: str) -> Path:
+    """Source patterns on dark backgrounds, trained through finetune; the same patterns, faint on bright tinted
+    backgrounds, as the labelled target folder (adapt.target)."""
+    from tasks.features import features
+    from tasks.finetune import finetune
+    from tasks.ingest import ingest
+    from tasks.ingest_target import ingest_target as ingest_target_task
+    from tasks.prepare import prepare
+    from tasks.train_head import train_head
+
+    root = tmp_path_factory.mktemp("domains")
+    make_domain_images(root / "source", "source", per_class=30, seed=0)
+    make_domain_images(root / "target", "target", per_class=30, seed=1)
+    ws = make_workspace(root / "ws")
+    write_params(ws, deep_update(PARAMS, {"data": {"source": "imagefolder", "path": str(root / "source")},
+                                          "adapt": {"target": str(root / "target")}}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ws)
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+        mp.setenv("TLOPS_EXPERIMENT", "domains-workspace")
+        for stage in (ingest, prepare, features, train_head, finetune, ingest_target_task):
+            stage.fn()
+    return ws
+
+
+@pytest.fixture
+def domains(domains_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    ws = tmp_path / "ws"
+    shutil.copytree(domains_workspace, ws, symlinks=True)
+    monkeypatch.chdir(ws)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return ws
+
+
+def _with(method: str, **adapt) -> object:
+    params = load_params()
+    return params.model_copy(update={"adapt": params.adapt.model_copy(update={"method": method, **adapt})})
+
+
+def _run(params) -> tuple[adaptation.AdaptResult, dict]:
+    manifest, rows = load_manifest(paths.MANIFEST), load_target(paths.TARGET_MANIFEST)
+    result = adaptation.adapt(params, manifest, rows)
+    return result, adaptation.report(result, params, manifest, rows, 0.0)
+
+
+# ---------------------------------------------------------------- the target data
+
+
+def test_target_folder_splits_by_content_quarantines_broken_files_and_keeps_flat_images_unlabelled(workspace: Path):
+    target = workspace.parent / "target"
+    make_domain_images(target, "target", per_class=12, seed=3)
+    make_domain_images(target, "flat", per_class=2, seed=4, flat=True)  # no class folder: no label
+    make_domain_images(target / "other", "other", per_class=2, seed=5, flat=True)  # not a source class
+    (target / "class_0" / "broken.png").write_bytes(Image.new("RGB", (8, 8)).tobytes()[:20])
+    (target / "class_1" / "empty.jpg").write_bytes(b"")
+    params = parse_params(deep_update(load_params().model_dump(mode="json"), {"adapt": {"target": str(target)}}))
+    report = ingest_target(params)
+    assert {q["path"].rsplit("/", 1)[-1]: q["reason"] for q in report["quarantined"]} == {
+        "broken.png": "not_an_image", "empty.jpg": "empty_file"}
+    rows = load_target()
+    assert len(rows) == 36 + 6 + 6 and report["totals"]["labelled"] == 42
+    flat = [r for r in rows if r.label == ""]
+    assert len(flat) == 6 and all(r.split == "adapt" for r in flat)  # nothing to hold out without a label
+    test_paths, y, unknown = scored_items(rows, ["class_0", "class_1", "class_2"])
+    assert {r.split for r in rows} == {"adapt", "test"} and len(test_paths) == len(y)
+    assert unknown in ([], ["other"]) and not any("/other/" in p for p in test_paths)  # never scored as a class
+    before = {r.sha256: r.split for r in rows}
+    make_domain_images(target / "class_2", "more", per_class=5, seed=9, flat=True)
+    ingest_target(params)
+    after = {r.sha256: r.split for r in load_target()}
+    assert len(after) == len(before) + 15
+    assert all(after[sha] == split for sha, split in before.items())  # no image moves as the folder grows
+
+
+def test_a_method_without_a_target_is_a_config_error():
+    with pytest.raises(ConfigError, match="adapt.target"):
+        parse_params({"adapt": {"method": "mcc"}})
+
+
+# ---------------------------------------------------------------- the methods
+
+
+@pytest.mark.parametrize("method", adaptation.METHODS)
+def test_each_method_improves_target_accuracy_and_measures_the_shift(domains: Path, method: str):
+    result, report = _run(_with(method))
+    target = report["target"]
+    assert target["adapted"]["accuracy"] > target["source_only"]["accuracy"], target
+    assert report["shift"]["domain_auc"] > 0.9  # the two domains are told apart easily: a real shift
+    assert report["method"] == report["chosen"] == method
+    assert read_json(paths.ADAPT_INFO)["adapt"]["chosen"] == method
+    assert sha256_file(paths.ADAPT_WEIGHTS) != sha256_file(paths.FINETUNE_WEIGHTS)
+
+
+def test_auto_reports_every_candidate_and_chooses_without_target_labels(domains: Path):
+    result, report = _run(_with("auto"))
+    assert set(report["candidates"]) == {"none", *adaptation.METHODS}
+    assert report["chosen"] in report["candidates"] and "information maximisation" in report["criterion"]
+    scores = {m: row["im"] for m, row in report["candidates"].items()}
+    allowed = [m for m, row in report["candidates"].items()
+               if row["source_val"] >= report["candidates"]["none"]["source_val"] - 0.01 - 1e-9]
+    assert report["chosen"] == max(allowed, key=scores.get)
+
+
+def test_choose_keeps_the_source_only_model_when_no_method_beats_it_within_the_source_drop():
+    def cand(name: str, im: float, val: float) -> adaptation.Candidate:
+        return adaptation.Candidate(name, {}, im, val, 0.0)
+
+    none = cand("none", 0.5, 0.90)
+    assert adaptation.choose(none, {"mcc": cand("mcc", 0.9, 0.80)}, 0.01) == "none"  # source fell too far
+    assert adaptation.choose(none, {"mcc": cand("mcc", 0.4, 0.95)}, 0.01) == "none"  # no better on the target
+    assert adaptation.choose(none, {"mcc": cand("mcc", 0.9, 0.895), "adabn": cand("adabn", 0.7, 0.9)}, 0.01) == "mcc"
+
+
+def test_losses_and_pseudo_labels():
+    import torch
+
+    confident = torch.tensor([[10.0, 0, 0], [0, 10.0, 0], [0, 0, 10.0]])
+    confused = torch.tensor([[1.0, 1.0, 0], [1.0, 1.0, 0], [0, 0, 1.0]])
+    assert adaptation.mcc_loss(confident, 2.5) < adaptation.mcc_loss(confused, 2.5)
+    probs = np.array([[0.95, 0.05], [0.6, 0.4], [0.55, 0.45], [0.3, 0.7]])
+    labels, weights = adaptation.pseudo_labels(probs, confidence=0.9, class_share=0.5)
+    assert labels.tolist() == [0, 0, 0, 1]
+    assert weights[2] == 0 and weights[0] > 0 and weights[3] > 0  # class 1's only image counts as much as class 0
+    assert weights[0] + weights[1] == pytest.approx(weights[3])
+    assert adaptation.information_maximisation(np.eye(3)) == pytest.approx(1.0)
+    assert adaptation.information_maximisation(np.full((3, 3), 1 / 3)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_no_target_label_reaches_training_shuffled_labels_give_identical_weights(domains: Path, tmp_path: Path):
+    params = _with("self_training", epochs=2)
+    _run(params)
+    first = load_file(str(paths.ADAPT_WEIGHTS))
+    # The same images filed under shuffled class folders: the labels change, nothing else.
+    shuffled = tmp_path / "shuffled"
+    files = sorted(Path(params.adapt.target).rglob("*.png"))
+    rng = np.random.default_rng(5)
+    for f, c in zip(files, rng.permutation([f.parent.name for f in files]), strict=True):
+        (shuffled / c).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, shuffled / c / f.name)
+    shutil.rmtree(paths.ADAPT_CHECKPOINTS)
+    relabelled = params.model_copy(update={"adapt": params.adapt.model_copy(update={"target": str(shuffled)})})
+    adapt_before = sorted(r.sha256 for r in load_target() if r.split == "adapt")
+    labels_before = {r.sha256: r.label for r in load_target()}
+    ingest_target(relabelled)
+    assert sorted(r.sha256 for r in load_target() if r.split == "adapt") == adapt_before
+    assert sum(labels_before[r.sha256] != r.label for r in load_target()) > len(labels_before) // 3
+    _run(relabelled)
+    second = load_file(str(paths.ADAPT_WEIGHTS))
+    assert first.keys() == second.keys()
+    diff = max(float(np.abs(first[k].numpy() - second[k].numpy()).max()) for k in first)
+    assert diff == 0.0, diff
+
+
+def test_method_none_passes_the_fine_tuned_model_through_and_still_measures_the_shift(domains: Path):
+    result, report = _run(_with("none"))
+    assert sha256_file(paths.ADAPT_WEIGHTS) == sha256_file(paths.FINETUNE_WEIGHTS)
+    assert report["chosen"] == "none" and report["shift"]["domain_auc"] > 0.9
+    assert report["target"]["adapted"] == report["target"]["source_only"]
+
+
+def test_without_a_target_the_stage_is_a_no_op(trained: Path):
+    from tasks.adapt import adapt as adapt_task
+    from tasks.ingest_target import ingest_target as ingest_target_task
+
+    ingest_target_task.fn()
+    assert load_target() == [] and paths.TARGET.is_dir()
+    adapt_task.fn()
+    assert sha256_file(paths.ADAPT_WEIGHTS) == sha256_file(paths.FINETUNE_WEIGHTS)
+    assert read_json(paths.ADAPT_REPORT)["shift"] is None and paths.ADAPT_CHECKPOINTS.is_dir()
+
+
+# ---------------------------------------------------------------- crash and resume
+
+
+RUN_ADAPT = """
+import sys
+from tlops import adapt, paths
+from tlops.config import load_params
+from tlops.data import load_manifest
+from tlops.target import load_target
+p = load_params()
+p = p.model_copy(update={"adapt": p.adapt.model_copy(update={"method": "self_training", "epochs": int(sys.argv[1])})})
+r = adapt.adapt(p, load_manifest(paths.MANIFEST), load_target(paths.TARGET_MANIFEST))
+print(r.candidates["self_training"].resumed_epochs)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_adapt_then_rerun_resumes_to_the_uninterrupted_weights(domains: Path, tmp_path: Path):
+    other = tmp_path / "other"
+    shutil.copytree(domains, other, symlinks=True)
+    epochs = 12
+    first = domains / paths.ADAPT_CHECKPOINTS / "self_training" / "epoch_0001.pt"
+    run = subprocess.Popen([sys.executable, "-c", RUN_ADAPT, str(epochs)], cwd=domains)
+    deadline = time.monotonic() + 300
+    while not first.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert run.returncode == -signal.SIGKILL, "adaptation finished before it could be killed"
+    resumed = subprocess.run([sys.executable, "-c", RUN_ADAPT, str(epochs)], cwd=domains, capture_output=True,
+                             text=True, check=True)
+    assert 1 <= int(resumed.stdout.split()[-1]) < epochs
+    fresh = subprocess.run([sys.executable, "-c", RUN_ADAPT, str(epochs)], cwd=other, capture_output=True, text=True,
+                           check=True)
+    assert int(fresh.stdout.split()[-1]) == 0
+    a, b = load_file(str(domains / paths.ADAPT_WEIGHTS)), load_file(str(other / paths.ADAPT_WEIGHTS))
+    assert all(np.allclose(a[k].numpy(), b[k].numpy(), rtol=1e-5, atol=1e-6) for k in a)
+
+
+# ---------------------------------------------------------------- downstream
+
+
+def test_evaluate_and_export_score_the_adapted_model_and_gate_on_the_target_test_split(domains: Path):
+    from tasks.adapt import adapt as adapt_task
+    from tasks.evaluate import evaluate as evaluate_task
+    from tasks.export import export as export_task
+
+    write_params(domains, deep_update(PARAMS, {
+        "data": {"source": "imagefolder", "path": load_params().data.path},
+        "adapt": {"target": load_params().adapt.target, "method": "adabn"},
+        "export": {"registered_model": f"adapt-{os.getpid()}-{time.monotonic_ns()}"}}))
+    adapt_task.fn()
+    report = read_json(paths.ADAPT_REPORT)
+    evaluate_task.fn()
+    metrics = read_json(paths.METRICS)
+    assert metrics["adapt"]["chosen"] == "adabn" and metrics["exported"] == metrics["adapted"]
+    assert metrics["target"]["adapted"]["accuracy"] == pytest.approx(report["target"]["adapted"]["accuracy"])
+    assert metrics["target"]["source_only"]["accuracy"] == pytest.approx(report["target"]["source_only"]["accuracy"])
+    for name in ("source_only", "adapted"):
+        assert (paths.PLOTS_DIR / f"target_confusion_{name}.png").stat().st_size > 0
+    export_task.fn()
+    exported = read_json(paths.EXPORT_REPORT)
+    assert exported["gate"]["split"] == "target test" and exported["promotion"]["split"] == "target test"
+    assert exported["gate"]["images"] == report["target"]["n_test"]
+    assert exported["gate"]["score"] == pytest.approx(report["target"]["adapted"]["accuracy"], abs=1e-6)
+    meta = onnx_meta.read_metadata(paths.ONNX)
+    assert meta[onnx_meta.ADAPT_METHOD] == "adabn"
+    assert meta[onnx_meta.TARGET_DATA_VERSION] == report["target_data_version"] != ""
+    assert len(adapt_paths(load_target())) == report["target_images"]["adapt"]
