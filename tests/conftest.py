@@ -231,13 +231,16 @@ def prefect_api():
 
 @pytest.fixture(scope="session")
 def trained_workspace(tmp_path_factory: pytest.TempPathFactory, mlflow_store: str) -> Path:
-    """A workspace after ingest -> prepare -> features -> train_head -> finetune on generated images (tiny backbone).
+    """A workspace after ingest -> prepare -> features -> train_head -> finetune (-> ingest_target -> adapt, no target:
+    the fine-tuned model passes through) on generated images (tiny backbone).
 
     Built once per session by the real stage tasks, in-process; tests use a copy (`trained`).
     """
+    from tasks.adapt import adapt
     from tasks.features import features
     from tasks.finetune import finetune
     from tasks.ingest import ingest
+    from tasks.ingest_target import ingest_target
     from tasks.prepare import prepare
     from tasks.train_head import train_head
 
@@ -249,7 +252,7 @@ def trained_workspace(tmp_path_factory: pytest.TempPathFactory, mlflow_store: st
         mp.chdir(ws)
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_store)
         mp.setenv("TLOPS_EXPERIMENT", "trained-workspace")
-        for stage in (ingest, prepare, features, train_head, finetune):
+        for stage in (ingest, prepare, features, train_head, finetune, ingest_target, adapt):
             stage.fn()
     return ws
 

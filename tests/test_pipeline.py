@@ -205,7 +205,7 @@ def real(workspace: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.mark.slow
 def test_real_pipeline_runs_end_to_end_then_skips_then_reruns_only_after_a_finetune_param(real: Path):
     first = run_pipeline()
-    stages = ["ingest", "prepare", "features", "train_head", "finetune", "evaluate", "export"]
+    stages = ["ingest", "prepare", "features", "train_head", "finetune", "ingest_target", "adapt", "evaluate", "export"]
     assert states(first) == dict.fromkeys(stages, "ran")
     assert set(first["metrics"]) == {"head", "finetuned"}
     assert first["data_version"] and first["data_version"].endswith(".dir")
@@ -221,12 +221,12 @@ def test_real_pipeline_runs_end_to_end_then_skips_then_reruns_only_after_a_finet
     (real / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run_pipeline()
     ran = {name for name, state in states(third).items() if state == "ran"}
-    assert ran == {"finetune", "evaluate", "export"}
+    assert ran == {"finetune", "adapt", "evaluate", "export"}
     assert UP_TO_DATE in dvc_status(real)
     c = tracking.client()
     children = c.search_runs([tracking.experiment_id(c)],
                              filter_string=f"tags.mlflow.parentRunId = '{third['mlflow_run_id']}'")
-    assert sorted(r.info.run_name for r in children) == ["evaluate", "export", "finetune"]
+    assert sorted(r.info.run_name for r in children) == ["adapt", "evaluate", "export", "finetune"]
     assert running_mlflow_runs() == []
 
     # Back to the first lr: DVC's run cache has that export, but restoring it would skip the registry and the
