@@ -236,32 +236,38 @@ def trained_workspace(tmp_path_factory: pytest.TempPathFactory, mlflow_store: st
 
     Built once per session by the real stage tasks, in-process; tests use a copy (`trained`).
     """
-    from tasks.adapt import adapt
-    from tasks.features import features
-    from tasks.finetune import finetune
-    from tasks.ingest import ingest
-    from tasks.ingest_target import ingest_target
-    from tasks.prepare import prepare
-    from tasks.train_head import train_head
-
     root = tmp_path_factory.mktemp("trained")
     make_images(root / "images", classes=3, per_class=10, size=40)
     ws = make_workspace(root / "ws")
     write_params(ws, {"data": {"source": "imagefolder", "path": str(root / "images")}})
+    run_stage_tasks(ws, (*TRAINING_STAGES, "ingest_target", "adapt"), mlflow_store, "trained-workspace")
+    return ws
+
+
+TRAINING_STAGES = ("ingest", "prepare", "features", "train_head", "finetune")
+
+
+def run_stage_tasks(ws: Path, stages: tuple[str, ...], mlflow_store: str, experiment: str) -> None:
+    """Run the named stages' Prefect tasks (their plain functions, `.fn`) in order, in-process, in `ws`."""
+    import importlib
+
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ws)
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-        mp.setenv("TLOPS_EXPERIMENT", "trained-workspace")
-        for stage in (ingest, prepare, features, train_head, finetune, ingest_target, adapt):
-            stage.fn()
-    return ws
+        mp.setenv("TLOPS_EXPERIMENT", experiment)
+        for stage in stages:
+            getattr(importlib.import_module(f"tasks.{stage}"), stage).fn()
+
+
+def use_copy(src: Path, dest: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of a session- or module-built workspace as cwd, with the test's interpreter on PATH."""
+    shutil.copytree(src, dest, symlinks=True)
+    monkeypatch.chdir(dest)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return dest
 
 
 @pytest.fixture
 def trained(trained_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private copy of trained_workspace as cwd."""
-    ws = tmp_path / "trained"
-    shutil.copytree(trained_workspace, ws, symlinks=True)
-    monkeypatch.chdir(ws)
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    return ws
+    return use_copy(trained_workspace, tmp_path / "trained", monkeypatch)
