@@ -13,7 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import deep_update, make_domain_images, make_workspace, write_params
+from conftest import (
+    TRAINING_STAGES,
+    deep_update,
+    make_domain_images,
+    make_workspace,
+    run_stage_tasks,
+    use_copy,
+    write_params,
+)
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -39,35 +47,19 @@ PARAMS = {
 def domains_workspace(tmp_path_factory: pytest.TempPathFactory, mlflow_store: str) -> Path:
     """Source patterns on dark backgrounds, trained through finetune; the same patterns, faint on bright tinted
     backgrounds, as the labelled target folder (adapt.target)."""
-    from tasks.features import features
-    from tasks.finetune import finetune
-    from tasks.ingest import ingest
-    from tasks.ingest_target import ingest_target as ingest_target_task
-    from tasks.prepare import prepare
-    from tasks.train_head import train_head
-
     root = tmp_path_factory.mktemp("domains")
     make_domain_images(root / "source", "source", per_class=30, seed=0)
     make_domain_images(root / "target", "target", per_class=30, seed=1)
     ws = make_workspace(root / "ws")
     write_params(ws, deep_update(PARAMS, {"data": {"source": "imagefolder", "path": str(root / "source")},
                                           "adapt": {"target": str(root / "target")}}))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(ws)
-        mp.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-        mp.setenv("TLOPS_EXPERIMENT", "domains-workspace")
-        for stage in (ingest, prepare, features, train_head, finetune, ingest_target_task):
-            stage.fn()
+    run_stage_tasks(ws, (*TRAINING_STAGES, "ingest_target"), mlflow_store, "domains-workspace")
     return ws
 
 
 @pytest.fixture
 def domains(domains_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    ws = tmp_path / "ws"
-    shutil.copytree(domains_workspace, ws, symlinks=True)
-    monkeypatch.chdir(ws)
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    return ws
+    return use_copy(domains_workspace, tmp_path / "ws", monkeypatch)
 
 
 def _with(method: str, **adapt) -> object:
@@ -132,21 +124,28 @@ def test_each_method_improves_target_accuracy_and_measures_the_shift(domains: Pa
 def test_auto_reports_every_candidate_and_chooses_without_target_labels(domains: Path):
     result, report = _run(_with("auto"))
     assert set(report["candidates"]) == {"none", *adaptation.METHODS}
-    assert report["chosen"] in report["candidates"] and "information maximisation" in report["criterion"]
-    scores = {m: row["im"] for m, row in report["candidates"].items()}
-    allowed = [m for m, row in report["candidates"].items()
-               if row["source_val"] >= report["candidates"]["none"]["source_val"] - 0.01 - 1e-9]
-    assert report["chosen"] == max(allowed, key=scores.get)
+    assert report["chosen"] in report["candidates"] and "agreement with the ensemble" in report["criterion"]
+    rows = report["candidates"]
+    admissible = [m for m, row in rows.items() if row["source_val"] >= rows["none"]["source_val"] - 0.01 - 1e-9]
+    assert {m for m, row in rows.items() if row["agreement"] is not None} == set(admissible)
+    assert report["chosen"] == max(admissible, key=lambda m: (rows[m]["agreement"], m == "none"))
 
 
-def test_choose_keeps_the_source_only_model_when_no_method_beats_it_within_the_source_drop():
-    def cand(name: str, im: float, val: float) -> adaptation.Candidate:
-        return adaptation.Candidate(name, {}, im, val, 0.0)
+def test_choose_goes_by_agreement_with_the_ensemble_of_the_models_within_the_source_drop():
+    truth = np.arange(30) % 3
+    onehot = np.eye(3)
 
-    none = cand("none", 0.5, 0.90)
-    assert adaptation.choose(none, {"mcc": cand("mcc", 0.9, 0.80)}, 0.01) == "none"  # source fell too far
-    assert adaptation.choose(none, {"mcc": cand("mcc", 0.4, 0.95)}, 0.01) == "none"  # no better on the target
-    assert adaptation.choose(none, {"mcc": cand("mcc", 0.9, 0.895), "adabn": cand("adabn", 0.7, 0.9)}, 0.01) == "mcc"
+    def cand(name: str, right: int, val: float, wrong: int = 1, confidence: float = 0.9) -> adaptation.Candidate:
+        pred = np.where(np.arange(30) < right, truth, (truth + wrong) % 3)  # right on the first `right` images
+        probs = onehot[pred] * (confidence - (1 - confidence) / 2) + (1 - confidence) / 2
+        return adaptation.Candidate(name, {}, probs, val, 0.0)
+
+    none = cand("none", 24, 0.90)
+    good, overconfident = cand("self_training", 27, 0.90, wrong=2), cand("mcc", 15, 0.90, wrong=2, confidence=0.999)
+    chosen, agreement = adaptation.choose(none, {"self_training": good, "mcc": overconfident}, 0.01)
+    assert chosen == "self_training" and overconfident.im > good.im  # the confidence score would have picked mcc
+    assert adaptation.choose(none, {"self_training": cand("self_training", 27, 0.80)}, 0.01)[0] == "none"
+    assert set(adaptation.choose(none, {"mcc": cand("mcc", 27, 0.80)}, 0.01)[1]) == {"none"}  # source fell too far
 
 
 def test_losses_and_pseudo_labels():
