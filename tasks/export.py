@@ -18,7 +18,7 @@ def export(params_path: str | None = None) -> dict:
     """Export + verify the model, register it as `candidate`, move `champion` if it wins; write reports/export.json."""
     params = load_params(params_path)
     with tracking.stage_run("export", params) as run:
-        gate = target.gate_split(load_manifest(paths.MANIFEST))  # the target's test split when it has labels
+        gate = target.gate_split(load_manifest(paths.MANIFEST))  # the target's test split when it has labels, else None
         report = exporting.export_model(params, run.run_id, tracking.git_commit(), gate)
         version = register(params, report, run.run_id)
         report["promotion"] = promote(params, version, report["gate"]["score"], run.run_id, report["metric"], gate)

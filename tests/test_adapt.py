@@ -28,8 +28,8 @@ from safetensors.torch import load_file
 from tlops import adapt as adaptation
 from tlops import onnx_meta, paths
 from tlops.config import load_params, parse_params
-from tlops.errors import ConfigError
 from tlops.data import load_manifest
+from tlops.errors import ConfigError
 from tlops.io import read_json, sha256_file
 from tlops.target import adapt_paths, ingest_target, load_target, scored_items
 

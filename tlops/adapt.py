@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,10 +45,10 @@ from tlops.data import data_version, split_items
 from tlops.devices import resolve_device, torch_threads
 from tlops.errors import DataError
 from tlops.images import WorkingImages, for_manifest
-from tlops.io import sha256_file, sha256_json
+from tlops.io import atomic_path, sha256_file, sha256_json, write_json
 from tlops.loaders import augment, training_view, view_of
 from tlops.model import Classifier, load_classifier, save_state
-from tlops.preprocess import PreprocessSpec, normalize, preprocess
+from tlops.preprocess import PreprocessSpec, normalize, preprocess, preprocess_batches
 from tlops.runtime import softmax
 from tlops.schedule import lr_factor, param_groups, set_trainable, warmup_steps
 from tlops.target import adapt_paths, scored_items
@@ -101,6 +102,7 @@ class AdaptResult:
     chosen: str
     candidates: dict[str, Candidate]
     source_only: Candidate
+    domains: Domains
     agreement: dict[str, float] = field(default_factory=dict)  # auto: each admissible model's agreement
 
 
@@ -175,9 +177,8 @@ def outputs(model: Classifier, images: Sequence[str], store: WorkingImages,
     model.eval()
     feats, logits = [], []
     with torch.inference_mode():
-        for i in range(0, len(images), EVAL_BATCH):
-            x = torch.from_numpy(np.stack([preprocess(store.get(p), store.spec) for p in images[i:i + EVAL_BATCH]]))
-            f = model.backbone(x.to(device, memory_format=torch.channels_last))
+        for batch in preprocess_batches(images, store.spec, store.max_pixels, EVAL_BATCH, load=store.get):
+            f = model.backbone(torch.from_numpy(batch).to(device, memory_format=torch.channels_last))
             feats.append(f.float().cpu().numpy())
             logits.append(model.head(f).float().cpu().numpy())
     width = model.head[-1].out_features if isinstance(model.head, nn.Sequential) else 0
@@ -283,11 +284,11 @@ def train_method(method: str, model: Classifier, d: Domains, params: Params, che
         t_order = torch.randperm(len(d.target), generator=g).tolist()
         s_order = torch.randperm(len(d.source_train), generator=g).tolist()
         sums = {"loss": 0.0, "source_loss": 0.0, "target_loss": 0.0}
+        view = view_of(epoch, ft.views)  # the source images' augmented view, as fine-tuning's epoch would show it
         for k in range(steps):
             step = epoch * steps + k
             t_idx = t_order[k * ad.batch_size:(k + 1) * ad.batch_size]
             s_idx = [s_order[(k * ad.batch_size + j) % len(s_order)] for j in range(len(t_idx))]
-            view = view_of(epoch, ft.views)
             xs = np.stack([training_view(d.source_images.get(d.source_train[i][0]), d.spec, ft.augment, ft.seed,
                                          view, source_sha[d.source_train[i][0]]) for i in s_idx])
             ys = torch.tensor([d.source_train[i][1] for i in s_idx], device=device)
@@ -315,8 +316,8 @@ def train_method(method: str, model: Classifier, d: Domains, params: Params, che
             opt.step()
             for key, value in (("loss", loss), ("source_loss", source_loss), ("target_loss", target_loss)):
                 sums[key] += float(value.detach()) / steps
-        history.append({"method": method, "epoch": epoch + 1, **sums, "lr": opt.param_groups[1]["lr"]
-                        if len(opt.param_groups) > 1 else opt.param_groups[0]["lr"]})
+        top_lr = opt.param_groups[min(1, len(opt.param_groups) - 1)]["lr"]  # the top backbone group's (else the head's)
+        history.append({"method": method, "epoch": epoch + 1, **sums, "lr": top_lr})
         save_checkpoint(checkpoint_dir, model, opt, scaler, epoch + 1, history, fingerprint)
     model.eval()
     return history, start
@@ -376,7 +377,7 @@ def _adapt(params: Params, manifest: Any, target_rows: list, model_dir: Path, ou
     adapted_info = {**info, "adapt": {"method": ad.method, "chosen": chosen, "target": ad.target,
                                       "target_data_version": target_version, "metric": metric}}
     save_adapted(model, adapted_info, model_dir, out_dir, changed=chosen != "none")
-    return AdaptResult(model, adapted_info, ad.method, chosen, candidates, source_only, agreement)
+    return AdaptResult(model, adapted_info, ad.method, chosen, candidates, source_only, d, agreement)
 
 
 def choose(source_only: Candidate, candidates: dict[str, Candidate], max_source_drop: float
@@ -435,10 +436,6 @@ def fingerprint(params: Params, manifest: Any, target_rows: list, model_dir: Pat
 def save_adapted(model: Classifier, info: dict, model_dir: Path, out_dir: Path, changed: bool) -> None:
     """out_dir/model.safetensors + model.json; unchanged (method none, or auto keeping the source-only model), the
     weights are the very file fine-tuning wrote."""
-    import shutil
-
-    from tlops.io import atomic_path, write_json
-
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / paths.ADAPT_WEIGHTS.name
     if changed:
@@ -460,19 +457,24 @@ def report(result: AdaptResult, params: Params, manifest: Any, target_rows: list
     if not target_rows:
         return out
     device = torch.device("cpu")
-    spec = PreprocessSpec.from_dict(result.info["preprocess"])
-    max_pixels = params.data.max_pixels
-    source = for_manifest(manifest, spec, max_pixels)
-    target = WorkingImages(paths.TARGET_IMAGES, spec, max_pixels, {r.path: r.sha256 for r in target_rows})
+    source, target = result.domains.source_images, result.domains.target_images
     classes = list(result.info["classes"])
     test_paths, test_y, unknown = scored_items(target_rows, classes)
     source_test = split_items(manifest, "test")
     model = copy.deepcopy(result.model).to(device)
+    target_paths = [r.path for r in target_rows]
+    at = {p: i for i, p in enumerate(target_paths)}
+    test_at = [at[p] for p in test_paths]  # the labelled test images among all the target's
     scored: dict[str, dict] = {}
-    for name, state in (("source_only", result.source_only.state), ("adapted", result.model.state_dict())):
-        model.load_state_dict(state)
+    test_logits: dict[str, np.ndarray] = {}  # by candidate: each model's target test logits, computed once
+    for name, candidate in (("source_only", "none"), ("adapted", result.chosen)):
+        if candidate in test_logits:  # nothing adapted: the adapted model is the source-only one
+            scored[name] = scored["source_only"]
+            continue
+        model.load_state_dict(result.source_only.state if name == "source_only" else result.model.state_dict())
         s_feats, s_logits = outputs(model, [p for p, _ in source_test], source, device)
-        t_feats, t_logits = outputs(model, [r.path for r in target_rows], target, device)
+        t_feats, t_logits = outputs(model, target_paths, target, device)
+        test_logits[candidate] = t_logits[test_at]
         scored[name] = {"source": scores(s_logits, [c for _, c in source_test], len(classes)),
                         "target_mean_confidence": float(softmax(t_logits).max(1).mean()) if len(t_logits) else None,
                         "source_mean_confidence": float(softmax(s_logits).max(1).mean())}
@@ -481,8 +483,7 @@ def report(result: AdaptResult, params: Params, manifest: Any, target_rows: list
                             "target_mean_confidence": scored[name]["target_mean_confidence"],
                             "source_mean_confidence": scored[name]["source_mean_confidence"]}
         if test_paths:
-            _, logits = outputs(model, test_paths, target, device)
-            scored[name]["target"] = scores(logits, test_y, len(classes))
+            scored[name]["target"] = scores(test_logits[candidate], test_y, len(classes))
     out["source"] = {name: s["source"] for name, s in scored.items()}
     out["target_images"] = {"adapt": sum(r.split == "adapt" for r in target_rows), "test": len(test_paths),
                             "unknown_labels": unknown}
@@ -495,9 +496,16 @@ def report(result: AdaptResult, params: Params, manifest: Any, target_rows: list
                         f"adapt.max_source_drop = {params.adapt.max_source_drop:g} of its source validation "
                         f"{result.info['adapt']['metric']}, on the target adapt images" if result.method == "auto"
                         else None)
-    out["candidates"] = {name: {**_candidate_row(c, model, target, test_paths, test_y, classes, device),
-                                "agreement": result.agreement.get(name)}
-                         for name, c in {"none": result.source_only, **result.candidates}.items()}
+    out["candidates"] = {}
+    for name, c in {"none": result.source_only, **result.candidates}.items():
+        row = {"im": c.im, "source_val": c.source_val, "seconds": round(c.seconds, 2),
+               "resumed_epochs": c.resumed_epochs, "agreement": result.agreement.get(name)}
+        if test_paths:  # for the reader only: computed after the choice, from labels adaptation never saw
+            if name not in test_logits:
+                model.load_state_dict(c.state)
+                test_logits[name] = outputs(model, test_paths, target, device)[1]
+            row["target_accuracy"] = float((test_logits[name].argmax(1) == np.array(test_y)).mean())
+        out["candidates"][name] = row
     out["seconds"] = round(seconds, 2)
     return out
 
@@ -505,16 +513,6 @@ def report(result: AdaptResult, params: Params, manifest: Any, target_rows: list
 def scores(logits: np.ndarray, y: Sequence[int], num_classes: int) -> dict[str, float]:
     """Every tlops.scoring metric of logits against labels."""
     return {m: scoring.score(m, np.asarray(y), logits.argmax(1), num_classes) for m in scoring.METRICS}
-
-
-def _candidate_row(c: Candidate, model: Classifier, target: WorkingImages, test_paths: list[str],
-                   test_y: list[int], classes: list[str], device: torch.device) -> dict:
-    row = {"im": c.im, "source_val": c.source_val, "seconds": round(c.seconds, 2), "resumed_epochs": c.resumed_epochs}
-    if test_paths:  # for the reader only: computed after the choice, from labels adaptation never saw
-        model.load_state_dict(c.state)
-        _, logits = outputs(model, test_paths, target, device)
-        row["target_accuracy"] = float((logits.argmax(1) == np.array(test_y)).mean())
-    return row
 
 
 def flat_metrics(rep: dict[str, Any]) -> dict[str, float]:

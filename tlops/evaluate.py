@@ -299,8 +299,10 @@ def target_metrics(params: Params, classes: Sequence[str], adapted: tuple[nn.Mod
     store = WorkingImages(paths.TARGET_IMAGES, spec, params.data.max_pixels, {r.path: r.sha256 for r in rows})
     y = np.array(test_y, dtype=int)
     out: dict[str, Any] = {"n_test": len(test_paths), "unknown_labels": unknown}
-    for name, model in (("source_only", source_only), ("adapted", adapted[0] if adapted else source_only)):
-        logits = torch_logits(model, preprocess_batches(test_paths, spec, params.data.max_pixels, load=store.get))
+    logits = None
+    for name, model in (("source_only", source_only), ("adapted", adapted[0] if adapted else None)):
+        if model is not None:  # nothing adapted: the adapted model is the source-only one, already scored
+            logits = torch_logits(model, preprocess_batches(test_paths, spec, params.data.max_pixels, load=store.get))
         out[name] = compute_metrics(logits, y, classes)
         plot_confusion(y, logits.argmax(1), classes, paths.PLOTS_DIR / f"target_confusion_{name}.png",
                        title=f"Target test, {name.replace('_', '-')} model ({len(y)} images)")

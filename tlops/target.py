@@ -21,7 +21,6 @@ from tlops.data import (
     parse_manifest,
     replaced_dir,
     validate,
-    split_items,
     visible_files,
     write_manifest,
 )
@@ -96,12 +95,11 @@ def scored_items(rows: list[ManifestRow], classes: list[str]) -> tuple[list[str]
     return [r.path for r in kept], [known[r.label] for r in kept], unknown
 
 
-def gate_split(manifest: Manifest, path: Path = paths.TARGET_MANIFEST) -> tuple[list[str], list[str], str]:
-    """(images, true class names, name) of the split the promotion gate compares on: the target domain's labelled
-    test split when there is one (the data the model will meet), else the source test split."""
+def gate_split(manifest: Manifest, path: Path = paths.TARGET_MANIFEST) -> tuple[list[str], list[str], str] | None:
+    """(images, true class names, "target test") of the target domain's labelled test split, the data the model will
+    meet, for the promotion gate; None without one (the gate then uses the source test split)."""
     if Path(path).exists():
         test_paths, test_y, _ = scored_items(load_target(path), list(manifest.classes))
         if test_paths:
             return test_paths, [manifest.classes[c] for c in test_y], "target test"
-    items = split_items(manifest, "test")
-    return [p for p, _ in items], [manifest.classes[c] for _, c in items], "source test"
+    return None
