@@ -5,11 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test ui serve bench clean install
+.PHONY: run test ui serve bench clean install proto
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[all,test]"  # training, serving, registry, tests
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +30,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/training.py
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/serving.py
+
+proto: $(STAMP)  ## recompile the gRPC descriptor after editing serving/proto/grpc_predict_v2.proto
+	$(BIN)/python -m grpc_tools.protoc -I serving/proto --descriptor_set_out=serving/proto/grpc_predict_v2.binpb \
+		serving/proto/grpc_predict_v2.proto
 
 clean:
 	rm -rf data/raw data/prepared features models reports checkpoints .tlops mlflow.db mlartifacts

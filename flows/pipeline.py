@@ -28,6 +28,7 @@ from orchestration.workspace import workspace_lock
 from tlops import paths, tracking
 from tlops.config import Params, ScheduleParams, load_params
 from tlops.config import params_path as resolve_params_path
+from tlops.config import set_params as write_params
 from tlops.errors import ConfigError, TlopsError, is_permanent
 
 if TYPE_CHECKING:
@@ -41,8 +42,14 @@ LOCK_FILE = paths.STATE_DIR / "pipeline.lock"
 
 
 @flow(name="pipeline")
-def pipeline_flow(params_path: str | None = None, refresh: bool = False, force: bool = False) -> dict[str, Any]:
-    """Bring every stage of dvc.yaml up to date: `refresh` re-reads the data source first, `force` re-runs all."""
+def pipeline_flow(params_path: str | None = None, refresh: bool = False, force: bool = False,
+                  set_params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Bring every stage of dvc.yaml up to date: `refresh` re-reads the data source first, `force` re-runs all.
+
+    `set_params` ({"adapt.target": "/logs", ...}) is written into the params file first, under the workspace lock,
+    as `dvc exp run --set-param` does: the run, dvc.lock and MLflow all see the new values (tlops drift-check
+    starts runs this way).
+    """
     params = load_params(params_path)
     _check_params_file(params_path)
     from tlops.data import forget_data_version  # here, not above: numpy and Pillow stay out of a cached start-up
@@ -50,17 +57,21 @@ def pipeline_flow(params_path: str | None = None, refresh: bool = False, force: 
     forget_data_version()  # learnt anew once the ingest stage is up to date
     started = time.perf_counter()
     records: list[StageRecord] = []
-    with workspace_lock(LOCK_FILE, params.schedule.lock_timeout_s), tracking.pipeline_run(params) as parent:
-        try:
-            with dvc_stages.open_repo() as repo:
-                _run_stages(repo, params, params_path, refresh, force, records)
-        finally:
-            summary = _finish(records, time.perf_counter() - started, parent)
+    with workspace_lock(LOCK_FILE, params.schedule.lock_timeout_s):
+        if set_params:
+            params = write_params(set_params, params_path)
+            log.info("params set for this run: %s", ", ".join(f"{k}={v!r}" for k, v in set_params.items()))
+        with tracking.pipeline_run(params) as parent:
+            try:
+                with dvc_stages.open_repo() as repo:
+                    _run_stages(repo, params, params_path, refresh, force, records)
+            finally:
+                summary = _finish(records, time.perf_counter() - started, parent)
     return summary
 
 
 def run_pipeline(params_path: str | None = None, refresh: bool = False, force: bool = False,
-                 server: TemporaryServer | None = None) -> dict[str, Any]:
+                 server: TemporaryServer | None = None, set_params: dict[str, Any] | None = None) -> dict[str, Any]:
     """What `tlops run` does: the pipeline flow in this process. Returns its summary; raises what failed it.
 
     Without a configured Prefect API the flow talks to a temporary server: `server` when the caller spawned one
@@ -69,7 +80,7 @@ def run_pipeline(params_path: str | None = None, refresh: bool = False, force: b
     # _preload while a temporary server starts; with a running server there is nothing to overlap, and each stage
     # imports what it needs when it runs (nothing, when every stage is cached).
     with prefect_api(server, while_starting=_preload):
-        return pipeline_flow(params_path=params_path, refresh=refresh, force=force)
+        return pipeline_flow(params_path=params_path, refresh=refresh, force=force, set_params=set_params)
 
 
 def _run_stages(repo: Repo, params: Params, params_path: str | None, refresh: bool, force: bool,

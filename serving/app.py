@@ -1,6 +1,9 @@
 """The inference service: FastAPI under uvicorn, ONNX Runtime behind a micro-batcher, torch-free.
 
-Routes: the Open Inference Protocol v2 REST API (/v2/...), POST /predict for image files, GET /metrics.
+Routes: the Open Inference Protocol v2 REST API (/v2/..., with binary tensor data), POST /predict for image files,
+GET /drift, GET /metrics; the same protocol over gRPC on serve.grpc_port (serving.grpc_server), sharing the model,
+batcher, limits and metrics. Every answered sample feeds the drift monitor (tlops.drift); with serve.log_inputs a
+sample of the received images is kept for adaptation (serving.input_log).
 The model loads in the background after startup: liveness answers 200 at once, readiness 503 until a model
 has passed its sha256 check and a warm-up run. Reloads (SIGHUP, or the source changing on a poll every
 serve.reload_s) load, verify and warm the new model off the request path and swap it in with one assignment;
@@ -31,11 +34,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving import protocol
 from serving.batcher import Closed, MicroBatcher, QueueFull
+from serving.input_log import InputLog
 from serving.metrics import Metrics
 from serving.middleware import BodyLimit, RequestMetrics
-from serving.model import LoadedModel, ModelSource, file_key, load_model, top_labels, warm_up
+from serving.model import LoadedModel, ModelSource, Outputs, file_key, load_model, top_labels, warm_up
 from serving.protocol import ApiError
-from tlops import onnx_meta
+from tlops import drift, onnx_meta
 from tlops.config import ServeParams
 from tlops.preprocess import ImageError, PreprocessSpec, load_and_preprocess
 from tlops.runtime import softmax
@@ -63,6 +67,11 @@ class Service:
         self._rejected_key: tuple | None = None
         self._last_error: str | None = None
         self._tasks: set[asyncio.Task] = set()
+        self.drift: drift.Monitor | None = None  # of the model being served (its reference statistics)
+        self.input_log = (InputLog(params.log_inputs, params.log_sample, params.log_max_bytes)
+                          if params.log_inputs else None)
+        self.grpc_server: Any = None
+        self.grpc_port: int | None = None
 
     @property
     def ready(self) -> bool:
@@ -86,6 +95,9 @@ class Service:
                 self._reject(key, e)
                 return False
             old, self.model = self.model, new  # the swap: in-flight batches keep the session they started with
+            self.drift = (drift.Monitor.from_metadata(new.metadata, self.params.drift_window,
+                                                      self.params.drift_threshold)
+                          if self.params.drift_window else None)
             self.status, self._rejected_key, self._last_error = "ready", None, None
             self.metrics.model_loaded(new.name, new.version, new.sha256, new.metadata)
             log.info("serving %s version %s from %s%s", new.name, new.version, new.path,
@@ -128,6 +140,11 @@ class Service:
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         self._loop, self._lock = asyncio.get_running_loop(), asyncio.Lock()
         await self.batcher.start()
+        if self.params.grpc_port is not None:
+            from serving import grpc_server
+
+            self.grpc_server, self.grpc_port = await grpc_server.start(
+                self, self.params.host, self.params.grpc_port, self.params.max_body_bytes)
         self._spawn(self.reload(force=True))
         if self.params.reload_s > 0:
             self._spawn(self._poll())
@@ -139,6 +156,8 @@ class Service:
                 self._loop.remove_signal_handler(signal.SIGHUP)
             for task in self._tasks:
                 task.cancel()
+            if self.grpc_server is not None:  # in-flight RPCs get the same grace as HTTP requests
+                await self.grpc_server.stop(math.ceil(self.params.timeout_ms / 1000) + 5)
             await self.batcher.close()  # uvicorn has finished in-flight requests by now; drain what is left
             self.decode_pool.shutdown(wait=False, cancel_futures=True)
             log.info("stopped")
@@ -169,8 +188,9 @@ class Service:
         return model
 
     async def infer(self, model: LoadedModel, prepare: Callable[[], tuple[Any, np.ndarray]]
-                    ) -> tuple[Any, np.ndarray, LoadedModel]:
-        """Decode off the event loop, then run through the batcher; 503 when full, 504 past serve.timeout_ms."""
+                    ) -> tuple[Any, Outputs, LoadedModel]:
+        """Decode off the event loop, then run through the batcher; 503 when full, 504 past serve.timeout_ms.
+        The answer feeds the drift monitor of the model that gave it."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.params.timeout_ms / 1000):
@@ -186,7 +206,39 @@ class Service:
                            reason="timeout") from None
         finally:
             self.metrics.queue_depth.set(self.batcher.depth)
+        monitor = self.drift
+        if monitor is not None and used is self.model:
+            monitor.observe(y.logits, y.embedding)
         return extra, y, used
+
+    def keep_inputs(self, req: protocol.InferRequest) -> None:
+        """serve.log_inputs: keep the request's images (image and image_bytes tensors); runs in a decode thread."""
+        if self.input_log is None:
+            return
+        for t in req.inputs:
+            if t.name == protocol.FILE_INPUT:
+                for data in t.data.ravel():
+                    self.input_log.keep_file(bytes(data))
+            elif t.name == protocol.IMAGE_INPUT:
+                shape = [1, *t.shape] if len(t.shape) == 3 else t.shape
+                for img in t.data.reshape(shape).astype(np.uint8, copy=False):
+                    self.input_log.keep_pixels(img)
+
+    def drift_scores(self) -> dict[str, Any]:
+        """GET /drift's answer; the gauges are set from it too."""
+        monitor = self.drift
+        if monitor is None:
+            why = ("drift monitoring is off (serve.drift_window: 0)" if not self.params.drift_window else
+                   "no model loaded" if self.model is None else "the model carries no drift reference (re-export it)")
+            scores = {"window": 0, "prediction": None, "embedding": None, "confidence": None,
+                      "threshold": self.params.drift_threshold, "drifted": False, "error": why}
+        else:
+            scores = monitor.scores()
+        if self.input_log is not None:
+            scores["log_inputs"] = str(self.input_log.folder)
+            scores["logged"] = self.input_log.kept
+        self.metrics.drift_scores(scores)
+        return scores
 
 
 def create_app(params: ServeParams, model: str | None = None) -> FastAPI:
@@ -232,13 +284,18 @@ def _add_routes(app: FastAPI, service: Service) -> None:
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
         model = service.model_for(name, version)
         body = await request.body()
+        header_length = request.headers.get(protocol.HEADER_LENGTH)
 
         def prepare() -> tuple[protocol.InferRequest, np.ndarray]:
-            req = protocol.parse_infer_request(body)
-            return req, protocol.decode_inputs(req, model, service.params.max_pixels)
+            req = protocol.parse_rest_request(body, header_length)
+            x = protocol.decode_inputs(req, model, service.params.max_pixels)
+            service.keep_inputs(req)
+            return req, x
 
-        req, logits, used = await service.infer(model, prepare)
-        return JSONResponse(protocol.infer_response(used, req, logits))
+        req, out, used = await service.infer(model, prepare)
+        tensors = protocol.output_tensors(used, req.output_names(), out.logits, out.embedding)
+        content, headers = protocol.rest_response(used, req, tensors)
+        return Response(content, headers=headers)
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:
@@ -248,16 +305,25 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         names = [name for name, _ in files]
 
         def prepare() -> tuple[None, np.ndarray]:
-            return None, decode_images(files, model.spec, service.params.max_pixels)
+            x = decode_images(files, model.spec, service.params.max_pixels)
+            if service.input_log is not None:
+                for _, data in files:
+                    service.input_log.keep_file(data)
+            return None, x
 
-        _, logits, used = await service.infer(model, prepare)
-        probs = softmax(logits)
+        _, out, used = await service.infer(model, prepare)
+        probs = softmax(out.logits)
         return JSONResponse({"model_name": used.name, "model_version": used.version,
                              "predictions": [{"filename": n, "top_k": top_labels(p, used.labels, k)}
                                              for n, p in zip(names, probs)]})
 
+    @app.get("/drift")
+    async def drift_now() -> Response:
+        return JSONResponse(service.drift_scores())
+
     @app.get("/metrics")
     async def metrics() -> Response:
+        service.drift_scores()  # the drift gauges are computed when scraped, not on every request
         body, content_type = service.metrics.render()
         return Response(body, media_type=content_type)
 
@@ -327,8 +393,26 @@ def serve(params: ServeParams, model: str | None = None) -> None:
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for what, port in (("serve.port", params.port), ("serve.grpc_port", params.grpc_port)):
+        _check_free(params.host, port, what)
     app = create_app(params, model)
     config = uvicorn.Config(app, host=params.host, port=params.port, access_log=False, log_level="info",
                             # after SIGTERM, in-flight requests get their full timeout to finish
                             timeout_graceful_shutdown=math.ceil(params.timeout_ms / 1000) + 5)
     uvicorn.Server(config).run()
+
+
+def _check_free(host: str, port: int | None, what: str) -> None:
+    """ConfigError naming the setting when `port` is taken: one line, before anything starts."""
+    import socket
+
+    from tlops.errors import ConfigError
+
+    if not port:
+        return
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as e:
+        raise ConfigError(f"{what}={port}: cannot listen on {host}:{port} ({e.strerror or e}); "
+                          f"free it or choose another port") from None

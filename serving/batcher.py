@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class Runnable(Protocol):
-    def run(self, x: np.ndarray) -> np.ndarray: ...
+    def run(self, x: np.ndarray) -> Any: ...  # an array, or a tuple of arrays, with len(x) rows each
 
 
 class QueueFull(Exception):
@@ -162,5 +162,12 @@ class MicroBatcher:
         start = 0
         for job in batch:
             if not job.future.done():
-                job.future.set_result((y[start:start + job.n], model))
+                job.future.set_result((_rows(y, start, start + job.n), model))
             start += job.n
+
+
+def _rows(y: Any, start: int, stop: int) -> Any:
+    """Rows start:stop of a model's output: an array, or a tuple (NamedTuple too) of arrays or None."""
+    if isinstance(y, tuple):
+        return type(y)(*(None if a is None else a[start:stop] for a in y))
+    return y[start:stop]

@@ -36,6 +36,15 @@ class Metrics:
                                     registry=r)
         self.loaded_at = Gauge("tlops_model_loaded_timestamp_seconds", "When the serving model was swapped in",
                                registry=r)
+        self.drift_prediction = Gauge("tlops_drift_prediction", "Jensen-Shannon divergence of the window's predicted "
+                                      "classes from the test split's", registry=r)
+        self.drift_embedding = Gauge("tlops_drift_embedding", "Shift of the window's mean embedding from the test "
+                                     "split's, in reference standard deviations", registry=r)
+        self.drift_confidence = Gauge("tlops_drift_confidence", "Mean top-1 confidence drop of the window from the "
+                                      "test split's", registry=r)
+        self.drift_window = Gauge("tlops_drift_window", "Samples in the drift window", registry=r)
+        self.drifted = Gauge("tlops_drift_drifted", "1 when the embedding shift exceeds serve.drift_threshold",
+                             registry=r)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
@@ -56,6 +65,15 @@ class Metrics:
     def model_rejected(self) -> None:
         self.loads.labels("rejected").inc()
         self.last_rejected.set(time.time())
+
+    def drift_scores(self, scores: dict) -> None:
+        """Set the drift gauges from a /drift answer (NaN where a score is not known yet)."""
+        nan = float("nan")
+        for gauge, key in ((self.drift_prediction, "prediction"), (self.drift_embedding, "embedding"),
+                           (self.drift_confidence, "confidence")):
+            gauge.set(nan if scores.get(key) is None else scores[key])
+        self.drift_window.set(scores.get("window", 0))
+        self.drifted.set(float(bool(scores.get("drifted"))))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -6,7 +6,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -80,6 +80,13 @@ def file_key(path: Path) -> tuple | None:
     return (str(path.resolve()), st.st_mtime_ns, st.st_size, recorded)
 
 
+class Outputs(NamedTuple):
+    """One model run: logits (N, classes) and, when the model exports it, the pooled embedding (N, D)."""
+
+    logits: np.ndarray
+    embedding: np.ndarray | None = None
+
+
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
     """A verified ONNX Runtime session with the labels and preprocessing recorded in its metadata."""
@@ -95,6 +102,8 @@ class LoadedModel:
     output_name: str
     metadata: dict[str, str] = field(repr=False)
     key: tuple | None = None
+    embedding_name: str | None = None  # the pooled-embedding output, when the export has one
+    embedding_dim: int | None = None
 
     @property
     def task(self) -> tuple[str, tuple[str, ...]]:
@@ -106,8 +115,13 @@ class LoadedModel:
         """[-1, 3, S, S]: -1 for the dynamic batch axis, as the v2 metadata API writes it."""
         return [-1, 3, self.spec.input_size, self.spec.input_size]
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """float32 (N, 3, S, S) -> logits float32 (N, classes)."""
+    def run(self, x: np.ndarray) -> Outputs:
+        """float32 (N, 3, S, S) -> Outputs: logits float32 (N, classes), and the embedding when there is one."""
+        names = [self.output_name] + ([self.embedding_name] if self.embedding_name else [])
+        return Outputs(*self.session.run(names, {self.input_name: x}))
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """float32 (N, 3, S, S) -> logits float32 (N, classes), the embedding not computed."""
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
 
@@ -134,18 +148,27 @@ def load_model(path: str | os.PathLike, name: str | None = None, threads: int | 
         raise ModelIntegrityError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0]})") from None
     meta = dict(session.get_modelmeta().custom_metadata_map)
     labels, spec = onnx_meta.labels_of(meta), onnx_meta.spec_of(meta)
-    input_name, output_name = _check_signature(session, spec, len(labels), path)
+    input_name, output_name, embedding = _check_signature(session, spec, len(labels), path)
     return LoadedModel(name=name or path.stem, version=actual[:12], sha256=actual, path=path, session=session,
                        labels=tuple(labels), spec=spec, input_name=input_name, output_name=output_name,
-                       metadata=meta, key=key)
+                       metadata=meta, key=key, embedding_name=embedding and embedding[0],
+                       embedding_dim=embedding and embedding[1])
 
 
-def _check_signature(session: ort.InferenceSession, spec: PreprocessSpec, classes: int, path: Path) -> tuple[str, str]:
-    """The model must take one float (N,3,S,S) input matching its preprocessing and give (N,classes) out."""
+def _check_signature(session: ort.InferenceSession, spec: PreprocessSpec, classes: int, path: Path
+                     ) -> tuple[str, str, tuple[str, int] | None]:
+    """The model must take one float (N,3,S,S) input matching its preprocessing and give (N,classes) out first;
+    a second output named `embedding` (N, D) is the pooled embedding. Returns (input, logits, (embedding, D))."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1 or len(outputs) < 1:
         raise ModelIntegrityError(f"{path}: expected 1 input and 1 output, got {len(inputs)} and {len(outputs)}")
     inp, out = inputs[0], outputs[0]
+    emb = next((o for o in outputs[1:] if o.name == onnx_meta.EMBEDDING), None)
+    embedding = None
+    if emb is not None:
+        if len(emb.shape) != 2 or not isinstance(emb.shape[1], int):
+            raise ModelIntegrityError(f"{path}: output {emb.name} has shape {emb.shape}; expected [N, D]")
+        embedding = (emb.name, emb.shape[1])
     s = spec.input_size
     dims = inp.shape
     if inp.type != "tensor(float)" or len(dims) != 4 or [d for d in dims[1:]] != [3, s, s]:
@@ -154,7 +177,7 @@ def _check_signature(session: ort.InferenceSession, spec: PreprocessSpec, classe
     if len(out.shape) != 2 or (isinstance(out.shape[1], int) and out.shape[1] != classes):
         raise ModelIntegrityError(f"{path}: output {out.name} has shape {out.shape}; expected [N, {classes}] "
                                   "(one logit per label in tlops.labels)")
-    return inp.name, out.name
+    return inp.name, out.name, embedding
 
 
 def warm_up(model: LoadedModel, batch_sizes: tuple[int, ...] = (1,)) -> float:
@@ -162,7 +185,7 @@ def warm_up(model: LoadedModel, batch_sizes: tuple[int, ...] = (1,)) -> float:
     t0 = time.perf_counter()
     for n in batch_sizes:
         x = np.zeros((n, *model.input_shape[1:]), np.float32)
-        y = model.run(x)
+        y = model.run(x).logits
         if y.shape != (n, len(model.labels)) or not np.isfinite(y).all():
             raise ModelIntegrityError(f"{model.path}: warm-up gave {y.shape} or non-finite logits for batch {n}")
     return time.perf_counter() - t0

@@ -37,7 +37,7 @@ def predict_files(model_path: str | os.PathLike, images: Sequence[str | os.PathL
                           "reason": "unreadable"}
     for start in range(0, len(ok), BATCH):
         chunk = ok[start:start + BATCH]
-        probs = softmax(model.run(np.stack([x for _, x in chunk])))
+        probs = softmax(model.logits(np.stack([x for _, x in chunk])))
         for (i, _), p in zip(chunk, probs):
             results[i] = _result(model, images[i], p, top_k)
     return results

@@ -6,8 +6,8 @@ from typing import Any
 
 from prefect import task
 
+from tlops import drift, onnx_meta, paths, registry, target, tracking
 from tlops import export as exporting
-from tlops import onnx_meta, paths, registry, target, tracking
 from tlops.config import Params, load_params
 from tlops.data import load_manifest
 from tlops.io import write_json
@@ -19,7 +19,7 @@ def export(params_path: str | None = None) -> dict:
     params = load_params(params_path)
     with tracking.stage_run("export", params) as run:
         gate = target.gate_split(load_manifest(paths.MANIFEST))  # the target's test split when it has labels, else None
-        report = exporting.export_model(params, run.run_id, tracking.git_commit(), gate)
+        report = exporting.export_model(params, run.run_id, tracking.git_commit(), gate, drift.model_reference)
         version = register(params, report, run.run_id)
         report["promotion"] = promote(params, version, report["gate"]["score"], run.run_id, report["metric"], gate)
         report["registered"] = {"name": params.export.registered_model, "version": version}
@@ -41,7 +41,8 @@ def register(params: Params, report: dict[str, Any], run_id: str) -> str:
     example = exporting.input_example(paths.ONNX, images[0], params.data.max_pixels)
     meta = onnx_meta.read_metadata(paths.ONNX)
     return registry.log_onnx_model(paths.ONNX, example, params.export.registered_model, run_id=run_id,
-                                   metadata={k.removeprefix(onnx_meta.PREFIX): v for k, v in meta.items()})
+                                   metadata={k.removeprefix(onnx_meta.PREFIX): v for k, v in meta.items()
+                                             if k != onnx_meta.DRIFT_REFERENCE})  # ~100 kB of numbers: in the file
 
 
 def promote(params: Params, version: str, accuracy: float, run_id: str, metric: str = "accuracy",

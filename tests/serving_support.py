@@ -29,11 +29,12 @@ SPEC = PreprocessSpec(input_size=32, interpolation="bilinear", mean=(0.5, 0.5, 0
 
 
 def export_tiny_model(path: Path, scale: float = 10.0, spec: PreprocessSpec = SPEC,
-                      labels: list[str] = LABELS) -> Path:
+                      labels: list[str] = LABELS, reference_images: list[Path] | None = None) -> Path:
     """A tiny torch CNN whose logit c is `scale` x the mean of normalised channel c, exported like tlops does.
 
     make_images paints class c with channel c boosted, so this model classifies those images correctly
-    and with clear margins (top-1 never hinges on rounding).
+    and with clear margins (top-1 never hinges on rounding). With `reference_images`, the model also outputs its
+    pooled embedding (the 3 channel means) and carries the drift reference of those images, as an export does.
     """
     import onnx
     import torch
@@ -52,18 +53,25 @@ def export_tiny_model(path: Path, scale: float = 10.0, spec: PreprocessSpec = SP
                 self.fc.weight.copy_(scale * torch.eye(len(labels), 3))
                 self.fc.bias.zero_()
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.pool(self.conv(x)).flatten(1))
+        def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            embedding = self.pool(self.conv(x)).flatten(1)
+            return (self.fc(embedding), embedding) if reference_images else self.fc(embedding)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     x = torch.zeros(1, 3, spec.input_size, spec.input_size)
-    torch.onnx.export(Tiny().eval(), (x,), str(path), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    outputs = ["logits", "embedding"] if reference_images else ["logits"]
+    torch.onnx.export(Tiny().eval(), (x,), str(path), input_names=["input"], output_names=outputs,
+                      dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}, opset_version=17,
+                      dynamo=False)
     model = onnx.load(str(path))
     meta = {onnx_meta.LABELS: json.dumps(labels), onnx_meta.PREPROCESS: spec.to_json(),
             onnx_meta.INPUT_SIZE: str(spec.input_size), onnx_meta.BACKBONE: "tiny_cnn", onnx_meta.DATA_VERSION: "test",
             onnx_meta.GIT_COMMIT: "0" * 40, onnx_meta.MLFLOW_RUN_ID: "", onnx_meta.PARAMS_HASH: "test",
             onnx_meta.CREATED: "2024-01-01T00:00:00Z"}
+    if reference_images:
+        from tlops import drift
+
+        meta[onnx_meta.DRIFT_REFERENCE] = drift.to_json(drift.outputs_reference(path, reference_images, spec, 10**7))
     onnx.helper.set_model_props(model, meta)
     onnx.save(model, str(path))
     onnx_meta.write_sha256(path)
@@ -92,7 +100,8 @@ def free_port() -> int:
 
 def serve_params(**overrides) -> ServeParams:
     base = {"host": "127.0.0.1", "port": free_port(), "max_batch": 8, "max_wait_ms": 5, "max_queue": 64,
-            "timeout_ms": 10_000, "max_body_bytes": 200_000, "max_pixels": 1_000_000, "reload_s": 0, "threads": 1}
+            "timeout_ms": 10_000, "max_body_bytes": 200_000, "max_pixels": 1_000_000, "reload_s": 0, "threads": 1,
+            "grpc_port": None}
     return ServeParams(**{**base, **overrides})
 
 

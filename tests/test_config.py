@@ -10,7 +10,7 @@ import yaml
 from conftest import ROOT, run_cmd
 
 from tlops import paths
-from tlops.config import Params, dotted_get, flatten, parse_params
+from tlops.config import Params, dotted_get, flatten, load_params, parse_params
 from tlops.errors import ConfigError
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -131,3 +131,19 @@ def test_top_level_plots_lie_in_stage_outputs():
     outs = _dvc_outs()
     plots = [PurePosixPath(p) for p in _entries(DVC_YAML.get("plots", []))]
     assert [str(p) for p in plots if not any(p == o or o in p.parents for o in outs)] == []
+
+
+def test_set_params_keeps_comments_validates_first_and_writes_atomically(tmp_path: Path):
+    from tlops.config import set_params
+
+    p = tmp_path / "params.yaml"
+    p.write_text("# the team's notes\nadapt:\n  method: none  # off until a target exists\n  target: null\n")
+    params = set_params({"adapt.target": "/data/logged", "adapt.method": "auto", "serve.port": 9000}, p)
+    text = p.read_text()
+    assert "# the team's notes" in text and "# off until a target exists" in text
+    assert (params.adapt.target, params.adapt.method, params.serve.port) == ("/data/logged", "auto", 9000)
+    assert load_params(p) == params
+    before = p.read_text()
+    with pytest.raises(ConfigError, match="adapt.methd is not a known key"):
+        set_params({"adapt.methd": "auto"}, p)
+    assert p.read_text() == before  # nothing written

@@ -156,3 +156,39 @@ def test_prefect_yaml_declares_the_deployment_that_tlops_deploy_creates(workspac
     assert d.parameters == {"refresh": True}
     assert d.job_variables["working_dir"] == str(workspace)
     assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(workspace)}}]
+
+
+@pytest.mark.slow
+def test_drift_check_starts_the_deployment_on_the_logged_inputs_and_the_run_sets_adapt_target(
+        toy: Path, tmp_path: Path):
+    """The loop: a drifting service -> `tlops drift-check` -> a deployment run whose params point adapt at the
+    images the service kept."""
+    from conftest import make_images
+    from serving_support import ThreadServer, export_tiny_model, serve_params, wait_for
+    from test_serving_drift import post_all, shifted_images
+
+    from flows.drift_check import drift_check_flow
+
+    info = deploy(load_params())
+    reference = make_images(tmp_path / "reference", classes=3, per_class=20, size=24)
+    model = export_tiny_model(tmp_path / "model.onnx", reference_images=reference)
+    logged = tmp_path / "logged"
+    with ThreadServer(serve_params(drift_window=60, log_inputs=str(logged), log_sample=1.0), str(model)) as s:
+        wait_for(f"{s.url}/v2/health/ready")
+        post_all(s.url, make_images(tmp_path / "live", classes=3, per_class=20, size=24, seed=1))
+        calm = drift_check_flow(url=s.url, deployment=info["name"])
+        assert not calm["drifted"] and calm["flow_run_id"] is None
+        post_all(s.url, shifted_images(tmp_path / "shifted", 60))
+        result = drift_check_flow(url=s.url, deployment=info["name"])
+    assert result["drifted"] and result["set_params"] == {"adapt.target": str(logged), "adapt.method": "auto"}
+    assert len(list(logged.iterdir())) == 120  # every distinct image, sample 1.0
+
+    worker = subprocess.run(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", load_params().schedule.work_pool, "--type",
+         "process", "--run-once"], cwd=toy.parent, capture_output=True, text=True, timeout=300)
+    run = wait_for_flow_run(result["flow_run_id"], timeout_s=30)
+    assert run.state.is_completed(), f"{run.state}\n{worker.stdout[-3000:]}\n{worker.stderr[-3000:]}"
+    assert run.parameters["set_params"] == result["set_params"]
+    after = load_params(toy / "params.yaml")  # the run wrote them, comments and all, as dvc exp run -S does
+    assert (after.adapt.target, after.adapt.method) == (str(logged), "auto")
+    assert after.schedule.deployment == load_params().schedule.deployment

@@ -126,7 +126,7 @@ def test_metadata_round_trip(tmp_path):
     model, _ = tiny_classifier()
     path = write_onnx(model, spec, tmp_path / "model.onnx", run_id="run-42")
     meta = onnx_meta.read_metadata(path)
-    assert set(meta) == set(onnx_meta.KEYS)
+    assert set(meta) == set(onnx_meta.KEYS) - {onnx_meta.DRIFT_REFERENCE}  # the export stage adds the reference
     assert onnx_meta.labels_of(meta) == CLASSES
     assert onnx_meta.spec_of(meta) == spec
     assert meta["tlops.input_size"] == "32" and meta["tlops.backbone"] == "tiny_test"
@@ -408,6 +408,19 @@ def test_export_stage_verifies_registers_and_promotes_only_a_better_model(traine
     assert meta["tlops.git_commit"] == tracking.git_commit()
     card = paths.MODEL_CARD.read_text()
     assert metrics["data_version"] in card and "head only" in card and "Limits" in card
+
+    # the pooled embedding is the second output, and the test split's statistics are the drift reference
+    from serving.model import load_model
+    from tlops import drift
+
+    served = load_model(paths.ONNX)
+    assert served.embedding_name == onnx_meta.EMBEDDING and served.embedding_dim > 0
+    assert report["drift_reference"]["split"] == "source test"
+    assert report["drift_reference"]["images"] == metrics["test_images"]
+    monitor = drift.Monitor.from_metadata(meta, window=500, threshold=0.5)
+    x = np.concatenate(list(iter_batches(ex.labelled_test_images(manifest)[0], served.spec, 10**7)))
+    monitor.observe(*served.run(x))  # the test split itself: its own reference, no drift
+    assert monitor.scores()["embedding"] == pytest.approx(0.0, abs=1e-3) and monitor.scores()["prediction"] < 1e-6
 
     # the README snippet reproduces the fine-tuned test accuracy of reports/metrics.json
     images, truth = ex.labelled_test_images(manifest)

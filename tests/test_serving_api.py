@@ -52,7 +52,10 @@ def test_model_metadata_describes_inputs_outputs_and_version(server: ThreadServe
     assert meta["name"] == "model" and meta["platform"] == "onnxruntime_onnx"
     assert {"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]} in meta["inputs"]
     assert {"name": "image", "datatype": "UINT8", "shape": [-1, -1, -1, 3]} in meta["inputs"]
-    assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 3]}]
+    assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 3]},
+                               {"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]},
+                               {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                               {"name": "label_index", "datatype": "INT64", "shape": [-1]}]  # no embedding output
     assert meta["versions"] == [server.service.model.version]
     assert meta["parameters"]["labels"] == ["class_0", "class_1", "class_2"]
     assert meta["parameters"]["preprocess"]["input_size"] == 32
@@ -248,9 +251,8 @@ BAD_INPUTS = {
                                                          "datatype": "FP32"}]}}, 400, None),
     "unknown output": ("post", INFER, {"json": infer_body("input", _fp32(), "FP32", outputs=[{"name": "probs"}])},
                        400, None),
-    "binary output": ("post", INFER, {"json": infer_body("input", _fp32(), "FP32",
-                                                         outputs=[{"name": "logits",
-                                                                   "parameters": {"binary_data": True}}])}, 400, None),
+    "binary_data not a bool": ("post", INFER, {"json": infer_body("input", _fp32(), "FP32", outputs=[
+        {"name": "logits", "parameters": {"binary_data": "yes"}}])}, 400, None),
     "id not a string": ("post", INFER, {"json": infer_body("input", _fp32(), "FP32", id=7)}, 400, None),
 }
 

@@ -216,7 +216,8 @@ def test_sighup_swaps_the_model_under_load_with_no_failed_request(models, tmp_pa
     target.parent.mkdir()
     install_model(models["a"], target)
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"serve": {"max_batch": 16, "max_wait_ms": 100, "reload_s": 0, "threads": 1}}))
+    params.write_text(yaml.safe_dump({"serve": {"max_batch": 16, "max_wait_ms": 100, "reload_s": 0, "threads": 1,
+                                                "grpc_port": None}}))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with process_server(params, str(target), port, cwd=tmp_path) as proc:
@@ -249,7 +250,7 @@ def test_sighup_swaps_the_model_under_load_with_no_failed_request(models, tmp_pa
 @pytest.mark.slow
 def test_sigterm_lets_in_flight_requests_finish_then_exits(models, tmp_path: Path):
     params = tmp_path / "params.yaml"  # requests wait up to 1 s for a batch: they are in flight at SIGTERM
-    params.write_text(yaml.safe_dump({"serve": {"max_batch": 64, "max_wait_ms": 1000, "reload_s": 0}}))
+    params.write_text(yaml.safe_dump({"serve": {"max_batch": 64, "max_wait_ms": 1000, "reload_s": 0, "grpc_port": None}}))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with process_server(params, str(models["a"]), port, cwd=tmp_path) as proc:

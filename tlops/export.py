@@ -17,7 +17,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +38,9 @@ if TYPE_CHECKING:
 
 
 def export_onnx(model: nn.Module, input_size: int, path: str | os.PathLike, opset: int,
-                output: str = onnx_meta.OUTPUT) -> Path:
-    """Export `model` (NCHW float32, dynamic batch -> `output`) to ONE self-contained ONNX file at `path`, checked.
+                output: str | Sequence[str] = onnx_meta.OUTPUT) -> Path:
+    """Export `model` (NCHW float32, dynamic batch -> `output`, or one name per output of a model returning a tuple)
+    to ONE self-contained ONNX file at `path`, checked.
 
     The one ONNX export of tlops: the features stage runs the frozen base through it, the export stage the whole
     classifier. The TorchScript exporter is used on purpose: the dynamo exporter (torch >= 2.9) cannot convert timm's
@@ -51,18 +52,36 @@ def export_onnx(model: nn.Module, input_size: int, path: str | os.PathLike, opse
 
     model = static_same_padding(model.eval().to("cpu"), input_size)
     example = torch.zeros(2, 3, input_size, input_size)
+    outputs = [output] if isinstance(output, str) else list(output)
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "legacy exporter": chosen on purpose, see above
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # F.pad's index reversal
         torch.onnx.export(
             model, (example,), str(tmp), dynamo=False, opset_version=opset,
-            input_names=[onnx_meta.INPUT], output_names=[output],
-            dynamic_axes={onnx_meta.INPUT: {0: "batch"}, output: {0: "batch"}},
+            input_names=[onnx_meta.INPUT], output_names=outputs,
+            dynamic_axes={onnx_meta.INPUT: {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
         )
         assert_self_contained(tmp)
         onnx.checker.check_model(str(tmp), full_check=True)
     return Path(path)
+
+
+def with_embedding(model: nn.Module) -> nn.Module:
+    """The classifier with a second output: the pooled embedding its head reads (what the service's drift monitor
+    watches, so no second model is needed)."""
+    from torch import nn
+
+    class WithEmbedding(nn.Module):
+        def __init__(self, classifier: nn.Module) -> None:
+            super().__init__()
+            self.classifier = classifier
+
+        def forward(self, x):  # noqa: ANN001, ANN202 - traced by the exporter
+            embedding = self.classifier.backbone(x)
+            return self.classifier.head(embedding), embedding
+
+    return WithEmbedding(model).eval()
 
 
 def static_same_padding(model: nn.Module, input_size: int) -> nn.Module:
@@ -315,10 +334,13 @@ def int8_verdict(fp32_acc: float, int8_acc: float, max_drop: float, metric: str 
 
 
 Gate = tuple[list[str], list[str], str]  # (images, true class names, the split's name) the promotion gate scores on
+# (model file, source test images, adapt method, preprocessing, max pixels) -> (tlops.drift_reference JSON, about it);
+# given by the stage (tlops.drift.model_reference) so that the stages importing this module do not depend on it.
+Reference = Callable[[Path, list[str], str, PreprocessSpec, int], tuple[str, dict[str, Any]]]
 
 
-def export_model(params: Params, run_id: str | None, git_commit: str | None, gate: Gate | None = None
-                 ) -> dict[str, Any]:
+def export_model(params: Params, run_id: str | None, git_commit: str | None, gate: Gate | None = None,
+                 reference: Reference | None = None) -> dict[str, Any]:
     """Export the fine-tuned model to paths.ONNX (+ sha256, model card, int8); return the export report.
 
     The file is verified (checker, self-contained, parity) under a temp name and only then renamed into
@@ -336,10 +358,14 @@ def export_model(params: Params, run_id: str | None, git_commit: str | None, gat
                           params_hash(params), selected=info.get("selected", "finetuned"),
                           adapt_method=adapted.get("chosen", "none"),
                           target_data_version=adapted.get("target_data_version"))
+    about_reference = None
     with atomic_path(paths.ONNX) as tmp:
-        export_onnx(model, spec.input_size, tmp, ex.opset)
-        write_metadata(tmp, meta)
+        export_onnx(with_embedding(model), spec.input_size, tmp, ex.opset, (onnx_meta.OUTPUT, onnx_meta.EMBEDDING))
         parity = check_parity(tmp, model, preprocess_batches(images, spec, max_pixels), ex.parity_atol)
+        if reference is not None:
+            meta[onnx_meta.DRIFT_REFERENCE], about_reference = reference(tmp, images, meta[onnx_meta.ADAPT_METHOD],
+                                                                         spec, max_pixels)
+        write_metadata(tmp, meta)
     sha = onnx_meta.write_sha256(paths.ONNX)
     metric = scoring.policy(params, manifest).metric
     scores = onnx_scores(paths.ONNX, images, truth, max_pixels, ("accuracy", metric))
@@ -352,7 +378,8 @@ def export_model(params: Params, run_id: str | None, git_commit: str | None, gat
     report = {"onnx": str(paths.ONNX), "opset": ex.opset, "sha256": sha, "parity": parity,
               "selected": info.get("selected", "finetuned"), "adapt_method": adapted.get("chosen", "none"),
               "metric": metric, "test_score": score, "test_accuracy": accuracy, "test_images": len(images),
-              "gate": {"split": gate_split, "images": len(gate_images), "score": gate_score}, "int8": int8}
+              "gate": {"split": gate_split, "images": len(gate_images), "score": gate_score}, "int8": int8,
+              "drift_reference": about_reference}
     metrics = read_json(paths.METRICS) if paths.METRICS.exists() else {}
     write_text(paths.MODEL_CARD, model_card(info, meta, spec, class_counts(manifest), metrics, report))
     return report

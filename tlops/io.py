@@ -12,6 +12,17 @@ from pathlib import Path
 from typing import Any
 
 
+def _file_mode() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+# What open() would give a new file: mkstemp makes it owner-only (0600), and a model or report readable only by the
+# user who exported it cannot be served by another (the serving container runs as its own non-root user).
+FILE_MODE = _file_mode()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it over `path` only if the block succeeds."""
@@ -22,6 +33,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.is_file():
+            os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

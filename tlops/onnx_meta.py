@@ -16,6 +16,7 @@ from tlops.preprocess import PreprocessSpec
 
 INPUT = "input"     # float32 NCHW, dynamic batch axis
 OUTPUT = "logits"   # float32 (batch, classes)
+EMBEDDING = "embedding"  # float32 (batch, features): the pooled embedding the head reads (second output)
 
 PREFIX = "tlops."
 LABELS = "tlops.labels"              # JSON list of class names, index = logit position
@@ -32,8 +33,9 @@ INPUT_KIND = "tlops.input_kind"      # image: what the model reads (another kind
 SELECTED = "tlops.selected"          # finetuned | head: which was better on validation, and so exported
 ADAPT_METHOD = "tlops.adapt_method"  # none | adabn | self_training | mcc: the domain adaptation it carries
 TARGET_DATA_VERSION = "tlops.target_data_version"  # DVC hash of data/target it was adapted to ("" when none)
+DRIFT_REFERENCE = "tlops.drift_reference"  # JSON: the test split's output statistics (tlops.drift.reference)
 KEYS = (LABELS, PREPROCESS, INPUT_SIZE, BACKBONE, DATA_VERSION, GIT_COMMIT, MLFLOW_RUN_ID, PARAMS_HASH, CREATED,
-        PRECISION, INPUT_KIND, SELECTED, ADAPT_METHOD, TARGET_DATA_VERSION)
+        PRECISION, INPUT_KIND, SELECTED, ADAPT_METHOD, TARGET_DATA_VERSION, DRIFT_REFERENCE)
 IMAGE = "image"
 
 
