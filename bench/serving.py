@@ -1,19 +1,42 @@
-"""Serving benchmark: the ONNX Runtime service under load on loopback, against eager PyTorch, fp32 against int8.
+"""Serving benchmark: the ONNX Runtime service per protocol under load on loopback, against `mlflow models serve`.
 
     python bench/serving.py [--requests 400] [--concurrency 1,8,32] [--max-seconds 60]
+                            [--modes binary,json,predict,grpc,mlflow] [--no-mlflow] [--no-eager] [--no-int8]
+
+At each concurrency level, one image per request, it measures the service (`python -m serving`) on:
+  binary   POST /v2/models/<name>/infer, FP32 tensor in Triton's binary extension, binary logits back
+  json     the same endpoint, the FP32 tensor as JSON data
+  predict  POST /predict with PNG/JPEG bytes (the server decodes and preprocesses)
+  grpc     gRPC ModelInfer (Open Inference Protocol) with the FP32 tensor in raw_input_contents
+  mlflow   the baseline: `mlflow models serve` (one worker) of the same registered model, POST /invocations
+           with the JSON FP32 tensor {"inputs": {"input": [[[[...]]]]}}; the model is
+           models:/<export.registered_model>@champion of the pipeline's store (./mlflow.db) when the
+           benchmarked model is the pipeline's and the store has a champion, else the benchmarked fp32
+           model registered in a temp sqlite store.
+One tlops server serves the four tlops modes (HTTP and gRPC ports). Before any load, each mode's answer
+for one image is checked against ONNX Runtime run directly; under load every response's status is
+checked. It prints one table (req/s, p50/p99 latency, errors, the server's mean micro-batch) and each
+mode's throughput over MLflow's at the same concurrency. Then the cost of drift monitoring: binary at
+concurrency 8 against that server (serve.drift_window; 500 where params say 0) and a second one with
+drift_window 0, alternating between them, the better of --drift-repeats runs of --drift-requests each.
+Also, unless skipped: /predict against the int8 model at concurrency 8, eager PyTorch doing the same
+decode + preprocess + forward, and ONNX Runtime directly (fp32 and int8).
 
 The model is the pipeline's own when it exists (models/model.onnx, models/finetuned for eager PyTorch,
 models/int8/model.int8.onnx); otherwise a stand-in is built in a temp dir with the same code path:
-efficientnet_lite0 (random init) + linear head, 96 px, 10 classes, exported by tlops.export and quantized by
-tlops.export.quantize_int8. The images are the test split when prepared, else generated 64x64 PNGs.
-The server runs in one process (`python -m serving`), the load generator in another (a lean asyncio
-HTTP/1.1 client, one keep-alive connection per concurrent user); both on 127.0.0.1.
+efficientnet_lite0 (random init) + linear head, 96 px, 10 classes, exported by tlops.export with the
+embedding output and a drift reference, and quantized by tlops.export.quantize_int8. The images are
+the test split when prepared, else generated 64x64 PNGs; tensor modes send them preprocessed.
+Each server runs in its own process, the load generator in another: a lean asyncio HTTP/1.1 client with
+one keep-alive connection per concurrent user and prebuilt request bodies, or for gRPC one grpc.aio
+channel per user; everything on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -36,37 +59,47 @@ from tlops import paths  # noqa: E402
 
 STANDIN_CLASSES = 10
 STANDIN_SIZE = 96
+MODES = ("binary", "json", "predict", "grpc", "mlflow")
+TLOPS_MODES = MODES[:4]
+TENSOR_PAYLOADS = 16  # distinct preprocessed tensors sent (JSON bodies of a 224 px tensor are ~3 MB each)
+DRIFT_LEVEL = 8
+HEADLINE_TARGET, DRIFT_TARGET = 5.0, 5.0
 
 
 @dataclass
 class Models:
     fp32: Path
     int8: Path | None
-    eager: object  # torch nn.Module in eval mode, the same weights as fp32
+    eager: object  # torch nn.Module in eval mode, the same weights as fp32; None when not needed
     note: str
+    standin: bool = False
 
 
 # ---------------------------------------------------------------- models and images
 
 
-def pipeline_models() -> Models | None:
-    """The pipeline's exported model and its fine-tuned PyTorch original, when both exist."""
-    if not (paths.ONNX.exists() and paths.FINETUNE_WEIGHTS.exists()):
+def pipeline_models(need_eager: bool) -> Models | None:
+    """The pipeline's exported model (and its fine-tuned PyTorch original when eager PyTorch is measured)."""
+    if not paths.ONNX.exists() or (need_eager and not paths.FINETUNE_WEIGHTS.exists()):
         return None
-    from tlops.model import load_classifier
+    model = None
+    if need_eager:
+        from tlops.model import load_classifier
 
-    model, _ = load_classifier(paths.FINETUNE_DIR)
+        model, _ = load_classifier(paths.FINETUNE_DIR)
     int8 = paths.INT8_ONNX if paths.INT8_ONNX.exists() else None
-    return Models(paths.ONNX, int8, model, f"pipeline model {paths.ONNX} (eager: {paths.FINETUNE_DIR})")
+    eager = f" (eager: {paths.FINETUNE_DIR})" if need_eager else ""
+    return Models(paths.ONNX, int8, model, f"pipeline model {paths.ONNX}{eager}")
 
 
-def standin_models(workdir: Path, calibration: list[bytes]) -> Models:
-    """efficientnet_lite0 (random init) + linear head, exported and quantized with the pipeline's functions."""
+def standin_models(workdir: Path, calibration: list[bytes], int8: bool) -> Models:
+    """efficientnet_lite0 (random init) + linear head, exported (logits + embedding, with a drift reference) and
+    quantized with the pipeline's functions."""
     import torch
 
-    from tlops import onnx_meta
+    from tlops import drift, onnx_meta, runtime
     from tlops.backbones import create_backbone
-    from tlops.export import build_metadata, export_onnx, quantize_int8, write_metadata
+    from tlops.export import build_metadata, export_onnx, quantize_int8, with_embedding, write_metadata
     from tlops.model import Classifier, build_head
     from tlops.preprocess import load_image, preprocess
 
@@ -74,17 +107,23 @@ def standin_models(workdir: Path, calibration: list[bytes]) -> Models:
     bb = create_backbone("efficientnet_lite0", weights="random", image_size=STANDIN_SIZE)
     model = Classifier(bb.model, build_head("linear", bb.num_features, STANDIN_CLASSES, 256, 0.0)).eval()
     fp32 = workdir / "model.onnx"
-    export_onnx(model, bb.spec.input_size, fp32, opset=17)
+    export_onnx(with_embedding(model), bb.spec.input_size, fp32, 17, (onnx_meta.OUTPUT, onnx_meta.EMBEDDING))
     meta = build_metadata([f"class_{i}" for i in range(STANDIN_CLASSES)], bb.spec, bb.name, None, None, None, "bench")
-    write_metadata(fp32, meta)
-    onnx_meta.write_sha256(fp32)
     batches = [np.stack([preprocess(load_image(b, 10**8), bb.spec) for b in calibration[i:i + 8]])
                for i in range(0, min(len(calibration), 64), 8)]
-    int8 = quantize_int8(fp32, workdir / "model.int8.onnx", batches)
-    onnx_meta.write_sha256(int8)
+    sess = runtime.session(fp32, cpu_only=True)
+    outs = [sess.run([onnx_meta.OUTPUT, onnx_meta.EMBEDDING], {onnx_meta.INPUT: x}) for x in batches]
+    meta[onnx_meta.DRIFT_REFERENCE] = drift.to_json(drift.reference(np.concatenate([o[0] for o in outs]),
+                                                                    np.concatenate([o[1] for o in outs])))
+    write_metadata(fp32, meta)
+    onnx_meta.write_sha256(fp32)
+    q = None
+    if int8:
+        q = quantize_int8(fp32, workdir / "model.int8.onnx", batches)
+        onnx_meta.write_sha256(q)
     note = (f"stand-in: {bb.name} random init + linear head, {STANDIN_SIZE} px, {STANDIN_CLASSES} classes "
             "(no models/model.onnx + models/finetuned here; run `tlops run` for the real one)")
-    return Models(fp32, int8, model, note)
+    return Models(fp32, q, model, note, standin=True)
 
 
 def bench_images(n: int) -> tuple[list[bytes], str]:
@@ -108,38 +147,147 @@ def bench_images(n: int) -> tuple[list[bytes], str]:
     return out, f"{n} generated 64x64 PNGs"
 
 
-# ---------------------------------------------------------------- server and load generator
+# ---------------------------------------------------------------- request payloads, one folder per mode
 
 
-def start_server(model: Path, workdir: Path, serve: dict) -> tuple[subprocess.Popen, str]:
+def write_payloads(folder: Path, mode: str, images: list[bytes], tensors: list[np.ndarray], name: str) -> Path:
+    """The request bodies of `mode`, prebuilt (NNNN.bin) with meta.json: {path, content_type, headers per body}.
+
+    Tensor modes send the images preprocessed ([1, 3, S, S] float32), as a client that preprocesses would."""
+    folder = folder / mode
+    folder.mkdir(parents=True)
+    headers: list[dict[str, str]] = []
+    bodies: list[bytes] = []
+    if mode == "predict":
+        path, ctype, bodies = "/predict", "application/octet-stream", list(images)
+        headers = [{} for _ in bodies]
+    elif mode == "binary":
+        path, ctype = f"/v2/models/{name}/infer", "application/octet-stream"
+        for x in tensors:
+            raw = np.ascontiguousarray(x, "<f4").tobytes()
+            head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                           "parameters": {"binary_data_size": len(raw)}}],
+                               "parameters": {"binary_data_output": True}}, separators=(",", ":")).encode()
+            bodies.append(head + raw)
+            headers.append({"Inference-Header-Content-Length": str(len(head))})
+    elif mode == "json":
+        path, ctype = f"/v2/models/{name}/infer", "application/json"
+        for x in tensors:
+            bodies.append(json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                                  "data": x.ravel().tolist()}]}).encode())
+            headers.append({})
+    elif mode == "mlflow":  # MLflow's tensor format: {"inputs": {<input name>: nested list}}
+        path, ctype = "/invocations", "application/json"
+        bodies = [json.dumps({"inputs": {"input": x.tolist()}}).encode() for x in tensors]
+        headers = [{} for _ in bodies]
+    elif mode == "grpc":
+        from serving.grpc_server import SERVICE, messages
+
+        path, ctype, request = f"/{SERVICE}/ModelInfer", "application/grpc", messages()["ModelInferRequest"]
+        for x in tensors:
+            msg = request(model_name=name)
+            msg.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+            msg.raw_input_contents.append(np.ascontiguousarray(x, "<f4").tobytes())
+            bodies.append(msg.SerializeToString())
+            headers.append({})
+    else:
+        raise ValueError(mode)
+    for i, b in enumerate(bodies):
+        (folder / f"{i:04d}.bin").write_bytes(b)
+    (folder / "meta.json").write_text(json.dumps({"mode": mode, "path": path, "content_type": ctype,
+                                                  "headers": headers}))
+    return folder
+
+
+def check_answer(mode: str, target: str, folder: Path, ref_logits: np.ndarray, labels: list[str]) -> str:
+    """One request of `mode` (payload 0, image 0) before any load: the answer must be 200 and agree with ONNX
+    Runtime run directly on the same tensor. Returns "" or what is wrong."""
+    meta = json.loads((folder / "meta.json").read_text())
+    body = (folder / "0000.bin").read_bytes()
+    if mode == "grpc":
+        import grpc
+
+        from serving.grpc_server import messages
+
+        with grpc.insecure_channel(target) as ch:
+            call = ch.unary_unary(meta["path"], request_serializer=lambda b: b,
+                                  response_deserializer=messages()["ModelInferResponse"].FromString)
+            try:
+                out = call(body, timeout=60)
+            except grpc.RpcError as e:
+                return f"{e.code().name}: {e.details()}"
+        got = np.frombuffer(out.raw_output_contents[0], "<f4")
+    else:
+        import httpx
+
+        r = httpx.post(f"{target}{meta['path']}", content=body, timeout=60,
+                       headers={"Content-Type": meta["content_type"], **meta["headers"][0]})
+        if r.status_code != 200:
+            return f"{r.status_code} {r.text[:200]}"
+        if mode == "binary":
+            hl = r.headers.get("inference-header-content-length")
+            if hl is None:
+                return "binary_data_output: no Inference-Header-Content-Length in the response"
+            got = np.frombuffer(r.content[int(hl):], "<f4")
+        elif mode == "json":
+            got = np.array(r.json()["outputs"][0]["data"], np.float32)
+        elif mode == "mlflow":
+            pred = r.json()["predictions"]
+            got = np.array(pred["logits"] if isinstance(pred, dict) else pred, np.float32).ravel()
+        else:  # predict: the top-1 label
+            top = r.json()["predictions"][0]["top_k"][0]["label"]
+            want = labels[int(ref_logits.argmax())]
+            return "" if top == want else f"top-1 {top!r}, ONNX Runtime directly: {want!r}"
+    if got.shape != ref_logits.shape:
+        return f"logits of shape {got.shape}, expected {ref_logits.shape}"
+    diff = float(np.abs(got - ref_logits).max())
+    return "" if diff <= 1e-3 else f"logits differ from ONNX Runtime directly by up to {diff:.2g}"
+
+
+# ---------------------------------------------------------------- servers
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    params = workdir / f"params-{model.stem}.yaml"
+        return s.getsockname()[1]
+
+
+def _log_tail(log: Path, lines: int = 30) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
+
+
+def start_server(model: Path, workdir: Path, serve: dict, tag: str) -> tuple[subprocess.Popen, str, str | None]:
+    """`python -m serving` on free ports; (process, HTTP URL, gRPC target or None) once it is ready."""
+    port = free_port()
+    params = workdir / f"params-{tag}.yaml"
     params.write_text(json.dumps({"serve": {**serve, "host": "127.0.0.1", "reload_s": 0}}))  # JSON is YAML
-    log = open(workdir / f"server-{model.stem}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "serving", "--params", str(params), "--model", str(model),
-                             "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    log = workdir / f"server-{tag}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "serving", "--params", str(params), "--model", str(model),
+                                 "--port", str(port)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
-    _wait_ready(url, proc)
-    return proc, url
+    _wait_ready(f"{url}/v2/health/ready", proc, log, 120, stop_server)
+    grpc_port = serve.get("grpc_port")
+    return proc, url, f"127.0.0.1:{grpc_port}" if grpc_port else None
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float, stop) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see its log")
+            raise SystemExit(f"server exited with {proc.returncode}; the end of {log}:\n{_log_tail(log)}")
         try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+            if httpx.get(url, timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
-        time.sleep(0.1)
-    raise SystemExit(f"server at {url} not ready within {timeout}s")
+        time.sleep(0.2)
+    stop(proc)
+    raise SystemExit(f"{url} did not answer 200 within {timeout:g}s; the end of {log}:\n{_log_tail(log)}")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -148,21 +296,111 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
 
 
-def run_load(url: str, images_dir: Path, concurrency: int, requests: int, max_seconds: float) -> dict:
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group a start_new_session process leads (it and the workers it spawned); SIGKILL what
+    is left of it after 30 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, or the group never looks empty
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def mlflow_model(models: Models, workdir: Path, registered: str) -> tuple[str, str, str]:
+    """(model URI, tracking URI, what it is) for `mlflow models serve`: the pipeline store's champion when the
+    benchmarked model is the pipeline's and the store holds one, else models.fp32 registered in a temp store."""
+    from tlops import registry, tracking
+    from tlops.io import sha256_file
+
+    if not models.standin and ((ROOT / paths.MLFLOW_DB).exists() or os.environ.get("MLFLOW_TRACKING_URI")):
+        version = registry.get_alias_version(registered, registry.CHAMPION)
+        if version is not None:
+            tags = registry.get_version_tags(registered, version)
+            same = "the same file" if tags.get("sha256") == sha256_file(models.fp32) else \
+                f"NOT byte-identical to {models.fp32} (registered from {tags.get('source_file', '?')})"
+            return (f"models:/{registered}@{registry.CHAMPION}", tracking.tracking_uri(),
+                    f"models:/{registered}@{registry.CHAMPION} = version {version} of the pipeline store, {same}")
+    import logging
+
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    from tlops import onnx_meta, runtime
+
+    tracking._quiet_mlflow()
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    store = workdir / "mlflow"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("bench", artifact_location=(store / "artifacts").as_uri())
+    sess = runtime.session(models.fp32, cpu_only=True)
+    size = onnx_meta.spec_of(onnx_meta.read_metadata(models.fp32)).input_size
+    x = np.zeros((1, 3, size, size), np.float32)
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x}), strict=True))
+    name = "tlops-bench"
+    # stderr: mlflow's eprint of "Successfully registered model ..."; exceptions still propagate
+    with mlflow.start_run(experiment_id=exp), contextlib.redirect_stderr(io.StringIO()):
+        info = mlflow.onnx.log_model(onnx.load_model(str(models.fp32)), name="model", registered_model_name=name,
+                                     signature=infer_signature({"input": x}, outs), await_registration_for=0,
+                                     pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+                                     onnx_execution_providers=["CPUExecutionProvider"])
+    client.set_registered_model_alias(name, "champion", str(info.registered_model_version))
+    return f"models:/{name}@champion", uri, f"models:/{name}@champion: {models.fp32} registered in a temp store"
+
+
+def start_mlflow(model_uri: str, tracking_uri: str, workdir: Path) -> tuple[subprocess.Popen, str]:
+    """`mlflow models serve` (its own process group: it spawns uvicorn workers); (process, URL) once /ping is 200."""
+    port = free_port()
+    exe = Path(sys.executable).parent / "mlflow"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = workdir / "mlflow-serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*cmd, "models", "serve", "-m", model_uri, "--env-manager", "local",
+                                 "--host", "127.0.0.1", "-p", str(port)], cwd=workdir, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(f"{url}/ping", proc, log, 300, stop_group)
+    return proc, url
+
+
+# ---------------------------------------------------------------- load generator (its own process)
+
+
+def run_load(target: str, folder: Path, concurrency: int, requests: int, max_seconds: float) -> dict:
     """The load generator in its own process, so its CPU use is not the server's event loop's."""
-    out = subprocess.run([sys.executable, __file__, "--loadgen", url, "--images-dir", str(images_dir),
+    out = subprocess.run([sys.executable, __file__, "--loadgen", target, "--payloads", str(folder),
                           "--concurrency", str(concurrency), "--requests", str(requests),
                           "--max-seconds", str(max_seconds)], capture_output=True, text=True, cwd=ROOT,
-                         timeout=max_seconds + 60)
+                         timeout=max_seconds + 120)
     if out.returncode != 0:
         raise SystemExit(f"load generator failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 class _Conn:
-    """One keep-alive HTTP/1.1 connection speaking just enough protocol to POST and read a sized reply.
+    """One keep-alive HTTP/1.1 connection speaking just enough protocol to POST and read a sized or chunked reply.
 
     A hand-rolled client on asyncio streams costs a fraction of httpx's CPU per request, so on a small
     machine the load generator measures the server rather than itself.
@@ -173,55 +411,115 @@ class _Conn:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def post(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
+        """Send a complete request (head + body); (status, the headers that matter here, body)."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n")
-        self.writer.write(head.encode() + body)
+        self.writer.write(request)
         status_line = await self.reader.readline()
-        length, close = 0, False
+        headers: dict[str, str] = {}
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode("latin-1").partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-            elif name.lower() == "connection" and value.strip().lower() == "close":
-                close = True
-        payload = await self.reader.readexactly(length)
-        if close:
+            if name.lower() in ("content-length", "connection", "transfer-encoding", "inference-header-content-length"):
+                headers[name.lower()] = value.strip().lower()
+        if headers.get("transfer-encoding") == "chunked":
+            chunks = []
+            while size := int((await self.reader.readline()).split(b";")[0], 16):
+                chunks.append(await self.reader.readexactly(size + 2))
+            await self.reader.readline()
+            payload = b"".join(c[:-2] for c in chunks)
+        else:
+            payload = await self.reader.readexactly(int(headers.get("content-length", 0)))
+        if headers.get("connection") == "close":
             self.writer.close()
             self.writer = None
-        return int(status_line.split()[1]), payload
+        return int(status_line.split()[1]), headers, payload
 
 
-async def _loadgen(url: str, images: list[bytes], concurrency: int, requests: int, max_seconds: float) -> dict:
-    host, port = url.removeprefix("http://").split(":")
-    conns = [_Conn(host, int(port)) for _ in range(concurrency)]
-    # open every connection before timing: connection setup is not what is measured
-    await asyncio.gather(*(c.post("/predict", images[i % len(images)]) for i, c in enumerate(conns)))
+def _http_senders(target: str, meta: dict, bodies: list[bytes], concurrency: int) -> list:
+    host, port = target.removeprefix("http://").split(":")
+    requests = []  # complete HTTP requests, built before timing
+    for body, extra in zip(bodies, meta["headers"], strict=True):
+        head = (f"POST {meta['path']} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {meta['content_type']}\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in extra.items()) + f"Content-Length: {len(body)}\r\n\r\n")
+        requests.append(head.encode() + body)
+    binary = meta["mode"] == "binary"
+
+    def sender(conn: _Conn):
+        async def send(i: int) -> str | None:
+            try:
+                status, headers, payload = await conn.post(requests[i % len(requests)])
+            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
+                conn.writer = None
+                return repr(e)
+            if status != 200:
+                return f"{status} {payload[:120]!r}"
+            if binary and "inference-header-content-length" not in headers:
+                return f"200 without Inference-Header-Content-Length: {payload[:80]!r}"
+            return None
+        return send
+
+    return [sender(_Conn(host, int(port))) for _ in range(concurrency)]
+
+
+def _grpc_senders(target: str, meta: dict, bodies: list[bytes], concurrency: int) -> tuple[list, list]:
+    import grpc
+    from grpc import aio
+
+    from serving.grpc_server import messages
+
+    m = messages()
+    reqs = [m["ModelInferRequest"].FromString(b) for b in bodies]  # messages, serialized per call as a client does
+    options = [("grpc.use_local_subchannel_pool", 1),  # a connection per user, like the HTTP client's
+               ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+    channels = [aio.insecure_channel(target, options=options) for _ in range(concurrency)]
+
+    def sender(channel):
+        call = channel.unary_unary(meta["path"], request_serializer=m["ModelInferRequest"].SerializeToString,
+                                   response_deserializer=m["ModelInferResponse"].FromString)
+
+        async def send(i: int) -> str | None:
+            try:
+                out = await call(reqs[i % len(reqs)], timeout=60)
+            except grpc.aio.AioRpcError as e:
+                return f"{e.code().name} {(e.details() or '')[:120]}"
+            return None if out.raw_output_contents else "a response without raw_output_contents"
+        return send
+
+    return [sender(ch) for ch in channels], channels
+
+
+async def _loadgen(target: str, folder: Path, concurrency: int, requests: int, max_seconds: float) -> dict:
+    meta = json.loads((folder / "meta.json").read_text())
+    bodies = [p.read_bytes() for p in sorted(folder.glob("*.bin"))]
+    channels: list = []
+    if meta["mode"] == "grpc":
+        senders, channels = _grpc_senders(target, meta, bodies, concurrency)
+    else:
+        senders = _http_senders(target, meta, bodies, concurrency)
+    # open every connection (and warm every path) before timing: connection setup is not what is measured
+    warm = await asyncio.gather(*(send(i) for i, send in enumerate(senders)))
     latencies: list[float] = []
-    errors: list[str] = []
+    errors: list[str] = [f"warm-up: {e}" for e in warm if e]
     next_i = 0
     t_start = time.perf_counter()
     deadline = t_start + max_seconds
 
-    async def worker(conn: _Conn) -> None:
+    async def worker(send) -> None:
         nonlocal next_i
         while next_i < requests and time.perf_counter() < deadline:
             i, next_i = next_i, next_i + 1
             t0 = time.perf_counter()
-            try:
-                status, payload = await conn.post("/predict", images[i % len(images)])
-                if status != 200:
-                    errors.append(f"{status} {payload[:100]!r}")
-            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
-                errors.append(repr(e))
-                conn.writer = None
+            error = await send(i)
             latencies.append(time.perf_counter() - t0)
+            if error:
+                errors.append(error)
 
-    await asyncio.gather(*(worker(c) for c in conns))
+    await asyncio.gather(*(worker(s) for s in senders))
     elapsed = time.perf_counter() - t_start
-    lat = np.array(latencies) * 1000
+    for ch in channels:
+        await ch.close()
+    lat = np.array(latencies or [0.0]) * 1000
     return {"concurrency": concurrency, "requests": len(latencies), "seconds": elapsed,
             "throughput": len(latencies) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
             "p99_ms": float(np.percentile(lat, 99)), "errors": len(errors), "error_examples": errors[:3]}
@@ -235,6 +533,16 @@ def batch_stats(url: str) -> tuple[float, float]:
     got = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
            if s.name in ("tlops_batch_size_sum", "tlops_batch_size_count")}
     return got.get("tlops_batch_size_sum", 0.0), got.get("tlops_batch_size_count", 0.0)
+
+
+def measured(url: str, target: str, folder: Path, c: int, args: argparse.Namespace, requests: int | None = None
+             ) -> dict:
+    """run_load with the tlops server's mean micro-batch over the run."""
+    before = batch_stats(url)
+    r = run_load(target, folder, c, requests or args.requests, args.max_seconds)
+    after = batch_stats(url)
+    r["mean_batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+    return r
 
 
 # ---------------------------------------------------------------- eager PyTorch and direct ORT
@@ -282,99 +590,219 @@ def cpu_line() -> str:
     return f"{model}, {os.cpu_count()} cores, VNNI {'yes' if vnni else 'no'}"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--max-seconds", type=float, default=60.0, help="cap per concurrency level")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma list of {','.join(MODES)}")
+    ap.add_argument("--no-mlflow", action="store_true", help="skip `mlflow models serve` (mode mlflow)")
+    ap.add_argument("--no-eager", action="store_true", help="skip eager PyTorch")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 server run (and the stand-in's int8)")
+    ap.add_argument("--no-drift", action="store_true", help="skip the drift monitoring cost (needs mode binary)")
+    ap.add_argument("--drift-repeats", type=int, default=2, help="runs each with drift on and off; the best counts")
+    ap.add_argument("--drift-requests", type=int, default=2000,
+                    help="requests per drift run (capped by --max-seconds): the difference is small, runs must be long")
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="override serve.threads (ORT intra-op threads)")
-    ap.add_argument("--no-int8", action="store_true", help="skip the int8 server run")
     ap.add_argument("--loadgen", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--images-dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--payloads", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.loadgen:
-        images = [p.read_bytes() for p in sorted(Path(args.images_dir).iterdir())]
-        print(json.dumps(asyncio.run(_loadgen(args.loadgen, images, int(args.concurrency), args.requests,
-                                              args.max_seconds))))
-        return
-    os.chdir(ROOT)
-    levels = [int(c) for c in args.concurrency.split(",")]
-    from tlops import onnx_meta
-    from tlops.config import load_params
-    from tlops.preprocess import PreprocessSpec
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := sorted(set(modes) - set(MODES)):
+        ap.error(f"--modes: unknown {unknown}; choose from {','.join(MODES)}")
+    args.modes = [m for m in MODES if m in modes and not (m == "mlflow" and args.no_mlflow)]
+    args.levels = [int(c) for c in args.concurrency.split(",")] if not args.loadgen else None
+    return args
 
-    serve = load_params().serve.model_dump(exclude={"model", "host", "port"})
+
+def drift_cost(model: Path, work: Path, serve: dict, on_url: str, folder: Path, args: argparse.Namespace,
+               runs: dict[str, list[dict]]) -> dict:
+    """Binary FP32 at DRIFT_LEVEL against the running server (drift on) and a second one with drift_window 0, run
+    one after the other, alternating, after a warm-up run of the new one (the first is warm); returns GET /drift
+    of the first. Alternating keeps a slow change of the machine's speed out of the comparison."""
+    import httpx
+
+    grpc_port = free_port() if serve.get("grpc_port") else None  # identical but for drift_window: gRPC too
+    proc, off_url, _ = start_server(model, work, {**serve, "drift_window": 0, "grpc_port": grpc_port}, "fp32-nodrift")
+    try:
+        run_load(off_url, folder, DRIFT_LEVEL, args.requests, args.max_seconds)  # warm-up, not counted
+        for _ in range(args.drift_repeats):
+            for kind, url in (("on", on_url), ("off", off_url)):
+                runs[kind].append(measured(url, url, folder, DRIFT_LEVEL, args, args.drift_requests))
+    finally:
+        stop_server(proc)
+    return httpx.get(f"{on_url}/drift", timeout=10).json()
+
+
+def main() -> int:
+    args = parse_args()
+    if args.loadgen:
+        print(json.dumps(asyncio.run(_loadgen(args.loadgen, Path(args.payloads), int(args.concurrency),
+                                              args.requests, args.max_seconds))))
+        return 0
+    os.chdir(ROOT)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from tlops import onnx_meta, runtime
+    from tlops.config import load_params
+    from tlops.preprocess import load_image, preprocess
+
+    params = load_params()
+    serve = params.serve.model_dump(exclude={"model", "host", "port"})
     if args.threads:
         serve["threads"] = args.threads
+    serve["drift_window"] = serve["drift_window"] or 500  # monitoring on in the main server; off: drift_window 0
+    serve["grpc_port"] = free_port() if "grpc" in args.modes else None
+    tlops_modes = [m for m in args.modes if m in TLOPS_MODES]
+    drift = "binary" in args.modes and not args.no_drift and args.drift_repeats > 0
     with tempfile.TemporaryDirectory(prefix="tlops-bench-") as tmp:
         work = Path(tmp)
         images, images_note = bench_images(args.images)
-        models = pipeline_models() or standin_models(work, images)
-        spec = PreprocessSpec.from_json(onnx_meta.read_metadata(models.fp32)[onnx_meta.PREPROCESS])
-        (work / "images").mkdir()
-        for i, b in enumerate(images):
-            (work / "images" / f"{i:04d}.img").write_bytes(b)
+        models = pipeline_models(not args.no_eager) or standin_models(work, images, not args.no_int8)
+        meta = onnx_meta.read_metadata(models.fp32)
+        spec, labels = onnx_meta.spec_of(meta), onnx_meta.labels_of(meta)
+        name = models.fp32.stem  # the v2 API's model name
+        tensors = [preprocess(load_image(b, 10**8), spec)[None] for b in images[:TENSOR_PAYLOADS]]
+        sess = runtime.session(models.fp32, cpu_only=True)
+        ref_logits = sess.run([onnx_meta.OUTPUT], {onnx_meta.INPUT: tensors[0]})[0][0]
+        payloads = {m: write_payloads(work / "payloads", m, images, tensors, name) for m in args.modes}
         print(f"model:  {models.note}")
-        print(f"images: {images_note}; input {spec.input_size} px")
+        print(f"images: {images_note}; input {spec.input_size} px; tensor modes send {len(tensors)} of them "
+              f"preprocessed ([1, 3, {spec.input_size}, {spec.input_size}] FP32)")
         print(f"cpu:    {cpu_line()}")
-        print(f"server: max_batch={serve['max_batch']} max_wait_ms={serve['max_wait_ms']} threads={serve['threads']}")
+        print(f"server: max_batch={serve['max_batch']} max_wait_ms={serve['max_wait_ms']} threads={serve['threads']} "
+              f"drift_window={serve['drift_window']}")
+        print(f"modes:  {', '.join(args.modes)}; concurrency {args.concurrency}; {args.requests} requests or "
+              f"{args.max_seconds:g} s per level", flush=True)
 
-        results = {}
-        for name, path in (("fp32", models.fp32), ("int8", models.int8)):
-            if path is None or (name == "int8" and args.no_int8):
-                continue
-            proc, url = start_server(path, work, serve)
+        results: dict[tuple[str, int], dict] = {}
+        drift_runs: dict[str, list[dict]] = {"on": [], "off": []}
+        drift_state, checks, mlflow_note = None, {}, None
+
+        def check(mode: str, target: str) -> None:
+            checks[mode] = check_answer(mode, target, payloads[mode], ref_logits, labels)
+            if checks[mode]:
+                print(f"  check {mode}: FAILED: {checks[mode]}", flush=True)
+
+        if tlops_modes or drift:
+            proc, url, grpc_target = start_server(models.fp32, work, serve, "fp32")
             try:
-                for c in levels if name == "fp32" else [8]:
-                    before = batch_stats(url)
-                    r = run_load(url, work / "images", c, args.requests, args.max_seconds)
-                    after = batch_stats(url)
-                    r["mean_batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
-                    results[(name, c)] = r
+                for mode in tlops_modes:
+                    target = grpc_target if mode == "grpc" else url
+                    check(mode, target)
+                    for c in args.levels:
+                        results[(mode, c)] = measured(url, target, payloads[mode], c, args)
+                        print(f"  {mode} c={c}: {results[(mode, c)]['throughput']:.1f} req/s", flush=True)
+                if drift:
+                    drift_state = drift_cost(models.fp32, work, serve, url, payloads["binary"], args, drift_runs)
             finally:
                 stop_server(proc)
+        if models.int8 is not None and not args.no_int8 and "predict" in args.modes:
+            proc, url, _ = start_server(models.int8, work, {**serve, "grpc_port": None}, "int8")
+            try:
+                results[("predict int8", DRIFT_LEVEL)] = measured(url, url, payloads["predict"], DRIFT_LEVEL, args)
+            finally:
+                stop_server(proc)
+        if "mlflow" in args.modes:
+            model_uri, tracking_uri, mlflow_note = mlflow_model(models, work, params.export.registered_model)
+            proc, url = start_mlflow(model_uri, tracking_uri, work)
+            try:
+                check("mlflow", url)
+                for c in args.levels:
+                    r = run_load(url, payloads["mlflow"], c, args.requests, args.max_seconds)
+                    results[("mlflow", c)] = {**r, "mean_batch": None}
+                    print(f"  mlflow c={c}: {r['throughput']:.1f} req/s", flush=True)
+            finally:
+                stop_group(proc)
 
-        print(f"\nHTTP POST /predict, one image per request, {args.requests} requests per level")
-        print(f"{'model':<6}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'batch':>7}")
-        for (name, c), r in results.items():
-            print(f"{name:<6}{c:>5}{r['throughput']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['errors']:>8}"
-                  f"{r['mean_batch']:>7.1f}")
+        print(f"\none image per request, {args.requests} requests or {args.max_seconds:g} s per level; batch: the "
+              "tlops server's mean micro-batch")
+        if mlflow_note:
+            print(f"mlflow: `mlflow models serve --env-manager local` (1 worker) of {mlflow_note}")
+        if checks:
+            print("answers for image 0 agree with ONNX Runtime directly: "
+                  + ", ".join(f"{m} {'ok' if not e else 'NO'}" for m, e in checks.items()))
+        print(f"{'mode':<14}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'batch':>7}")
+        for (mode, c), r in results.items():
+            batch = f"{r['mean_batch']:>7.1f}" if r["mean_batch"] is not None else f"{'-':>7}"
+            print(f"{mode:<14}{c:>5}{r['throughput']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['errors']:>8}"
+                  f"{batch}")
             for e in r["error_examples"]:
                 print(f"      error: {e}")
 
-        import torch
+        if any(m == "mlflow" for m, _ in results):
+            print("\nthroughput / mlflow models serve at the same concurrency:")
+            for mode in tlops_modes:
+                ratios = [f"c={c} {results[(mode, c)]['throughput'] / results[('mlflow', c)]['throughput']:.2f}x"
+                          for c in args.levels if results[("mlflow", c)]["throughput"] > 0]
+                print(f"  {mode:<8} " + "  ".join(ratios))
+            if ("binary", 8) in results and ("mlflow", 8) in results and results[("mlflow", 8)]["throughput"] > 0:
+                x = results[("binary", 8)]["throughput"] / results[("mlflow", 8)]["throughput"]
+                print(f"binary FP32 / mlflow models serve at concurrency 8: {x:.2f}x (target >= {HEADLINE_TARGET:g}x)")
 
-        # Eager PyTorch at its best thread count: OpenMP threads can thrash when cores are shared.
-        print(f"\neager PyTorch {torch.__version__}, decode + preprocess + forward in one process, no HTTP:")
-        eager = {}
-        for b in (1, 8):
-            for threads in sorted({1, os.cpu_count() or 1}):
-                torch.set_num_threads(threads)
-                r = eager_torch(models.eager, images * 4, spec, b, min(20.0, args.max_seconds))
-                print(f"  batch {b:>2}, {threads} threads: {r['throughput']:.1f} images/s")
-                if r["throughput"] > eager.get(b, {"throughput": 0.0})["throughput"]:
-                    eager[b] = r
-        if ("fp32", 8) in results:
-            s8 = results[("fp32", 8)]["throughput"]
-            print(f"service at concurrency 8 / best eager PyTorch batch 1: {s8 / eager[1]['throughput']:.2f}x"
-                  f"   (/ best eager batch 8: {s8 / eager[8]['throughput']:.2f}x)")
+        if drift:
+            on = max(drift_runs["on"], key=lambda r: r["throughput"])
+            off = max(drift_runs["off"], key=lambda r: r["throughput"])
 
-        direct = ort_direct(models.fp32, models.int8, spec, images)
+            def runs(rs: list[dict]) -> str:
+                return ", ".join(f"{r['throughput']:.1f}" for r in rs)
+
+            print(f"\ndrift monitoring, binary FP32 at concurrency {DRIFT_LEVEL}, best of {args.drift_repeats} runs of "
+                  f"{args.drift_requests} requests or {args.max_seconds:g} s, alternating between the two servers:")
+            print(f"  on  (drift_window {serve['drift_window']}): {on['throughput']:.1f} req/s (runs: "
+                  f"{runs(drift_runs['on'])}), p50 {on['p50_ms']:.1f} ms, p99 {on['p99_ms']:.1f} ms")
+            print(f"  off (drift_window 0):   {off['throughput']:.1f} req/s (runs: {runs(drift_runs['off'])}), "
+                  f"p50 {off['p50_ms']:.1f} ms, p99 {off['p99_ms']:.1f} ms")
+            if drift_state and drift_state.get("error"):
+                print(f"  note: the monitor was not running, so this measures nothing: {drift_state['error']}")
+            elif drift_state:
+                print(f"  the monitor held {drift_state.get('window')} samples (embedding score "
+                      f"{drift_state.get('embedding')})")
+            cost = 100 * (off["throughput"] - on["throughput"]) / off["throughput"]
+            print(f"drift monitoring costs {cost:.1f}% of throughput (target <= {DRIFT_TARGET:g}%)")
+            spread = max(100 * (1 - min(t) / max(t)) for t in
+                         ([r["throughput"] for r in rs] for rs in drift_runs.values()))
+            if args.drift_repeats > 1 and abs(cost) <= spread:
+                print(f"  (within the run-to-run spread of {spread:.1f}% at one setting: more --drift-repeats or "
+                      "--drift-requests, or a quiet machine, to resolve it)")
+
+        if not args.no_eager and models.eager is not None:
+            import torch
+
+            # Eager PyTorch at its best thread count: OpenMP threads can thrash when cores are shared.
+            print(f"\neager PyTorch {torch.__version__}, decode + preprocess + forward in one process, no HTTP:")
+            eager = {}
+            for b in (1, 8):
+                for threads in sorted({1, os.cpu_count() or 1}):
+                    torch.set_num_threads(threads)
+                    r = eager_torch(models.eager, images * 4, spec, b, min(20.0, args.max_seconds))
+                    print(f"  batch {b:>2}, {threads} threads: {r['throughput']:.1f} images/s")
+                    if r["throughput"] > eager.get(b, {"throughput": 0.0})["throughput"]:
+                        eager[b] = r
+            if ("predict", 8) in results:
+                s8 = results[("predict", 8)]["throughput"]
+                e1, e8 = s8 / eager[1]["throughput"], s8 / eager[8]["throughput"]
+                print(f"service /predict at concurrency 8 / best eager PyTorch batch 1: {e1:.2f}x"
+                      f"   (/ best eager batch 8: {e8:.2f}x)")
+
+        direct = ort_direct(models.fp32, None if args.no_int8 else models.int8, spec, images)
         print("\nONNX Runtime directly (tlops.export.benchmark, 32 preprocessed images):")
-        for name, r in direct.items():
-            print(f"  {name}: batch-1 latency {r['latency_ms']:.2f} ms, batch-32 throughput {r['throughput_ips']:.0f}"
+        for kind, r in direct.items():
+            print(f"  {kind}: batch-1 latency {r['latency_ms']:.2f} ms, batch-32 throughput {r['throughput_ips']:.0f}"
                   " images/s")
         if "int8" in direct:
             speed = direct["int8"]["throughput_ips"] / direct["fp32"]["throughput_ips"]
             lat = direct["fp32"]["latency_ms"] / direct["int8"]["latency_ms"]
             print(f"  int8 / fp32: {speed:.2f}x throughput, {lat:.2f}x batch-1 latency")
-            if ("int8", 8) in results and ("fp32", 8) in results:
-                http = results[("int8", 8)]["throughput"] / results[("fp32", 8)]["throughput"]
-                print(f"  through the service at concurrency 8: {http:.2f}x")
-        total_errors = sum(r["errors"] for r in results.values())
-        print(f"\nerrors in total: {total_errors}")
+            if ("predict int8", 8) in results and ("predict", 8) in results:
+                http = results[("predict int8", 8)]["throughput"] / results[("predict", 8)]["throughput"]
+                print(f"  through the service (/predict) at concurrency 8: {http:.2f}x")
+        total_errors = (sum(r["errors"] for r in results.values())
+                        + sum(r["errors"] for rs in drift_runs.values() for r in rs))
+        failed = [m for m, e in checks.items() if e]
+        print(f"\nerrors in total: {total_errors}" + (f"; answer checks failed: {', '.join(failed)}" if failed else ""))
+        return 1 if total_errors or failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,13 +10,13 @@ https://github.com/triton-inference-server/server/blob/main/docs/protocol/extens
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 import tlops
 from serving.model import LoadedModel
@@ -138,8 +138,8 @@ def parse_rest_request(body: bytes, header_length: str | None = None) -> InferRe
         size = _header_size(header_length, len(body))
         body, binary = body[:size], body[size:]
     try:
-        req = json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as e:
+        req = orjson.loads(body)  # 5-10x the standard library on tensors of numbers; rejects NaN and Infinity
+    except orjson.JSONDecodeError as e:
         raise ApiError(400, f"request body is not valid JSON ({e})") from None
     if not isinstance(req, dict):
         raise ApiError(400, f"request body must be a JSON object with an 'inputs' list, got {type(req).__name__}")
@@ -204,10 +204,6 @@ def _tensor_header(t: dict) -> tuple[str, str, list[int]]:
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise ApiError(400, f"input '{name}': 'shape' must be a non-empty list of non-negative integers")
     return name, dtype, shape
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def _requested_outputs(outputs: Any) -> list[RequestedOutput] | None:
@@ -434,12 +430,12 @@ def rest_response(model: LoadedModel, req: InferRequest, tensors: list[Tensor]) 
         elif t.datatype == BYTES:
             entry["data"] = [b.decode("utf-8", "replace") for b in t.data.ravel()]
         else:
-            entry["data"] = t.data.ravel().tolist()
+            entry["data"] = np.ascontiguousarray(t.data).ravel()
         outputs.append(entry)
     head: dict[str, Any] = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
     if req.id is not None:
         head["id"] = req.id
-    header = json.dumps(head, separators=(",", ":")).encode()
+    header = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
         return header, {"content-type": "application/json"}
     return b"".join([header, *chunks]), {"content-type": "application/octet-stream",
