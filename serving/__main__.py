@@ -19,10 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="model path or models:/<name>@<alias> (default: serve.model)")
     ap.add_argument("--host", default=None)
     ap.add_argument("--port", type=int, default=None)
+    ap.add_argument("--grpc-port", type=int, default=None, help="0: no gRPC (default: serve.grpc_port)")
     args = ap.parse_args(argv)
     try:
         params = load_params(args.params).serve
         overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+        if args.grpc_port is not None:
+            overrides["grpc_port"] = args.grpc_port or None
         serve(params.model_copy(update=overrides), model=args.model)
     except TlopsError as e:
         print(f"error: {e}", file=sys.stderr)

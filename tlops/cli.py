@@ -188,10 +188,13 @@ def serve(
     model: ModelOpt = None,
     host: Annotated[str | None, typer.Option(help="bind address (default: serve.host)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default: serve.port)")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port, 0 for none (default: serve.grpc_port)")] = None,
 ) -> None:
-    """Serve the ONNX model over HTTP (Open Inference Protocol v2 and /predict)."""
+    """Serve the ONNX model over HTTP and gRPC (Open Inference Protocol v2, /predict, /drift, /metrics)."""
     p = _params(params, optional=True)
     overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    if grpc_port is not None:
+        overrides["grpc_port"] = grpc_port or None
     serve_params = p.serve.model_copy(update=overrides)
     _require_registry("serve", model or serve_params.model)
     from serving.app import serve as run_server
