@@ -415,12 +415,12 @@ def test_export_stage_verifies_registers_and_promotes_only_a_better_model(traine
 
     served = load_model(paths.ONNX)
     assert served.embedding_name == onnx_meta.EMBEDDING and served.embedding_dim > 0
-    assert report["drift_reference"]["split"] == "source test"
-    assert report["drift_reference"]["images"] == metrics["test_images"]
+    assert report["drift_reference"]["split"] == "source val+test"
+    assert report["drift_reference"]["images"] == metrics["test_images"] + len(manifest.rows_in("val"))
     monitor = drift.Monitor.from_metadata(meta, window=500, threshold=0.5)
     x = np.concatenate(list(iter_batches(ex.labelled_test_images(manifest)[0], served.spec, 10**7)))
-    monitor.observe(*served.run(x))  # the test split itself: its own reference, no drift
-    assert monitor.scores()["embedding"] == pytest.approx(0.0, abs=1e-3) and monitor.scores()["prediction"] < 1e-6
+    monitor.observe(*served.run(x))  # the test split, part of its own reference: no drift
+    assert not monitor.scores()["drifted"] and monitor.scores()["embedding"] < 0.5
 
     # the README snippet reproduces the fine-tuned test accuracy of reports/metrics.json
     images, truth = ex.labelled_test_images(manifest)

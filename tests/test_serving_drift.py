@@ -15,34 +15,44 @@ from serving_support import ThreadServer, export_tiny_model, http, metric_value,
 from tlops import drift
 
 
-def fake_outputs(rng: np.random.Generator, n: int, shift: float = 0.0, classes: int = 4, dim: int = 32):
-    """Logits confident in a random class; embeddings correlated Gaussian, their mean moved by `shift` std."""
-    mix = np.linspace(1, 0.2, dim)[:, None] * rng.standard_normal((dim, dim)) / np.sqrt(dim)
-    mix = mix + np.eye(dim)
-    logits = rng.standard_normal((n, classes))
-    logits[np.arange(n), rng.integers(0, classes, n)] += 4
-    return logits, rng.standard_normal((n, dim)) @ mix + shift
+DIM, CLASSES = 32, 4
+MIX = np.eye(DIM) + np.linspace(1, 0.2, DIM)[:, None] * np.random.default_rng(99).standard_normal((DIM, DIM)) / 6
+CLASS_MEANS = 3 * np.random.default_rng(98).standard_normal((CLASSES, DIM))
+
+
+def fake_outputs(rng: np.random.Generator, n: int, shift: float = 0.0, classes: list[int] | None = None):
+    """One domain: a class per sample (from `classes`, default all), logits confident in it, embeddings its class's
+    mean plus correlated Gaussian noise; `shift` moves every embedding by that many units in every direction."""
+    y = rng.choice(classes or list(range(CLASSES)), n)
+    logits = rng.standard_normal((n, CLASSES))
+    logits[np.arange(n), y] += 6
+    return logits, CLASS_MEANS[y] + rng.standard_normal((n, DIM)) @ MIX + shift
 
 
 def test_embedding_score_stays_near_zero_in_domain_and_rises_with_the_shift():
     rng = np.random.default_rng(0)
-    ref = drift.reference(*fake_outputs(rng, 300))
+    ref = drift.reference(*fake_outputs(rng, 600))
     assert ref["embedding"]["k"] == drift.COMPONENTS and abs(sum(ref["classes"]) - 1) < 1e-9
+    assert ref["embedding"]["between"] == CLASSES - 1 and ref["embedding"]["n"] == 300  # fitted on one half
     for window in (60, 500):  # bias-corrected: the window size does not move the in-domain score
-        m = drift.Monitor(ref, window=window, threshold=0.5)
+        m = drift.Monitor(ref, window=window, threshold=1.0)
         m.observe(*fake_outputs(np.random.default_rng(window), window))
         s = m.scores()
-        assert s["window"] == window and s["embedding"] < 0.3 and not s["drifted"], s
+        assert s["window"] == window and s["embedding"] < 0.5 and not s["drifted"], s
         assert s["prediction"] < 0.05 and abs(s["confidence"]) < 0.05
-    shifted = drift.Monitor(ref, window=200, threshold=0.5)
+    one_class = drift.Monitor(ref, window=200, threshold=1.0)  # label shift: one class only
+    one_class.observe(*fake_outputs(np.random.default_rng(3), 200, classes=[2]))
+    assert one_class.scores()["prediction"] > 0.3 and one_class.scores()["embedding"] < 0.5
+    assert not one_class.scores()["drifted"]
+    shifted = drift.Monitor(ref, window=200, threshold=1.0)
     shifted.observe(*fake_outputs(np.random.default_rng(7), 200, shift=1.0))
-    assert shifted.scores()["embedding"] > 1.0 and shifted.scores()["drifted"]
+    assert shifted.scores()["embedding"] > 2.0 and shifted.scores()["drifted"]
 
 
 def test_window_rolls_and_too_few_samples_never_count_as_drift():
     rng = np.random.default_rng(1)
-    ref = drift.reference(*fake_outputs(rng, 300))
-    m = drift.Monitor(ref, window=100, threshold=0.5)
+    ref = drift.reference(*fake_outputs(rng, 600))
+    m = drift.Monitor(ref, window=100, threshold=1.0)
     m.observe(*fake_outputs(rng, drift.MIN_WINDOW - 1, shift=3.0))
     assert m.scores()["embedding"] > 0.5 and not m.scores()["drifted"]  # too few to call
     m.observe(*fake_outputs(rng, 100, shift=3.0))

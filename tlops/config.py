@@ -180,7 +180,7 @@ class ServeParams(Section):
     threads: PositiveInt | None = None
     grpc_port: Annotated[int, Field(ge=0, le=65535)] | None = 8081
     drift_window: Annotated[int, Field(ge=0)] = 500  # 0: off
-    drift_threshold: PositiveFloat = 0.5
+    drift_threshold: PositiveFloat = 1.0
     log_inputs: str | None = None
     log_sample: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     log_max_bytes: PositiveInt = 1_000_000_000

@@ -334,7 +334,7 @@ def int8_verdict(fp32_acc: float, int8_acc: float, max_drop: float, metric: str 
 
 
 Gate = tuple[list[str], list[str], str]  # (images, true class names, the split's name) the promotion gate scores on
-# (model file, source test images, adapt method, preprocessing, max pixels) -> (tlops.drift_reference JSON, about it);
+# (model file, source val + test images, adapt method, preprocessing, max pixels) -> (tlops.drift_reference JSON, about);
 # given by the stage (tlops.drift.model_reference) so that the stages importing this module do not depend on it.
 Reference = Callable[[Path, list[str], str, PreprocessSpec, int], tuple[str, dict[str, Any]]]
 
@@ -363,7 +363,8 @@ def export_model(params: Params, run_id: str | None, git_commit: str | None, gat
         export_onnx(with_embedding(model), spec.input_size, tmp, ex.opset, (onnx_meta.OUTPUT, onnx_meta.EMBEDDING))
         parity = check_parity(tmp, model, preprocess_batches(images, spec, max_pixels), ex.parity_atol)
         if reference is not None:
-            meta[onnx_meta.DRIFT_REFERENCE], about_reference = reference(tmp, images, meta[onnx_meta.ADAPT_METHOD],
+            held_out = [p for p, _ in split_items(manifest, "val")] + images  # unseen by the weights' fitting
+            meta[onnx_meta.DRIFT_REFERENCE], about_reference = reference(tmp, held_out, meta[onnx_meta.ADAPT_METHOD],
                                                                          spec, max_pixels)
         write_metadata(tmp, meta)
     sha = onnx_meta.write_sha256(paths.ONNX)
