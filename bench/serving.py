@@ -579,6 +579,24 @@ def ort_direct(fp32: Path, int8: Path | None, spec: object, images: list[bytes])
     return out
 
 
+def observe_cost(model: Path, n: int = 5000) -> float | None:
+    """Seconds of drift.Monitor.observe per one-image request on this model's reference (None: it has none)."""
+    from tlops import drift, onnx_meta
+
+    monitor = drift.Monitor.from_metadata(onnx_meta.read_metadata(model), 500, 1.0)
+    if monitor is None or not monitor.k:
+        return None
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((1, len(monitor.ref["classes"]))).astype(np.float32)
+    embedding = rng.standard_normal((1, monitor.ref["embedding"]["dim"])).astype(np.float32)
+    for _ in range(100):
+        monitor.observe(logits, embedding)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        monitor.observe(logits, embedding)
+    return (time.perf_counter() - t0) / n
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -765,6 +783,10 @@ def main() -> int:
             if args.drift_repeats > 1 and abs(cost) <= spread:
                 print(f"  (within the run-to-run spread of {spread:.1f}% at one setting: more --drift-repeats or "
                       "--drift-requests, or a quiet machine, to resolve it)")
+            per_request = observe_cost(models.fp32)
+            if per_request is not None:
+                print(f"  measured directly: the monitor's work per request (one image) is {per_request * 1e6:.0f} us, "
+                      f"{100 * per_request * on['throughput']:.1f}% of one core at {on['throughput']:.0f} req/s")
 
         if not args.no_eager and models.eager is not None:
             import torch
