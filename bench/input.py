@@ -83,7 +83,7 @@ def main() -> None:
         t_prepare, _ = timed(data.prepare, paths.RAW, params.data, paths.MANIFEST, paths.DATA_REPORT)
         manifest = data.load_manifest()
         bb = create_backbone(params.model.backbone, params.model.weights, params.model.image_size)
-        spec = working_spec(bb.spec, params.finetune.augment)
+        spec = working_spec(bb.spec, params.finetune.augment, params.data)
 
         # The backbone's own ONNX Runtime throughput on ready tensors, batches as the features stage runs them.
         x = np.stack([preprocess(load_image(rows[i % len(rows)], params.data.max_pixels, spec.decode_size), spec)

@@ -11,7 +11,13 @@ for path in sys.argv[2:]:
     img, work = Image.open(path), spec.get("decode_size", 0)  # decode at working size: JPEG DCT scaling...
     if work and img.format == "JPEG" and min(img.size) >= 2 * work:
         img.draft(None, tuple(math.ceil(d * work / min(img.size)) for d in img.size))
-    img = ImageOps.exif_transpose(img).convert("RGB")
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # more than 8 bits: spec's intensity rule to 0..255
+        a, rule, (c, wd) = np.asarray(img, np.float64), spec.get("intensity", "auto"), spec.get("window") or (0, 0)
+        lo, hi = ((c - 0.5 - (wd - 1) / 2, c - 0.5 + (wd - 1) / 2) if rule == "window" else
+                  (a.min(), a.max()) if rule == "minmax" else np.percentile(a, (0.5, 99.5)))
+        img = Image.fromarray(np.rint((np.clip(a, lo, hi) - lo) * (255 / max(hi - lo, 1e-9))).astype(np.uint8))
+    img = img.convert("RGB")
     if work and min(img.size) // work >= 2:  # ...else a whole-factor box reduction
         img = img.reduce(min(img.size) // work)
     (w, h), short, s = img.size, spec["resize_size"], spec["input_size"]

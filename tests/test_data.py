@@ -201,7 +201,7 @@ def test_a_failed_ingest_leaves_the_previous_data_in_place(here, monkeypatch):
     data.ingest(params(), Path("data/raw"))
     before = sorted(Path("data/raw").rglob("*"))
 
-    def half_copy(src: Path, dest: Path) -> None:
+    def half_copy(src: Path, dest: Path, *args: object) -> None:
         (dest / "partial.png").write_bytes(b"x")
         raise OSError("disk full")
 

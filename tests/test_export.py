@@ -180,9 +180,11 @@ def test_readme_shows_exactly_the_tested_snippet():
     assert SNIPPET.read_text().strip() in readme
 
 
-def test_readme_snippet_gives_the_same_predictions_as_tlops_preprocessing(tmp_path, monkeypatch):
-    # bicubic + crop_pct < 1 + non-square images exercise every step of the preprocessing
-    spec = PreprocessSpec(32, "bicubic", crop_pct=0.875)
+@pytest.mark.parametrize("rule, window", [("auto", None), ("minmax", None), ("window", (2048.0, 1500.0))])
+def test_readme_snippet_gives_the_same_predictions_as_tlops_preprocessing(tmp_path, monkeypatch, rule, window):
+    # bicubic + crop_pct < 1 + non-square images exercise every step of the preprocessing; 16-bit scans its
+    # intensity rule
+    spec = PreprocessSpec(32, "bicubic", crop_pct=0.875, intensity=rule, window=window)
     model, _ = tiny_classifier(spec, seed=3)
     path = write_onnx(model, spec, tmp_path / "model.onnx")
     rng = np.random.default_rng(1)
@@ -192,6 +194,10 @@ def test_readme_snippet_gives_the_same_predictions_as_tlops_preprocessing(tmp_pa
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(files[-1])
     Image.fromarray(rng.integers(0, 255, (50, 45), dtype=np.uint8), mode="L").save(tmp_path / "gray.png")
     files.append(tmp_path / "gray.png")
+    for i in range(3):  # 12-bit values in 16-bit PNGs, as scanners export them
+        scan = rng.normal(1500 + 800 * i, 600, (44, 52)).clip(0, 4095).astype(np.uint16)
+        Image.fromarray(scan).save(tmp_path / f"scan{i}.png")
+        files.append(tmp_path / f"scan{i}.png")
 
     monkeypatch.setattr(sys, "argv", [str(SNIPPET), str(path), *map(str, files)])
     out = io.StringIO()

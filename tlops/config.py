@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -44,6 +45,21 @@ class DataParams(Section):
     split_salt: str = "tlops"
     imbalance_ratio: Annotated[float, Field(ge=1.0)] = 3.0
     near_duplicates: NearDuplicateParams | None = NearDuplicateParams()
+    intensity: Literal["auto", "minmax", "percentile", "window"] = "auto"
+    window: tuple[float, Annotated[float, Field(gt=0.0)]] | None = None
+    dicom_frames: Literal["middle", "all"] = "middle"
+    group_by: str = "none"
+
+    @field_validator("group_by")
+    @classmethod
+    def _group_rule(cls, v: str) -> str:
+        if v in ("none", "patient"):
+            return v
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"must be none, patient or a regular expression on the path ({e})") from None
+        return v
 
     @field_validator("source")
     @classmethod
@@ -58,6 +74,8 @@ class DataParams(Section):
             raise ValueError("val_fraction + test_fraction must be below 1")
         if self.source == "imagefolder" and not self.path:
             raise ValueError("source imagefolder needs data.path (a folder of <class>/<image>)")
+        if self.intensity == "window" and self.window is None:
+            raise ValueError("intensity window needs data.window: [center, width]")
         return self
 
 

@@ -29,8 +29,8 @@ from PIL import Image
 from tlops import paths
 from tlops.config import DataParams, NearDuplicateParams
 from tlops.errors import ConfigError, DataError
-from tlops.io import sha256_bytes, sha256_file, write_json, write_text
-from tlops.preprocess import ImageError, load_image
+from tlops.io import sha256_bytes, write_json, write_text
+from tlops.preprocess import ImageError, Intensity, load_image
 from tlops.scoring import imbalance_ratio
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def _source_writer(params: DataParams, out_dir: Path) -> Callable[[Path], None]:
             raise DataError(f"data.path {src} is not a folder (imagefolder expects data.path/<class>/<image>)")
         if src.resolve() == out_dir.resolve() or out_dir.resolve() in src.resolve().parents:
             raise ConfigError(f"data.path {src} is inside {out_dir}, which ingest replaces; point it elsewhere")
-        return lambda dest: copy_folder(src, dest)
+        return lambda dest: copy_folder(src, dest, params.dicom_frames)
     name = params.source.removeprefix("torchvision:")
     dataset_cls = torchvision_dataset(name)
     root = Path(params.path) if params.path else TORCHVISION_ROOT
@@ -172,12 +172,35 @@ def write_digits(dest: Path) -> None:
         save_png(img, dest / str(int(target)) / f"digit_{i:05d}.png")
 
 
-def copy_folder(src: Path, dest: Path) -> None:
-    """Copy src's visible files byte for byte, keeping their relative paths."""
+DICOM_SOURCES = ".dicom_sources.json"  # in data/raw: content-hash name -> original path; tracked, never reported
+
+
+def copy_folder(src: Path, dest: Path, dicom_frames: str = "middle") -> None:
+    """Copy src's visible files byte for byte, keeping their relative paths, except DICOM files: those go to
+    <class>/<sha256 of the content>.dcm, because DICOM file and folder names often carry patient names and IDs.
+    Their original paths stay in dest/.dicom_sources.json only. dicom_frames "all": a multi-frame file becomes
+    one single-frame file per frame (tlops.dicom.split_frames)."""
+    from tlops import dicom
+
+    sources: dict[str, str] = {}
     for f in visible_files(src):
-        target = dest / f.relative_to(src)
+        rel = f.relative_to(src)
+        with open(f, "rb") as fh:
+            head = fh.read(dicom.PREAMBLE + 4)
+        if len(rel.parts) > 1 and dicom.is_dicom(head, f.name):
+            data = f.read_bytes()
+            parts = dicom.split_frames(data) if dicom_frames == "all" else [data]
+            for k, part in enumerate(parts):
+                name = f"{sha256_bytes(part)[:24]}.dcm"
+                (dest / rel.parts[0]).mkdir(parents=True, exist_ok=True)
+                (dest / rel.parts[0] / name).write_bytes(part)
+                sources[f"{rel.parts[0]}/{name}"] = rel.as_posix() + (f"#frame={k}" if len(parts) > 1 else "")
+            continue
+        target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, target)
+    if sources:
+        write_json(dest / DICOM_SOURCES, dict(sorted(sources.items())))
 
 
 def torchvision_dataset(name: str) -> type:
@@ -254,6 +277,7 @@ class Checked:
     pixels: str = ""  # sha256 of the decoded RGB pixels: the same picture in PNG, BMP, TIFF, ... has one
     phash: int = 0  # 64-bit perceptual hash: re-encoded and resized copies differ from it in a few bits
     thumbnail: bytes = b""  # 16x16 grey: flat pictures, whose perceptual hash is unstable, still match on it
+    group: str = ""  # sha256 naming the group (data.group_by: a patient, a path pattern) it splits with; "": none
 
 
 def prepare(raw_dir: Path, params: DataParams, manifest_path: Path, report_path: Path) -> dict:
@@ -266,7 +290,8 @@ def prepare(raw_dir: Path, params: DataParams, manifest_path: Path, report_path:
     check_classes(checked.kept, dict(candidates), checked.quarantined, params.min_per_class, raw_dir)
     rows = checked.rows(lambda key, label: split_of(key, params))
     check_splits(rows, params)
-    report = data_report(rows, checked.quarantined, checked.duplicates, checked.groups, params.imbalance_ratio)
+    report = data_report(rows, checked.quarantined, checked.duplicates, checked.groups, params.imbalance_ratio,
+                         group_counts(checked.kept, rows, params.group_by))
     write_manifest(manifest_path, rows)
     write_json(report_path, report)
     return report
@@ -282,16 +307,57 @@ class Validated:
     groups: list[list[Checked]]
 
     def rows(self, split: Callable[[str, str], str]) -> list[ManifestRow]:
-        """Manifest rows sorted by path; `split(key, label)` assigns one, key = the content hash shared by a
-        near-duplicate group (so a group splits as one)."""
-        key = {c.path: min(m.sha256 for m in group) for group in self.groups for c in group}
-        return sorted((ManifestRow(c.path, c.label, split(key.get(c.path, c.sha256), c.label), c.sha256, c.width,
-                                   c.height) for c in self.kept), key=lambda r: r.path)
+        """Manifest rows sorted by path; `split(key, label)` assigns one, key = one hash shared by all the images
+        linked by a near-duplicate group or a data.group_by group (a patient), so that they split as one."""
+        key = split_keys(self.kept, self.groups)
+        return sorted((ManifestRow(c.path, c.label, split(key[c.path], c.label), c.sha256, c.width, c.height)
+                       for c in self.kept), key=lambda r: r.path)
+
+
+def split_keys(kept: list[Checked], near: list[list[Checked]]) -> dict[str, str]:
+    """path -> the hash its split is drawn from. Images linked by near-duplicate groups or by a data.group_by group
+    (transitively) share the smallest of their keys: the group's own hash for a grouped image (stable as data
+    grows: a patient's images stay where the patient is), the content hash otherwise."""
+    parent = {c.path: c.path for c in kept}
+
+    def root(p: str) -> str:
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    members: dict[str, list[str]] = defaultdict(list)
+    for c in kept:
+        if c.group:
+            members[c.group].append(c.path)
+    for linked in [*([c.path for c in g] for g in near), *members.values()]:
+        for other in linked[1:]:
+            parent[root(other)] = root(linked[0])
+    best: dict[str, str] = {}
+    for c in kept:
+        own = c.group or c.sha256
+        r = root(c.path)
+        best[r] = min(best.get(r, own), own)
+    return {c.path: best[root(c.path)] for c in kept}
+
+
+def group_counts(kept: list[Checked], rows: list[ManifestRow], rule: str) -> dict[str, Any] | None:
+    """reports/data.json's groups: how many data.group_by groups (patients) each split holds; None for none."""
+    if rule == "none":
+        return None
+    split_of_path = {r.path: r.split for r in rows}
+    by_split: dict[str, set[str]] = {s: set() for s in SPLITS}
+    for c in kept:
+        if c.group:
+            by_split[split_of_path[c.path]].add(c.group)
+    return {"rule": rule if rule == "patient" else "path pattern", **{s: len(g) for s, g in by_split.items()},
+            "ungrouped_images": sum(not c.group for c in kept)}
 
 
 def validate(candidates: list[tuple[str, str]], stray: list[dict], params: DataParams) -> Validated:
     """Decode every candidate, quarantine the bad ones, keep one copy of each picture, group near-duplicates."""
-    good, bad = check_images(candidates, params.max_pixels)
+    good, bad = check_images(candidates, params.max_pixels, Intensity(params.intensity, params.window),
+                             params.group_by)
     kept, duplicates, conflicting = deduplicate(good)
     quarantined = sorted([*stray, *bad, *conflicting], key=lambda q: q["path"])
     return Validated(kept, quarantined, duplicates, near_duplicate_groups(kept, params.near_duplicates))
@@ -324,20 +390,23 @@ def _display(path: Path) -> str:
 CHECK_SHORT = 256
 
 
-def check_images(candidates: list[tuple[str, str]], max_pixels: int) -> tuple[list[Checked], list[dict]]:
+def check_images(candidates: list[tuple[str, str]], max_pixels: int, intensity: Intensity = Intensity(),
+                 group_by: str = "none") -> tuple[list[Checked], list[dict]]:
     """Decode every candidate completely (at working size); the ones that fail become {path, reason, detail}
-    entries. Pixel identity and the perceptual fingerprints are taken at that size."""
+    entries. Pixel identity and the perceptual fingerprints are taken at that size; group_by names each image's
+    group (group_of)."""
     import imagehash
 
     good, bad = [], []
     for path, label in candidates:
         try:
-            img = load_image(path, max_pixels, CHECK_SHORT)  # every byte decoded, full-size pixels never held
+            data = Path(path).read_bytes()
+            img = load_image(path, max_pixels, CHECK_SHORT, intensity)  # every byte decoded, at working size
             width, height = img.info["decoded_from"]
             pixels = sha256_bytes(f"{width}x{height}:".encode() + img.tobytes())
             thumbnail = img.convert("L").resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX).tobytes()
-            good.append(Checked(path, label, sha256_file(path), width, height, pixels,
-                                int(str(imagehash.phash(img)), 16), thumbnail))
+            good.append(Checked(path, label, sha256_bytes(data), width, height, pixels,
+                                int(str(imagehash.phash(img)), 16), thumbnail, group_of(path, data, group_by)))
         except ImageError as e:
             bad.append({"path": path, "reason": e.reason, "detail": e.detail})
         except OSError as e:
@@ -345,6 +414,22 @@ def check_images(candidates: list[tuple[str, str]], max_pixels: int) -> tuple[li
         except Exception as e:  # a decoder bug on one hostile file must not stop the stage
             bad.append({"path": path, "reason": "corrupt", "detail": f"{path}: {type(e).__name__}: {e}"})
     return good, bad
+
+
+def group_of(path: str, data: bytes, rule: str) -> str:
+    """The sha256 naming the group an image splits with: its DICOM patient (PatientID, else StudyInstanceUID) for
+    "patient", the regex's first group (else its whole match) in the path for a pattern; "" for none or no match.
+    A hash, so that no patient identifier is ever written down."""
+    if rule == "none":
+        return ""
+    if rule == "patient":
+        from tlops import dicom
+
+        return (dicom.patient_key(data) or "") if dicom.is_dicom(data, path) else ""
+    m = re.search(rule, path)
+    if m is None:
+        return ""
+    return sha256_bytes(f"path:{m.group(1) if m.groups() else m.group(0)}".encode())
 
 
 def deduplicate(images: list[Checked]) -> tuple[list[Checked], list[dict], list[dict]]:
@@ -494,7 +579,8 @@ def check_splits(rows: list[ManifestRow], params: DataParams) -> None:
 
 
 def data_report(rows: list[ManifestRow], quarantined: list[dict], duplicates: list[dict],
-                groups: list[list[Checked]] = (), imbalance_threshold: float = 3.0) -> dict:
+                groups: list[list[Checked]] = (), imbalance_threshold: float = 3.0,
+                split_groups: dict[str, Any] | None = None) -> dict:
     """reports/data.json: counts per class and split, totals, quarantined files, duplicates and near-duplicates."""
     per_class: dict[str, dict[str, int]] = {}
     for r in rows:
@@ -524,8 +610,11 @@ def data_report(rows: list[ManifestRow], quarantined: list[dict], duplicates: li
               **{s: sum(1 for r in rows if r.split == s) for s in SPLITS},
               "quarantined": len(quarantined), "duplicates_dropped": sum(len(d["dropped"]) for d in duplicates),
               "near_duplicate_groups": len(near), "near_duplicate_images": sum(len(n["paths"]) for n in near)}
-    return {"totals": totals, "classes": dict(sorted(per_class.items())), "quarantined": quarantined,
-            "duplicates": duplicates, "near_duplicates": near, "warnings": warnings}
+    report = {"totals": totals, "classes": dict(sorted(per_class.items())), "quarantined": quarantined,
+              "duplicates": duplicates, "near_duplicates": near, "warnings": warnings}
+    if split_groups is not None:
+        report["groups"] = split_groups
+    return report
 
 
 def write_manifest(path: Path, rows: list[ManifestRow]) -> None:

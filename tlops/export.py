@@ -334,8 +334,8 @@ def int8_verdict(fp32_acc: float, int8_acc: float, max_drop: float, metric: str 
 
 
 Gate = tuple[list[str], list[str], str]  # (images, true class names, the split's name) the promotion gate scores on
-# (model file, source val + test images, adapt method, preprocessing, max pixels) -> (tlops.drift_reference JSON, about);
-# given by the stage (tlops.drift.model_reference) so that the stages importing this module do not depend on it.
+# (model file, source val + test images, adapt method, preprocessing, max pixels) -> (drift reference JSON, about);
+# given by the stage (tlops.drift.model_reference), so that the stages importing this module do not depend on it
 Reference = Callable[[Path, list[str], str, PreprocessSpec, int], tuple[str, dict[str, Any]]]
 
 

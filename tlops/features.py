@@ -86,7 +86,7 @@ def extract_with(bb: Backbone, manifest: Manifest, params: Params, out_dir: Path
                  engine: str = "auto") -> dict:
     """extract_features with a given backbone (which is left as it was: eval mode, weights untouched)."""
     start = time.perf_counter()
-    spec = working_spec(bb.spec, params.finetune.augment)
+    spec = working_spec(bb.spec, params.finetune.augment, params.data)
     cache_dir = out_dir / paths.FEATURES_CACHE.relative_to(paths.FEATURES_DIR)
     images = for_manifest(manifest, spec, params.data.max_pixels, out_dir / paths.FEATURES_IMAGES.name, writer=True)
     items = manifest_items(manifest, params, extractor_id(bb, spec))

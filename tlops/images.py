@@ -58,7 +58,8 @@ class WorkingImages:
         """The content address of an image's working copy: its bytes, the working size, the decode rule."""
         if path not in self._keys:
             self._keys[path] = sha256_json({"image": self.sha256[path], "decode_size": self.spec.decode_size,
-                                            "rule": DECODE_RULE})[:40]
+                                            "rule": DECODE_RULE, "intensity": self.spec.intensity,
+                                            "window": self.spec.window})[:40]
         return self._keys[path]
 
     def index(self) -> dict[str, Path]:

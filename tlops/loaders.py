@@ -16,17 +16,20 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from tlops.config import AugmentParams, FinetuneParams
+from tlops.config import AugmentParams, DataParams, FinetuneParams
 from tlops.images import WorkingImages
 from tlops.preprocess import INTERPOLATIONS, PreprocessSpec, normalize, preprocess, resize_crop
 
 
-def working_spec(spec: PreprocessSpec, augment: AugmentParams) -> PreprocessSpec:
-    """The spec with the working size training needs: the random crop of the smallest area must not upsample."""
+def working_spec(spec: PreprocessSpec, augment: AugmentParams, data: DataParams | None = None) -> PreprocessSpec:
+    """The spec with the working size training needs (the random crop of the smallest area must not upsample) and
+    data's intensity rule for images of more than 8 bits; both travel with the model to the service."""
     need = spec.resize_size
     if augment.random_resized_crop is not None:
         need = max(need, math.ceil(spec.input_size / math.sqrt(augment.random_resized_crop[0])))
-    return replace(spec, decode_size=need)
+    if data is None:
+        return replace(spec, decode_size=need)
+    return replace(spec, decode_size=need, intensity=data.intensity, window=data.window)
 
 
 def view_of(epoch: int, views: int | None) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tlops.errors import DataError
+from tlops.intensity import HIGH_BIT_MODES, INTENSITY_RULES, Intensity, to_8bit, window_to_8bit  # noqa: F401
 
 EXIF_ORIENTATION = 0x0112
 INTERPOLATIONS = {
@@ -56,12 +57,22 @@ class PreprocessSpec:
     layout: str = "NCHW"
     color: str = "RGB"
     decode_size: int = 0
+    intensity: str = "auto"  # how images of more than 8 bits (16-bit PNG/TIFF, float TIFF, DICOM) become 8-bit
+    window: tuple[float, float] | None = None  # [center, width]: overrides DICOM headers; the `window` rule's
 
     def __post_init__(self) -> None:
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {self.interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
+        if self.intensity not in INTENSITY_RULES:
+            raise ValueError(f"intensity {self.intensity!r} is not one of {INTENSITY_RULES}")
         object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
         object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+        if self.window is not None:
+            object.__setattr__(self, "window", (float(self.window[0]), float(self.window[1])))
+
+    @property
+    def rule(self) -> Intensity:
+        return Intensity(self.intensity, self.window)
 
     @property
     def resize_size(self) -> int:
@@ -70,6 +81,7 @@ class PreprocessSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["window"] = list(self.window) if self.window is not None else None
         d["resize_size"] = self.resize_size
         return d
 
@@ -78,20 +90,24 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessSpec:
-        keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "layout", "color", "decode_size")
-        return cls(**{k: d[k] for k in keys if k in d})  # no decode_size: a model of full decodes
+        keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "layout", "color", "decode_size",
+                "intensity", "window")
+        return cls(**{k: d[k] for k in keys if k in d})  # keys a model predates take their defaults
 
     @classmethod
     def from_json(cls, s: str) -> PreprocessSpec:
         return cls.from_dict(json.loads(s))
 
 
-def load_image(source: str | os.PathLike | bytes, max_pixels: int, min_short: int = 0) -> Image.Image:
+def load_image(source: str | os.PathLike | bytes, max_pixels: int, min_short: int = 0,
+               intensity: Intensity = Intensity()) -> Image.Image:
     """Decode an image completely and return it as 8-bit RGB, EXIF orientation applied.
 
     min_short > 0: decode at the smallest reduced scale whose shorter side is still >= min_short (JPEG: DCT scaling;
     others: a whole-factor box reduction after decoding). Every byte is still read, so a truncated or corrupt file
-    fails either way. Raises ImageError with reason empty_file, not_an_image, too_many_pixels, truncated or corrupt.
+    fails either way. Images of more than 8 bits become 8-bit by `intensity`; DICOM files (tlops.dicom) by their
+    header's rules first. Raises ImageError with reason empty_file, not_an_image, too_many_pixels, truncated,
+    corrupt, or for DICOM no_pixels and unsupported_compression.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         data, name = bytes(source), "<bytes>"
@@ -100,6 +116,10 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int, min_short: in
         data = Path(source).read_bytes()
     if not data:
         raise ImageError("empty_file", f"{name} is zero bytes")
+    from tlops import dicom  # pydicom itself is imported only for a DICOM file
+
+    if dicom.is_dicom(data, name):
+        return _load_dicom(data, name, max_pixels, min_short, intensity)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -122,10 +142,26 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int, min_short: in
         raise ImageError(reason, f"{name}: {e}") from None
     try:
         turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn: width and height swap
+        if img.mode in HIGH_BIT_MODES:
+            img = ImageOps.exif_transpose(img)
+            img = Image.fromarray(to_8bit(np.asarray(img), intensity.rule, intensity.window), mode="L")
         rgb = reduce_to(to_rgb(img), min_short)
     except (OSError, ValueError) as e:
         raise ImageError("corrupt", f"{name}: cannot convert mode {img.mode} to RGB ({e})") from None
     rgb.info["decoded_from"] = (h, w) if turned else (w, h)  # the full size, oriented as the result is
+    return rgb
+
+
+def _load_dicom(data: bytes, name: str, max_pixels: int, min_short: int, intensity: Intensity) -> Image.Image:
+    from tlops import dicom
+
+    try:
+        arr = dicom.grey8(data, intensity.rule, intensity.window, max_pixels=max_pixels)
+    except dicom.DicomError as e:
+        raise ImageError(e.reason, f"{name}: {e.detail}") from None
+    img = Image.fromarray(arr, mode="L" if arr.ndim == 2 else "RGB")
+    rgb = reduce_to(img.convert("RGB"), min_short)
+    rgb.info["decoded_from"] = img.size
     return rgb
 
 
@@ -137,17 +173,14 @@ def reduce_to(img: Image.Image, min_short: int) -> Image.Image:
 
 def decode(source: str | os.PathLike | bytes, spec: PreprocessSpec, max_pixels: int) -> Image.Image:
     """The working image of `source` for `spec`: decoded at the spec's working size, RGB, oriented."""
-    return load_image(source, max_pixels, spec.decode_size)
+    return load_image(source, max_pixels, spec.decode_size, spec.rule)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """EXIF-orient and convert any mode (CMYK, L, 16-bit, RGBA, P, ...) to 8-bit RGB."""
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
-        a = np.clip(np.rint(a * (255.0 / peak)), 0, 255).astype(np.uint8)
-        img = Image.fromarray(a, mode="L")
+    if img.mode in HIGH_BIT_MODES:  # load_image has mapped these by the intensity rule; here, the default rule
+        img = Image.fromarray(to_8bit(np.asarray(img)), mode="L")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -312,7 +312,7 @@ def setup(params: Params, manifest: Any, head_dir: str | Path, images_dir: Path 
     ft = params.finetune
     device = resolve_device(ft.device)
     backbone = create_backbone(params.model.backbone, weights=params.model.weights, image_size=params.model.image_size)
-    spec = working_spec(backbone.spec, ft.augment)
+    spec = working_spec(backbone.spec, ft.augment, params.data)
     head, head_info = load_head(head_dir)
     classes = check_compatible(backbone, head_info, manifest)
     # channels_last is oneDNN's and cuDNN's fast layout for convolutions, on CPU too.

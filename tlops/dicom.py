@@ -1,0 +1,259 @@
+"""DICOM in: pixels to 8-bit grey by the header's own rules, patient grouping keys, frames. Torch-free (pydicom).
+
+Decoding, in the order the standard applies them (PS3.3 C.11): the Modality LUT (rescale slope/intercept) gives
+modality units (e.g. Hounsfield); then the VOI: data.window [center, width] when set, else the header's VOI LUT or
+its Window Center/Width, else the intensity rule (tlops.preprocess.to_8bit; `auto` = the stored bit range through
+the modality rescale); MONOCHROME1 (high values dark) is inverted so that bright means the same in every image.
+Compressed transfer syntaxes decode through pylibjpeg (JPEG, JPEG-LS, JPEG 2000, RLE) when installed.
+
+No tag value ever leaves this module except as a sha256 (patient_key): errors name the problem, never the header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+PREAMBLE = 128  # bytes before the "DICM" magic of a Part 10 file
+
+
+class DicomError(Exception):
+    """A DICOM file that cannot become an image: reason (a stable code) and a detail with no header values."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def is_dicom(data: bytes, name: str = "") -> bool:
+    """A Part 10 file (the DICM magic after the preamble), or a .dcm file (some writers omit the preamble)."""
+    return data[PREAMBLE:PREAMBLE + 4] == b"DICM" or name.lower().endswith(".dcm")
+
+
+def _quiet() -> None:
+    """pydicom reports odd values by warning and logging them, and a value can be a patient's name: keep it quiet."""
+    import logging
+
+    import pydicom
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
+def read(data: bytes, stop_before_pixels: bool = False) -> Dataset:
+    """The dataset of a DICOM file's bytes; DicomError when it is not readable as DICOM."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    _quiet()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        raise DicomError("not_an_image", "not a readable DICOM file") from None
+    except (EOFError, OSError) as e:
+        raise DicomError("truncated", f"the DICOM file ends early ({type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types on hostile files; the message may hold values
+        raise DicomError("corrupt", f"not a readable DICOM file ({type(e).__name__})") from None
+
+
+def frames(ds: Dataset) -> int:
+    try:
+        return max(1, int(getattr(ds, "NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def pixels(ds: Dataset, frame: int | None = None) -> np.ndarray:
+    """The stored pixel array of one frame (default: the middle one): (H, W) grey or (H, W, 3) colour."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise DicomError("no_pixels", "the DICOM file has no pixel data (a report, plan or other non-image object)")
+    n = frames(ds)
+    index = n // 2 if frame is None else frame
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = ds.pixel_array if n == 1 else _frame(ds, index)
+    except NotImplementedError:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", "unknown")
+        raise DicomError("unsupported_compression", f"no decoder for transfer syntax {name} (install "
+                                                    "pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg)") from None
+    except (ValueError, EOFError, IndexError) as e:
+        text = str(e).lower()
+        if "less than expected" in text or "truncat" in text or "end of" in text:
+            raise DicomError("truncated", "the pixel data is shorter than Rows x Columns x frames needs") from None
+        raise DicomError("corrupt", f"pixel data cannot be decoded ({type(e).__name__})") from None
+    except RuntimeError:  # pydicom: every installed decoder plugin refused the compressed stream
+        raise DicomError("undecodable", "no installed decoder could decode the compressed pixel data") from None
+    except Exception as e:  # noqa: BLE001 - decoder plugins raise their own types
+        raise DicomError("corrupt", f"pixel data cannot be decoded ({type(e).__name__})") from None
+    if n > 1 and arr.ndim >= 3 and arr.shape[0] == n and frame is None:
+        arr = arr[index]
+    return arr
+
+
+def _frame(ds: Dataset, index: int) -> np.ndarray:
+    from pydicom.pixels import pixel_array
+
+    try:
+        return pixel_array(ds, index=index)
+    except TypeError:  # a pydicom without frame access: decode all, take one
+        return ds.pixel_array[index]
+
+
+def to_grey8(ds: Dataset, arr: np.ndarray, rule: str, window: tuple[float, float] | None) -> np.ndarray:
+    """Stored values -> uint8 by the Modality LUT, then the VOI (see the module docstring), MONOCHROME1 inverted."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    from tlops.intensity import to_8bit, window_to_8bit
+
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    if arr.ndim == 3 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return _colour8(ds, arr, photometric)
+    values = apply_modality_lut(arr, ds).astype(np.float64)
+    if window is not None:
+        out = window_to_8bit(values, *window)
+    elif "VOILUTSequence" in ds:
+        lut = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float64)
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or 16
+        out = np.clip(np.rint(lut * (255.0 / (2 ** bits - 1))), 0, 255).astype(np.uint8)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        out = window_to_8bit(values, center, max(width, 1.0)) if width > 0 else to_8bit(values, "minmax")
+    else:
+        out = to_8bit(values, rule, stored_range=_stored_range(ds) if rule == "auto" else None)
+    return 255 - out if photometric == "MONOCHROME1" else out
+
+
+def _colour8(ds: Dataset, arr: np.ndarray, photometric: str) -> np.ndarray:
+    from pydicom.pixels import apply_color_lut
+
+    from tlops.intensity import to_8bit
+
+    if photometric == "PALETTE COLOR":  # pixel_array gives YBR as RGB already, palette indices as they are
+        try:
+            arr = apply_color_lut(arr, ds)
+        except Exception as e:  # noqa: BLE001 - a broken palette is a broken file
+            raise DicomError("corrupt", f"its colour palette cannot be applied ({type(e).__name__})") from None
+    if arr.dtype == np.uint8:
+        return arr
+    bits = int(getattr(ds, "BitsStored", 0) or 0)
+    peak = float(2 ** bits - 1) if arr.dtype.kind == "u" and bits > 8 and "PALETTE" not in photometric else None
+    return to_8bit(arr.astype(np.float64), "minmax" if peak is None else "auto", stored_range=(0.0, peak or 1.0))
+
+
+def _first(value: object) -> float:
+    """Window Center/Width may hold several values (several presets): the first is the default one."""
+    from pydicom.multival import MultiValue
+
+    return float(value[0] if isinstance(value, (MultiValue, list, tuple)) else value)
+
+
+def _stored_range(ds: Dataset) -> tuple[float, float] | None:
+    """The range the stored bits can hold, through the modality rescale: what `auto` maps to 0..255."""
+    try:
+        bits = int(ds.BitsStored)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    signed = int(getattr(ds, "PixelRepresentation", 0) or 0)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    ends = sorted((lo * slope + intercept, hi * slope + intercept))
+    return ends[0], ends[1]
+
+
+def grey8(data: bytes, rule: str = "auto", window: tuple[float, float] | None = None, frame: int | None = None,
+          max_pixels: int | None = None) -> np.ndarray:
+    """A DICOM file's bytes -> uint8 (H, W) grey or (H, W, 3) colour; DicomError with a reason when it cannot.
+    max_pixels is checked against the header's Rows x Columns before any pixel is decoded."""
+    ds = read(data)
+    rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+    if max_pixels is not None and rows * cols > max_pixels:
+        raise DicomError("too_many_pixels", f"declares {cols}x{rows} pixels, over the limit of {max_pixels}")
+    return to_grey8(ds, pixels(ds, frame), rule, window)
+
+
+def patient_key(data: bytes) -> str | None:
+    """sha256 of the PatientID (else the StudyInstanceUID) of a DICOM file; None when it has neither.
+
+    Only the hash leaves this function: it groups a patient's images into one split without recording who.
+    """
+    try:
+        ds = read(data, stop_before_pixels=True)
+    except DicomError:
+        return None
+    for tag in ("PatientID", "StudyInstanceUID"):
+        value = str(getattr(ds, tag, "") or "").strip()
+        if value:
+            return hashlib.sha256(f"{tag}:{value}".encode()).hexdigest()
+    return None
+
+
+def split_frames(data: bytes) -> list[bytes]:
+    """A multi-frame DICOM file as one single-frame file per frame (uncompressed, explicit VR little endian); a
+    single-frame or unreadable file unchanged (validation decides about it later)."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    try:
+        ds = read(data)
+        n = frames(ds)
+        if n <= 1 or "PixelData" not in ds:
+            return [data]
+        whole = ds.pixel_array  # (frames, H, W[, 3]); YBR decoded to RGB
+    except Exception:  # noqa: BLE001 - left whole: prepare decodes it and quarantines it with its reason
+        return [data]
+    out = []
+    for k in range(n):
+        single = ds.copy()
+        frame = np.ascontiguousarray(whole[k])
+        single.NumberOfFrames = 1
+        if frame.ndim == 3:
+            single.PhotometricInterpretation, single.PlanarConfiguration = "RGB", 0
+        single.PixelData = frame.tobytes()
+        single.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        buf = io.BytesIO()
+        single.save_as(buf, enforce_file_format=True)
+        out.append(buf.getvalue())
+    return out
+
+
+def encode(pixels: np.ndarray, bits_stored: int = 12, photometric: str = "MONOCHROME2", slope: float = 1.0,
+           intercept: float = 0.0, window: tuple[float, float] | None = None, frames: int = 1,
+           **tags: str) -> bytes:
+    """A minimal uncompressed Secondary Capture DICOM file of unsigned grey `pixels` ((H, W), or (frames, H, W)),
+    with the given rescale, window and tags (PatientName=..., PatientID=...): for tests and worked examples."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    arr = np.asarray(pixels, np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OT"
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.Rows, ds.Columns = arr.shape[-2:]
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    ds.RescaleSlope, ds.RescaleIntercept = f"{slope:g}", f"{intercept:g}"
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = f"{window[0]:g}", f"{window[1]:g}"
+    ds.PixelData = np.ascontiguousarray(arr).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
