@@ -57,7 +57,7 @@ def scans(out: Path, patients: int = 80, per_patient: int = 5, seed: int = 0) ->
             hu = 40 + 900 * tissue + rng.normal(0, 60, (SIZE, SIZE))  # modality units (HU-like)
             if label == "lesion":
                 cy, cx = rng.integers(12, SIZE - 12, 2)
-                hu += 180 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 4.0 ** 2))
+                hu += 450 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 5.0 ** 2))
             stored, photometric, window = np.clip(np.rint(hu + 1024), 0, 4095), "MONOCHROME2", WINDOW
             if pid % 7 == 3:  # MONOCHROME1 (high values shown dark): stored inverted, so it looks the same decoded
                 stored, photometric, window = 4095 - stored, "MONOCHROME1", (2047 - WINDOW[0], WINDOW[1])
