@@ -62,8 +62,8 @@ def scans(out: Path, patients: int = 80, per_patient: int = 5, seed: int = 0) ->
             if pid % 7 == 3:  # MONOCHROME1 (high values shown dark): stored inverted, so it looks the same decoded
                 stored, photometric, window = 4095 - stored, "MONOCHROME1", (2047 - WINDOW[0], WINDOW[1])
             data = dicom.encode(stored, bits_stored=12, intercept=-1024, window=window, photometric=photometric,
-                                PatientName=f"Testpatient^Number{pid:03d}", PatientID=f"MRN{900000 + pid}",
-                                Modality="CT")
+                                uid_seed=f"{seed}-{pid}-{k}", PatientName=f"Testpatient^Number{pid:03d}",
+                                PatientID=f"MRN{900000 + pid}", Modality="CT")
             (folder / f"Testpatient_Number{pid:03d}_{k}.dcm").write_bytes(data)
         labels[f"MRN{900000 + pid}"] = label
     whole = (out / "lesion" / "Testpatient_Number001_0.dcm").read_bytes()

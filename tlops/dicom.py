@@ -229,15 +229,17 @@ def split_frames(data: bytes) -> list[bytes]:
 
 def encode(pixels: np.ndarray, bits_stored: int = 12, photometric: str = "MONOCHROME2", slope: float = 1.0,
            intercept: float = 0.0, window: tuple[float, float] | None = None, frames: int = 1,
-           **tags: str) -> bytes:
+           uid_seed: str | None = None, **tags: str) -> bytes:
     """A minimal uncompressed Secondary Capture DICOM file of unsigned grey `pixels` ((H, W), or (frames, H, W)),
-    with the given rescale, window and tags (PatientName=..., PatientID=...): for tests and worked examples."""
+    with the given rescale, window and tags (PatientName=..., PatientID=...): for tests and worked examples.
+    uid_seed: the SOP Instance UID derived from it (the same bytes every time), else a random one."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
     arr = np.asarray(pixels, np.uint16)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    uid = generate_uid(entropy_srcs=[uid_seed]) if uid_seed is not None else generate_uid()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
