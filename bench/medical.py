@@ -34,7 +34,7 @@ SIZE = 64
 WINDOW = (1000.0, 2000.0)  # header window center/width, in modality units (after the rescale)
 
 
-def scans(out: Path, patients: int = 80, per_patient: int = 5, seed: int = 0) -> dict[str, str]:
+def scans(out: Path, patients: int = 120, per_patient: int = 8, seed: int = 0) -> dict[str, str]:
     """Write out/<normal|lesion>/<Lastname>_<Firstname>_<k>.dcm; returns {PatientID: label}."""
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -57,7 +57,7 @@ def scans(out: Path, patients: int = 80, per_patient: int = 5, seed: int = 0) ->
             hu = 40 + 900 * tissue + rng.normal(0, 60, (SIZE, SIZE))  # modality units (HU-like)
             if label == "lesion":
                 cy, cx = rng.integers(12, SIZE - 12, 2)
-                hu += 450 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 5.0 ** 2))
+                hu += 300 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 4.0 ** 2))
             stored, photometric, window = np.clip(np.rint(hu + 1024), 0, 4095), "MONOCHROME2", WINDOW
             if pid % 7 == 3:  # MONOCHROME1 (high values shown dark): stored inverted, so it looks the same decoded
                 stored, photometric, window = 4095 - stored, "MONOCHROME1", (2047 - WINDOW[0], WINDOW[1])
@@ -86,8 +86,8 @@ def straddling(project: Path) -> tuple[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--patients", type=int, default=80)
-    ap.add_argument("--per-patient", type=int, default=5)
+    ap.add_argument("--patients", type=int, default=120)
+    ap.add_argument("--per-patient", type=int, default=8)
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="tlops-medical-"))
     data = work / "scans"
