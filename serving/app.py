@@ -91,13 +91,14 @@ class Service:
                 if not force and key is not None and key in (self.model and self.model.key, self._rejected_key):
                     return False
                 new = await asyncio.to_thread(self._load_and_warm, path)
+                monitor = (drift.Monitor.from_metadata(new.metadata, self.params.drift_window,
+                                                       self.params.drift_threshold)
+                           if self.params.drift_window else None)
             except Exception as e:  # anything wrong with the new model: reject it, keep serving
                 self._reject(key, e)
                 return False
             old, self.model = self.model, new  # the swap: in-flight batches keep the session they started with
-            self.drift = (drift.Monitor.from_metadata(new.metadata, self.params.drift_window,
-                                                      self.params.drift_threshold)
-                          if self.params.drift_window else None)
+            self.drift = monitor
             self.status, self._rejected_key, self._last_error = "ready", None, None
             self.metrics.model_loaded(new.name, new.version, new.sha256, new.metadata)
             log.info("serving %s version %s from %s%s", new.name, new.version, new.path,
@@ -215,6 +216,12 @@ class Service:
         """serve.log_inputs: keep the request's images (image and image_bytes tensors); runs in a decode thread."""
         if self.input_log is None:
             return
+        try:
+            self._keep_tensors(req)
+        except Exception:  # keeping inputs is a side job: it never fails the request
+            log.exception("serve.log_inputs: could not keep a request's inputs")
+
+    def _keep_tensors(self, req: protocol.InferRequest) -> None:
         for t in req.inputs:
             if t.name == protocol.FILE_INPUT:
                 for data in t.data.ravel():
@@ -307,8 +314,11 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         def prepare() -> tuple[None, np.ndarray]:
             x = decode_images(files, model.spec, service.params.max_pixels)
             if service.input_log is not None:
-                for _, data in files:
-                    service.input_log.keep_file(data)
+                try:
+                    for _, data in files:
+                        service.input_log.keep_file(data)
+                except Exception:  # keeping inputs is a side job: it never fails the request
+                    log.exception("serve.log_inputs: could not keep a request's images")
             return None, x
 
         _, out, used = await service.infer(model, prepare)
@@ -412,6 +422,7 @@ def _check_free(host: str, port: int | None, what: str) -> None:
         return
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
             s.bind((host, port))
     except OSError as e:
         raise ConfigError(f"{what}={port}: cannot listen on {host}:{port} ({e.strerror or e}); "

@@ -27,7 +27,7 @@ EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "BMP": "bmp", "TIFF": "
 
 class InputLog:
     def __init__(self, folder: str | os.PathLike, sample: float, max_bytes: int) -> None:
-        self.folder, self.sample, self.max_bytes = Path(folder), sample, max_bytes
+        self.folder, self.sample, self.max_bytes = Path(folder).resolve(), sample, max_bytes
         self.folder.mkdir(parents=True, exist_ok=True)
         self.used = sum(f.stat().st_size for f in self.folder.iterdir() if f.is_file() and not f.name.startswith("."))
         self.kept = 0
@@ -69,14 +69,16 @@ class InputLog:
                 return None
             self.used += len(data)
             self._writing.add(path)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")
+        tmp = None
         try:
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.chmod(tmp, FILE_MODE)  # readable by the pipeline that adapts to them, as a plain write would be
             os.replace(tmp, path)
         except OSError as e:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
             with self._lock:
                 self.used -= len(data)
                 self._writing.discard(path)

@@ -37,11 +37,11 @@ class Metrics:
         self.loaded_at = Gauge("tlops_model_loaded_timestamp_seconds", "When the serving model was swapped in",
                                registry=r)
         self.drift_prediction = Gauge("tlops_drift_prediction", "Jensen-Shannon divergence of the window's predicted "
-                                      "classes from the test split's", registry=r)
-        self.drift_embedding = Gauge("tlops_drift_embedding", "Shift of the window's mean embedding from the test "
-                                     "split's, in reference standard deviations", registry=r)
+                                      "classes from the reference's (held-out source images)", registry=r)
+        self.drift_embedding = Gauge("tlops_drift_embedding", "Shift of the window's embeddings from the "
+                                     "reference's, in within-class standard deviations", registry=r)
         self.drift_confidence = Gauge("tlops_drift_confidence", "Mean top-1 confidence drop of the window from the "
-                                      "test split's", registry=r)
+                                      "reference's", registry=r)
         self.drift_window = Gauge("tlops_drift_window", "Samples in the drift window", registry=r)
         self.drifted = Gauge("tlops_drift_drifted", "1 when the embedding shift exceeds serve.drift_threshold",
                              registry=r)

@@ -30,6 +30,7 @@ FILE_INPUT = "image_bytes"     # BYTES [N]: encoded image files (PNG, JPEG, ...)
 INPUT_NAMES = (TENSOR_INPUT, IMAGE_INPUT, FILE_INPUT)
 CHANNELS = (1, 3, 4)
 MAX_INPUTS = 16
+MAX_SAMPLES = 256  # per request, over all its inputs, as /predict's MAX_IMAGES: bounds the decoded floats in memory
 
 LOGITS, PROBABILITIES, LABEL, LABEL_INDEX, EMBEDDING = "logits", "probabilities", "label", "label_index", "embedding"
 DEFAULT_OUTPUTS = (LOGITS,)
@@ -187,7 +188,7 @@ def parse_rest_request(body: bytes, header_length: str | None = None) -> InferRe
 
 
 def _header_size(raw: str, body_size: int) -> int:
-    if not raw.strip().isdigit():
+    if not (raw.strip().isascii() and raw.strip().isdigit()):
         raise ApiError(400, f"Inference-Header-Content-Length must be a non-negative integer, got {raw!r}")
     size = int(raw)
     if size == 0 or size > body_size:
@@ -326,8 +327,19 @@ def decode_inputs(req: InferRequest, model: LoadedModel, max_pixels: int) -> np.
     for name in req.output_names():
         if name not in known:
             raise ApiError(400, f"unknown output {name!r}; this model has {sorted(known)}")
+    declared = sum(_declared_samples(t) for t in req.inputs)
+    if declared > MAX_SAMPLES:  # before decoding: each sample becomes a 3 x S x S float input, however small it came
+        raise ApiError(400, f"the request holds {declared} samples; at most {MAX_SAMPLES} per request",
+                       reason="too_many_samples")
     parts = [_samples(t, model, max_pixels) for t in req.inputs]
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _declared_samples(t: Tensor) -> int:
+    """How many samples a tensor's shape declares: its batch axis ([H, W, C] images: one)."""
+    if t.name == IMAGE_INPUT and len(t.shape) == 3:
+        return 1
+    return t.shape[0] if t.shape else 0
 
 
 def _samples(t: Tensor, model: LoadedModel, max_pixels: int) -> np.ndarray:

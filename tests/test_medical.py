@@ -331,3 +331,53 @@ def test_predict_with_a_dicom_body_equals_tlops_predict_on_the_file(tmp_path: Pa
         truncated = Path(get_testdata_file("MR_truncated.dcm")).read_bytes()
         r = http().post(f"{s.url}/predict", content=truncated)
         assert r.status_code == 400 and r.json()["reason"] == "truncated"
+
+
+def test_a_malformed_header_value_is_a_corrupt_file_not_a_crash():
+    from pydicom.dataset import Dataset
+
+    ds = dicom.read(dicom.encode(STORED, window=(2048, 4096)))
+    del ds.WindowCenter
+    ds.add_new(0x00281050, "LO", "ab")  # Window Center, as a hostile writer might store it
+    assert isinstance(ds, Dataset) and ds.WindowCenter == "ab"
+    with pytest.raises(dicom.DicomError) as e:
+        dicom.to_grey8(ds, ds.pixel_array, "auto", None)
+    assert e.value.reason == "corrupt" and "ab" not in str(e.value)
+
+
+def test_an_ungrouped_near_duplicate_never_moves_a_patient():
+    def item(path: str, sha: str, group: str = "") -> data.Checked:
+        return data.Checked(path, "c", sha, 8, 8, group=group)
+
+    patient = [item("a/1.dcm", "f" * 64, "9" * 64), item("a/2.dcm", "e" * 64, "9" * 64)]
+    before = data.split_keys(patient, [])
+    copy = item("a/copy.png", "0" * 64)  # a re-encoded copy of one scan, lower content hash, no PatientID
+    after = data.split_keys([*patient, copy], [[patient[0], copy]])
+    assert before == {p: "9" * 64 for p in ("a/1.dcm", "a/2.dcm")}
+    assert after == {"a/1.dcm": "9" * 64, "a/2.dcm": "9" * 64, "a/copy.png": "9" * 64}
+
+
+def test_a_path_pattern_reads_a_dicoms_original_path_and_flat_dicoms_are_renamed_too(workspace: Path):
+    rng = np.random.default_rng(0)
+    for subject in range(16):
+        for k in range(3):
+            folder = workspace / "src" / f"c{subject % 2}" / f"subject-{subject:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"Smith_John_{k}.dcm").write_bytes(dicom.encode(rng.integers(0, 4096, (12, 12))))
+    params = DataParams(source="imagefolder", path="src", group_by=r"subject-(\d+)/", min_per_class=2,
+                        near_duplicates=None)
+    data.ingest(params, Path("data/raw"))
+    data.prepare(Path("data/raw"), params, Path("manifest.csv"), Path("data.json"))
+    originals = data.original_paths(Path("data/raw"))
+    by_subject: dict[str, set[str]] = {}
+    for r in data.load_manifest(Path("manifest.csv")).rows:
+        by_subject.setdefault(originals[r.path].split("/")[1], set()).add(r.split)
+    assert len(by_subject) == 16 and all(len(s) == 1 for s in by_subject.values())
+    assert not [f for f in data.visible_files(Path("data/raw")) if "Smith" in f.name]
+
+    flat = workspace / "flat"
+    flat.mkdir()
+    (flat / "Smith_John.dcm").write_bytes(dicom.encode(STORED))
+    data.copy_folder(flat, workspace / "copied")
+    assert [f.suffix for f in data.visible_files(workspace / "copied")] == [".dcm"]
+    assert "Smith" not in "".join(f.name for f in data.visible_files(workspace / "copied"))

@@ -118,11 +118,12 @@ def test_mixed_binary_and_json_inputs_answer_in_input_order(server, triton_http,
 # ---------------------------------------------------------------- the binary extension, byte by byte
 
 
-def binary_request(inputs: list[dict], blobs: list[bytes], header_length: int | str | None = None,
+def binary_request(inputs: list[dict], blobs: list[bytes], header_length: int | str | bytes | None = None,
                    **extra) -> tuple[bytes, dict]:
     header = json.dumps({"inputs": inputs, **extra}).encode()
     length = len(header) if header_length is None else header_length
-    return header + b"".join(blobs), {"Inference-Header-Content-Length": str(length),
+    return header + b"".join(blobs), {"Inference-Header-Content-Length": length if isinstance(length, bytes)
+                                      else str(length),
                                       "Content-Type": "application/octet-stream"}
 
 
@@ -162,6 +163,9 @@ MALFORMED = {
                                      "parameters": {"binary_data_size": 8}}], [struct.pack("<I", 100) + b"abcd"], None),
     "bytes elements fewer than the shape": ([{"name": "image_bytes", "datatype": "BYTES", "shape": [2],
                                               "parameters": {"binary_data_size": 7}}], [_bytes_tensor(b"abc")], None),
+    "too many samples": ([{"name": "image", "datatype": "UINT8", "shape": [1000, 1, 1, 3],
+                           "parameters": {"binary_data_size": 3000}}], [b"\0" * 3000], None),
+    "header length not ascii digits": ([FP32_IN], [X.tobytes()], b"\xb2"),  # "²": a digit to str.isdigit
     "bytes not an image": ([{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
                              "parameters": {"binary_data_size": 9}}], [_bytes_tensor(b"hello")], None),
 }

@@ -10,6 +10,7 @@ import csv
 import difflib
 import inspect
 import io
+import json
 import logging
 import os
 import re
@@ -187,14 +188,15 @@ def copy_folder(src: Path, dest: Path, dicom_frames: str = "middle") -> None:
         rel = f.relative_to(src)
         with open(f, "rb") as fh:
             head = fh.read(dicom.PREAMBLE + 4)
-        if len(rel.parts) > 1 and dicom.is_dicom(head, f.name):
+        if dicom.is_dicom(head, f.name):
             data = f.read_bytes()
             parts = dicom.split_frames(data) if dicom_frames == "all" else [data]
+            folder = rel.parts[0] if len(rel.parts) > 1 else ""  # the class folder, or none (a flat folder)
             for k, part in enumerate(parts):
-                name = f"{sha256_bytes(part)[:24]}.dcm"
-                (dest / rel.parts[0]).mkdir(parents=True, exist_ok=True)
-                (dest / rel.parts[0] / name).write_bytes(part)
-                sources[f"{rel.parts[0]}/{name}"] = rel.as_posix() + (f"#frame={k}" if len(parts) > 1 else "")
+                name = f"{folder}/{sha256_bytes(part)[:24]}.dcm".lstrip("/")
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                (dest / name).write_bytes(part)
+                sources[name] = rel.as_posix() + (f"#frame={k}" if len(parts) > 1 else "")
             continue
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -286,7 +288,7 @@ def prepare(raw_dir: Path, params: DataParams, manifest_path: Path, report_path:
     if not raw_dir.is_dir():
         raise DataError(f"{raw_dir} does not exist; run the ingest stage first (dvc repro ingest)")
     candidates, stray = find_candidates(raw_dir)
-    checked = validate(candidates, stray, params)
+    checked = validate(candidates, stray, params, original_paths(raw_dir))
     check_classes(checked.kept, dict(candidates), checked.quarantined, params.min_per_class, raw_dir)
     rows = checked.rows(lambda key, label: split_of(key, params))
     check_splits(rows, params)
@@ -316,8 +318,8 @@ class Validated:
 
 def split_keys(kept: list[Checked], near: list[list[Checked]]) -> dict[str, str]:
     """path -> the hash its split is drawn from. Images linked by near-duplicate groups or by a data.group_by group
-    (transitively) share the smallest of their keys: the group's own hash for a grouped image (stable as data
-    grows: a patient's images stay where the patient is), the content hash otherwise."""
+    (transitively) share one key: the smallest group hash among them (stable as data grows: a patient's images stay
+    where the patient is), else the smallest content hash. Two patients linked by a near-duplicate share a split."""
     parent = {c.path: c.path for c in kept}
 
     def root(p: str) -> str:
@@ -333,12 +335,17 @@ def split_keys(kept: list[Checked], near: list[list[Checked]]) -> dict[str, str]
     for linked in [*([c.path for c in g] for g in near), *members.values()]:
         for other in linked[1:]:
             parent[root(other)] = root(linked[0])
-    best: dict[str, str] = {}
+    # A component with a group is keyed by its smallest group hash only: an ungrouped copy that joins a patient later
+    # (a PNG of one scan, a file without PatientID) never moves the patient, whatever its content hash.
+    grouped: dict[str, str] = {}
+    plain: dict[str, str] = {}
     for c in kept:
-        own = c.group or c.sha256
         r = root(c.path)
-        best[r] = min(best.get(r, own), own)
-    return {c.path: best[root(c.path)] for c in kept}
+        if c.group:
+            grouped[r] = min(grouped.get(r, c.group), c.group)
+        else:
+            plain[r] = min(plain.get(r, c.sha256), c.sha256)
+    return {c.path: grouped.get(root(c.path)) or plain[root(c.path)] for c in kept}
 
 
 def group_counts(kept: list[Checked], rows: list[ManifestRow], rule: str) -> dict[str, Any] | None:
@@ -354,13 +361,23 @@ def group_counts(kept: list[Checked], rows: list[ManifestRow], rule: str) -> dic
             "ungrouped_images": sum(not c.group for c in kept)}
 
 
-def validate(candidates: list[tuple[str, str]], stray: list[dict], params: DataParams) -> Validated:
-    """Decode every candidate, quarantine the bad ones, keep one copy of each picture, group near-duplicates."""
+def validate(candidates: list[tuple[str, str]], stray: list[dict], params: DataParams,
+             originals: dict[str, str] | None = None) -> Validated:
+    """Decode every candidate, quarantine the bad ones, keep one copy of each picture, group near-duplicates.
+    originals: a candidate's path before ingest renamed it (DICOM), for a group_by pattern to match."""
     good, bad = check_images(candidates, params.max_pixels, Intensity(params.intensity, params.window),
-                             params.group_by)
+                             params.group_by, originals)
     kept, duplicates, conflicting = deduplicate(good)
     quarantined = sorted([*stray, *bad, *conflicting], key=lambda q: q["path"])
     return Validated(kept, quarantined, duplicates, near_duplicate_groups(kept, params.near_duplicates))
+
+
+def original_paths(raw_dir: Path) -> dict[str, str]:
+    """{manifest path: the file's path in the source} for the DICOM files ingest renamed (DICOM_SOURCES)."""
+    sources = Path(raw_dir) / DICOM_SOURCES
+    if not sources.exists():
+        return {}
+    return {_display(Path(raw_dir) / new): old for new, old in json.loads(sources.read_text(encoding="utf-8")).items()}
 
 
 def find_candidates(raw_dir: Path) -> tuple[list[tuple[str, str]], list[dict]]:
@@ -391,7 +408,7 @@ CHECK_SHORT = 256
 
 
 def check_images(candidates: list[tuple[str, str]], max_pixels: int, intensity: Intensity = Intensity(),
-                 group_by: str = "none") -> tuple[list[Checked], list[dict]]:
+                 group_by: str = "none", originals: dict[str, str] | None = None) -> tuple[list[Checked], list[dict]]:
     """Decode every candidate completely (at working size); the ones that fail become {path, reason, detail}
     entries. Pixel identity and the perceptual fingerprints are taken at that size; group_by names each image's
     group (group_of)."""
@@ -406,7 +423,8 @@ def check_images(candidates: list[tuple[str, str]], max_pixels: int, intensity: 
             pixels = sha256_bytes(f"{width}x{height}:".encode() + img.tobytes())
             thumbnail = img.convert("L").resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX).tobytes()
             good.append(Checked(path, label, sha256_bytes(data), width, height, pixels,
-                                int(str(imagehash.phash(img)), 16), thumbnail, group_of(path, data, group_by)))
+                                int(str(imagehash.phash(img)), 16), thumbnail,
+                                group_of((originals or {}).get(path, path), data, group_by)))
         except ImageError as e:
             bad.append({"path": path, "reason": e.reason, "detail": e.detail})
         except OSError as e:

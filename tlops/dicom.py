@@ -96,22 +96,31 @@ def pixels(ds: Dataset, frame: int | None = None) -> np.ndarray:
         raise DicomError("undecodable", "no installed decoder could decode the compressed pixel data") from None
     except Exception as e:  # noqa: BLE001 - decoder plugins raise their own types
         raise DicomError("corrupt", f"pixel data cannot be decoded ({type(e).__name__})") from None
-    if n > 1 and arr.ndim >= 3 and arr.shape[0] == n and frame is None:
-        arr = arr[index]
     return arr
 
 
 def _frame(ds: Dataset, index: int) -> np.ndarray:
+    """One frame of a multi-frame dataset (pydicom decodes only that frame)."""
     from pydicom.pixels import pixel_array
 
-    try:
-        return pixel_array(ds, index=index)
-    except TypeError:  # a pydicom without frame access: decode all, take one
-        return ds.pixel_array[index]
+    return pixel_array(ds, index=index)
 
 
 def to_grey8(ds: Dataset, arr: np.ndarray, rule: str, window: tuple[float, float] | None) -> np.ndarray:
-    """Stored values -> uint8 by the Modality LUT, then the VOI (see the module docstring), MONOCHROME1 inverted."""
+    """Stored values -> uint8 by the Modality LUT, then the VOI (see the module docstring), MONOCHROME1 inverted;
+    DicomError("corrupt") when a header value it needs is malformed (the value itself is never repeated)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _to_grey8(ds, arr, rule, window)
+    except DicomError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a text slope, an empty LUT sequence, ...: the file is broken
+        raise DicomError("corrupt", f"a header value needed to map the pixels is malformed ({type(e).__name__})") \
+            from None
+
+
+def _to_grey8(ds: Dataset, arr: np.ndarray, rule: str, window: tuple[float, float] | None) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     from tlops.intensity import to_8bit, window_to_8bit
@@ -199,15 +208,15 @@ def patient_key(data: bytes) -> str | None:
     return None
 
 
-def split_frames(data: bytes) -> list[bytes]:
+def split_frames(data: bytes, max_pixels: int = 40_000_000) -> list[bytes]:
     """A multi-frame DICOM file as one single-frame file per frame (uncompressed, explicit VR little endian); a
-    single-frame or unreadable file unchanged (validation decides about it later)."""
+    single-frame, unreadable or oversized file unchanged (validation decides about it later)."""
     from pydicom.uid import ExplicitVRLittleEndian
 
     try:
         ds = read(data)
         n = frames(ds)
-        if n <= 1 or "PixelData" not in ds:
+        if n <= 1 or "PixelData" not in ds or int(ds.Rows) * int(ds.Columns) * n > max_pixels:
             return [data]
         whole = ds.pixel_array  # (frames, H, W[, 3]); YBR decoded to RGB
     except Exception:  # noqa: BLE001 - left whole: prepare decodes it and quarantines it with its reason

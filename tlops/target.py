@@ -18,6 +18,7 @@ from tlops.data import (
     Manifest,
     ManifestRow,
     copy_folder,
+    original_paths,
     parse_manifest,
     replaced_dir,
     validate,
@@ -45,7 +46,7 @@ def ingest_target(params: Params, out_dir: Path = paths.TARGET, manifest_path: P
         if src is not None:
             copy_folder(src, tmp)
     candidates = [(f.as_posix(), label_of(f, Path(out_dir))) for f in visible_files(Path(out_dir))]
-    checked = validate(candidates, [], params.data)
+    checked = validate(candidates, [], params.data, original_paths(Path(out_dir)))
     rows = checked.rows(lambda key, label: target_split(key, label, params))
     report = {"target": str(src) if src else None, "totals": {
         "images": len(rows), **{s: sum(r.split == s for r in rows) for s in TARGET_SPLITS},
