@@ -54,9 +54,36 @@ def drift_check_flow(url: str = "http://127.0.0.1:8080", deployment: str = "pipe
     if dry_run:
         print(f"would start {deployment} with {result['set_params']}")
         return result
+    waiting = pending_run(deployment, result["set_params"])
+    if waiting is not None:  # drift persists until that run's model is served: one run is enough
+        result["flow_run_id"], result["already_pending"] = waiting, True
+        print(f"{deployment} already has a run adapting to {folder} that has not finished (flow run {waiting})")
+        return result
     from prefect.deployments import run_deployment
 
     run = run_deployment(deployment, parameters={"set_params": result["set_params"], "refresh": True}, timeout=0)
     result["flow_run_id"] = str(run.id)
     print(f"started {deployment} (flow run {run.id}) with {result['set_params']}")
     return result
+
+
+def pending_run(deployment: str, set_params: dict[str, Any]) -> str | None:
+    """The id of a run of `deployment` with these set_params that is scheduled, pending or running, if any."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as client:
+        target = client.read_deployment_by_name(deployment)
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[target.id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]))))
+    same = [r for r in runs if (r.parameters or {}).get("set_params") == set_params]
+    return str(same[0].id) if same else None

@@ -180,7 +180,9 @@ def test_drift_check_starts_the_deployment_on_the_logged_inputs_and_the_run_sets
         assert not calm["drifted"] and calm["flow_run_id"] is None
         post_all(s.url, shifted_images(tmp_path / "shifted", 60))
         result = drift_check_flow(url=s.url, deployment=info["name"])
+        again = drift_check_flow(url=s.url, deployment=info["name"])  # still drifted: the queued run is enough
     assert result["drifted"] and result["set_params"] == {"adapt.target": str(logged), "adapt.method": "auto"}
+    assert again["already_pending"] and again["flow_run_id"] == result["flow_run_id"]
     assert len(list(logged.iterdir())) == 120  # every distinct image, sample 1.0
 
     worker = subprocess.run(
