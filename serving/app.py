@@ -41,7 +41,7 @@ from serving.model import LoadedModel, ModelSource, Outputs, file_key, load_mode
 from serving.protocol import ApiError
 from tlops import drift, onnx_meta
 from tlops.config import ServeParams
-from tlops.preprocess import ImageError, PreprocessSpec, load_and_preprocess
+from tlops.preprocess import PreprocessSpec
 from tlops.runtime import softmax
 
 log = logging.getLogger("serving")
@@ -361,16 +361,9 @@ async def _image_payloads(request: Request) -> list[tuple[str | None, bytes]]:
 
 
 def decode_images(files: list[tuple[str | None, bytes]], spec: PreprocessSpec, max_pixels: int) -> np.ndarray:
-    """Decode and preprocess each image (one at a time, so one full-size image is in memory at once)."""
-    arrays = []
-    for i, (name, data) in enumerate(files):
-        try:
-            arrays.append(load_and_preprocess(data, spec, max_pixels))
-        except ImageError as e:
-            status = 415 if e.reason == "not_an_image" else 400
-            label = name or (f"#{i}" if len(files) > 1 else "body")
-            raise ApiError(status, f"image {label}: {e.reason}: {e.detail}", reason=e.reason) from None
-    return np.stack(arrays)
+    """Decode and preprocess /predict's images; an error names the file (or its position, or the body)."""
+    labels = [f"image {name or (f'#{i}' if len(files) > 1 else 'body')}" for i, (name, _) in enumerate(files)]
+    return protocol.decode_files([(label, data) for label, (_, data) in zip(labels, files)], spec, max_pixels)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

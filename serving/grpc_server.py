@@ -91,12 +91,7 @@ def _from_contents(t: Any, shape: list[int]) -> Tensor:
     if t.datatype == protocol.BYTES:
         protocol.check_count(t.name, len(values), shape)
         return Tensor(t.name, t.datatype, shape, protocol.object_array(values))
-    dtype = protocol.DTYPES[t.datatype]
-    a = np.asarray(values)
-    if dtype.kind in "iu" and a.size and (a.min() < np.iinfo(dtype).min or a.max() > np.iinfo(dtype).max):
-        raise ApiError(400, f"input '{t.name}': values out of the {t.datatype} range")
-    protocol.check_count(t.name, a.size, shape)
-    return Tensor(t.name, t.datatype, shape, a.astype(dtype).reshape(shape))
+    return protocol.tensor_from_json(t.name, t.datatype, shape, values)  # the same checks as JSON numbers
 
 
 def infer_response(model: Any, req: InferRequest, tensors: list[Tensor]) -> Any:

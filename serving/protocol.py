@@ -20,7 +20,7 @@ import orjson
 
 import tlops
 from serving.model import LoadedModel
-from tlops.preprocess import ImageError, load_and_preprocess, preprocess_uint8
+from tlops.preprocess import ImageError, PreprocessSpec, load_and_preprocess, preprocess_uint8
 from tlops.runtime import softmax
 
 PLATFORM = "onnxruntime_onnx"  # Triton's name for this backend; v2 clients display it as is
@@ -388,14 +388,20 @@ def _image_files(t: Tensor, model: LoadedModel, max_pixels: int) -> np.ndarray:
         raise ApiError(400, f"input '{FILE_INPUT}' must have datatype BYTES, got {t.datatype}")
     if len(t.shape) not in (1, 2) or (len(t.shape) == 2 and t.shape[1] != 1) or t.shape[0] < 1:
         raise ApiError(400, f"input '{FILE_INPUT}' has shape {t.shape}; expected [N] or [N, 1], one image file each")
+    return decode_files([(f"input '{FILE_INPUT}' element {i}", bytes(data)) for i, data in enumerate(t.data.ravel())],
+                        model.spec, max_pixels)
+
+
+def decode_files(files: list[tuple[str, bytes]], spec: PreprocessSpec, max_pixels: int) -> np.ndarray:
+    """(what to call it in an error, encoded image) -> the model's input, one image decoded at a time (so one
+    full-size image is in memory at once); ApiError 415 for a file that is no image, 400 for a broken one."""
     arrays = []
-    for i, data in enumerate(t.data.ravel()):
+    for label, data in files:
         try:
-            arrays.append(load_and_preprocess(bytes(data), model.spec, max_pixels))
+            arrays.append(load_and_preprocess(data, spec, max_pixels))
         except ImageError as e:
             status = 415 if e.reason == "not_an_image" else 400
-            raise ApiError(status, f"input '{FILE_INPUT}' element {i}: {e.reason}: {e.detail}", reason=e.reason) \
-                from None
+            raise ApiError(status, f"{label}: {e.reason}: {e.detail}", reason=e.reason) from None
     return np.stack(arrays)
 
 

@@ -142,10 +142,7 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int, min_short: in
         raise ImageError(reason, f"{name}: {e}") from None
     try:
         turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn: width and height swap
-        if img.mode in HIGH_BIT_MODES:
-            img = ImageOps.exif_transpose(img)
-            img = Image.fromarray(to_8bit(np.asarray(img), intensity.rule, intensity.window), mode="L")
-        rgb = reduce_to(to_rgb(img), min_short)
+        rgb = reduce_to(to_rgb(img, intensity), min_short)
     except (OSError, ValueError) as e:
         raise ImageError("corrupt", f"{name}: cannot convert mode {img.mode} to RGB ({e})") from None
     rgb.info["decoded_from"] = (h, w) if turned else (w, h)  # the full size, oriented as the result is
@@ -176,11 +173,12 @@ def decode(source: str | os.PathLike | bytes, spec: PreprocessSpec, max_pixels: 
     return load_image(source, max_pixels, spec.decode_size, spec.rule)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """EXIF-orient and convert any mode (CMYK, L, 16-bit, RGBA, P, ...) to 8-bit RGB."""
+def to_rgb(img: Image.Image, intensity: Intensity = Intensity()) -> Image.Image:
+    """EXIF-orient and convert any mode (CMYK, L, RGBA, P, ...) to 8-bit RGB; more than 8 bits (16-bit, 32-bit
+    integer or float grey) by the intensity rule."""
     img = ImageOps.exif_transpose(img)
-    if img.mode in HIGH_BIT_MODES:  # load_image has mapped these by the intensity rule; here, the default rule
-        img = Image.fromarray(to_8bit(np.asarray(img)), mode="L")
+    if img.mode in HIGH_BIT_MODES:
+        img = Image.fromarray(to_8bit(np.asarray(img), intensity.rule, intensity.window), mode="L")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
