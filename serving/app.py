@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -43,6 +44,7 @@ from tlops import drift, onnx_meta
 from tlops.config import ServeParams
 from tlops.preprocess import PreprocessSpec
 from tlops.runtime import softmax
+from tlops.text import TextSpec
 
 log = logging.getLogger("serving")
 
@@ -223,9 +225,9 @@ class Service:
 
     def _keep_tensors(self, req: protocol.InferRequest) -> None:
         for t in req.inputs:
-            if t.name == protocol.FILE_INPUT:
+            if t.name in (protocol.FILE_INPUT, protocol.TEXT_INPUT):
                 for data in t.data.ravel():
-                    self.input_log.keep_file(bytes(data))
+                    self.input_log.keep_file(bytes(data), text=t.name == protocol.TEXT_INPUT)
             elif t.name == protocol.IMAGE_INPUT:
                 shape = [1, *t.shape] if len(t.shape) == 3 else t.shape
                 for img in t.data.reshape(shape).astype(np.uint8, copy=False):
@@ -295,7 +297,8 @@ def _add_routes(app: FastAPI, service: Service) -> None:
 
         def prepare() -> tuple[protocol.InferRequest, np.ndarray]:
             req = protocol.parse_rest_request(body, header_length)
-            x = protocol.decode_inputs(req, model, service.params.max_pixels)
+            x = protocol.decode_inputs(req, model, service.params.max_pixels,
+                                          service.params.max_text_chars)
             service.keep_inputs(req)
             return req, x
 
@@ -308,24 +311,28 @@ def _add_routes(app: FastAPI, service: Service) -> None:
     async def predict(request: Request) -> Response:
         model = service.model_for(service.source.name)
         k = _top_k_param(request.query_params.get("top_k"), service.params.top_k)
-        files = await _image_payloads(request)
+        files = await (_text_payloads(request) if model.is_text else _image_payloads(request))
         names = [name for name, _ in files]
 
         def prepare() -> tuple[None, np.ndarray]:
-            x = decode_images(files, model.spec, service.params.max_pixels)
+            if model.is_text:
+                x = decode_texts(files, model.spec, service.params.max_text_chars)
+            else:
+                x = decode_images(files, model.spec, service.params.max_pixels)
             if service.input_log is not None:
                 try:
                     for _, data in files:
-                        service.input_log.keep_file(data)
+                        service.input_log.keep_file(data, text=model.is_text)
                 except Exception:  # keeping inputs is a side job: it never fails the request
-                    log.exception("serve.log_inputs: could not keep a request's images")
+                    log.exception("serve.log_inputs: could not keep a request's inputs")
             return None, x
 
         _, out, used = await service.infer(model, prepare)
         probs = softmax(out.logits)
+        key = "index" if model.is_text and all(n is None for n in names) else "filename"
         return JSONResponse({"model_name": used.name, "model_version": used.version,
-                             "predictions": [{"filename": n, "top_k": top_labels(p, used.labels, k)}
-                                             for n, p in zip(names, probs)]})
+                             "predictions": [{key: i if key == "index" else n, "top_k": top_labels(p, used.labels, k)}
+                                             for i, (n, p) in enumerate(zip(names, probs))]})
 
     @app.get("/drift")
     async def drift_now() -> Response:
@@ -358,6 +365,30 @@ async def _image_payloads(request: Request) -> list[tuple[str | None, bytes]]:
     if not files:
         raise ApiError(400, "multipart body has no file parts; send images as files (e.g. curl -F file=@a.jpg)")
     return files
+
+
+async def _text_payloads(request: Request) -> list[tuple[str | None, bytes]]:
+    """(filename or None, UTF-8 bytes) of each text: JSON {"texts": [...]} (or {"text": "..."}), text files of a
+    multipart body, else the raw body (text/plain) as one text."""
+    if not request.headers.get("content-type", "").startswith("application/json"):
+        return await _image_payloads(request)
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as e:
+        raise ApiError(400, f"the body is not JSON: {e}") from None
+    texts = body.get("texts", [body["text"]] if "text" in body else None) if isinstance(body, dict) else None
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise ApiError(400, 'send JSON {"texts": ["a text", ...]} (a non-empty list of strings), or one text as '
+                            "text/plain")
+    if len(texts) > MAX_IMAGES:
+        raise ApiError(400, f"{len(texts)} texts in one request; at most {MAX_IMAGES}", reason="too_many_samples")
+    return [(None, t.encode("utf-8", "surrogatepass")) for t in texts]
+
+
+def decode_texts(files: list[tuple[str | None, bytes]], spec: TextSpec, max_text_chars: int) -> np.ndarray:
+    """Tokenise /predict's texts; an error names the text (by file name or position)."""
+    labels = [f"text {name or (f'#{i}' if len(files) > 1 else 'body')}" for i, (name, _) in enumerate(files)]
+    return protocol.decode_texts([(label, data) for label, (_, data) in zip(labels, files)], spec, max_text_chars)
 
 
 def decode_images(files: list[tuple[str | None, bytes]], spec: PreprocessSpec, max_pixels: int) -> np.ndarray:

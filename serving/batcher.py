@@ -147,7 +147,8 @@ class MicroBatcher:
     async def _run(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
         model = batch[0].model
-        x = batch[0].x if len(batch) == 1 else np.concatenate([j.x for j in batch])
+        # One batch of several requests: the model joins them (a text model pads them to the longest sequence).
+        x = batch[0].x if len(batch) == 1 else getattr(model, "join", np.concatenate)([j.x for j in batch])
         t0 = loop.time()
         try:
             y = await loop.run_in_executor(self._executor, model.run, x)

@@ -150,7 +150,8 @@ class Handlers:
 
         def prepare() -> tuple[InferRequest, np.ndarray]:
             req = infer_request(request)
-            x = protocol.decode_inputs(req, model, service.params.max_pixels)
+            x = protocol.decode_inputs(req, model, service.params.max_pixels,
+                                          service.params.max_text_chars)
             service.keep_inputs(req)
             return req, x
 

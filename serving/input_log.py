@@ -38,12 +38,13 @@ class InputLog:
     def sampled(self, digest: str) -> bool:
         return int(digest[:8], 16) < self.sample * 0x1_0000_0000
 
-    def keep_file(self, data: bytes) -> Path | None:
-        """Keep an encoded image file (already decoded successfully by the caller) if sampled; its path or None."""
+    def keep_file(self, data: bytes, text: bool = False) -> Path | None:
+        """Keep an encoded image file (already decoded successfully by the caller), or a text as .txt, if sampled;
+        its path or None."""
         digest = hashlib.sha256(data).hexdigest()
         if not self.sampled(digest):
             return None
-        return self._write(digest, data, _extension(data))
+        return self._write(digest, data, "txt" if text else _extension(data))
 
     def keep_pixels(self, image: np.ndarray) -> Path | None:
         """Keep an HxWxC uint8 image (a v2 `image` tensor) as PNG if sampled (decided on the pixels' hash)."""

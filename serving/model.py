@@ -14,6 +14,7 @@ from tlops import onnx_meta, runtime
 from tlops.errors import ConfigError, ModelIntegrityError
 from tlops.io import sha256_bytes
 from tlops.preprocess import PreprocessSpec
+from tlops.text import TextSpec
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -97,7 +98,7 @@ class LoadedModel:
     path: Path
     session: ort.InferenceSession = field(repr=False)
     labels: tuple[str, ...]
-    spec: PreprocessSpec
+    spec: PreprocessSpec | TextSpec
     input_name: str
     output_name: str
     metadata: dict[str, str] = field(repr=False)
@@ -111,9 +112,22 @@ class LoadedModel:
         return onnx_meta.input_kind_of(self.metadata), self.labels
 
     @property
+    def is_text(self) -> bool:
+        """A text model: its input is int64 token ids (N, L), its spec a tlops.text.TextSpec with the tokenizer."""
+        return isinstance(self.spec, TextSpec)
+
+    @property
     def input_shape(self) -> list[int]:
-        """[-1, 3, S, S]: -1 for the dynamic batch axis, as the v2 metadata API writes it."""
+        """[-1, 3, S, S] (text: [-1, -1]): -1 for a dynamic axis, as the v2 metadata API writes it."""
+        if self.is_text:
+            return [-1, -1]
         return [-1, 3, self.spec.input_size, self.spec.input_size]
+
+    def join(self, xs: list[np.ndarray]) -> np.ndarray:
+        """Several requests' inputs as one batch: stacked (text: each padded to the longest sequence of them)."""
+        if self.is_text:
+            return self.spec.pad([row for x in xs for row in x])  # a row's own padding stays padding
+        return np.concatenate(xs)
 
     def run(self, x: np.ndarray) -> Outputs:
         """float32 (N, 3, S, S) -> Outputs: logits float32 (N, classes), and the embedding when there is one."""
@@ -155,7 +169,7 @@ def load_model(path: str | os.PathLike, name: str | None = None, threads: int | 
                        embedding_dim=embedding and embedding[1])
 
 
-def _check_signature(session: ort.InferenceSession, spec: PreprocessSpec, classes: int, path: Path
+def _check_signature(session: ort.InferenceSession, spec: PreprocessSpec | TextSpec, classes: int, path: Path
                      ) -> tuple[str, str, tuple[str, int] | None]:
     """The model must take one float (N,3,S,S) input matching its preprocessing and give (N,classes) out first;
     a second output named `embedding` (N, D) is the pooled embedding. Returns (input, logits, (embedding, D))."""
@@ -169,9 +183,14 @@ def _check_signature(session: ort.InferenceSession, spec: PreprocessSpec, classe
         if len(emb.shape) != 2 or not isinstance(emb.shape[1], int):
             raise ModelIntegrityError(f"{path}: output {emb.name} has shape {emb.shape}; expected [N, D]")
         embedding = (emb.name, emb.shape[1])
-    s = spec.input_size
     dims = inp.shape
-    if inp.type != "tensor(float)" or len(dims) != 4 or [d for d in dims[1:]] != [3, s, s]:
+    if isinstance(spec, TextSpec):
+        if inp.type != "tensor(int64)" or len(dims) != 2:
+            raise ModelIntegrityError(f"{path}: input {inp.name} is {inp.type} {dims}; expected int64 [N, L] token ids "
+                                      "as the tlops.input_kind metadata (text) says")
+    elif inp.type != "tensor(float)" or len(dims) != 4 or [d for d in dims[1:]] != [3, spec.input_size,
+                                                                                    spec.input_size]:
+        s = spec.input_size
         raise ModelIntegrityError(f"{path}: input {inp.name} is {inp.type} {dims}; expected float [N, 3, {s}, {s}] "
                                   "as the tlops.preprocess metadata says")
     if len(out.shape) != 2 or (isinstance(out.shape[1], int) and out.shape[1] != classes):
@@ -184,7 +203,7 @@ def warm_up(model: LoadedModel, batch_sizes: tuple[int, ...] = (1,)) -> float:
     """Run zeros through the model once per batch size (ORT plans memory per shape); return seconds taken."""
     t0 = time.perf_counter()
     for n in batch_sizes:
-        x = np.zeros((n, *model.input_shape[1:]), np.float32)
+        x = model.spec.batch(["warm up"] * n) if model.is_text else np.zeros((n, *model.input_shape[1:]), np.float32)
         y = model.run(x).logits
         if y.shape != (n, len(model.labels)) or not np.isfinite(y).all():
             raise ModelIntegrityError(f"{model.path}: warm-up gave {y.shape} or non-finite logits for batch {n}")

@@ -1,4 +1,4 @@
-"""`tlops predict`: classify image files locally with the ONNX model, same preprocessing as the service."""
+"""`tlops predict`: classify image files (or texts) locally with the ONNX model, same preprocessing as the service."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from serving.model import LoadedModel, ModelSource, top_labels
+from tlops.errors import ConfigError
 from tlops.preprocess import ImageError, load_and_preprocess
 from tlops.runtime import softmax
+from tlops.text import TextError, load_text
 
 BATCH = 32
 
@@ -25,6 +27,8 @@ def predict_files(model_path: str | os.PathLike, images: Sequence[str | os.PathL
     or {"image", "error", "reason"}.
     """
     model = ModelSource(str(model_path)).load(threads=threads)
+    if model.is_text:
+        return predict_texts(model, [(str(f), None) for f in images], top_k)
     results: list[dict] = [{} for _ in images]
     ok: list[tuple[int, np.ndarray]] = []
     for i, image in enumerate(images):
@@ -43,6 +47,39 @@ def predict_files(model_path: str | os.PathLike, images: Sequence[str | os.PathL
     return results
 
 
+def predict_text_strings(model_path: str | os.PathLike, texts: Sequence[str], files: Sequence[str | os.PathLike] = (),
+                         top_k: int = 5, threads: int | None = None) -> list[dict]:
+    """Top-k labels of each text given on the command line, then of each text file, with a text model."""
+    model = ModelSource(str(model_path)).load(threads=threads)
+    if not model.is_text:
+        raise ConfigError(f"--text needs a text model; {model_path} reads images (give image files instead)")
+    return predict_texts(model, [(t, t) for t in texts] + [(str(f), None) for f in files], top_k)
+
+
+def predict_texts(model: LoadedModel, items: Sequence[tuple[str, str | None]], top_k: int) -> list[dict]:
+    """(shown as, the text or None to read the file `shown as`) -> {"text", "top_k"...} or {"text", "error",
+    "reason"}, in order; tokenised as the service and training do (tlops.text)."""
+    results: list[dict] = [{} for _ in items]
+    ok: list[tuple[int, np.ndarray]] = []
+    for i, (name, text) in enumerate(items):
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        try:
+            clean = model.spec.clean(text) if text is not None else load_text(name, model.spec.max_chars)
+            ok.append((i, model.spec.ids(clean)))
+        except TextError as e:
+            results[i] = {"text": shown, "error": str(e), "reason": e.reason}
+        except OSError as e:
+            results[i] = {"text": shown, "error": f"cannot read {name}: {e.strerror or e}", "reason": "unreadable"}
+    for start in range(0, len(ok), BATCH):
+        chunk = ok[start:start + BATCH]
+        probs = softmax(model.logits(model.spec.pad([x for _, x in chunk])))
+        for (i, _), p in zip(chunk, probs):
+            name = items[i][0]
+            results[i] = {"text": name if len(name) <= 60 else name[:57] + "...", "model_name": model.name,
+                          "model_version": model.version, "top_k": top_labels(p, model.labels, top_k)}
+    return results
+
+
 def _result(model: LoadedModel, image: str | os.PathLike, probs: np.ndarray, k: int) -> dict:
     return {"image": str(image), "model_name": model.name, "model_version": model.version,
             "top_k": top_labels(probs, model.labels, k)}
@@ -58,14 +95,15 @@ def results_table(results: list[dict]):
 
     version = next((r["model_version"] for r in results if "model_version" in r), "?")
     table = Table(title=f"predictions (model version {version})")
-    for col, justify in (("image", "left"), ("rank", "right"), ("label", "left"), ("probability", "right")):
+    what = "text" if any("text" in r for r in results) else "image"
+    for col, justify in ((what, "left"), ("rank", "right"), ("label", "left"), ("probability", "right")):
         table.add_column(col, justify=justify)
     for r in results:
         if "error" in r:
-            table.add_row(r["image"], "", f"[red]{r['reason']}[/red]", r["error"].split(": ", 1)[-1])
+            table.add_row(r[what], "", f"[red]{r['reason']}[/red]", r["error"].split(": ", 1)[-1])
             continue
         for rank, t in enumerate(r["top_k"], 1):
-            table.add_row(r["image"] if rank == 1 else "", str(rank), t["label"], f"{t['probability']:.4f}",
+            table.add_row(r[what] if rank == 1 else "", str(rank), t["label"], f"{t['probability']:.4f}",
                           end_section=rank == len(r["top_k"]))
     return table
 

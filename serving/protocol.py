@@ -22,12 +22,15 @@ import tlops
 from serving.model import LoadedModel
 from tlops.preprocess import ImageError, PreprocessSpec, load_and_preprocess, preprocess_uint8
 from tlops.runtime import softmax
+from tlops.text import TextError, TextSpec
 
 PLATFORM = "onnxruntime_onnx"  # Triton's name for this backend; v2 clients display it as is
 TENSOR_INPUT = "input"         # FP32 [N, 3, S, S], already preprocessed
 IMAGE_INPUT = "image"          # UINT8 (or any integer type, values 0..255) [N, H, W, C] or [H, W, C]; preprocessed here
 FILE_INPUT = "image_bytes"     # BYTES [N]: encoded image files (PNG, JPEG, ...), decoded and preprocessed here
-INPUT_NAMES = (TENSOR_INPUT, IMAGE_INPUT, FILE_INPUT)
+TEXT_INPUT = "text"            # text models: BYTES [N] of UTF-8 texts, tokenised here ('input' is then INT64 token ids)
+INPUT_NAMES = (TENSOR_INPUT, IMAGE_INPUT, FILE_INPUT, TEXT_INPUT)
+MAX_TEXT_CHARS = 100_000  # serve.max_text_chars' default
 CHANNELS = (1, 3, 4)
 MAX_INPUTS = 16
 MAX_SAMPLES = 256  # per request, over all its inputs, as /predict's MAX_IMAGES: bounds the decoded floats in memory
@@ -104,6 +107,9 @@ def output_specs(model: LoadedModel) -> list[dict]:
 
 
 def input_specs(model: LoadedModel) -> list[dict]:
+    if model.is_text:
+        return [{"name": TEXT_INPUT, "datatype": BYTES, "shape": [-1]},
+                {"name": TENSOR_INPUT, "datatype": "INT64", "shape": model.input_shape}]
     return [{"name": TENSOR_INPUT, "datatype": "FP32", "shape": model.input_shape},
             {"name": IMAGE_INPUT, "datatype": "UINT8", "shape": [-1, -1, -1, 3]},
             {"name": FILE_INPUT, "datatype": BYTES, "shape": [-1]}]
@@ -119,11 +125,12 @@ def model_metadata(model: LoadedModel) -> dict:
         "outputs": output_specs(model),
         "parameters": {
             "labels": list(model.labels),
-            "preprocess": model.spec.to_dict(),
+            "preprocess": model.spec.identity(),  # a text model's tokenizer by its sha256 (it is in the file)
             "sha256": model.sha256,
             "default_outputs": list(DEFAULT_OUTPUTS),
             **{k.removeprefix("tlops."): v for k, v in model.metadata.items()
-               if k.startswith("tlops.") and k not in ("tlops.labels", "tlops.preprocess", "tlops.drift_reference")},
+               if k.startswith("tlops.") and k not in ("tlops.labels", "tlops.preprocess", "tlops.drift_reference",
+                                                       "tlops.tokenizer")},
         },
     }
 
@@ -321,8 +328,10 @@ def check_count(name: str, size: int, shape: list[int]) -> None:
 # ---------------------------------------------------------------- the model's input
 
 
-def decode_inputs(req: InferRequest, model: LoadedModel, max_pixels: int) -> np.ndarray:
-    """The request's samples as the model's float32 (N, 3, S, S) input: every input tensor's batch, in order."""
+def decode_inputs(req: InferRequest, model: LoadedModel, max_pixels: int, max_text_chars: int = MAX_TEXT_CHARS
+                  ) -> np.ndarray:
+    """The request's samples as the model's input, every input tensor's batch in order: float32 (N, 3, S, S) for an
+    image model, int64 token ids (N, L) padded to the longest text for a text model."""
     known = {s["name"] for s in output_specs(model)}
     for name in req.output_names():
         if name not in known:
@@ -331,8 +340,11 @@ def decode_inputs(req: InferRequest, model: LoadedModel, max_pixels: int) -> np.
     if declared > MAX_SAMPLES:  # before decoding: each sample becomes a 3 x S x S float input, however small it came
         raise ApiError(400, f"the request holds {declared} samples; at most {MAX_SAMPLES} per request",
                        reason="too_many_samples")
-    parts = [_samples(t, model, max_pixels) for t in req.inputs]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if model.is_text:
+        parts = [_text_samples(t, model, max_text_chars) for t in req.inputs]
+    else:
+        parts = [_samples(t, model, max_pixels) for t in req.inputs]
+    return parts[0] if len(parts) == 1 else model.join(parts)
 
 
 def _declared_samples(t: Tensor) -> int:
@@ -351,6 +363,53 @@ def _samples(t: Tensor, model: LoadedModel, max_pixels: int) -> np.ndarray:
         return _image_files(t, model, max_pixels)
     raise ApiError(400, f"unknown input {t.name!r}; send '{TENSOR_INPUT}' (FP32 {model.input_shape}), "
                         f"'{IMAGE_INPUT}' (UINT8 [N,H,W,C] or [H,W,C]) or '{FILE_INPUT}' (BYTES [N] of image files)")
+
+
+def _text_samples(t: Tensor, model: LoadedModel, max_text_chars: int) -> np.ndarray:
+    if t.name == TEXT_INPUT:
+        if t.datatype != BYTES:
+            raise ApiError(400, f"input '{TEXT_INPUT}' must have datatype BYTES (UTF-8 texts), got {t.datatype}")
+        if len(t.shape) not in (1, 2) or (len(t.shape) == 2 and t.shape[1] != 1) or t.shape[0] < 1:
+            raise ApiError(400, f"input '{TEXT_INPUT}' has shape {t.shape}; expected [N] or [N, 1], one text each")
+        return decode_texts([(f"input '{TEXT_INPUT}' element {i}", bytes(data))
+                             for i, data in enumerate(t.data.ravel())], model.spec, max_text_chars)
+    if t.name == TENSOR_INPUT:
+        return _token_tensor(t, model)
+    raise ApiError(400, f"input {t.name!r}: this model reads text; send '{TEXT_INPUT}' (BYTES [N] of UTF-8 texts) "
+                        f"or '{TENSOR_INPUT}' (INT64 [N, L] token ids of its tokenizer)")
+
+
+def _token_tensor(t: Tensor, model: LoadedModel) -> np.ndarray:
+    spec = model.spec
+    if t.datatype not in ("INT64", "INT32"):
+        raise ApiError(400, f"input '{TENSOR_INPUT}' of a text model holds token ids: datatype INT64, got {t.datatype}")
+    if len(t.shape) != 2 or min(t.shape) < 1 or t.shape[1] > spec.max_tokens:
+        raise ApiError(400, f"input '{TENSOR_INPUT}' has shape {t.shape}; expected [N, L] with N >= 1 and "
+                            f"1 <= L <= {spec.max_tokens} (model.max_tokens)")
+    ids = np.ascontiguousarray(t.data, np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= spec.vocab_size):
+        raise ApiError(400, f"input '{TENSOR_INPUT}': token ids must be 0..{spec.vocab_size - 1} (the tokenizer's "
+                            "vocabulary)")
+    return ids
+
+
+def decode_texts(texts: list[tuple[str, bytes]], spec: TextSpec, max_text_chars: int) -> np.ndarray:
+    """(what to call it in an error, UTF-8 bytes) -> token ids (N, L) padded to the longest, tokenised as in training
+    (tlops.text); 400 for a text that is not UTF-8 or empty, 413 for one over max_text_chars."""
+    cleaned = []
+    for label, data in texts:
+        try:
+            raw = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ApiError(400, f"{label}: not_utf8: byte {e.start} is not UTF-8", reason="not_utf8") from None
+        if len(raw) > max_text_chars:
+            raise ApiError(413, f"{label}: {len(raw)} characters, over serve.max_text_chars = {max_text_chars}",
+                           reason="text_too_long")
+        try:
+            cleaned.append(spec.clean(raw))
+        except TextError as e:
+            raise ApiError(400, f"{label}: {e.reason}: {e.detail}", reason=e.reason) from None
+    return spec.pad(spec.encode(cleaned))
 
 
 def _fp32_tensor(t: Tensor, model: LoadedModel) -> np.ndarray:

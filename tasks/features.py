@@ -17,8 +17,12 @@ def features(params_path: str | None = None) -> dict:
     with tracking.stage_run("features", params) as run:
         stats = extract_features(load_manifest(paths.MANIFEST), params, paths.FEATURES_DIR)
         run.set_tags({k: stats[k] for k in ("backbone", "weights_id", "engine")})
-        run.log_metrics({k: float(stats[k]) for k in ("extracted", "cached", "total", "decoded", "seconds",
-                                                      "images_per_s")})
-    print(f"features: {stats['extracted']} extracted, {stats['cached']} cached, {stats['total']} rows, "
-          f"{stats['decoded']} images decoded ({stats['images_per_s']} images/s on {stats['engine']})")
+        rate = "texts_per_s" if "texts_per_s" in stats else "images_per_s"
+        run.log_metrics({k: float(stats[k]) for k in ("extracted", "cached", "total", "decoded", "seconds", rate)})
+    if rate == "texts_per_s":
+        print(f"features: {stats['extracted']} extracted, {stats['cached']} cached, {stats['total']} rows "
+              f"({stats['texts_per_s']} texts/s on {stats['engine']})")
+    else:
+        print(f"features: {stats['extracted']} extracted, {stats['cached']} cached, {stats['total']} rows, "
+              f"{stats['decoded']} images decoded ({stats['images_per_s']} images/s on {stats['engine']})")
     return stats

@@ -344,6 +344,12 @@ def _adapt(params: Params, manifest: Any, target_rows: list, model_dir: Path, ou
     model, info = load_classifier(model_dir)
     device = resolve_device(params.finetune.device)
     model.to(device, memory_format=torch.channels_last)  # oneDNN's and cuDNN's fast layout, as fine-tuning runs
+    if info["preprocess"].get("kind") == "text":  # adaptation reads images (params refuse a method for text)
+        passed = {**info, "adapt": {"method": "none", "chosen": "none", "target": None, "target_data_version": None,
+                                    "metric": scoring.policy(params, manifest).metric}}
+        save_adapted(model, passed, model_dir, out_dir, changed=False)
+        return AdaptResult(model, passed, "none", "none", {},
+                           Candidate("none", {}, np.zeros((0, 0), np.float32), math.nan, 0.0), None)
     d = domains(params, manifest, target_rows, info, source_images_dir, target_images_dir)
     if ad.method != "none" and not d.target:
         raise DataError(f"adapt.method {ad.method}: the target domain has no image to adapt on (adapt split of "

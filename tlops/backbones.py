@@ -21,9 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tlops.config import is_text_backbone
 from tlops.errors import ConfigError
 from tlops.io import sha256_file
 from tlops.preprocess import PreprocessSpec
+from tlops.text import TextSpec
 
 RANDOM = "random"
 RANDOM_SEED = 0  # "random" weights are seeded so that cached features stay valid across runs
@@ -36,11 +38,16 @@ class Backbone:
     """A feature extractor with everything the pipeline needs to use, unfreeze and export it."""
 
     name: str
-    model: nn.Module  # (N,3,S,S) float32 -> (N, num_features) pooled features (logits if keep_classifier)
+    model: nn.Module  # (N,3,S,S) float32 (text: (N,L) int64 token ids) -> (N, num_features) pooled features
     num_features: int
-    spec: PreprocessSpec
-    groups: list[nn.ModuleList]  # timm's coarse layer groups, input -> output; unfreezing walks from the end
+    spec: PreprocessSpec | TextSpec
+    groups: list[nn.ModuleList]  # timm's coarse layer groups (text: embeddings, each layer), input -> output
     weights_id: str  # sha256 of the weights file, "random", or e.g. "timm:resnet18.tv_in1k"
+    encoder_config: dict | None = None  # text: the encoder's config.json, to rebuild it from model.json
+
+    @property
+    def modality(self) -> str:
+        return "text" if self.encoder_config is not None else "image"
 
 
 @dataclass(frozen=True)
@@ -66,19 +73,25 @@ def _registry() -> dict[str, _Arch]:
 
 
 def backbone_names() -> list[str]:
-    """Every name create_backbone accepts."""
-    return list(_registry())
+    """Every name create_backbone accepts (text encoders also as hf:<model id or folder>)."""
+    return [*_registry(), "minilm_l6"]
 
 
 def create_backbone(
-    name: str, weights: str | None = None, image_size: int | None = None, keep_classifier: bool = False
+    name: str, weights: str | None = None, image_size: int | None = None, keep_classifier: bool = False,
+    max_tokens: int = 128,
 ) -> Backbone:
     """Build backbone `name` in eval mode with the weights described in the module docstring.
 
     image_size replaces the native input size and keeps the native crop_pct, so training, evaluation,
     export and serving all resize-then-centre-crop the same way. keep_classifier=True keeps the ImageNet
     head (the model then returns 1000 logits), for checking that weights and preprocessing agree.
+    Text encoders (minilm_l6, hf:<id or folder>) come from tlops.encoders; max_tokens is theirs.
     """
+    if is_text_backbone(name):
+        from tlops.encoders import encoder_files
+
+        return text_backbone(name, encoder_files(name, weights), max_tokens)
     archs = _registry()
     if name not in archs:
         raise ConfigError(f"model.backbone: unknown backbone {name!r}; known: {', '.join(archs)}")
@@ -98,6 +111,15 @@ def create_backbone(
         model, weights_id = _from_hub(name, arch.timm_name, num_classes), f"timm:{arch.timm_name}"
     model.eval()
     return Backbone(name, model, int(model.num_features), _spec(model, image_size), layer_groups(model), weights_id)
+
+
+def text_backbone(name: str, files: object, max_tokens: int) -> Backbone:
+    """A text Backbone from tlops.encoders.EncoderFiles (the encoder, its tokenisation, its layer groups)."""
+    from tlops.encoders import build_text_encoder, text_layer_groups, text_spec
+
+    model = build_text_encoder(files)
+    return Backbone(name, model, model.num_features, text_spec(files, max_tokens), text_layer_groups(model),
+                    files.weights_id, encoder_config=dict(files.config))
 
 
 def _build(timm_name: str, num_classes: int | None, state: dict[str, torch.Tensor] | None,

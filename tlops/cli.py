@@ -207,19 +207,28 @@ def serve(
 
 @app.command()
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="image files", exists=True, dir_okay=False)],
+    images: Annotated[list[Path] | None, typer.Argument(help="image files (text files for a text model)",
+                                                        exists=True, dir_okay=False)] = None,
+    text: Annotated[list[str] | None, typer.Option("--text", "-t", help="a text to classify (text models; "
+                                                                         "repeatable)")] = None,
     model: ModelOpt = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="labels to show per image")] = 5,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="labels to show per input")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     params: ParamsOpt = None,
 ) -> None:
-    """Classify images locally with the ONNX model and print the top-k labels (exit 1 if an image was unusable)."""
+    """Classify images (or texts) locally with the ONNX model and print the top-k labels (exit 1 if an input was
+    unusable)."""
+    if not images and not text:
+        raise _fail(ConfigError("give image or text files, or --text \"...\""))
     p = _params(params, optional=True)
     _require_registry("predict", model or p.serve.model)
-    from serving.predict import predict_files, print_predictions
+    from serving.predict import predict_files, predict_text_strings, print_predictions
 
     try:
-        results = predict_files(model or p.serve.model, images, top_k=top_k)
+        if text:
+            results = predict_text_strings(model or p.serve.model, text, images or [], top_k=top_k)
+        else:
+            results = predict_files(model or p.serve.model, images, top_k=top_k)
     except TlopsError as e:
         raise _fail(e) from None
     print_predictions(results, as_json=as_json)

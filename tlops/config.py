@@ -20,6 +20,16 @@ from tlops.errors import ConfigError
 DEFAULT_PARAMS = "params.yaml"
 PARAMS_ENV = "TLOPS_PARAMS"
 
+TEXT_SOURCES = ("textfolder", "csv")  # data sources of texts (tlops.text.SOURCES)
+DEFAULT_IMAGE_BACKBONE = "efficientnet_lite0"
+DEFAULT_TEXT_BACKBONE = "minilm_l6"
+
+
+def is_text_backbone(name: str) -> bool:
+    """minilm_l6 (packaged) and hf:<Hugging Face model id or local folder> are text encoders."""
+    return name == DEFAULT_TEXT_BACKBONE or name.startswith("hf:")
+
+
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
@@ -49,6 +59,14 @@ class DataParams(Section):
     window: tuple[float, Annotated[float, Field(gt=0.0)]] | None = None
     dicom_frames: Literal["middle", "all"] = "middle"
     group_by: str = "none"
+    text_column: Annotated[str, Field(min_length=1)] = "text"  # csv: the column holding the text
+    label_column: Annotated[str, Field(min_length=1)] = "label"  # csv: the column holding the class
+    max_chars: PositiveInt = 20_000  # text: longer texts are kept, cut to this many characters (counted in the report)
+
+    @property
+    def modality(self) -> str:
+        """What the source's items are: text (textfolder, csv) or image (everything else)."""
+        return "text" if self.source in TEXT_SOURCES else "image"
 
     @field_validator("group_by")
     @classmethod
@@ -64,9 +82,9 @@ class DataParams(Section):
     @field_validator("source")
     @classmethod
     def _known_source(cls, v: str) -> str:
-        if v in ("digits", "imagefolder") or (v.startswith("torchvision:") and len(v) > len("torchvision:")):
+        if v in ("digits", "imagefolder", *TEXT_SOURCES) or (v.startswith("torchvision:") and len(v) > 12):
             return v
-        raise ValueError("must be digits, imagefolder or torchvision:<DatasetName>")
+        raise ValueError("must be digits, imagefolder, textfolder, csv or torchvision:<DatasetName>")
 
     @model_validator(mode="after")
     def _check(self) -> DataParams:
@@ -74,15 +92,25 @@ class DataParams(Section):
             raise ValueError("val_fraction + test_fraction must be below 1")
         if self.source == "imagefolder" and not self.path:
             raise ValueError("source imagefolder needs data.path (a folder of <class>/<image>)")
+        if self.source == "textfolder" and not self.path:
+            raise ValueError("source textfolder needs data.path (a folder of <class>/<text>.txt)")
+        if self.source == "csv" and not self.path:
+            raise ValueError("source csv needs data.path (a CSV file with text and label columns)")
         if self.intensity == "window" and self.window is None:
             raise ValueError("intensity window needs data.window: [center, width]")
         return self
 
 
 class ModelParams(Section):
-    backbone: str = "efficientnet_lite0"
+    backbone: str = "auto"  # auto: efficientnet_lite0 for images, minilm_l6 for text (Params resolves it)
     weights: str | None = None
     image_size: Annotated[int, Field(ge=16, le=1024)] | None = 96
+    max_tokens: Annotated[int, Field(ge=8, le=4096)] = 128  # text: longer texts are cut to this many tokens
+
+    @property
+    def modality(self) -> str:
+        """What the backbone reads: text (minilm_l6, hf:<id or folder>) or image (timm's)."""
+        return "text" if is_text_backbone(self.backbone) else "image"
 
 
 class FeaturesParams(Section):
@@ -193,6 +221,7 @@ class ServeParams(Section):
     max_queue: PositiveInt = 256
     timeout_ms: PositiveFloat = 10_000
     max_body_bytes: PositiveInt = 10_000_000
+    max_text_chars: PositiveInt = 100_000  # text models: a longer text is refused (413), not cut
     max_pixels: PositiveInt = 40_000_000
     reload_s: Annotated[float, Field(ge=0.0)] = 30
     threads: PositiveInt | None = None
@@ -224,6 +253,33 @@ class ScheduleParams(Section):
 
 
 class Params(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _default_backbone(cls, raw: Any) -> Any:
+        """model.backbone auto (or absent) -> the modality's default: minilm_l6 for text, else efficientnet_lite0."""
+        if not isinstance(raw, dict):
+            return raw
+        data, model = raw.get("data"), raw.get("model")
+        data = data if isinstance(data, dict) else {}
+        model = dict(model) if isinstance(model, dict) else ({} if model is None else model)
+        if isinstance(model, dict) and model.get("backbone", "auto") == "auto":
+            text = data.get("source") in TEXT_SOURCES
+            model["backbone"] = DEFAULT_TEXT_BACKBONE if text else DEFAULT_IMAGE_BACKBONE
+            return {**raw, "model": model}
+        return raw
+
+    @model_validator(mode="after")
+    def _same_modality(self) -> Params:
+        if self.data.modality != self.model.modality:
+            raise ValueError(
+                f"model.backbone {self.model.backbone} reads {self.model.modality}s but data.source "
+                f"{self.data.source} gives {self.data.modality}s; use "
+                + ("minilm_l6 or hf:<model id or folder>" if self.data.modality == "text" else "an image backbone")
+                + " (or model.backbone: auto)")
+        if self.data.modality == "text" and self.adapt.method != "none":
+            raise ValueError("adapt.method must be none for text: domain adaptation reads images")
+        return self
+
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     features: FeaturesParams = FeaturesParams()

@@ -1,7 +1,9 @@
 """Data sources, validation, the stable split, the manifest and the data version.
 
-`ingest` turns a source into data/raw/<class>/<image> (the DVC-tracked dataset); `prepare` decodes every
-image, quarantines the bad ones, drops exact duplicates and writes the manifest and reports/data.json.
+`ingest` turns a source into data/raw/<class>/<item> (the DVC-tracked dataset: images, or one text per .txt file);
+`prepare` decodes every item, quarantines the bad ones, drops exact duplicates and writes the manifest and
+reports/data.json. For texts the manifest's sha256 is that of the normalised text and width/height are its length
+in characters and in words.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from tlops.errors import ConfigError, DataError
 from tlops.io import sha256_bytes, write_json, write_text
 from tlops.preprocess import ImageError, Intensity, load_image
 from tlops.scoring import imbalance_ratio
+from tlops.text import TextError, decode_text, text_sha256
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +116,17 @@ def _source_writer(params: DataParams, out_dir: Path) -> Callable[[Path], None]:
     """The function that writes params' source into a folder; config problems surface before any I/O."""
     if params.source == "digits":
         return write_digits
-    if params.source == "imagefolder":
+    if params.source == "csv":
+        src = Path(params.path or "")
+        if not src.is_file():
+            raise DataError(f"data.path {src} is not a file (csv expects a CSV with {params.text_column!r} and "
+                            f"{params.label_column!r} columns)")
+        return lambda dest: write_csv_texts(src, params.text_column, params.label_column, dest)
+    if params.source in ("imagefolder", "textfolder"):
         src = Path(params.path or "")
         if not src.is_dir():
-            raise DataError(f"data.path {src} is not a folder (imagefolder expects data.path/<class>/<image>)")
+            item = "<image>" if params.source == "imagefolder" else "<text>.txt"
+            raise DataError(f"data.path {src} is not a folder ({params.source} expects data.path/<class>/{item})")
         if src.resolve() == out_dir.resolve() or out_dir.resolve() in src.resolve().parents:
             raise ConfigError(f"data.path {src} is inside {out_dir}, which ingest replaces; point it elsewhere")
         return lambda dest: copy_folder(src, dest, params.dicom_frames)
@@ -205,6 +215,27 @@ def copy_folder(src: Path, dest: Path, dicom_frames: str = "middle") -> None:
         write_json(dest / DICOM_SOURCES, dict(sorted(sources.items())))
 
 
+def write_csv_texts(src: Path, text_column: str, label_column: str, dest: Path) -> None:
+    """One <label>/<sha256 of the text>.txt per CSV row, its text byte for byte (prepare validates it: an empty or
+    non-UTF-8 text is quarantined there, with its reason, like any file). Bytes that are not UTF-8 pass through."""
+    with open(src, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        missing = [c for c in (text_column, label_column) if c not in columns]
+        if missing:
+            raise DataError(f"{src}: no column {' or '.join(map(repr, missing))} (columns: {columns}); set "
+                            "data.text_column / data.label_column")
+        for line, row in enumerate(reader, start=2):
+            label = (row[label_column] or "").strip()
+            if not label or label.startswith(".") or any(c in label for c in "/\\\0"):
+                raise DataError(f"{src} line {line}: label {label!r} cannot name a class folder (empty, starts "
+                                "with '.', or holds a slash)")
+            data = (row[text_column] or "").encode("utf-8", "surrogateescape")
+            target = dest / label / f"{sha256_bytes(data)[:24]}.txt"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+
+
 def torchvision_dataset(name: str) -> type:
     """The torchvision dataset class called `name`; ConfigError naming it (and a close match) if none."""
     import torch.utils.data
@@ -280,6 +311,7 @@ class Checked:
     phash: int = 0  # 64-bit perceptual hash: re-encoded and resized copies differ from it in a few bits
     thumbnail: bytes = b""  # 16x16 grey: flat pictures, whose perceptual hash is unstable, still match on it
     group: str = ""  # sha256 naming the group (data.group_by: a patient, a path pattern) it splits with; "": none
+    truncated: bool = False  # a text cut to data.max_chars
 
 
 def prepare(raw_dir: Path, params: DataParams, manifest_path: Path, report_path: Path) -> dict:
@@ -294,6 +326,11 @@ def prepare(raw_dir: Path, params: DataParams, manifest_path: Path, report_path:
     check_splits(rows, params)
     report = data_report(rows, checked.quarantined, checked.duplicates, checked.groups, params.imbalance_ratio,
                          group_counts(checked.kept, rows, params.group_by))
+    if params.modality == "text":
+        lengths = sorted(r.width for r in rows)
+        report["text"] = {"truncated": sum(c.truncated for c in checked.kept), "max_chars": params.max_chars,
+                          "median_chars": lengths[len(lengths) // 2] if lengths else 0,
+                          "longest_chars": lengths[-1] if lengths else 0}
     write_manifest(manifest_path, rows)
     write_json(report_path, report)
     return report
@@ -365,11 +402,15 @@ def validate(candidates: list[tuple[str, str]], stray: list[dict], params: DataP
              originals: dict[str, str] | None = None) -> Validated:
     """Decode every candidate, quarantine the bad ones, keep one copy of each picture, group near-duplicates.
     originals: a candidate's path before ingest renamed it (DICOM), for a group_by pattern to match."""
-    good, bad = check_images(candidates, params.max_pixels, Intensity(params.intensity, params.window),
-                             params.group_by, originals)
+    if params.modality == "text":
+        good, bad = check_texts(candidates, params.max_chars, params.group_by)
+    else:
+        good, bad = check_images(candidates, params.max_pixels, Intensity(params.intensity, params.window),
+                                 params.group_by, originals)
     kept, duplicates, conflicting = deduplicate(good)
     quarantined = sorted([*stray, *bad, *conflicting], key=lambda q: q["path"])
-    return Validated(kept, quarantined, duplicates, near_duplicate_groups(kept, params.near_duplicates))
+    near = near_duplicate_groups(kept, params.near_duplicates) if params.modality == "image" else []
+    return Validated(kept, quarantined, duplicates, near)
 
 
 def original_paths(raw_dir: Path) -> dict[str, str]:
@@ -431,6 +472,25 @@ def check_images(candidates: list[tuple[str, str]], max_pixels: int, intensity: 
             bad.append({"path": path, "reason": "unreadable", "detail": f"{path}: {e}"})
         except Exception as e:  # a decoder bug on one hostile file must not stop the stage
             bad.append({"path": path, "reason": "corrupt", "detail": f"{path}: {type(e).__name__}: {e}"})
+    return good, bad
+
+
+def check_texts(candidates: list[tuple[str, str]], max_chars: int, group_by: str = "none"
+                ) -> tuple[list[Checked], list[dict]]:
+    """Read every candidate as one UTF-8 text (tlops.text.decode_text: NFC, whitespace); the ones that fail become
+    {path, reason, detail} entries. A text over max_chars is kept, cut, and has `truncated` set on its entry. Its
+    hash is the normalised text's, so copies that differ in encoding details or whitespace are one text."""
+    good, bad = [], []
+    for path, label in candidates:
+        try:
+            data = Path(path).read_bytes()
+            text, cut = decode_text(data, path, max_chars)
+            good.append(Checked(path, label, text_sha256(text), len(text), len(text.split()),
+                                group=group_of(path, data, group_by), truncated=cut))
+        except TextError as e:
+            bad.append({"path": path, "reason": e.reason, "detail": e.detail})
+        except OSError as e:
+            bad.append({"path": path, "reason": "unreadable", "detail": f"{path}: {e}"})
     return good, bad
 
 

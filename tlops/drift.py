@@ -134,7 +134,7 @@ def outputs_reference(onnx_path: str | os.PathLike, images: Sequence[str | Path]
     sess = runtime.session(onnx_path, cpu_only=True)
     logits, embeddings = [], []
     for x in preprocess_batches(images, spec, max_pixels):
-        y, e = sess.run([onnx_meta.OUTPUT, onnx_meta.EMBEDDING], {onnx_meta.INPUT: np.ascontiguousarray(x, np.float32)})
+        y, e = sess.run([onnx_meta.OUTPUT, onnx_meta.EMBEDDING], {onnx_meta.INPUT: runtime.as_input(x)})
         logits.append(y)
         embeddings.append(e)
     if not logits:

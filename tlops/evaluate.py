@@ -27,8 +27,9 @@ from tlops.history import merge_history, read_history, write_history
 from tlops.images import for_manifest
 from tlops.io import write_bytes, write_json, write_text
 from tlops.model import load_classifier, load_head
-from tlops.preprocess import PreprocessSpec, preprocess_batches, resize_crop
+from tlops.preprocess import PreprocessSpec, preprocess_batches, resize_crop, spec_from_dict
 from tlops.runtime import softmax
+from tlops.text import TextSpec, load_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -241,12 +242,13 @@ def evaluate(params: Params) -> dict[str, Any]:
     head_metrics = compute_metrics(head_logits, head_y, classes)
     policy = scoring.policy(params, manifest)
 
-    spec = PreprocessSpec.from_dict(info["preprocess"])
+    spec = spec_from_dict(info["preprocess"])
     images, y = [p for p, _ in items], np.array([c for _, c in items], dtype=int)
     # On the CPU on purpose: these are the numbers the exported ONNX model (CPU) must reproduce.
-    store = for_manifest(manifest, spec, params.data.max_pixels)  # the features stage decoded them already
-    logits = torch_logits(model, preprocess_batches(images, spec, params.data.max_pixels, load=store.get),
-                          device="cpu")
+    text = isinstance(spec, TextSpec)
+    store = None if text else for_manifest(manifest, spec, params.data.max_pixels)  # decoded by the features stage
+    load = store.get if store else None
+    logits = torch_logits(model, preprocess_batches(images, spec, params.data.max_pixels, load=load), device="cpu")
     ft_metrics = compute_metrics(logits, y, classes)
     selected = info.get("selected", "finetuned")
     report = {"metric": policy.metric, "selected": selected, "selection": info.get("selection", {}),
@@ -258,16 +260,40 @@ def evaluate(params: Params) -> dict[str, Any]:
     adapted = adapted_model(classes)
     if adapted is not None:  # the exported model is the adapted one: score it on the source test split too
         model_a, info_a = adapted
-        shown = (torch_logits(model_a, preprocess_batches(images, spec, params.data.max_pixels, load=store.get)), y)
+        shown = (torch_logits(model_a, preprocess_batches(images, spec, params.data.max_pixels, load=load)), y)
         report["adapted"] = compute_metrics(shown[0], y, classes)
         report["adapt_gain"] = gain(report["exported"], report["adapted"])
         report["exported"] = report["adapted"]
         report["adapt"] = {k: info_a["adapt"][k] for k in ("method", "chosen")}
     if (target := target_metrics(params, classes, adapted)) is not None:
         report["target"] = target
+    if text:
+        report["baseline"] = tfidf_baseline(manifest, spec, classes)
     write_json(paths.METRICS, report)
-    write_plots(images, shown[1], shown[0], classes, spec, store.get, params)
+    write_plots(images, shown[1], shown[0], classes, spec, load, params)
     return report
+
+
+def tfidf_baseline(manifest: Any, spec: TextSpec, classes: Sequence[str]) -> dict[str, Any]:
+    """What a text model must beat: TF-IDF (word 1-2 grams) + logistic regression from scikit-learn, trained on the
+    same training split (C chosen on validation), scored on the same test split with the same metrics."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    def texts(split: str) -> tuple[list[str], np.ndarray]:
+        its = split_items(manifest, split)
+        return [load_text(p, spec.max_chars) for p, _ in its], np.array([c for _, c in its], dtype=int)
+
+    (xt, yt), (xv, yv), (xs, ys) = texts("train"), texts("val"), texts("test")
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
+    Xt = vec.fit_transform(xt)
+    fits = [LogisticRegression(C=c, max_iter=2000).fit(Xt, yt) for c in (1.0, 10.0, 100.0)]
+    best = max(fits, key=lambda m: (m.score(vec.transform(xv), yv), -m.C))
+    proba = np.zeros((len(ys), len(classes)))
+    proba[:, best.classes_] = best.predict_proba(vec.transform(xs))
+    metrics = compute_metrics(np.log(np.clip(proba, 1e-12, None)), ys, classes)
+    return {"model": "tfidf_logreg", "C": best.C, "ngram_range": [1, 2], **{k: metrics[k] for k in (
+        "accuracy", "balanced_accuracy", "macro_f1")}}
 
 
 def adapted_model(classes: Sequence[str]) -> tuple[nn.Module, dict] | None:
@@ -321,7 +347,7 @@ def head_test_logits(head: nn.Module, classes: Sequence[str]) -> tuple[np.ndarra
 
 
 def write_plots(images: Sequence[str], y: np.ndarray, logits: np.ndarray, classes: Sequence[str],
-                spec: PreprocessSpec, load: Callable[[str], Image.Image], params: Params) -> None:
+                spec: PreprocessSpec | TextSpec, load: Callable[[str], Image.Image] | None, params: Params) -> None:
     """confusion.csv + history.csv for `dvc plots`, and confusion/curves/worst PNGs."""
     probs, pred = softmax(logits), logits.argmax(axis=1)
     write_csv(paths.CONFUSION, confusion_rows(y, pred, classes), CONFUSION_COLUMNS)
@@ -331,7 +357,42 @@ def write_plots(images: Sequence[str], y: np.ndarray, logits: np.ndarray, classe
     plot_curves(rows, unfreeze, paths.PLOTS_DIR / "curves.png")
     worst = [Mistake(str(images[i]), classes[y[i]], classes[pred[i]], float(probs[i].max()))
              for i in worst_indices(probs, y, params.evaluate.worst_k)]
-    plot_worst(worst, spec, load, paths.PLOTS_DIR / "worst.png")
+    if isinstance(spec, TextSpec):
+        write_text(paths.PLOTS_DIR / "worst.md", worst_texts_markdown(worst, spec))
+        plot_worst_texts(worst, spec, paths.PLOTS_DIR / "worst.png")
+    else:
+        plot_worst(worst, spec, load, paths.PLOTS_DIR / "worst.png")
+
+
+WORST_CHARS = 300  # of each misclassified text shown in worst.md
+
+
+def worst_texts_markdown(mistakes: Sequence[Mistake], spec: TextSpec) -> str:
+    """The most confidently wrong test texts as a markdown table: true, predicted, confidence, the text, its file."""
+    lines = ["# Most confident errors (test split)", "",
+             "| # | true | predicted | confidence | text | file |", "|---|---|---|---|---|---|"]
+    for i, m in enumerate(mistakes, start=1):
+        shown = load_text(m.path, spec.max_chars)
+        shown = shown if len(shown) <= WORST_CHARS else shown[:WORST_CHARS].rstrip() + " …"
+        cell = shown.replace("|", "\\|")
+        lines.append(f"| {i} | {m.actual} | {m.predicted} | {m.confidence:.2f} | {cell} | {m.path} |")
+    if not mistakes:
+        lines.append("| | | | | no misclassified test texts | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_worst_texts(mistakes: Sequence[Mistake], spec: TextSpec, path: str | Path) -> None:
+    """worst.png for texts: one line per mistake (labels, confidence, the text's start), so dvc plots shows it too."""
+    import textwrap
+
+    fig = _figure(11, 0.5 + 0.55 * max(1, len(mistakes)))
+    if not mistakes:
+        fig.text(0.5, 0.5, "no misclassified test texts", ha="center", va="center")
+    for i, m in enumerate(mistakes):
+        snippet = textwrap.shorten(load_text(m.path, spec.max_chars), 110, placeholder=" …")
+        fig.text(0.01, 1 - (i + 0.8) / (len(mistakes) + 0.5), f"true {m.actual} / pred {m.predicted} "
+                 f"({m.confidence:.2f}): {snippet}", fontsize=8, color="darkred", family="monospace")
+    _save(fig, path)
 
 
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:

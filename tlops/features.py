@@ -32,6 +32,7 @@ from tlops.inference import Runner, make_runner
 from tlops.io import atomic_path, sha256_bytes, sha256_json
 from tlops.loaders import training_view, working_spec
 from tlops.preprocess import PreprocessSpec, preprocess
+from tlops.text import TextSpec, load_text
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,16 @@ class FeatureDataset:
 def extract_features(manifest: Manifest, params: Params, out_dir: Path = paths.FEATURES_DIR,
                      progress: bool = True, engine: str = "auto") -> dict:
     """Features of every manifest image (and augmented train views) into out_dir; only uncached rows run."""
-    bb = create_backbone(params.model.backbone, params.model.weights, params.model.image_size)
+    bb = create_backbone(params.model.backbone, params.model.weights, params.model.image_size,
+                         max_tokens=params.model.max_tokens)
     return extract_with(bb, manifest, params, Path(out_dir), progress, engine)
 
 
 def extract_with(bb: Backbone, manifest: Manifest, params: Params, out_dir: Path, progress: bool = True,
                  engine: str = "auto") -> dict:
     """extract_features with a given backbone (which is left as it was: eval mode, weights untouched)."""
+    if bb.modality == "text":
+        return extract_texts(bb, manifest, params, out_dir, progress, engine)
     start = time.perf_counter()
     spec = working_spec(bb.spec, params.finetune.augment, params.data)
     cache_dir = out_dir / paths.FEATURES_CACHE.relative_to(paths.FEATURES_DIR)
@@ -124,9 +128,51 @@ def extract_with(bb: Backbone, manifest: Manifest, params: Params, out_dir: Path
             "backbone": bb.name, "weights_id": bb.weights_id}
 
 
-def extractor_id(bb: Backbone, spec: PreprocessSpec) -> dict:
-    """What makes a feature what it is, apart from the image: network, weights, preprocessing, precision."""
-    return {"backbone": bb.name, "weights_id": bb.weights_id, "spec": spec.to_dict(), "precision": PRECISION}
+def extract_texts(bb: Backbone, manifest: Manifest, params: Params, out_dir: Path, progress: bool = True,
+                  engine: str = "auto") -> dict:
+    """The text side of extract_with: each manifest text once (no augmented views), by content hash; the texts
+    run sorted by length, so that a batch pads little."""
+    start = time.perf_counter()
+    spec = working_spec(bb.spec, params.finetune.augment, params.data)
+    cache_dir = out_dir / paths.FEATURES_CACHE.relative_to(paths.FEATURES_DIR)
+    items = manifest_items(manifest, params, extractor_id(bb, spec), views=0)
+    cached = read_cache(cache_dir, {it.key for it in items})
+    todo = list({it.key: it for it in items if it.key not in cached}.values())
+    used, seconds = "none", 0.0
+    if todo:
+        t = time.perf_counter()
+        try:
+            ids = spec.encode([load_text(it.path, spec.max_chars) for it in todo])
+        except FileNotFoundError as e:
+            raise DataError(f"{e.filename} is in the manifest but not on disk; rerun the prepare stage") from None
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        size = params.features.batch_size
+        batches = [order[i : i + size] for i in range(0, len(order), size)]
+        with torch_threads(params.features.num_threads):
+            run, used = make_runner(bb.model, spec.input_size, engine, params.features.num_threads,
+                                    example=spec.pad([ids[i] for i in batches[-1][:4]]), opset=params.export.opset,
+                                    atol=params.export.parity_atol)
+            new = np.empty((len(todo), bb.num_features), np.float32)
+            from tqdm.auto import tqdm
+
+            for b in tqdm(batches, desc="features", unit="batch", disable=not progress):
+                new[b] = run(spec.pad([ids[i] for i in b]))
+        seconds = time.perf_counter() - t
+        write_shard(cache_dir, [it.key for it in todo], new)
+        cached.update(zip((it.key for it in todo), new, strict=True))
+    meta = {"backbone": bb.name, "weights_id": bb.weights_id, "spec": spec.identity(),
+            "num_features": bb.num_features, "precision": PRECISION, "augment_views": 0}
+    write_dataset(out_dir / paths.FEATURES_DATASET.relative_to(paths.FEATURES_DIR), items, cached,
+                  manifest.classes, meta, bb.num_features)
+    return {"extracted": len(todo), "cached": len(items) - len(todo), "total": len(items), "decoded": 0,
+            "seconds": round(time.perf_counter() - start, 3),
+            "texts_per_s": round(len(todo) / seconds, 1) if seconds else 0.0, "engine": used,
+            "backbone": bb.name, "weights_id": bb.weights_id}
+
+
+def extractor_id(bb: Backbone, spec: PreprocessSpec | TextSpec) -> dict:
+    """What makes a feature what it is, apart from the item: network, weights, preprocessing, precision."""
+    return {"backbone": bb.name, "weights_id": bb.weights_id, "spec": spec.identity(), "precision": PRECISION}
 
 
 def feature_key(extractor: dict, image_sha256: str, view: int = 0, augment: dict | None = None) -> str:
@@ -135,12 +181,14 @@ def feature_key(extractor: dict, image_sha256: str, view: int = 0, augment: dict
                         "augment": augment if view else None})
 
 
-def manifest_items(manifest: Manifest, params: Params, extractor: dict) -> list[Item]:
-    """Every row to produce: each image as view 0, then features.augment_views views of each train image."""
+def manifest_items(manifest: Manifest, params: Params, extractor: dict, views: int | None = None) -> list[Item]:
+    """Every row to produce: each image as view 0, then features.augment_views (or `views`) views of each train
+    image."""
     recipe = {**params.finetune.augment.model_dump(mode="json"), "seed": params.finetune.seed}
+    extra = params.features.augment_views if views is None else views
     items = []
     for r in manifest.rows:
-        views = 1 + (params.features.augment_views if r.split == "train" else 0)
+        views = 1 + (extra if r.split == "train" else 0)
         label = manifest.label_index(r.label)
         items += [Item(r.path, r.sha256, label, r.split, v, feature_key(extractor, r.sha256, v, recipe))
                   for v in range(views)]

@@ -34,7 +34,7 @@ def make_runner(module: nn.Module, input_size: int, engine: str = "auto", num_th
     if engine == "torch" or (engine == "auto" and torch.cuda.is_available()):
         return torch_runner(module), "torch-cuda" if torch.cuda.is_available() else "torch"
     try:
-        run = onnx_runner(module, input_size, num_threads, opset)
+        run = onnx_runner(module, input_size, num_threads, opset, example)
         if example is not None:
             parity(torch_runner(module, torch.device("cpu"))(example), run(example), atol, top1=False)
         return run, "onnxruntime"
@@ -53,16 +53,21 @@ def torch_runner(module: nn.Module, device: torch.device | None = None) -> Runne
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            t = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
+            t = torch.from_numpy(x).to(device)
+            if t.dim() == 4:
+                t = t.contiguous(memory_format=torch.channels_last)
             return model(t).float().cpu().numpy()
 
     return run
 
 
-def onnx_runner(module: nn.Module, input_size: int, num_threads: int | None = None, opset: int = 17) -> Runner:
-    """The module exported by tlops.export.export_onnx and run by ONNX Runtime on CPU, batch size dynamic."""
+def onnx_runner(module: nn.Module, input_size: int, num_threads: int | None = None, opset: int = 17,
+                example: np.ndarray | None = None) -> Runner:
+    """The module exported by tlops.export.export_onnx and run by ONNX Runtime on CPU, batch size dynamic (and the
+    sequence length, for token ids: an integer `example`)."""
     with tempfile.TemporaryDirectory(prefix="tlops-onnx-") as tmp:
-        path = export_onnx(module, input_size, Path(tmp) / "module.onnx", opset, output="output")
+        path = export_onnx(module, input_size, Path(tmp) / "module.onnx", opset, output="output", example=example)
         session = runtime.session(path.read_bytes(), threads=num_threads, cpu_only=True)
     name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: np.ascontiguousarray(x, np.float32)})[0]
+    dtype = np.int64 if example is not None and np.issubdtype(example.dtype, np.integer) else np.float32
+    return lambda x: session.run(None, {name: np.ascontiguousarray(x, dtype)})[0]

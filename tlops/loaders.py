@@ -19,11 +19,16 @@ from torch.utils.data import DataLoader, Dataset
 from tlops.config import AugmentParams, DataParams, FinetuneParams
 from tlops.images import WorkingImages
 from tlops.preprocess import INTERPOLATIONS, PreprocessSpec, normalize, preprocess, resize_crop
+from tlops.text import TextSpec, load_text
 
 
-def working_spec(spec: PreprocessSpec, augment: AugmentParams, data: DataParams | None = None) -> PreprocessSpec:
+def working_spec(spec: PreprocessSpec | TextSpec, augment: AugmentParams, data: DataParams | None = None
+                 ) -> PreprocessSpec | TextSpec:
     """The spec with the working size training needs (the random crop of the smallest area must not upsample) and
-    data's intensity rule for images of more than 8 bits; both travel with the model to the service."""
+    data's intensity rule for images of more than 8 bits; both travel with the model to the service. A text spec
+    gets data.max_chars, the cut prepare made."""
+    if isinstance(spec, TextSpec):
+        return replace(spec, max_chars=data.max_chars) if data is not None else spec
     need = spec.resize_size
     if augment.random_resized_crop is not None:
         need = max(need, math.ceil(spec.input_size / math.sqrt(augment.random_resized_crop[0])))
@@ -101,6 +106,39 @@ class ImageDataset(Dataset):
         return torch.from_numpy(x), label
 
 
+@dataclass
+class TextDataset(Dataset):
+    """(path, label) items -> (int64 token ids, label); batches pad to their longest text (`collate`). Texts have no
+    augmented views: every view is the text itself."""
+
+    items: list[tuple[str, int]]
+    ids: dict[str, np.ndarray]  # path -> token ids (TextSpec.encode)
+    pad_id: int = 0
+
+    def at_view(self, view: int) -> TextDataset:
+        return self
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[i]
+        return torch.from_numpy(self.ids[path]), label
+
+    def collate(self, batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(x) for x, _ in batch)
+        x = torch.full((len(batch), width), self.pad_id, dtype=torch.int64)
+        for i, (ids, _) in enumerate(batch):
+            x[i, : len(ids)] = ids
+        return x, torch.tensor([y for _, y in batch])
+
+
+def text_dataset(items: list[tuple[str, int]], spec: TextSpec) -> TextDataset:
+    """The texts of `items` tokenised once, as every consumer tokenises them (tlops.text)."""
+    ids = spec.encode([load_text(p, spec.max_chars) for p, _ in items])
+    return TextDataset(items, {p: x for (p, _), x in zip(items, ids, strict=True)}, spec.pad_id)
+
+
 def train_dataset(items: list[tuple[str, int]], images: WorkingImages, ft: FinetuneParams) -> ImageDataset:
     return ImageDataset(items, images, augment=ft.augment, seed=ft.seed)
 
@@ -117,14 +155,19 @@ def batches_of(order: list[int], batch_size: int) -> list[list[int]]:
     return out[:-1] if len(out) > 1 and len(out[-1]) < batch_size else out
 
 
-def train_loader(ds: ImageDataset, ft: FinetuneParams, epoch: int, device: torch.device) -> DataLoader:
+def train_loader(ds: ImageDataset | TextDataset, ft: FinetuneParams, epoch: int, device: torch.device) -> DataLoader:
     """The epoch's batches (epoch_order, batches_of) of view view_of(epoch)."""
     batches = batches_of(epoch_order(len(ds), ft, epoch), ft.batch_size)
-    return DataLoader(ds.at_view(view_of(epoch, ft.views)), batch_sampler=batches, **_loading(ft, device))
+    return DataLoader(ds.at_view(view_of(epoch, ft.views)), batch_sampler=batches, collate_fn=_collate(ds),
+                      **_loading(ft, device))
 
 
-def eval_loader(ds: ImageDataset, ft: FinetuneParams, device: torch.device) -> DataLoader:
-    return DataLoader(ds, batch_size=ft.batch_size, shuffle=False, **_loading(ft, device))
+def eval_loader(ds: ImageDataset | TextDataset, ft: FinetuneParams, device: torch.device) -> DataLoader:
+    return DataLoader(ds, batch_size=ft.batch_size, shuffle=False, collate_fn=_collate(ds), **_loading(ft, device))
+
+
+def _collate(ds: ImageDataset | TextDataset):  # noqa: ANN202 - DataLoader's collate_fn
+    return ds.collate if isinstance(ds, TextDataset) else None
 
 
 def _loading(ft: FinetuneParams, device: torch.device) -> dict:

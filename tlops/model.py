@@ -69,7 +69,14 @@ def load_classifier(model_dir: str | Path = paths.FINETUNE_DIR, tuned: bool = Fa
         raise DataError(f"{model_dir}: no fine-tuned model ({info_path.name} + {weights_path.name}); "
                         "run the finetune stage")
     info = read_json(info_path)
-    backbone = create_backbone(info["backbone"], weights="random", image_size=info["image_size"])
+    if info.get("encoder_config") is not None:  # a text encoder: rebuilt from its recorded config and tokenizer
+        from tlops.backbones import text_backbone
+        from tlops.encoders import EncoderFiles
+
+        files = EncoderFiles(info["encoder_config"], None, info["preprocess"]["tokenizer"], "random")
+        backbone = text_backbone(info["backbone"], files, int(info["preprocess"]["max_tokens"]))
+    else:
+        backbone = create_backbone(info["backbone"], weights="random", image_size=info["image_size"])
     h = info["head"]
     model = Classifier(backbone.model, build_head(h["kind"], info["num_features"], len(info["classes"]),
                                                   h["hidden"], h["dropout"]))

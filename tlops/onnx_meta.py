@@ -13,8 +13,9 @@ from pathlib import Path
 from tlops.errors import ModelIntegrityError
 from tlops.io import sha256_file, write_text
 from tlops.preprocess import PreprocessSpec
+from tlops.text import TEXT, TextSpec
 
-INPUT = "input"     # float32 NCHW, dynamic batch axis
+INPUT = "input"     # float32 NCHW, dynamic batch axis (text: int64 token ids (batch, sequence), padded with pad_id)
 OUTPUT = "logits"   # float32 (batch, classes)
 EMBEDDING = "embedding"  # float32 (batch, features): the pooled embedding the head reads (second output)
 
@@ -29,13 +30,15 @@ MLFLOW_RUN_ID = "tlops.mlflow_run_id"
 PARAMS_HASH = "tlops.params_hash"
 CREATED = "tlops.created"
 PRECISION = "tlops.precision"        # fp32 | int8
-INPUT_KIND = "tlops.input_kind"      # image: what the model reads (another kind of model is never its rival)
+INPUT_KIND = "tlops.input_kind"      # image | text: what the model reads (another kind of model is never its rival)
+TOKENIZER = "tlops.tokenizer"        # text: the tokenizer.json the input is tokenised with (tlops.text.TextSpec)
 SELECTED = "tlops.selected"          # finetuned | head: which was better on validation, and so exported
 ADAPT_METHOD = "tlops.adapt_method"  # none | adabn | self_training | mcc: the domain adaptation it carries
 TARGET_DATA_VERSION = "tlops.target_data_version"  # DVC hash of data/target it was adapted to ("" when none)
 DRIFT_REFERENCE = "tlops.drift_reference"  # JSON: the test split's output statistics (tlops.drift.reference)
 KEYS = (LABELS, PREPROCESS, INPUT_SIZE, BACKBONE, DATA_VERSION, GIT_COMMIT, MLFLOW_RUN_ID, PARAMS_HASH, CREATED,
-        PRECISION, INPUT_KIND, SELECTED, ADAPT_METHOD, TARGET_DATA_VERSION, DRIFT_REFERENCE)
+        PRECISION, INPUT_KIND, SELECTED, ADAPT_METHOD, TARGET_DATA_VERSION, DRIFT_REFERENCE)  # every model's
+TEXT_KEYS = (TOKENIZER,)  # a text model's, besides
 IMAGE = "image"
 
 
@@ -58,9 +61,11 @@ def labels_of(meta: dict[str, str]) -> list[str]:
     return [str(x) for x in labels]
 
 
-def spec_of(meta: dict[str, str]) -> PreprocessSpec:
-    """The preprocessing spec stored in a model's metadata."""
+def spec_of(meta: dict[str, str]) -> PreprocessSpec | TextSpec:
+    """The preprocessing spec stored in a model's metadata (a text model's with its tokenizer)."""
     try:
+        if input_kind_of(meta) == TEXT:
+            return TextSpec.from_dict(json.loads(meta[PREPROCESS]), tokenizer=meta[TOKENIZER])
         return PreprocessSpec.from_json(meta[PREPROCESS])
     except (KeyError, ValueError, TypeError) as e:
         raise ModelIntegrityError(f"ONNX metadata {PREPROCESS} is missing or not a preprocessing spec ({e})") from None

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tlops.errors import DataError
 from tlops.intensity import HIGH_BIT_MODES, INTENSITY_RULES, Intensity, to_8bit, window_to_8bit  # noqa: F401
+from tlops.text import TextSpec, load_text, text_batches
 
 EXIF_ORIENTATION = 0x0112
 INTERPOLATIONS = {
@@ -87,6 +88,10 @@ class PreprocessSpec:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    def identity(self) -> dict:
+        """What makes its inputs what they are (cache keys): the whole spec."""
+        return self.to_dict()
 
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessSpec:
@@ -223,15 +228,27 @@ def preprocess_uint8(arr: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return preprocess(reduce_to(img, spec.decode_size), spec)
 
 
-def load_and_preprocess(source: str | os.PathLike | bytes, spec: PreprocessSpec, max_pixels: int) -> np.ndarray:
-    """Bytes or a file -> the model input, through the spec's working image."""
+def spec_from_dict(d: dict) -> PreprocessSpec | TextSpec:
+    """The spec model.json records: an image's, or a text's (kind "text", with its tokenizer)."""
+    return TextSpec.from_dict(d) if d.get("kind") == "text" else PreprocessSpec.from_dict(d)
+
+
+def load_and_preprocess(source: str | os.PathLike | bytes, spec: PreprocessSpec | TextSpec,
+                        max_pixels: int) -> np.ndarray:
+    """Bytes or a file -> the model input, through the spec's working image (a text file: its token ids)."""
+    if isinstance(spec, TextSpec):
+        return spec.ids(load_text(source, spec.max_chars))
     return preprocess(decode(source, spec, max_pixels), spec)
 
 
-def preprocess_batches(images: Sequence[str | os.PathLike], spec: PreprocessSpec, max_pixels: int,
+def preprocess_batches(images: Sequence[str | os.PathLike], spec: PreprocessSpec | TextSpec, max_pixels: int,
                        batch: int = 64, load: Callable[[str], Image.Image] | None = None) -> Iterator[np.ndarray]:
     """Preprocessed float32 NCHW batches of the given image files, in order; `load` gives a file's working image
-    (default: decode it; tlops.images.WorkingImages.get reads the decoded copy instead)."""
+    (default: decode it; tlops.images.WorkingImages.get reads the decoded copy instead). Text files under a text
+    spec: int64 token batches, each padded to its longest text."""
+    if isinstance(spec, TextSpec):
+        yield from text_batches(images, spec, batch)
+        return
     load = load or (lambda p: decode(p, spec, max_pixels))
     for start in range(0, len(images), batch):
         yield np.stack([preprocess(load(str(p)), spec) for p in images[start : start + batch]])

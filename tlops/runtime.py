@@ -51,11 +51,17 @@ def session(model: str | os.PathLike | bytes, threads: int | None = None, cpu_on
 
 
 def run_batches(sess: ort.InferenceSession, batches: Iterable[np.ndarray], output: str | None = None) -> np.ndarray:
-    """One output of the model (default: its first) over float32 batches of its first input, concatenated."""
+    """One output of the model (default: its first) over batches of its first input (float32 images, int64 token
+    ids), concatenated."""
     name = sess.get_inputs()[0].name
     wanted = [output] if output else None
-    out = [sess.run(wanted, {name: np.ascontiguousarray(x, np.float32)})[0] for x in batches]
+    out = [sess.run(wanted, {name: as_input(x)})[0] for x in batches]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def as_input(x: np.ndarray) -> np.ndarray:
+    """A batch as the model takes it: token ids int64, anything else float32, contiguous."""
+    return np.ascontiguousarray(x, np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -33,9 +33,11 @@ from tlops.images import for_manifest
 from tlops.io import sha256_file, write_json
 from tlops.loaders import (
     ImageDataset,
+    TextDataset,
     batches_of,
     epoch_order,
     eval_loader,
+    text_dataset,
     train_dataset,
     train_loader,
     view_of,
@@ -45,6 +47,7 @@ from tlops.model import Classifier, build_head, load_head, save_state
 from tlops.preprocess import PreprocessSpec
 from tlops.schedule import lr_factor, param_groups, set_trainable, small_data_scale, unfrozen_at, warmup_steps
 from tlops.scoring import score
+from tlops.text import TextSpec
 from tlops.trunk import EVAL_VIEW, Trunk
 
 OnEpoch = Callable[[dict, int], None]
@@ -218,14 +221,14 @@ class Setup:
 
     model: Classifier
     backbone: Any  # tlops.backbones.Backbone
-    spec: PreprocessSpec  # the working spec: what model.json records and every consumer decodes by
+    spec: PreprocessSpec | TextSpec  # the working spec: what model.json records and every consumer decodes by
     top: list[nn.Module]  # the groups that may train, top first
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     amp: torch.dtype | None
     device: torch.device
-    train_set: ImageDataset
-    val_set: ImageDataset
+    train_set: ImageDataset | TextDataset
+    val_set: ImageDataset | TextDataset
     classes: list[str]
     head_info: dict
     fingerprint: str
@@ -311,7 +314,8 @@ def setup(params: Params, manifest: Any, head_dir: str | Path, images_dir: Path 
     """Backbone + trained head on the device, every parameter group of the optimizer, the image datasets."""
     ft = params.finetune
     device = resolve_device(ft.device)
-    backbone = create_backbone(params.model.backbone, weights=params.model.weights, image_size=params.model.image_size)
+    backbone = create_backbone(params.model.backbone, weights=params.model.weights, image_size=params.model.image_size,
+                               max_tokens=params.model.max_tokens)
     spec = working_spec(backbone.spec, ft.augment, params.data)
     head, head_info = load_head(head_dir)
     classes = check_compatible(backbone, head_info, manifest)
@@ -329,15 +333,19 @@ def setup(params: Params, manifest: Any, head_dir: str | Path, images_dir: Path 
     loss_weight = class_weight_tensor(labels, len(classes)).to(device) if policy.weighted(ft.class_weighting) else None
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.manual_seed(ft.seed)  # dropout and drop-path draw from the global generator
-    images = for_manifest(manifest, spec, params.data.max_pixels, images_dir)
-    trunk, reason = Trunk.for_params(params, backbone, spec, checkpoint_dir / paths.TRUNK_CACHE.name)
+    if isinstance(spec, TextSpec):
+        train_set, val_set = text_dataset(train_items, spec), text_dataset(split_items(manifest, "val"), spec)
+        trunk, reason = None, "a text encoder's layers take padded token sequences of every length: nothing to cache"
+    else:
+        images = for_manifest(manifest, spec, params.data.max_pixels, images_dir)
+        train_set, val_set = train_dataset(train_items, images, ft), ImageDataset(split_items(manifest, "val"), images)
+        trunk, reason = Trunk.for_params(params, backbone, spec, checkpoint_dir / paths.TRUNK_CACHE.name)
     if trunk is None:
         log.info("finetune: every step runs the whole backbone: %s", reason)
     return Setup(
         model=model, backbone=backbone, spec=spec, top=top, opt=opt, amp=amp, device=device,
         scaler=torch.amp.GradScaler("cuda", enabled=amp == torch.float16),
-        train_set=train_dataset(train_items, images, ft),
-        val_set=ImageDataset(split_items(manifest, "val"), images),
+        train_set=train_set, val_set=val_set,
         classes=classes, head_info=head_info, fingerprint=run_fingerprint(params, manifest, head_dir),
         trunk=trunk, trunk_reason=reason, metric=policy.metric, loss_weight=loss_weight, initial=initial)
 
@@ -445,7 +453,7 @@ def check_compatible(backbone: Any, head_info: dict, manifest: Any) -> list[str]
     return classes
 
 
-def model_info(params: Params, backbone: Any, spec: PreprocessSpec, classes: list[str], head_info: dict,
+def model_info(params: Params, backbone: Any, spec: PreprocessSpec | TextSpec, classes: list[str], head_info: dict,
                history: list[dict]) -> dict:
     """model.json: everything export and serving need to rebuild and feed the model."""
     return {
@@ -455,6 +463,7 @@ def model_info(params: Params, backbone: Any, spec: PreprocessSpec, classes: lis
         "head": {k: head_info[k] for k in ("kind", "hidden", "dropout")},
         "preprocess": spec.to_dict(),
         "weights_id": backbone.weights_id,
+        "encoder_config": backbone.encoder_config,  # text: the encoder's config.json (None for images)
         "data_version": current_data_version(),
         "image_size": spec.input_size,
         "head_epochs": int(head_info["epochs"]),
