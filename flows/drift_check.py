@@ -46,6 +46,12 @@ def drift_check_flow(url: str = "http://127.0.0.1:8080", deployment: str = "pipe
     print(f"{url}: {describe(scores)}: {'DRIFTED' if result['drifted'] else 'no drift'}")
     if not result["drifted"]:
         return result
+    if scores.get("input_kind") == "text":  # adaptation reads images: drifted text traffic needs new labels
+        result["action"] = "retrain"
+        print("a text model is not adapted to unlabeled traffic (adapt.method must be none for text): label a sample "
+              f"of the logged texts ({scores.get('log_inputs') or 'serve.log_inputs is off'}), add them to data.path "
+              "and run the pipeline again")
+        return result
     folder = target or scores.get("log_inputs")
     if not folder:
         raise ConfigError("the service reports drift but keeps none of its inputs: start it with serve.log_inputs "

@@ -246,6 +246,8 @@ class Service:
         if self.input_log is not None:
             scores["log_inputs"] = str(self.input_log.folder)
             scores["logged"] = self.input_log.kept
+        if self.model is not None:
+            scores["input_kind"] = onnx_meta.input_kind_of(self.model.metadata)
         self.metrics.drift_scores(scores)
         return scores
 

@@ -12,7 +12,7 @@ from serving.model import LoadedModel, ModelSource, top_labels
 from tlops.errors import ConfigError
 from tlops.preprocess import ImageError, load_and_preprocess
 from tlops.runtime import softmax
-from tlops.text import TextError, load_text
+from tlops.text import TextError, decode_text, load_text
 
 BATCH = 32
 
@@ -64,7 +64,10 @@ def predict_texts(model: LoadedModel, items: Sequence[tuple[str, str | None]], t
     for i, (name, text) in enumerate(items):
         shown = name if len(name) <= 60 else name[:57] + "..."
         try:
-            clean = model.spec.clean(text) if text is not None else load_text(name, model.spec.max_chars)
+            if text is None:
+                clean = load_text(name, model.spec.max_chars)
+            else:  # a command-line argument: bytes that were not UTF-8 arrive as lone surrogates
+                clean = decode_text(text.encode("utf-8", "surrogateescape"), "--text", model.spec.max_chars)[0]
             ok.append((i, model.spec.ids(clean)))
         except TextError as e:
             results[i] = {"text": shown, "error": str(e), "reason": e.reason}

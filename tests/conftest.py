@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from text_support import make_encoder, make_texts
 
 # Prefect reads PREFECT_HOME when first imported: keep its database and settings out of ~/.prefect.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tlops-prefect-"))
@@ -271,3 +272,36 @@ def use_copy(src: Path, dest: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def trained(trained_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private copy of trained_workspace as cwd."""
     return use_copy(trained_workspace, tmp_path / "trained", monkeypatch)
+
+
+# ---------------------------------------------------------------- text
+
+
+ALL_STAGES = (*TRAINING_STAGES, "ingest_target", "adapt", "evaluate", "export")
+
+
+def text_params(texts: Path, encoder: Path, **over) -> dict:
+    base = {"data": {"source": "textfolder", "path": str(texts), "near_duplicates": None},
+            "model": {"backbone": f"hf:{encoder}", "weights": None, "image_size": None, "max_tokens": 24},
+            "head": {"epochs": 40, "lrs": [0.03], "patience": 40},
+            "finetune": {"unfreeze_groups": 2, "lr": 0.003, "head_lr": 0.003, "epochs": 3},
+            "export": {"int8": True, "int8_max_drop": 1.0}}
+    for k, v in over.items():
+        base[k] = {**base.get(k, {}), **v}
+    return base
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_encoder(tmp_path_factory.mktemp("encoder") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def text_workspace(tmp_path_factory: pytest.TempPathFactory, encoder_dir: Path, mlflow_store: str) -> Path:
+    """A workspace after every stage on generated texts (tiny encoder), run by the real stage tasks in-process."""
+    root = tmp_path_factory.mktemp("text")
+    make_texts(root / "texts", per_class=12)
+    ws = make_workspace(root / "ws")
+    write_params(ws, text_params(root / "texts", encoder_dir))
+    run_stage_tasks(ws, ALL_STAGES, mlflow_store, "text-workspace")
+    return ws

@@ -204,3 +204,20 @@ def test_tlops_serve_and_predict_from_the_serve_install(serve_venv: Path, tmp_pa
     # uvicorn shuts down gracefully, then re-raises the signal it caught
     assert proc.returncode in (0, -signal.SIGTERM), f"tlops serve exited {proc.returncode}:\n{log.read_text()[-3000:]}"
     assert "Application shutdown complete" in log.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(INSTALL_TIMEOUT_S + 300)
+def test_a_text_model_predicts_from_the_serve_install(serve_venv: Path, text_workspace: Path, tmp_path: Path):
+    # tokenizers (the serve extra) reads the tokenizer out of the model file; torch and transformers are not there
+    model = text_workspace / "models" / "model.onnx"
+    (tmp_path / "q.txt").write_text("bread and cheese with honey", "utf-8")
+    r = _run([serve_venv / "bin/tlops", "predict", "--text", "dog and cat", tmp_path / "q.txt", "--model", model,
+              "--json"], timeout=120, cwd=tmp_path, env=_clean_env())
+    assert r.returncode == 0, r.stderr
+    results = json.loads(r.stdout)
+    assert [x["text"] for x in results] == ["dog and cat", str(tmp_path / "q.txt")]
+    assert all(x["top_k"][0]["label"] in ("animal", "food", "tool") for x in results)
+    probe = "import sys, tlops.text, serving.predict; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    r = _run([serve_venv / "bin/python", "-c", probe], timeout=60, cwd=tmp_path, env=_clean_env(), check=True)
+    assert r.stdout.strip() == "[]"

@@ -13,46 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, make_workspace, run_stage_tasks, use_copy, write_params
+from conftest import ROOT, run_stage_tasks, text_params, use_copy, write_params
 from serving_support import ThreadServer, http, serve_params, wait_for
-from text_support import TOPICS, make_encoder, make_texts
+from text_support import TOPICS, make_texts
 
 from tlops import onnx_meta, paths, runtime
 from tlops.config import parse_params
 from tlops.errors import ConfigError
 
 TEXT_SNIPPET = ROOT / "docs" / "onnx_text_snippet.py"
-
-ALL_STAGES = ("ingest", "prepare", "features", "train_head", "finetune", "ingest_target", "adapt", "evaluate",
-              "export")
-
-
-def text_params(texts: Path, encoder: Path, **over) -> dict:
-    base = {"data": {"source": "textfolder", "path": str(texts), "near_duplicates": None},
-            "model": {"backbone": f"hf:{encoder}", "weights": None, "image_size": None, "max_tokens": 24},
-            "head": {"epochs": 40, "lrs": [0.03], "patience": 40},
-            "finetune": {"unfreeze_groups": 2, "lr": 0.003, "head_lr": 0.003, "epochs": 3},
-            "export": {"int8": True, "int8_max_drop": 1.0}}
-    for k, v in over.items():
-        base[k] = {**base.get(k, {}), **v}
-    return base
-
-
-@pytest.fixture(scope="session")
-def encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_encoder(tmp_path_factory.mktemp("encoder") / "tiny-bert")
-
-
-@pytest.fixture(scope="session")
-def text_workspace(tmp_path_factory: pytest.TempPathFactory, encoder_dir: Path, mlflow_store: str) -> Path:
-    """A workspace after every stage on generated texts (tiny encoder), run by the real stage tasks in-process."""
-    root = tmp_path_factory.mktemp("text")
-    make_texts(root / "texts", per_class=12)
-    ws = make_workspace(root / "ws")
-    write_params(ws, text_params(root / "texts", encoder_dir))
-    run_stage_tasks(ws, ALL_STAGES, mlflow_store, "text-workspace")
-    return ws
-
 
 @pytest.fixture
 def text_trained(text_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -254,6 +223,7 @@ def test_predict_answers_text_plain_json_and_text_files(text_server) -> None:
     ({"content": b"caf\xe9", "headers": {"content-type": "text/plain"}}, 400, "not_utf8"),
     ({"content": b"   \n ", "headers": {"content-type": "text/plain"}}, 400, "empty_text"),
     ({"content": b"x" * 501, "headers": {"content-type": "text/plain"}}, 413, "text_too_long"),
+    ({"content": b"PK\x03\x04\x00\x00", "headers": {"content-type": "text/plain"}}, 400, "binary"),
     ({"json": {"texts": []}}, 400, None),
     ({"json": {"texts": ["ok", 3]}}, 400, None),
     ({"json": {"texts": ["ok"] * 257}}, 400, "too_many_samples"),
@@ -326,6 +296,8 @@ def test_tlops_predict_text_and_text_files(text_trained: Path) -> None:
     assert r.exit_code == 1  # the blank text is unusable
     assert results[0]["text"] == "dog and cat" and results[0]["top_k"][0]["label"] in TOPICS
     assert results[1]["reason"] == "empty_text" and results[2]["text"] == "q.txt"
+    r = CliRunner().invoke(app, ["predict", "--text", "caf\udce9", "--json", "--model", str(paths.ONNX)])
+    assert r.exit_code == 1 and json.loads(r.stdout)[0]["reason"] == "not_utf8"  # a Latin-1 argument, as Python sees it
     r = CliRunner().invoke(app, ["predict", "q.txt", "--json", "--model", str(paths.ONNX)])
     assert r.exit_code == 0 and json.loads(r.stdout)[0]["top_k"][0]["label"] == results[2]["top_k"][0]["label"]
 
@@ -353,3 +325,48 @@ def test_packaged_minilm_matches_its_config_and_embeds_paraphrases_closer() -> N
     e = torch.nn.functional.normalize(e, dim=1)
     assert float(e[0] @ e[1]) > 0.6 > 0.2 > float(e[0] @ e[2])
     assert encoder_files("minilm_l6", "random").state is None
+
+
+def test_grpc_takes_bytes_texts(text_trained: Path) -> None:
+    import tritonclient.grpc as tgrpc
+    from serving_support import free_port
+
+    port = free_port()
+    with ThreadServer(serve_params(grpc_port=port), str(paths.ONNX)) as server:
+        wait_for(f"{server.url}/v2/health/ready")
+        client = tgrpc.InferenceServerClient(f"127.0.0.1:{port}")
+        name = server.service.source.name
+        inp = tgrpc.InferInput("text", [2], "BYTES")
+        inp.set_data_from_numpy(np.array([b"dog and cat", b"bread"], dtype=object))
+        result = client.infer(name, [inp], outputs=[tgrpc.InferRequestedOutput("label")])
+        js = http().post(f"{server.url}/predict", json={"texts": ["dog and cat", "bread"]}).json()
+        assert [b.decode() for b in result.as_numpy("label")] == [p["top_k"][0]["label"] for p in js["predictions"]]
+        client.close()
+
+
+def test_drift_on_text_traffic_asks_for_labels_not_adaptation(text_trained: Path) -> None:
+    from flows.drift_check import drift_check_flow
+
+    with ThreadServer(serve_params(drift_window=64, drift_threshold=0.01), str(paths.ONNX)) as server:
+        wait_for(f"{server.url}/v2/health/ready")
+        odd = [f"zq{i} xv{i * 7} !!! ###" for i in range(64)]  # nothing like the training texts
+        assert http().post(f"{server.url}/predict", json={"texts": odd}).status_code == 200
+        scores = http().get(f"{server.url}/drift").json()
+        assert scores["input_kind"] == "text" and scores["window"] == 64 and scores["drifted"], scores
+        result = drift_check_flow.fn(url=server.url)
+    assert result["drifted"] and result["action"] == "retrain" and result["flow_run_id"] is None
+
+
+def test_an_encoder_folder_without_weights_needs_weights_random(tmp_path: Path, encoder_dir: Path) -> None:
+    import shutil
+
+    from tlops.backbones import create_backbone
+
+    folder = tmp_path / "no-weights"
+    shutil.copytree(encoder_dir, folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="has no weights"):
+        create_backbone(f"hf:{folder}")
+    assert create_backbone(f"hf:{folder}", "random").weights_id == "random"
+    same = create_backbone(f"hf:{encoder_dir}")
+    assert same.spec.pad_id == 0 and same.model.pad_id == 0 and same.weights_id != "random"

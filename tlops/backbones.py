@@ -118,8 +118,8 @@ def text_backbone(name: str, files: object, max_tokens: int) -> Backbone:
     from tlops.encoders import build_text_encoder, text_layer_groups, text_spec
 
     model = build_text_encoder(files)
-    return Backbone(name, model, model.num_features, text_spec(files, max_tokens), text_layer_groups(model),
-                    files.weights_id, encoder_config=dict(files.config))
+    return Backbone(name, model, model.num_features, text_spec(files, max_tokens, model.pad_id),
+                    text_layer_groups(model), files.weights_id, encoder_config=dict(files.config))
 
 
 def _build(timm_name: str, num_classes: int | None, state: dict[str, torch.Tensor] | None,

@@ -278,6 +278,9 @@ class Params(Section):
                 + " (or model.backbone: auto)")
         if self.data.modality == "text" and self.adapt.method != "none":
             raise ValueError("adapt.method must be none for text: domain adaptation reads images")
+        if self.data.modality == "text" and self.serve.max_text_chars < self.data.max_chars:
+            raise ValueError(f"serve.max_text_chars ({self.serve.max_text_chars}) is below data.max_chars "
+                             f"({self.data.max_chars}): the service would refuse texts that training kept")
         return self
 
     data: DataParams = DataParams()

@@ -76,8 +76,20 @@ def build_text_encoder(files: EncoderFiles) -> TextEncoder:
             encoder = AutoModel.from_config(config)
     if files.state is not None:
         load_encoder_state(encoder, files.state)
-    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    return TextEncoder(encoder, pad_id).eval()
+    return TextEncoder(encoder, pad_token_id(files, config.pad_token_id)).eval()
+
+
+def pad_token_id(files: EncoderFiles, config_pad: int | None) -> int:
+    """The id batches are padded with, and masked by: the tokenizer's own padding token when it names one (its
+    padding settings, else a [PAD] / <pad> token), else the config's (transformers' class default included), else 0."""
+    tok = json.loads(files.tokenizer)
+    if isinstance(tok.get("padding"), dict) and tok["padding"].get("pad_id") is not None:
+        return int(tok["padding"]["pad_id"])
+    vocab = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    for name in ("[PAD]", "<pad>"):
+        if name in vocab:
+            return int(vocab[name])
+    return int(config_pad) if config_pad is not None else 0
 
 
 # Tensors a checkpoint may carry that the pooled encoder does not use: the pooler (mean pooling replaces it), buffers.
@@ -111,11 +123,16 @@ def text_layer_groups(model: TextEncoder) -> list[nn.ModuleList]:
     return [nn.ModuleList([embeddings]), *(nn.ModuleList([layer]) for layer in layers)]
 
 
-def text_spec(files: EncoderFiles, max_tokens: int) -> TextSpec:
+# Models whose position ids start after the padding id (RoBERTa's scheme): max_position_embeddings counts those too.
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text")
+
+
+def text_spec(files: EncoderFiles, max_tokens: int, pad_id: int) -> TextSpec:
     """The tokenisation of an encoder: its tokenizer, max_tokens within its position embeddings, its pad id."""
     limit = int(files.config.get("max_position_embeddings") or max_tokens)
-    pad = files.config.get("pad_token_id")
-    return TextSpec(tokenizer=files.tokenizer, max_tokens=min(max_tokens, limit), pad_id=int(pad or 0))
+    if files.config.get("model_type") in _OFFSET_POSITIONS:
+        limit -= pad_id + 1
+    return TextSpec(tokenizer=files.tokenizer, max_tokens=min(max_tokens, limit), pad_id=pad_id)
 
 
 # ---------------------------------------------------------------- finding the files
@@ -123,14 +140,15 @@ def text_spec(files: EncoderFiles, max_tokens: int) -> TextSpec:
 
 def encoder_files(name: str, weights: str | None) -> EncoderFiles:
     """The config, weights and tokenizer of text backbone `name` with model.weights `weights` (module docstring)."""
-    if weights and weights != "random":
+    need = weights != "random"
+    if weights and need:
         files = folder_files(Path(weights), f"model.weights: {weights}")
     elif name == DEFAULT_TEXT_BACKBONE:
         files = packaged_minilm()
     elif name.startswith("hf:") and Path(name[3:]).expanduser().is_dir():
-        files = folder_files(Path(name[3:]).expanduser(), f"model.backbone: {name}")
+        files = folder_files(Path(name[3:]).expanduser(), f"model.backbone: {name}", need)
     elif name.startswith("hf:") and len(name) > 3:
-        files = hub_files(name[3:], load_weights=weights != "random")
+        files = hub_files(name[3:], load_weights=need)
     else:
         raise ConfigError(f"model.backbone: {name!r} is not a text encoder (minilm_l6, hf:<model id or folder>)")
     if weights == "random":
@@ -161,8 +179,9 @@ def packaged_minilm() -> EncoderFiles:
     return EncoderFiles(config, load_safetensors(weights), tokenizer, sha256_bytes(weights))
 
 
-def folder_files(folder: Path, source: str) -> EncoderFiles:
-    """A local Hugging Face encoder folder: config.json + tokenizer.json + model.safetensors (or pytorch_model.bin)."""
+def folder_files(folder: Path, source: str, need_weights: bool = True) -> EncoderFiles:
+    """A local Hugging Face encoder folder: config.json + tokenizer.json + model.safetensors (or its shards with
+    model.safetensors.index.json, or pytorch_model.bin); without need_weights the weights may be absent."""
     if not folder.is_dir():
         raise ConfigError(f"{source}: {folder} is not a folder (config.json, tokenizer.json, model.safetensors)")
     need = [f for f in ("config.json", "tokenizer.json") if not (folder / f).is_file()]
@@ -170,11 +189,15 @@ def folder_files(folder: Path, source: str) -> EncoderFiles:
         raise ConfigError(f"{source}: {folder} has no {' or '.join(need)}")
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     tokenizer = (folder / "tokenizer.json").read_text(encoding="utf-8")
-    if (folder / "model.safetensors").is_file():
+    shards = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
+    if not shards and (index := folder / "model.safetensors.index.json").is_file():
+        shards = [folder / f for f in sorted(set(json.loads(index.read_text("utf-8"))["weight_map"].values()))]
+    if shards:
         from safetensors.torch import load_file
 
-        data = (folder / "model.safetensors").read_bytes()
-        return EncoderFiles(config, load_file(str(folder / "model.safetensors")), tokenizer, sha256_bytes(data))
+        state = {k: v for shard in shards for k, v in load_file(str(shard)).items()}
+        digest = sha256_bytes(b"".join(bytes.fromhex(sha256_bytes(s.read_bytes())) for s in shards))
+        return EncoderFiles(config, state, tokenizer, digest)
     if (folder / "pytorch_model.bin").is_file():
         path = folder / "pytorch_model.bin"
         try:
@@ -182,7 +205,10 @@ def folder_files(folder: Path, source: str) -> EncoderFiles:
         except Exception as e:  # pickle refusing non-tensor objects, or a damaged file
             raise ConfigError(f"{source}: {path} is not a plain state dict ({type(e).__name__})") from None
         return EncoderFiles(config, state, tokenizer, sha256_bytes(path.read_bytes()))
-    return EncoderFiles(config, None, tokenizer, "random")  # a config and a tokenizer only: needs weights: random
+    if need_weights:
+        raise ConfigError(f"{source}: {folder} has no weights (model.safetensors, its shards, or pytorch_model.bin); "
+                          "set model.weights: random for a random init")
+    return EncoderFiles(config, None, tokenizer, "random")
 
 
 def hub_files(model_id: str, load_weights: bool = True) -> EncoderFiles:
@@ -190,8 +216,11 @@ def hub_files(model_id: str, load_weights: bool = True) -> EncoderFiles:
     try:
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(model_id, allow_patterns=["config.json", "tokenizer.json",
-                                                                  *(["model.safetensors"] if load_weights else [])]))
+        base = ["config.json", "tokenizer.json"]
+        folder = Path(snapshot_download(model_id, allow_patterns=base + (
+            ["*.safetensors", "model.safetensors.index.json"] if load_weights else [])))
+        if load_weights and not any(folder.glob("*.safetensors")):  # an older repository: PyTorch's file only
+            folder = Path(snapshot_download(model_id, allow_patterns=[*base, "pytorch_model.bin"]))
     except Exception as e:  # offline without a cache, proxy, HTTP: all mean "not available"
         raise ConfigError(f"no weights for backbone hf:{model_id} (not in the Hugging Face cache and the download "
                           f"failed: {type(e).__name__}); run once online, or point model.backbone at a local "

@@ -57,14 +57,19 @@ def decode_text(data: bytes, name: str = "<text>", max_chars: int | None = None)
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise TextError("not_utf8", f"{name} is not UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
-    if any(unicodedata.category(c) == "Cc" and c not in "\t\n\r\f\v" for c in text[:100_000]):
-        raise TextError("binary", f"{name} holds control characters (a binary file?)")
+    check_not_binary(text, name)
     text = normalize(text)
     if not text:
         raise TextError("empty_text", f"{name} is empty or whitespace only")
     if max_chars is not None and len(text) > max_chars:
         return text[:max_chars].rstrip(), True
     return text, False
+
+
+def check_not_binary(text: str, name: str) -> None:
+    """TextError `binary` for a text holding control characters other than whitespace (NUL, escape, ...)."""
+    if any(unicodedata.category(c) == "Cc" and c not in "\t\n\r\f\v\x1c\x1d\x1e\x1f\x85" for c in text):
+        raise TextError("binary", f"{name} holds control characters (a binary file?)")
 
 
 def load_text(source: str | os.PathLike | bytes, max_chars: int | None = None) -> str:
@@ -171,7 +176,8 @@ class TextSpec:
         return self.pad(self.encode([self.clean(t) for t in texts]))
 
     def clean(self, text: str) -> str:
-        """Normalise and cut a raw text as prepare did; TextError when nothing is left."""
+        """Normalise and cut a raw text as prepare did; TextError for a binary one, or when nothing is left."""
+        check_not_binary(text, "the text")
         text = normalize(text)
         if not text:
             raise TextError("empty_text", "the text is empty or whitespace only")
