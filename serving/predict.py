@@ -62,7 +62,6 @@ def predict_texts(model: LoadedModel, items: Sequence[tuple[str, str | None]], t
     results: list[dict] = [{} for _ in items]
     ok: list[tuple[int, np.ndarray]] = []
     for i, (name, text) in enumerate(items):
-        shown = name if len(name) <= 60 else name[:57] + "..."
         try:
             if text is None:
                 clean = load_text(name, model.spec.max_chars)
@@ -70,15 +69,14 @@ def predict_texts(model: LoadedModel, items: Sequence[tuple[str, str | None]], t
                 clean = decode_text(text.encode("utf-8", "surrogateescape"), "--text", model.spec.max_chars)[0]
             ok.append((i, model.spec.ids(clean)))
         except TextError as e:
-            results[i] = {"text": shown, "error": str(e), "reason": e.reason}
+            results[i] = {"text": name, "error": str(e), "reason": e.reason}
         except OSError as e:
-            results[i] = {"text": shown, "error": f"cannot read {name}: {e.strerror or e}", "reason": "unreadable"}
+            results[i] = {"text": name, "error": f"cannot read {name}: {e.strerror or e}", "reason": "unreadable"}
     for start in range(0, len(ok), BATCH):
         chunk = ok[start:start + BATCH]
         probs = softmax(model.logits(model.spec.pad([x for _, x in chunk])))
         for (i, _), p in zip(chunk, probs):
-            name = items[i][0]
-            results[i] = {"text": name if len(name) <= 60 else name[:57] + "...", "model_name": model.name,
+            results[i] = {"text": items[i][0], "model_name": model.name,
                           "model_version": model.version, "top_k": top_labels(p, model.labels, top_k)}
     return results
 
@@ -102,11 +100,12 @@ def results_table(results: list[dict]):
     for col, justify in ((what, "left"), ("rank", "right"), ("label", "left"), ("probability", "right")):
         table.add_column(col, justify=justify)
     for r in results:
+        shown = r[what] if len(r[what]) <= 60 else r[what][:57] + "..."
         if "error" in r:
-            table.add_row(r[what], "", f"[red]{r['reason']}[/red]", r["error"].split(": ", 1)[-1])
+            table.add_row(shown, "", f"[red]{r['reason']}[/red]", r["error"].split(": ", 1)[-1])
             continue
         for rank, t in enumerate(r["top_k"], 1):
-            table.add_row(r[what] if rank == 1 else "", str(rank), t["label"], f"{t['probability']:.4f}",
+            table.add_row(shown if rank == 1 else "", str(rank), t["label"], f"{t['probability']:.4f}",
                           end_section=rank == len(r["top_k"]))
     return table
 
