@@ -20,7 +20,7 @@ def finetune(params_path: str | None = None) -> dict:
         # Named apart from the per-epoch series (val_accuracy, ...) so those keep one point per epoch.
         run.log_metrics({"finetuned_val_accuracy": result.val_accuracy, "head_val_accuracy": result.head_val_accuracy,
                          "resumed_epochs": float(result.resumed_epochs)})
-        run.set_tags({"trunk": result.trunk})
+        run.set_tags({"trunk": result.trunk, "world_size": str(result.world_size)})
         run.log_artifact(paths.FINETUNE_INFO, "model")
         run.log_artifact(paths.FINETUNE_HISTORY, "reports")
     print(f"head-only val accuracy: {result.head_val_accuracy:.4f}; fine-tuned val accuracy: {result.val_accuracy:.4f}"

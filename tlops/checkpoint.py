@@ -23,7 +23,8 @@ KEEP = 2  # the newest two, so a checkpoint damaged on disk still leaves one to 
 
 
 # The code of a fine-tuning run: a checkpoint written by other code is not resumed (it would replay its result).
-TRAINING_CODE = ("tlops.train", "tlops.schedule", "tlops.loaders", "tlops.trunk", "tlops.model", "tlops.scoring",
+TRAINING_CODE = ("tlops.train", "tlops.distributed",
+                 "tlops.schedule", "tlops.loaders", "tlops.trunk", "tlops.model", "tlops.scoring",
                  "tlops.checkpoint", "tlops.images", "tlops.preprocess")
 
 
@@ -33,7 +34,7 @@ def run_fingerprint(params: Params, manifest: Any, head_dir: str | Path) -> str:
 
     return sha256_json({
         "model": params.model.model_dump(mode="json"),
-        "finetune": params.finetune.model_dump(mode="json"),
+        "finetune": params.finetune.model_dump(mode="json", exclude={"processes"}),  # checked on its own
         "max_pixels": params.data.max_pixels,
         "policy": {"metric": params.evaluate.metric, "imbalance_ratio": params.data.imbalance_ratio},
         "head": sha256_file(Path(head_dir) / paths.HEAD_WEIGHTS.name),
@@ -50,12 +51,13 @@ def checkpoint_path(checkpoint_dir: str | Path, epoch: int) -> Path:
 
 def save_checkpoint(checkpoint_dir: str | Path, model: nn.Module, opt: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, epoch: int, history: list[dict], fingerprint: str,
-                    best: dict | None = None) -> Path:
+                    best: dict | None = None, world_size: int = 1) -> Path:
     """Everything needed to continue after `epoch` finished epochs (with `best`, the best epoch so far and its
     weights); older checkpoints beyond KEEP are removed."""
     state = {
         "best": best,
         "fingerprint": fingerprint,
+        "world_size": world_size,  # processes of the run: a resume needs as many (tlops.distributed)
         "epoch": epoch,
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),

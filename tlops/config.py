@@ -168,6 +168,7 @@ class FinetuneParams(Section):
     num_workers: Annotated[int, Field(ge=0)] = 0
     num_threads: PositiveInt | None = None
     seed: int = 42
+    processes: PositiveInt | Literal["auto"] = 1  # data-parallel ranks (torch.distributed); auto: one per GPU
 
 
 class EvaluateParams(Section):

@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tlops.config import AugmentParams, DataParams, FinetuneParams
+from tlops.distributed import World
 from tlops.images import WorkingImages
 from tlops.preprocess import INTERPOLATIONS, PreprocessSpec, normalize, preprocess, resize_crop
 from tlops.text import TextSpec, load_text
@@ -155,9 +156,14 @@ def batches_of(order: list[int], batch_size: int) -> list[list[int]]:
     return out[:-1] if len(out) > 1 and len(out[-1]) < batch_size else out
 
 
-def train_loader(ds: ImageDataset | TextDataset, ft: FinetuneParams, epoch: int, device: torch.device) -> DataLoader:
-    """The epoch's batches (epoch_order, batches_of) of view view_of(epoch)."""
-    batches = batches_of(epoch_order(len(ds), ft, epoch), ft.batch_size)
+def train_loader(ds: ImageDataset | TextDataset, ft: FinetuneParams, epoch: int, device: torch.device,
+                 world: World | None = None) -> DataLoader:
+    """The epoch's batches (epoch_order, batches_of) of view view_of(epoch); with several processes, this rank's
+    slice of each global batch of processes x batch_size (tlops.distributed)."""
+    size = world.size if world else 1
+    batches = batches_of(epoch_order(len(ds), ft, epoch), ft.batch_size * size)
+    if size > 1:
+        batches = [world.slice(b) for b in batches]
     return DataLoader(ds.at_view(view_of(epoch, ft.views)), batch_sampler=batches, collate_fn=_collate(ds),
                       **_loading(ft, device))
 

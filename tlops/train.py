@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tlops import paths, scoring
+from tlops import distributed, paths, scoring
 from tlops.backbones import create_backbone
 from tlops.checkpoint import latest_checkpoint, restore_checkpoint, run_fingerprint, save_checkpoint
 from tlops.config import FinetuneParams, HeadParams, Params
@@ -213,6 +213,7 @@ class FinetuneResult:
     resumed_epochs: int  # epochs restored from a checkpoint; 0 for a fresh start
     trunk: str  # how the frozen trunk ran: "cached", or why it did not
     selected: str = "finetuned"  # finetuned | head: which of the two is better on validation (and exported)
+    world_size: int = 1  # processes that trained it (finetune.processes)
 
 
 @dataclass
@@ -237,6 +238,7 @@ class Setup:
     metric: str  # the selection metric (tlops.scoring)
     loss_weight: torch.Tensor | None  # class weights of the loss on an imbalanced training split
     initial: dict[str, torch.Tensor]  # the frozen base + head before fine-tuning: the head-only model
+    world: distributed.World = distributed.World()  # this process's rank among finetune.processes
 
 
 def finetune(params: Params, manifest: Any, head_dir: str | Path = paths.HEAD_DIR,
@@ -250,20 +252,62 @@ def finetune(params: Params, manifest: Any, head_dir: str | Path = paths.HEAD_DI
     Resumes from the newest checkpoint in checkpoint_dir made with the same params, head and data.
     """
     ft = params.finetune
+    n = distributed.processes(ft.processes)
+    if n > 1 and distributed.world().size == 1:
+        return _launch(n, params, manifest, Path(head_dir), Path(out_dir), Path(checkpoint_dir), on_epoch,
+                       Path(history_path), Path(images_dir))
     with torch_threads(ft.num_threads):
         return _finetune(params, manifest, head_dir, Path(out_dir), Path(checkpoint_dir), on_epoch, history_path,
                          Path(images_dir))
 
 
+def _launch(n: int, params: Params, manifest: Any, head_dir: Path, out_dir: Path, checkpoint_dir: Path,
+            on_epoch: OnEpoch | None, history_path: Path, images_dir: Path) -> FinetuneResult:
+    """finetune.processes ranks under torch.distributed.run; this process reports rank 0's epochs and result."""
+    summary = distributed.launch(rank_main, (params, manifest, head_dir, out_dir, checkpoint_dir, history_path,
+                                             images_dir), n, params.finetune.device)
+    if on_epoch:
+        for row in summary["history"][summary["resumed_epochs"]:]:
+            on_epoch(row, row["epoch"])
+    from tlops.model import load_classifier
+
+    model, info = load_classifier(out_dir)
+    return FinetuneResult(model, info, summary["history"], summary["val_accuracy"], summary["val_loss"],
+                          summary["head_val_accuracy"], summary["device"], summary["resumed_epochs"], summary["trunk"],
+                          summary["selected"], world_size=n)
+
+
+def rank_main(params: Params, manifest: Any, head_dir: Path, out_dir: Path, checkpoint_dir: Path, history_path: Path,
+              images_dir: Path, backend: str) -> dict | None:
+    """One rank of a distributed fine-tuning run (torch.distributed.run's entry point); rank 0 returns the result."""
+    import torch.distributed as dist
+
+    w = distributed.init(backend)
+    try:
+        threads = params.finetune.num_threads or max(1, (torch.get_num_threads() or 1) // w.size)
+        with torch_threads(threads):
+            r = _finetune(params, manifest, head_dir, out_dir, checkpoint_dir, None, history_path, images_dir, w)
+        if not w.main:
+            return None
+        return {"history": r.history, "val_accuracy": r.val_accuracy, "val_loss": r.val_loss,
+                "head_val_accuracy": r.head_val_accuracy, "device": r.device, "resumed_epochs": r.resumed_epochs,
+                "trunk": r.trunk, "selected": r.selected}
+    finally:
+        dist.destroy_process_group()
+
+
 def _finetune(params: Params, manifest: Any, head_dir: str | Path, out_dir: Path, checkpoint_dir: Path,
-              on_epoch: OnEpoch | None, history_path: str | Path, images_dir: Path) -> FinetuneResult:
+              on_epoch: OnEpoch | None, history_path: str | Path, images_dir: Path,
+              world: distributed.World = distributed.World()) -> FinetuneResult:
     ft = params.finetune
-    s = setup(params, manifest, head_dir, images_dir, checkpoint_dir)
-    steps = len(batches_of(list(range(len(s.train_set))), ft.batch_size))  # optimizer steps per epoch
+    s = setup(params, manifest, head_dir, images_dir, checkpoint_dir, world)
+    # optimizer steps per epoch: global batches of processes x batch_size, each rank training on its slice
+    steps = len(batches_of(list(range(len(s.train_set))), ft.batch_size * world.size))
     total = ft.epochs * steps
     schedule = partial(lr_factor, total_steps=total, warmup_steps=warmup_steps(ft.warmup_steps, total))
     history, start, best = [], 0, None
     if ckpt := latest_checkpoint(checkpoint_dir, s.fingerprint):
+        distributed.check_checkpoint_world(ckpt, world.size)
         history, start = restore_checkpoint(ckpt, s.model, s.opt, s.scaler), ckpt["epoch"]
         best = ckpt["best"]
     first = int(s.head_info["epochs"]) + 1  # history continues the head's epoch axis
@@ -284,7 +328,10 @@ def _finetune(params: Params, manifest: Any, head_dir: str | Path, out_dir: Path
         history.append(history_row(first + epoch, "finetune", train_loss, train_acc, val_loss, val_acc, lr))
         best = keep_best(best, {"epoch": first + epoch, "val_metric": val_metric, "val_loss": val_loss,
                                 "val_accuracy": val_acc}, s.model)
-        save_checkpoint(checkpoint_dir, s.model, s.opt, s.scaler, epoch + 1, history, s.fingerprint, best=best)
+        if world.main:  # every rank holds the same weights: one writes them
+            save_checkpoint(checkpoint_dir, s.model, s.opt, s.scaler, epoch + 1, history, s.fingerprint, best=best,
+                            world_size=world.size)
+        distributed.barrier()
         if on_epoch:
             on_epoch(history[-1], history[-1]["epoch"])
         del train_batches, val_batches  # this epoch's trunk rows go before the next epoch's are read
@@ -294,7 +341,8 @@ def _finetune(params: Params, manifest: Any, head_dir: str | Path, out_dir: Path
     selected = "finetuned" if best["val_metric"] > head["val_metric"] else "head"
     selection = {"metric": s.metric, "head": head, "finetuned": {k: best[k] for k in ("epoch", "val_metric",
                                                                                       "val_loss")}}
-    info = save_finetuned(s, params, history, out_dir, history_path, selected, selection)
+    info = save_finetuned(s, params, history, out_dir, history_path, selected, selection) if world.main else {}
+    distributed.barrier()
     if selected == "head":
         s.model.load_state_dict(s.initial)
     return FinetuneResult(s.model.eval(), info, history, best["val_accuracy"], best["val_loss"],
@@ -310,10 +358,12 @@ def keep_best(best: dict | None, row: dict, model: nn.Module) -> dict:
 
 
 def setup(params: Params, manifest: Any, head_dir: str | Path, images_dir: Path = paths.FEATURES_IMAGES,
-          checkpoint_dir: Path = paths.CHECKPOINT_DIR) -> Setup:
+          checkpoint_dir: Path = paths.CHECKPOINT_DIR, world: distributed.World = distributed.World()) -> Setup:
     """Backbone + trained head on the device, every parameter group of the optimizer, the image datasets."""
     ft = params.finetune
     device = resolve_device(ft.device)
+    if world.size > 1 and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
     backbone = create_backbone(params.model.backbone, weights=params.model.weights, image_size=params.model.image_size,
                                max_tokens=params.model.max_tokens)
     spec = working_spec(backbone.spec, ft.augment, params.data)
@@ -321,6 +371,11 @@ def setup(params: Params, manifest: Any, head_dir: str | Path, images_dir: Path 
     classes = check_compatible(backbone, head_info, manifest)
     # channels_last is oneDNN's and cuDNN's fast layout for convolutions, on CPU too.
     model = Classifier(backbone.model, head).to(device, memory_format=torch.channels_last)
+    if world.size > 1 and ft.batchnorm == "train":  # BatchNorm statistics over the global batch
+        if device.type != "cuda":
+            raise DataError("finetune.batchnorm: train with finetune.processes > 1 needs CUDA (SyncBatchNorm); on "
+                            "CPU use batchnorm: frozen or one process")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     top = backbone.groups[::-1][: ft.unfreeze_groups]
     scale = small_data_scale(len(manifest.rows_in("train")))
     # fused: one kernel for every parameter's update (on 2 CPU cores 6x faster than the per-tensor loop)
@@ -332,7 +387,7 @@ def setup(params: Params, manifest: Any, head_dir: str | Path, images_dir: Path 
     labels = torch.tensor([c for _, c in train_items])
     loss_weight = class_weight_tensor(labels, len(classes)).to(device) if policy.weighted(ft.class_weighting) else None
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    torch.manual_seed(ft.seed)  # dropout and drop-path draw from the global generator
+    torch.manual_seed(ft.seed + world.rank)  # dropout and drop-path draw from the global generator, per rank
     if isinstance(spec, TextSpec):
         train_set, val_set = text_dataset(train_items, spec), text_dataset(split_items(manifest, "val"), spec)
         trunk, reason = None, "a text encoder's layers take padded token sequences of every length: nothing to cache"
@@ -340,6 +395,8 @@ def setup(params: Params, manifest: Any, head_dir: str | Path, images_dir: Path 
         images = for_manifest(manifest, spec, params.data.max_pixels, images_dir)
         train_set, val_set = train_dataset(train_items, images, ft), ImageDataset(split_items(manifest, "val"), images)
         trunk, reason = Trunk.for_params(params, backbone, spec, checkpoint_dir / paths.TRUNK_CACHE.name)
+        if world.size > 1:
+            trunk, reason = None, "distributed: each rank runs the whole backbone on its slice of the batch"
     if trunk is None:
         log.info("finetune: every step runs the whole backbone: %s", reason)
     return Setup(
@@ -347,7 +404,8 @@ def setup(params: Params, manifest: Any, head_dir: str | Path, images_dir: Path 
         scaler=torch.amp.GradScaler("cuda", enabled=amp == torch.float16),
         train_set=train_set, val_set=val_set,
         classes=classes, head_info=head_info, fingerprint=run_fingerprint(params, manifest, head_dir),
-        trunk=trunk, trunk_reason=reason, metric=policy.metric, loss_weight=loss_weight, initial=initial)
+        trunk=trunk, trunk_reason=reason, metric=policy.metric, loss_weight=loss_weight, initial=initial,
+        world=world)
 
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -368,7 +426,8 @@ def epoch_feed(s: Setup, ft: FinetuneParams, epoch: int, cut: int) -> tuple[Batc
         val_batches = ((torch.from_numpy(val.take(range(i, min(i + ft.batch_size, len(val))))),
                         val_labels[i : i + ft.batch_size]) for i in range(0, len(val), ft.batch_size))
         return train_batches, val_batches, lambda t: s.model.head(top(t))
-    return train_loader(s.train_set, ft, epoch, s.device), eval_loader(s.val_set, ft, s.device), s.model
+    return (train_loader(s.train_set, ft, epoch, s.device, s.world), eval_loader(s.val_set, ft, s.device),
+            s.model)
 
 
 def save_finetuned(s: Setup, params: Params, history: list[dict], out_dir: Path, history_path: str | Path,
@@ -404,12 +463,15 @@ def train_epoch(s: Setup, batches: Batches, forward: Forward, ft: FinetuneParams
         check_finite(loss, "finetune", epoch + 1, step)
         s.opt.zero_grad(set_to_none=True)
         s.scaler.scale(loss).backward()
+        distributed.all_reduce_gradients([p for g in s.opt.param_groups for p in g["params"]], s.world.size)
         s.scaler.step(s.opt)
         s.scaler.update()
         loss_sum += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
         step += 1
+    loss_sum, correct, seen = distributed.all_sum(loss_sum, correct, seen) if s.world.size > 1 else (
+        loss_sum, correct, seen)
     return loss_sum / seen, correct / seen
 
 
