@@ -43,13 +43,18 @@ LOCK_FILE = paths.STATE_DIR / "pipeline.lock"
 
 @flow(name="pipeline")
 def pipeline_flow(params_path: str | None = None, refresh: bool = False, force: bool = False,
-                  set_params: dict[str, Any] | None = None) -> dict[str, Any]:
+                  set_params: dict[str, Any] | None = None, sync: bool | None = None) -> dict[str, Any]:
     """Bring every stage of dvc.yaml up to date: `refresh` re-reads the data source first, `force` re-runs all.
 
     `set_params` ({"adapt.target": "/logs", ...}) is written into the params file first, under the workspace lock,
     as `dvc exp run --set-param` does: the run, dvc.lock and MLflow all see the new values (tlops drift-check
-    starts runs this way).
+    starts runs this way). `sync` (default: $TLOPS_SYNC) pulls code and data first and pushes the outputs after
+    (orchestration/sync.py): a worker's own clone kept in step with the team's.
     """
+    from orchestration import sync as syncing
+
+    if syncing.enabled(sync):
+        log.info("sync: %s", ", ".join(syncing.pull()) or "nothing to pull")
     params = load_params(params_path)
     _check_params_file(params_path)
     from tlops.data import forget_data_version  # here, not above: numpy and Pillow stay out of a cached start-up
@@ -67,11 +72,14 @@ def pipeline_flow(params_path: str | None = None, refresh: bool = False, force: 
                     _run_stages(repo, params, params_path, refresh, force, records)
             finally:
                 summary = _finish(records, time.perf_counter() - started, parent)
+    if syncing.enabled(sync):
+        log.info("sync: %s", ", ".join(syncing.push()) or "nothing to push (no DVC remote)")
     return summary
 
 
 def run_pipeline(params_path: str | None = None, refresh: bool = False, force: bool = False,
-                 server: TemporaryServer | None = None, set_params: dict[str, Any] | None = None) -> dict[str, Any]:
+                 server: TemporaryServer | None = None, set_params: dict[str, Any] | None = None,
+                 sync: bool | None = None) -> dict[str, Any]:
     """What `tlops run` does: the pipeline flow in this process. Returns its summary; raises what failed it.
 
     Without a configured Prefect API the flow talks to a temporary server: `server` when the caller spawned one
@@ -80,7 +88,7 @@ def run_pipeline(params_path: str | None = None, refresh: bool = False, force: b
     # _preload while a temporary server starts; with a running server there is nothing to overlap, and each stage
     # imports what it needs when it runs (nothing, when every stage is cached).
     with prefect_api(server, while_starting=_preload):
-        return pipeline_flow(params_path=params_path, refresh=refresh, force=force, set_params=set_params)
+        return pipeline_flow(params_path=params_path, refresh=refresh, force=force, set_params=set_params, sync=sync)
 
 
 def _run_stages(repo: Repo, params: Params, params_path: str | None, refresh: bool, force: bool,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prefect import task
@@ -45,16 +47,46 @@ def register(params: Params, report: dict[str, Any], run_id: str) -> str:
                                              if k != onnx_meta.DRIFT_REFERENCE})  # ~100 kB of numbers: in the file
 
 
+@contextmanager
+def promotion_lock(model: str, timeout_s: float = 1800) -> Iterator[None]:
+    """A server-side lock around the promotion gate: a Prefect global concurrency limit of 1 named after the
+    registered model, on the Prefect server every worker talks to, so two runs finishing at once never both compare
+    against the same champion and then both move the alias. Without a configured Prefect API (one machine, a
+    temporary server) runs are serialised by the workspace lock already."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        yield
+        return
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    limit = f"tlops-promotion-{model}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(limit)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+            except ObjectAlreadyExists:  # another run created it first
+                pass
+    with concurrency(limit, occupy=1, timeout_seconds=timeout_s, strict=True):
+        yield
+
+
 def promote(params: Params, version: str, accuracy: float, run_id: str, metric: str = "accuracy",
             gate: exporting.Gate | None = None) -> dict[str, Any]:
     """The promotion gate: candidate vs current champion on today's test split; tags the decision everywhere."""
     name = params.export.registered_model
-    champion = registry.get_alias_version(name, registry.CHAMPION)
-    path = registry.download_model_file(name, champion) if champion else None
-    candidate = registry.download_model_file(name, version)  # the registered copy: what `champion` would serve
-    decision = exporting.promotion(params, version, accuracy, candidate, path, champion, metric, gate)
-    if decision["promoted"]:
-        registry.set_alias(name, registry.CHAMPION, version)
+    with promotion_lock(name):  # read champion, compare, move the alias: one run at a time against a shared registry
+        champion = registry.get_alias_version(name, registry.CHAMPION)
+        path = registry.download_model_file(name, champion) if champion else None
+        candidate = registry.download_model_file(name, version)  # the registered copy: what `champion` would serve
+        decision = exporting.promotion(params, version, accuracy, candidate, path, champion, metric, gate)
+        if decision["promoted"]:
+            registry.set_alias(name, registry.CHAMPION, version)
     tags = {"promotion.promoted": decision["promoted"], "promotion.reason": decision["reason"],
             "promotion.metric": metric, "promotion.candidate_score": accuracy,
             "promotion.champion_score": decision["champion_score"], "promotion.champion_version": champion,

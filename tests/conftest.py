@@ -305,3 +305,82 @@ def text_workspace(tmp_path_factory: pytest.TempPathFactory, encoder_dir: Path, 
     write_params(ws, text_params(root / "texts", encoder_dir))
     run_stage_tasks(ws, ALL_STAGES, mlflow_store, "text-workspace")
     return ws
+
+
+# ---------------------------------------------------------------- shared stores: PostgreSQL, S3
+
+
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "tlops-test", "AWS_SECRET_ACCESS_KEY": "tlops-test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto in server mode) on loopback: its endpoint URL; S3_KEYS are accepted."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_tcp_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def s3_client(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else (Path(shutil.which("initdb")).parent if shutil.which("initdb") else None)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL (Debian's `postgresql` binaries: initdb + pg_ctl in a temp dir, loopback only, trust auth);
+    its URI prefix postgresql://postgres@127.0.0.1:<port>. As root the server runs as the `postgres` user."""
+    import pwd
+
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="tlops-pg-", dir="/tmp"))
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+        user = pwd.getpwnam("postgres")
+        for p in (root, sock):
+            os.chown(p, user.pw_uid, user.pw_gid)
+        root.chmod(0o755)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    port = free_tcp_port()
+    run_cmd([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8"], root)
+    run_cmd([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60", "-o",
+             f"-h 127.0.0.1 -p {port} -k {sock}", "start"], root)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        run_cmd([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], root, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def create_database(uri: str, name: str) -> str:
+    """A new database on the server at `uri`; its URI."""
+    import psycopg
+
+    with psycopg.connect(f"{uri}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{uri}/{name}"

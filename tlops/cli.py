@@ -83,6 +83,8 @@ def run(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", "-S", help="KEY=VALUE written into params.yaml first, e.g. -S adapt.method=auto (as dvc exp run -S)")
     ] = None,
+    sync: Annotated[bool | None, typer.Option("--sync/--no-sync", help="git pull + dvc pull first, dvc push after "
+                                                                        "(default: $TLOPS_SYNC)")] = None,
 ) -> None:
     """Run the whole pipeline (the DVC stages, as a Prefect flow); unchanged stages are skipped."""
     _require("run", *TRAIN_MODULES)
@@ -95,7 +97,7 @@ def run(
 
     try:
         run_pipeline(str(params) if params else None, refresh=refresh, force=force, server=server,
-                     set_params=changes or None)
+                     set_params=changes or None, sync=sync)
     except TlopsError as e:
         raise _fail(e) from None
     finally:
@@ -233,6 +235,45 @@ def predict(
         raise _fail(e) from None
     print_predictions(results, as_json=as_json)
     if any("error" in r for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def sweep(
+    grid: Annotated[list[str], typer.Option("--grid", "-g", help="KEY=V1,V2,... one per swept key, e.g. "
+                                                                  "finetune.lr=1e-3,3e-3; every combination runs")],
+    concurrency: Annotated[int, typer.Option(min=1, help="trials running at once (the deployment's limit)")] = 2,
+    pool: Annotated[str | None, typer.Option(help="work pool (default: schedule.work_pool)")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for every trial")] = 6 * 3600,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    params: ParamsOpt = None,
+) -> None:
+    """Run every combination of the grid as its own deployment run on the work pool (each in its own clone),
+    wait for them, log them under one MLflow parent run and print the comparison, best first."""
+    _require("sweep", *TRAIN_MODULES)
+    import yaml
+
+    p = _params(params)
+    parsed: dict[str, list] = {}
+    for item in grid:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or not raw:
+            raise _fail(ConfigError(f"--grid {item!r}: expected KEY=V1,V2,..."))
+        parsed[key.strip()] = [yaml.safe_load(v) for v in raw.split(",")]
+    from flows.sweep import sweep as run_sweep
+    from flows.sweep import table
+
+    try:
+        result = run_sweep(parsed, pool or p.schedule.work_pool, concurrency, timeout)
+    except TlopsError as e:
+        raise _fail(e) from None
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        from rich.console import Console
+
+        Console().print(table(result))
+    if any(t["state"] != "COMPLETED" for t in result["trials"]):
         raise typer.Exit(1)
 
 
