@@ -53,8 +53,6 @@ def pipeline_flow(params_path: str | None = None, refresh: bool = False, force: 
     """
     from orchestration import sync as syncing
 
-    if syncing.enabled(sync):
-        log.info("sync: %s", ", ".join(syncing.pull()) or "nothing to pull")
     params = load_params(params_path)
     _check_params_file(params_path)
     from tlops.data import forget_data_version  # here, not above: numpy and Pillow stay out of a cached start-up
@@ -63,6 +61,9 @@ def pipeline_flow(params_path: str | None = None, refresh: bool = False, force: 
     started = time.perf_counter()
     records: list[StageRecord] = []
     with workspace_lock(LOCK_FILE, params.schedule.lock_timeout_s):
+        if syncing.enabled(sync):  # under the lock: never under a run still going in this clone
+            log.info("sync: %s", ", ".join(syncing.pull()) or "nothing to pull")
+            params = load_params(params_path)
         if set_params:
             params = write_params(set_params, params_path)
             log.info("params set for this run: %s", ", ".join(f"{k}={v!r}" for k, v in set_params.items()))
@@ -72,8 +73,8 @@ def pipeline_flow(params_path: str | None = None, refresh: bool = False, force: 
                     _run_stages(repo, params, params_path, refresh, force, records)
             finally:
                 summary = _finish(records, time.perf_counter() - started, parent)
-    if syncing.enabled(sync):
-        log.info("sync: %s", ", ".join(syncing.push()) or "nothing to push (no DVC remote)")
+        if syncing.enabled(sync):
+            log.info("sync: %s", ", ".join(syncing.push()) or "nothing to push (no DVC remote)")
     return summary
 
 

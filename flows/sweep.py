@@ -48,15 +48,16 @@ def trial_name(index: int, changes: dict[str, Any]) -> str:
 
 
 @flow(name="sweep-trial", log_prints=True)
-def trial_flow(origin: str, folder: str, set_params: dict[str, Any]) -> dict[str, Any]:
+def trial_flow(origin: str, folder: str, set_params: dict[str, Any], registered_model: str | None = None
+               ) -> dict[str, Any]:
     """One combination: a clone of `origin` at `folder` sharing its DVC cache, `tlops run -S ...` in it."""
     clone = Path(folder)
     if not (clone / ".git").exists():
         clone.parent.mkdir(parents=True, exist_ok=True)
         _run(["git", "clone", "-q", origin, str(clone)], Path(origin))
         _run([sys.executable, "-m", "dvc", "cache", "dir", "--local", str(Path(origin) / ".dvc" / "cache")], clone)
-    args = [arg for k, v in set_params.items()
-            for arg in ("-S", f"{k}={v if isinstance(v, str) else json.dumps(v)}")]
+    changes = {**({"export.registered_model": registered_model} if registered_model else {}), **set_params}
+    args = [arg for k, v in changes.items() for arg in ("-S", f"{k}={v if isinstance(v, str) else json.dumps(v)}")]
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT__FLOW_RUN_ID", "TLOPS_PARENT_RUN_ID")}
     if env.get("MLFLOW_TRACKING_URI", "").startswith("sqlite"):  # one sqlite file takes one writer: the clone's own
         env.pop("MLFLOW_TRACKING_URI")
@@ -89,7 +90,7 @@ def deploy_trials(root: Path, pool: str, concurrency: int) -> str:
 
 
 def sweep(grid: dict[str, list[Any]], pool: str, concurrency: int = 2, timeout_s: float = 6 * 3600,
-          root: Path | None = None, poll_s: float = 2.0) -> dict[str, Any]:
+          root: Path | None = None, poll_s: float = 2.0, registered_model: str | None = None) -> dict[str, Any]:
     """Start every combination on the pool, wait for all, log them under one MLflow parent run; the results, best
     first by the trials' own selection metric."""
     from prefect import get_client
@@ -111,8 +112,8 @@ def sweep(grid: dict[str, list[Any]], pool: str, concurrency: int = 2, timeout_s
     trials = []
     for i, changes in enumerate(combinations(grid)):
         folder = root / SWEEPS_DIR / sweep_id / trial_name(i, changes)
-        run = run_deployment(name, parameters={"origin": str(root), "folder": str(folder), "set_params": changes},
-                             timeout=0, tags=["sweep", sweep_id])
+        run = run_deployment(name, parameters={"origin": str(root), "folder": str(folder), "set_params": changes,
+                                               "registered_model": registered_model}, timeout=0, tags=["sweep", sweep_id])
         trials.append({"trial": folder.name, "params": changes, "folder": folder, "flow_run_id": str(run.id)})
     print(f"sweep {sweep_id}: {len(trials)} runs of {name} on pool {pool!r} (at most {concurrency} at once)")
     deadline = time.monotonic() + timeout_s

@@ -48,7 +48,8 @@ def pull(root: Path = Path(".")) -> list[str]:
     """git pull --ff-only, then dvc pull of the checked-out data version; what was done."""
     done = []
     if has_upstream(root):
-        out = _run(["git", "pull", "--ff-only", "-q"], root)
+        # --autostash: the clone's own dvc.lock and params.yaml edits (-S) ride over the pull
+        out = _run(["git", "pull", "--ff-only", "--autostash", "-q"], root)
         if out.returncode != 0:
             raise TlopsError(f"git pull --ff-only failed in {root.resolve()} (local commits or changes?): "
                              f"{out.stderr.strip().splitlines()[-1:] or out.returncode}")
@@ -56,7 +57,7 @@ def pull(root: Path = Path(".")) -> list[str]:
     else:
         log.info("sync: no git upstream for %s: not pulling code", root.resolve())
     if has_dvc_remote(root):
-        out = _run(_dvc("pull", "--allow-missing", "-q"), root)
+        out = _run(_dvc("pull", "--allow-missing", "--run-cache", "-q"), root)
         if out.returncode != 0:
             raise TlopsError(f"dvc pull failed: {out.stderr.strip().splitlines()[-1:] or out.returncode}")
         done.append("dvc pull")
@@ -69,7 +70,7 @@ def push(root: Path = Path(".")) -> list[str]:
     """dvc push of what the run produced, when there is a DVC remote."""
     if not has_dvc_remote(root):
         return []
-    out = _run(_dvc("push", "-q"), root)
+    out = _run(_dvc("push", "--run-cache", "-q"), root)  # with the run cache: another clone restores the stages
     if out.returncode != 0:
         raise TlopsError(f"dvc push failed: {out.stderr.strip().splitlines()[-1:] or out.returncode}")
     return ["dvc push"]

@@ -59,14 +59,16 @@ def promotion_lock(model: str, timeout_s: float = 1800) -> Iterator[None]:
         yield
         return
     from prefect import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     limit = f"tlops-promotion-{model}"
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name(limit)
+            found = client.read_global_concurrency_limit_by_name(limit)
+            if found.limit != 1 or not found.active:  # someone widened or paused it: a lock admits one
+                client.update_global_concurrency_limit(limit, GlobalConcurrencyLimitUpdate(limit=1, active=True))
         except ObjectNotFound:
             try:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))

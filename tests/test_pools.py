@@ -40,7 +40,7 @@ def test_the_kubernetes_deployment_renders_a_job_with_one_gpu_and_the_shared_sto
     assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "1"
     assert container["image"].endswith("tlops-train:latest") and config.namespace == "tlops"
     env = {e["name"]: e["value"] for e in container["env"]} if isinstance(container["env"], list) else container["env"]
-    assert env["MLFLOW_TRACKING_URI"].startswith("http://") and env["TLOPS_DVC_PUSH"] == "1"
+    assert env["MLFLOW_TRACKING_URI"].startswith("http://") and env["TLOPS_SYNC"] == "1"
     with pytest.raises(jsonschema.ValidationError):  # a typo in a variable is caught by the schema
         jsonschema.validate({"gpu_count": "two"}, kubernetes_gpu_template()["variables"])
 
@@ -60,8 +60,9 @@ def test_the_scale_out_deployments_clone_pull_and_run_the_pipeline():
     pull = yaml.safe_load(SCALE_OUT_YAML.read_text())["pull"]
     steps = [next(iter(s)) for s in pull]
     assert steps == ["prefect.deployments.steps.git_clone", "prefect.deployments.steps.set_working_directory",
-                     "prefect.deployments.steps.run_shell_script"]
-    assert "dvc pull" in pull[2]["prefect.deployments.steps.run_shell_script"]["script"]
+                     "prefect.deployments.steps.run_shell_script", "prefect.deployments.steps.run_shell_script"]
+    assert "pip install --quiet --no-deps -e ." in pull[2]["prefect.deployments.steps.run_shell_script"]["script"]
+    assert "dvc pull" in pull[3]["prefect.deployments.steps.run_shell_script"]["script"]
 
 
 @pytest.mark.slow

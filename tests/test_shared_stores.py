@@ -145,3 +145,32 @@ def test_two_workers_in_their_own_clones_share_the_stores_and_one_champion_is_de
     assert second.tags["promotion.champion_version"] == promoted[0]
     keys = [o["Key"] for o in s3_client(s3_server).list_objects_v2(Bucket="tlops-team").get("Contents", [])]
     assert keys  # both runs pushed their outputs to the team's DVC remote
+
+
+def test_the_promotion_lock_admits_one_run_at_a_time_even_after_someone_widened_it(prefect_api: str) -> None:
+    import threading
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from tasks.export import promotion_lock
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="tlops-promotion-lock-test", limit=5))
+    inside: list[int] = []
+    overlaps: list[int] = []
+
+    def run(i: int) -> None:
+        with promotion_lock("lock-test", timeout_s=60):
+            inside.append(i)
+            if len(inside) > 1:
+                overlaps.append(i)
+            time.sleep(1.0)
+            inside.remove(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not overlaps and not any(t.is_alive() for t in threads)

@@ -30,7 +30,7 @@ def test_a_two_by_two_grid_runs_four_trials_on_two_workers(workspace: Path, pref
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
         result = sweep({"finetune.lr": [0.001, 0.003], "head.dropout": [0.0, 0.3]}, POOL, concurrency=2,
-                       timeout_s=720, root=workspace)
+                       timeout_s=720, root=workspace, registered_model="tlops-classifier-sweep")
     finally:
         for w in workers:
             w.send_signal(signal.SIGINT)
@@ -50,6 +50,7 @@ def test_a_two_by_two_grid_runs_four_trials_on_two_workers(workspace: Path, pref
     for t in trials:
         params = (Path(t["folder"]) / "params.yaml").read_text()
         assert f"lr: {t['params']['finetune.lr']}" in params and f"dropout: {t['params']['head.dropout']}" in params
+        assert "registered_model: tlops-classifier-sweep" in params  # never the production champion's model
     c = tracking.client()
     children = c.search_runs([tracking.experiment_id(c)],
                              f"tags.mlflow.parentRunId = '{result['mlflow_parent_run_id']}'")

@@ -251,20 +251,19 @@ def sweep(
     """Run every combination of the grid as its own deployment run on the work pool (each in its own clone),
     wait for them, log them under one MLflow parent run and print the comparison, best first."""
     _require("sweep", *TRAIN_MODULES)
-    import yaml
-
     p = _params(params)
     parsed: dict[str, list] = {}
     for item in grid:
         key, sep, raw = item.partition("=")
         if not sep or not key or not raw:
             raise _fail(ConfigError(f"--grid {item!r}: expected KEY=V1,V2,..."))
-        parsed[key.strip()] = [yaml.safe_load(v) for v in raw.split(",")]
+        parsed[key.strip()] = [yaml_value(v) for v in raw.split(",")]
     from flows.sweep import sweep as run_sweep
     from flows.sweep import table
 
     try:
-        result = run_sweep(parsed, pool or p.schedule.work_pool, concurrency, timeout)
+        result = run_sweep(parsed, pool or p.schedule.work_pool, concurrency, timeout,
+                           registered_model=f"{p.export.registered_model}-sweep")
     except TlopsError as e:
         raise _fail(e) from None
     if as_json:
@@ -326,8 +325,21 @@ def _assignments(items: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             typer.echo(f"error: --set {item!r}: expected KEY=VALUE, e.g. adapt.method=auto", err=True)
             raise typer.Exit(2)
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        out[key.strip()] = yaml_value(value) if value.strip() else ""
     return out
+
+
+FLOAT = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+
+
+def yaml_value(text: str) -> Any:
+    """A command-line value as YAML reads it, except that 1e-3 is a number (YAML 1.1 wants 1.0e-3)."""
+    import re
+
+    import yaml
+
+    value = yaml.safe_load(text)
+    return float(text) if isinstance(value, str) and re.fullmatch(FLOAT, text.strip()) else value
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m tlops.cli`

@@ -59,10 +59,10 @@ def world() -> World:
     return World()
 
 
-def processes(setting: int | str) -> int:
-    """finetune.processes as a count: auto = one per visible GPU (1 without CUDA)."""
+def processes(setting: int | str, device: str = "auto") -> int:
+    """finetune.processes as a count: auto = one per visible GPU (1 without CUDA, or with finetune.device cpu)."""
     if setting == "auto":
-        return max(1, torch.cuda.device_count())
+        return 1 if device == "cpu" else max(1, torch.cuda.device_count())
     return int(setting)
 
 
@@ -86,13 +86,28 @@ def all_reduce_gradients(params: list[torch.nn.Parameter], size: int) -> None:
         offset += g.numel()
 
 
+def _collective_device() -> torch.device:
+    """Where a collective's tensors must live: the rank's GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_sum(*values: float) -> list[float]:
-    """The sums over the ranks of a few numbers (epoch statistics), as floats."""
+    """The sums over the ranks of a few numbers (epoch statistics, loss normalisers), as floats."""
     if not (dist.is_available() and dist.is_initialized()):
         return [float(v) for v in values]
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
-    return t.tolist()
+    return t.cpu().tolist()
+
+
+def from_main(*values: float) -> list[float]:
+    """Rank 0's values on every rank: decisions taken from them (best epoch, early stopping) are then the same
+    everywhere, so no rank leaves the loop while another waits in a collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.broadcast(t, src=0)
+    return t.cpu().tolist()
 
 
 def barrier() -> None:

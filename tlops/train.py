@@ -252,7 +252,7 @@ def finetune(params: Params, manifest: Any, head_dir: str | Path = paths.HEAD_DI
     Resumes from the newest checkpoint in checkpoint_dir made with the same params, head and data.
     """
     ft = params.finetune
-    n = distributed.processes(ft.processes)
+    n = distributed.processes(ft.processes, ft.device)
     if n > 1 and distributed.world().size == 1:
         return _launch(n, params, manifest, Path(head_dir), Path(out_dir), Path(checkpoint_dir), on_epoch,
                        Path(history_path), Path(images_dir))
@@ -310,6 +310,8 @@ def _finetune(params: Params, manifest: Any, head_dir: str | Path, out_dir: Path
         distributed.check_checkpoint_world(ckpt, world.size)
         history, start = restore_checkpoint(ckpt, s.model, s.opt, s.scaler), ckpt["epoch"]
         best = ckpt["best"]
+        if world.size > 1:  # the checkpoint holds rank 0's random state: each rank draws its own again
+            torch.manual_seed(ft.seed + world.rank + 1000 * start)
     first = int(s.head_info["epochs"]) + 1  # history continues the head's epoch axis
     for epoch in range(start, ft.epochs):
         if best is not None and best["stale"] >= ft.patience:
@@ -324,6 +326,8 @@ def _finetune(params: Params, manifest: Any, head_dir: str | Path, out_dir: Path
         train_loss, train_acc = train_epoch(s, train_batches, forward, ft, epoch, epoch * steps, schedule)
         val_loss, val_acc, val_metric = evaluate(s.model, val_batches, s.device, s.amp, forward, s.metric,
                                                  len(s.classes))
+        if world.size > 1:  # one set of numbers decides the best epoch and early stopping on every rank
+            val_loss, val_acc, val_metric = distributed.from_main(val_loss, val_acc, val_metric)
         lr = s.opt.param_groups[0]["lr"]
         history.append(history_row(first + epoch, "finetune", train_loss, train_acc, val_loss, val_acc, lr))
         best = keep_best(best, {"epoch": first + epoch, "val_metric": val_metric, "val_loss": val_loss,
@@ -459,7 +463,15 @@ def train_epoch(s: Setup, batches: Batches, forward: Forward, ft: FinetuneParams
             group["lr"] = group["base_lr"] * schedule(step)
         with torch.autocast(s.device.type, dtype=s.amp or torch.float32, enabled=s.amp is not None):
             logits = forward(x)
-        loss = F.cross_entropy(logits.float(), y, weight=s.loss_weight, label_smoothing=ft.label_smoothing)
+        if s.world.size > 1:
+            # The global batch's mean over the ranks' slices: each rank's sum over the (class-weighted) total of
+            # the whole global batch, times the rank count that the gradient average divides by again.
+            total = s.loss_weight[y].sum() if s.loss_weight is not None else torch.tensor(float(len(y)))
+            (total,) = distributed.all_sum(float(total))
+            loss = F.cross_entropy(logits.float(), y, weight=s.loss_weight, label_smoothing=ft.label_smoothing,
+                                   reduction="sum") * (s.world.size / total)
+        else:
+            loss = F.cross_entropy(logits.float(), y, weight=s.loss_weight, label_smoothing=ft.label_smoothing)
         check_finite(loss, "finetune", epoch + 1, step)
         s.opt.zero_grad(set_to_none=True)
         s.scaler.scale(loss).backward()
