@@ -112,8 +112,9 @@ def sweep(grid: dict[str, list[Any]], pool: str, concurrency: int = 2, timeout_s
     trials = []
     for i, changes in enumerate(combinations(grid)):
         folder = root / SWEEPS_DIR / sweep_id / trial_name(i, changes)
-        run = run_deployment(name, parameters={"origin": str(root), "folder": str(folder), "set_params": changes,
-                                               "registered_model": registered_model}, timeout=0, tags=["sweep", sweep_id])
+        parameters = {"origin": str(root), "folder": str(folder), "set_params": changes,
+                      "registered_model": registered_model}
+        run = run_deployment(name, parameters=parameters, timeout=0, tags=["sweep", sweep_id])
         trials.append({"trial": folder.name, "params": changes, "folder": folder, "flow_run_id": str(run.id)})
     print(f"sweep {sweep_id}: {len(trials)} runs of {name} on pool {pool!r} (at most {concurrency} at once)")
     deadline = time.monotonic() + timeout_s

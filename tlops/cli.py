@@ -317,8 +317,6 @@ def drift_check(
 
 def _assignments(items: list[str]) -> dict[str, Any]:
     """["adapt.method=auto", "adapt.target=null"] -> {"adapt.method": "auto", "adapt.target": None} (YAML values)."""
-    import yaml
-
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")

@@ -132,6 +132,9 @@ def launch(entry: Any, args: tuple, n: int, device: str) -> Any:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=f"tlops-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
                           monitor_interval=0.5, start_method="spawn")
+    import signal
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         results = elastic_launch(config, entry)(*args, backend(device))
     except ChildFailedError as e:
@@ -140,6 +143,9 @@ def launch(entry: Any, args: tuple, n: int, device: str) -> Any:
             (failure.message or {}).get("message", "")
         last = str(message).strip().splitlines()[-1] if message else str(e)
         raise TlopsError(f"finetune rank {rank} of {n} failed: {last}") from None
+    finally:  # the elastic agent installs its own signal handlers and leaves them: the stage's are restored
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return results[0]
 
 
