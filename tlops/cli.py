@@ -271,7 +271,9 @@ def sweep(
     else:
         from rich.console import Console
 
-        Console().print(table(result))
+        console = Console()
+        console.width = max(console.width, 140)  # one row per trial, not its columns cut to a pipe's 80
+        console.print(table(result))
     if any(t["state"] != "COMPLETED" for t in result["trials"]):
         raise typer.Exit(1)
 
