@@ -111,6 +111,20 @@ def http() -> httpx.Client:
     return httpx.Client(timeout=30.0)
 
 
+def wait_for_process(url: str, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
+    """Until `url` answers 200, failing with the end of `log` if the process `what` exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"{what} exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{what} not ready within {timeout:g} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
 def wait_for(url: str, status: int = 200, timeout: float = 20.0) -> httpx.Response:
     deadline = time.monotonic() + timeout
     last: object = None

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import pytest
 from architecture import closure, graph, module_files, third_party_imports
 from conftest import ROOT
 from packaging.requirements import Requirement
-from serving_support import LABELS, export_tiny_model, free_port, png_bytes
+from serving_support import LABELS, export_tiny_model, free_port, png_bytes, wait_for_process
 
 from tlops.config import ServeParams
 
@@ -171,16 +170,7 @@ def test_tlops_serve_and_predict_from_the_serve_install(serve_venv: Path, tmp_pa
                                 stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"tlops serve exited {proc.returncode}:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"not ready within 60 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.2)
+        wait_for_process(f"{url}/v2/health/ready", proc, log, 60, "tlops serve")
         r = httpx.post(f"{url}/predict", content=png.read_bytes(), headers={"content-type": "image/png"}, timeout=30)
         assert r.status_code == 200, r.text
         top = r.json()["predictions"][0]["top_k"][0]

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from conftest import (
     S3_KEYS,
@@ -22,6 +21,7 @@ from conftest import (
     s3_client,
     write_params,
 )
+from serving_support import wait_for_process
 
 ALL = ("ingest", "prepare", "features", "train_head", "finetune", "ingest_target", "adapt", "evaluate", "export")
 
@@ -41,16 +41,7 @@ def mlflow_server(postgres_server: str, s3_server: str, tmp_path_factory: pytest
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"mlflow server exited:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"mlflow server not up in 120 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
+        wait_for_process(f"{url}/health", proc, log, 120, "mlflow server")
         yield url
     finally:
         if proc.poll() is None:

@@ -20,7 +20,7 @@ from tlops.config import AugmentParams, DataParams, FinetuneParams
 from tlops.distributed import World
 from tlops.images import WorkingImages
 from tlops.preprocess import INTERPOLATIONS, PreprocessSpec, normalize, preprocess, resize_crop
-from tlops.text import TextSpec, load_text
+from tlops.text import TextSpec, load_text, pad_ids
 
 
 def working_spec(spec: PreprocessSpec | TextSpec, augment: AugmentParams, data: DataParams | None = None
@@ -127,11 +127,8 @@ class TextDataset(Dataset):
         return torch.from_numpy(self.ids[path]), label
 
     def collate(self, batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(x) for x, _ in batch)
-        x = torch.full((len(batch), width), self.pad_id, dtype=torch.int64)
-        for i, (ids, _) in enumerate(batch):
-            x[i, : len(ids)] = ids
-        return x, torch.tensor([y for _, y in batch])
+        x = pad_ids([ids.numpy() for ids, _ in batch], self.pad_id)
+        return torch.from_numpy(x), torch.tensor([y for _, y in batch])
 
 
 def text_dataset(items: list[tuple[str, int]], spec: TextSpec) -> TextDataset:

@@ -57,13 +57,27 @@ def decode_text(data: bytes, name: str = "<text>", max_chars: int | None = None)
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise TextError("not_utf8", f"{name} is not UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+    return clean_text(text, name, max_chars)
+
+
+def clean_text(text: str, name: str, max_chars: int | None = None) -> tuple[str, bool]:
+    """A decoded text -> (normalised text, whether it was cut to max_chars); TextError binary or empty_text."""
     check_not_binary(text, name)
     text = normalize(text)
     if not text:
         raise TextError("empty_text", f"{name} is empty or whitespace only")
-    if max_chars is not None and len(text) > max_chars:
+    if max_chars and len(text) > max_chars:
         return text[:max_chars].rstrip(), True
     return text, False
+
+
+def pad_ids(seqs: Sequence[np.ndarray], pad_id: int) -> np.ndarray:
+    """Token id arrays -> (N, longest) int64, padded with pad_id (the model's mask is ids != pad_id)."""
+    width = max((len(s) for s in seqs), default=1) or 1
+    out = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out
 
 
 def check_not_binary(text: str, name: str) -> None:
@@ -164,12 +178,8 @@ class TextSpec:
         return out
 
     def pad(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
-        """Token id arrays -> (N, longest) int64, padded with pad_id (the model's mask is ids != pad_id)."""
-        width = max((len(s) for s in seqs), default=1) or 1
-        out = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
-        for i, s in enumerate(seqs):
-            out[i, : len(s)] = s
-        return out
+        """Token id arrays -> (N, longest) int64, padded with this spec's pad_id."""
+        return pad_ids(seqs, self.pad_id)
 
     def batch(self, texts: Sequence[str]) -> np.ndarray:
         """Raw texts (normalised here, cut to max_chars) -> the padded int64 model input."""
@@ -177,11 +187,7 @@ class TextSpec:
 
     def clean(self, text: str) -> str:
         """Normalise and cut a raw text as prepare did; TextError for a binary one, or when nothing is left."""
-        check_not_binary(text, "the text")
-        text = normalize(text)
-        if not text:
-            raise TextError("empty_text", "the text is empty or whitespace only")
-        return text[: self.max_chars].rstrip() if self.max_chars else text
+        return clean_text(text, "the text", self.max_chars)[0]
 
 
 def text_batches(files: Sequence[str | os.PathLike], spec: TextSpec, batch: int = 64) -> Iterator[np.ndarray]:
@@ -190,6 +196,3 @@ def text_batches(files: Sequence[str | os.PathLike], spec: TextSpec, batch: int 
         texts = [load_text(f, spec.max_chars) for f in files[start : start + batch]]
         yield spec.pad(spec.encode(texts))
 
-
-def is_text_spec(spec: object) -> bool:
-    return isinstance(spec, TextSpec)
