@@ -128,13 +128,13 @@ def _to_grey8(ds: Dataset, arr: np.ndarray, rule: str, window: tuple[float, floa
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if arr.ndim == 3 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         return _colour8(ds, arr, photometric)
-    values = apply_modality_lut(arr, ds).astype(np.float64)
+    values = np.asarray(apply_modality_lut(arr, ds), np.float32)
     if window is not None:
         out = window_to_8bit(values, *window)
     elif "VOILUTSequence" in ds:
-        lut = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float64)
+        lut = np.asarray(apply_voi_lut(values, ds, prefer_lut=True), np.float32)
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or 16
-        out = np.clip(np.rint(lut * (255.0 / (2 ** bits - 1))), 0, 255).astype(np.uint8)
+        out = np.clip(np.rint(lut * np.float32(255.0 / (2 ** bits - 1))), 0, 255).astype(np.uint8)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
         out = window_to_8bit(values, center, max(width, 1.0)) if width > 0 else to_8bit(values, "minmax")
@@ -157,7 +157,7 @@ def _colour8(ds: Dataset, arr: np.ndarray, photometric: str) -> np.ndarray:
         return arr
     bits = int(getattr(ds, "BitsStored", 0) or 0)
     peak = float(2 ** bits - 1) if arr.dtype.kind == "u" and bits > 8 and "PALETTE" not in photometric else None
-    return to_8bit(arr.astype(np.float64), "minmax" if peak is None else "auto", stored_range=(0.0, peak or 1.0))
+    return to_8bit(arr, "minmax" if peak is None else "auto", stored_range=(0.0, peak or 1.0))
 
 
 def _first(value: object) -> float:
@@ -182,14 +182,58 @@ def _stored_range(ds: Dataset) -> tuple[float, float] | None:
 
 
 def grey8(data: bytes, rule: str = "auto", window: tuple[float, float] | None = None, frame: int | None = None,
-          max_pixels: int | None = None) -> np.ndarray:
+          max_pixels: int | None = None, min_short: int = 0) -> np.ndarray:
     """A DICOM file's bytes -> uint8 (H, W) grey or (H, W, 3) colour; DicomError with a reason when it cannot.
-    max_pixels is checked against the header's Rows x Columns before any pixel is decoded."""
+    max_pixels is checked against the header (Rows x Columns, and the bytes its samples and bits take) before any
+    pixel is decoded. min_short > 0: a grey image is box-reduced by the largest whole factor that keeps its shorter
+    side >= min_short before its values become floats."""
     ds = read(data)
-    rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
-    if max_pixels is not None and rows * cols > max_pixels:
-        raise DicomError("too_many_pixels", f"declares {cols}x{rows} pixels, over the limit of {max_pixels}")
-    return to_grey8(ds, pixels(ds, frame), rule, window)
+    rows, cols = dimensions(ds)
+    if max_pixels is not None:
+        check_size(ds, rows, cols, max_pixels)
+    arr = pixels(ds, frame)
+    factor = min(rows, cols) // min_short if min_short else 1
+    if arr.ndim == 2 and factor >= 2:
+        from tlops.intensity import box_reduce
+
+        arr = box_reduce(arr, factor)
+    return to_grey8(ds, arr, rule, window)
+
+
+def dimensions(ds: Dataset) -> tuple[int, int]:
+    """(Rows, Columns) of the header; DicomError("corrupt") when either is not a whole number (never repeating it)."""
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    except Exception:  # noqa: BLE001 - a text VR, a multi-value, a broken element: the header is malformed
+        raise DicomError("corrupt", "Rows or Columns in the header is not a whole number") from None
+    if rows < 0 or cols < 0:
+        raise DicomError("corrupt", "Rows or Columns in the header is negative")
+    return rows, cols
+
+
+def check_size(ds: Dataset, rows: int, cols: int, max_pixels: int) -> None:
+    """DicomError("too_many_pixels") when one frame holds more than max_pixels pixels, or more bytes than an 8-bit
+    RGBA image of max_pixels (samples per pixel and bits allocated counted)."""
+    try:
+        samples = max(1, int(ds.get("SamplesPerPixel", 1) or 1))
+        bits = max(1, int(ds.get("BitsAllocated", 16) or 16))
+    except Exception:  # noqa: BLE001 - as in dimensions()
+        raise DicomError("corrupt", "SamplesPerPixel or BitsAllocated in the header is not a whole number") from None
+    size = rows * cols * samples * -(-bits // 8)
+    if rows * cols > max_pixels or size > 4 * max_pixels:
+        raise DicomError("too_many_pixels", f"declares {cols}x{rows} pixels of {samples} samples x {bits} bits, "
+                                            f"over the limit of {max_pixels} pixels")
+
+
+def declared_pixels(data: bytes) -> int:
+    """Rows x Columns x samples per pixel of a DICOM file, from its header only (no pixel decoded)."""
+    ds = read(data, stop_before_pixels=True)
+    rows, cols = dimensions(ds)
+    try:
+        samples = max(1, int(ds.get("SamplesPerPixel", 1) or 1))
+    except Exception:  # noqa: BLE001 - as in dimensions()
+        raise DicomError("corrupt", "SamplesPerPixel in the header is not a whole number") from None
+    return rows * cols * samples
 
 
 def patient_key(data: bytes) -> str | None:

@@ -27,7 +27,7 @@ from tlops.preprocess import PreprocessSpec, decode
 
 log = logging.getLogger(__name__)
 
-DECODE_RULE = 1  # bump when tlops.preprocess.decode changes what it returns: every stored image is then stale
+DECODE_RULE = 2  # bump when tlops.preprocess.decode changes what it returns: every stored image is then stale
 
 
 class WorkingImages:

@@ -29,26 +29,48 @@ class Intensity:
     window: tuple[float, float] | None = None
 
 
+def box_reduce(values: np.ndarray, factor: int) -> np.ndarray:
+    """(H, W) values -> float32 (H // factor, W // factor) block means: a large high-bit image shrinks before any
+    full-size float copy of it exists (the edge rows and columns that do not fill a block are dropped)."""
+    if factor < 2:
+        return values
+    h, w = (values.shape[0] // factor) * factor, (values.shape[1] // factor) * factor
+    blocks = values[:h, :w].reshape(h // factor, factor, w // factor, factor)  # a view: no copy
+    return blocks.mean(axis=(1, 3), dtype=np.float32)
+
+
 def window_to_8bit(values: np.ndarray, center: float, width: float) -> np.ndarray:
     """DICOM's linear window (PS3.3 C.11.2.1.2.1): center - width/2 .. center + width/2 -> 0..255."""
-    v = np.asarray(values, np.float64)
+    v = np.array(values, np.float32)  # one float32 copy, changed in place below
     if width <= 1:
         return np.where(v < center - 0.5, 0, 255).astype(np.uint8)
-    y = ((v - (center - 0.5)) / (width - 1) + 0.5) * 255.0
-    return np.clip(np.rint(y), 0, 255).astype(np.uint8)
+    return _scaled(v, center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2)
+
+
+def _scaled(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """float32 values -> uint8, lo..hi onto 0..255, in place."""
+    np.clip(v, lo, hi, out=v)
+    v -= lo
+    v *= 255.0 / (hi - lo)
+    np.rint(v, out=v)
+    return v.astype(np.uint8)
 
 
 def to_8bit(values: np.ndarray, rule: str = "auto", window: tuple[float, float] | None = None,
             stored_range: tuple[float, float] | None = None) -> np.ndarray:
     """High-bit-depth values -> uint8 by `rule` (see Intensity); NaN counts as the low end. A flat image (nothing
-    to stretch) keeps its level within its type's range (16 bits for integers, 0..1 for floats)."""
+    to stretch) keeps its level within its type's range (16 bits for integers, 0..1 for floats). Computed in float32
+    on one copy of the values."""
     raw = np.asarray(values)
-    v = np.nan_to_num(raw.astype(np.float64), nan=-np.inf)
     if rule == "window":
         if window is None:
             raise ValueError("intensity rule 'window' needs data.window: [center, width]")
-        return window_to_8bit(v, *window)
-    finite = v[np.isfinite(v)]
+        return window_to_8bit(raw, *window)
+    v = np.array(raw, np.float32)
+    finite = v
+    if v.dtype.kind == "f" and not np.isfinite(v).all():
+        np.nan_to_num(v, copy=False, nan=-np.inf)
+        finite = v[np.isfinite(v)]
     if finite.size == 0:
         return np.zeros(v.shape, np.uint8)
     if rule == "auto" and stored_range is not None:
@@ -59,4 +81,4 @@ def to_8bit(values: np.ndarray, rule: str = "auto", window: tuple[float, float] 
         lo, hi = (float(x) for x in np.percentile(finite, PERCENTILES))
     if hi <= lo:
         lo, hi = 0.0, (1.0 if raw.dtype.kind == "f" and hi <= 1.0 else 65535.0 if hi <= 65535 else hi)
-    return np.clip(np.rint((np.clip(v, lo, hi) - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    return _scaled(v, lo, hi)

@@ -19,10 +19,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tlops.errors import DataError
-from tlops.intensity import HIGH_BIT_MODES, INTENSITY_RULES, Intensity, to_8bit, window_to_8bit  # noqa: F401
+from tlops.intensity import HIGH_BIT_MODES, INTENSITY_RULES, Intensity, box_reduce, to_8bit, window_to_8bit  # noqa: F401
 from tlops.text import TextSpec, load_text, text_batches
 
 EXIF_ORIENTATION = 0x0112
+# The formats an image may come in (DICOM besides, by its own reader): Pillow opens nothing else, so a file that
+# names another format (EPS, which would start Ghostscript; PSD, ICO, ...) is not_an_image (phone MPOs open as JPEG).
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+FORMAT_NAMES = "PNG, JPEG, WebP, BMP, TIFF, GIF or DICOM"
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -128,11 +132,11 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int, min_short: in
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError("too_many_pixels", f"{name} declares {w}x{h} pixels, over the limit of {max_pixels}")
-            if min_short and img.format == "JPEG" and min(w, h) >= 2 * min_short:
+            if min_short and img.format in ("JPEG", "MPO") and min(w, h) >= 2 * min_short:
                 scale = min_short / min(w, h)
                 img.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))  # DCT scaling: 1/2, 1/4 or 1/8
             img.load()
@@ -141,29 +145,56 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int, min_short: in
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError("too_many_pixels", f"{name}: {e}") from None
     except UnidentifiedImageError:
-        raise ImageError("not_an_image", f"{name} is not a readable image") from None
+        raise ImageError("not_an_image", f"{name} is not a readable image ({FORMAT_NAMES})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         reason = "truncated" if "truncat" in str(e).lower() else "corrupt"
         raise ImageError(reason, f"{name}: {e}") from None
     try:
         turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn: width and height swap
-        rgb = reduce_to(to_rgb(img, intensity), min_short)
+        rgb = to_rgb(img, intensity, min_short)
     except (OSError, ValueError) as e:
         raise ImageError("corrupt", f"{name}: cannot convert mode {img.mode} to RGB ({e})") from None
     rgb.info["decoded_from"] = (h, w) if turned else (w, h)  # the full size, oriented as the result is
     return rgb
 
 
+def declared_pixels(data: bytes) -> int:
+    """How many pixels an encoded image (or a DICOM file's samples) will decode to, read from its header only; raises
+    ImageError as load_image would for a file that is empty, of another format or unreadable."""
+    from tlops import dicom
+
+    if not data:
+        raise ImageError("empty_file", "<bytes> is zero bytes")
+    if dicom.is_dicom(data):
+        try:
+            return dicom.declared_pixels(data)
+        except dicom.DicomError as e:
+            raise ImageError(e.reason, e.detail) from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=FORMATS) as img:  # reads the header only
+                w, h = img.size
+    except UnidentifiedImageError:
+        raise ImageError("not_an_image", f"not a readable image ({FORMAT_NAMES})") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError("too_many_pixels", str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError("corrupt", f"unreadable image header ({type(e).__name__})") from None
+    return w * h
+
+
 def _load_dicom(data: bytes, name: str, max_pixels: int, min_short: int, intensity: Intensity) -> Image.Image:
     from tlops import dicom
 
     try:
-        arr = dicom.grey8(data, intensity.rule, intensity.window, max_pixels=max_pixels)
+        rows, cols = dicom.dimensions(dicom.read(data, stop_before_pixels=True))
+        arr = dicom.grey8(data, intensity.rule, intensity.window, max_pixels=max_pixels, min_short=min_short)
     except dicom.DicomError as e:
         raise ImageError(e.reason, f"{name}: {e.detail}") from None
     img = Image.fromarray(arr, mode="L" if arr.ndim == 2 else "RGB")
     rgb = reduce_to(img.convert("RGB"), min_short)
-    rgb.info["decoded_from"] = img.size
+    rgb.info["decoded_from"] = (cols, rows)
     return rgb
 
 
@@ -178,19 +209,23 @@ def decode(source: str | os.PathLike | bytes, spec: PreprocessSpec, max_pixels: 
     return load_image(source, max_pixels, spec.decode_size, spec.rule)
 
 
-def to_rgb(img: Image.Image, intensity: Intensity = Intensity()) -> Image.Image:
+def to_rgb(img: Image.Image, intensity: Intensity = Intensity(), min_short: int = 0) -> Image.Image:
     """EXIF-orient and convert any mode (CMYK, L, RGBA, P, ...) to 8-bit RGB; more than 8 bits (16-bit, 32-bit
-    integer or float grey) by the intensity rule."""
+    integer or float grey) by the intensity rule. min_short > 0: box-reduced as reduce_to says, before the copies
+    that conversion makes (high-bit values before they become floats, grey before it becomes three channels)."""
     img = ImageOps.exif_transpose(img)
     if img.mode in HIGH_BIT_MODES:
-        img = Image.fromarray(to_8bit(np.asarray(img), intensity.rule, intensity.window), mode="L")
+        values = box_reduce(np.asarray(img), min(img.size) // min_short if min_short else 1)
+        img = Image.fromarray(to_8bit(values, intensity.rule, intensity.window), mode="L")
+    if img.mode in ("L", "RGB"):
+        img = reduce_to(img, min_short)
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB") if img.mode != "RGB" else img
+    return reduce_to(img.convert("RGB") if img.mode != "RGB" else img, min_short)
 
 
 def resize_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
@@ -224,8 +259,8 @@ def preprocess_uint8(arr: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         arr = np.repeat(arr[..., None], 3, axis=-1)
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
         raise ValueError(f"expected an HxWxC uint8 image with C in 1, 3, 4; got shape {tuple(arr.shape)}")
-    img = to_rgb(Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr))
-    return preprocess(reduce_to(img, spec.decode_size), spec)
+    img = to_rgb(Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr), min_short=spec.decode_size)
+    return preprocess(img, spec)
 
 
 def spec_from_dict(d: dict) -> PreprocessSpec | TextSpec:
