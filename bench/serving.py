@@ -181,7 +181,7 @@ def write_payloads(folder: Path, mode: str, images: list[bytes], tensors: list[n
         bodies = [json.dumps({"inputs": {"input": x.tolist()}}).encode() for x in tensors]
         headers = [{} for _ in bodies]
     elif mode == "grpc":
-        from serving.grpc_server import SERVICE, messages
+        from serving.grpc_codec import SERVICE, messages
 
         path, ctype, request = f"/{SERVICE}/ModelInfer", "application/grpc", messages()["ModelInferRequest"]
         for x in tensors:
@@ -207,7 +207,7 @@ def check_answer(mode: str, target: str, folder: Path, ref_logits: np.ndarray, l
     if mode == "grpc":
         import grpc
 
-        from serving.grpc_server import messages
+        from serving.grpc_codec import messages
 
         with grpc.insecure_channel(target) as ch:
             call = ch.unary_unary(meta["path"], request_serializer=lambda b: b,
@@ -466,7 +466,7 @@ def _grpc_senders(target: str, meta: dict, bodies: list[bytes], concurrency: int
     import grpc
     from grpc import aio
 
-    from serving.grpc_server import messages
+    from serving.grpc_codec import messages
 
     m = messages()
     reqs = [m["ModelInferRequest"].FromString(b) for b in bodies]  # messages, serialized per call as a client does

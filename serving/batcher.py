@@ -1,8 +1,12 @@
-"""Dynamic micro-batching: concurrent requests share one model run, up to max_batch samples or max_wait.
+"""Dynamic micro-batching: requests that are waiting when the model comes free share one run, up to max_batch.
 
-Requests wait in a bounded queue; a full queue refuses at once (the caller answers 503) instead of letting
-latency grow without bound. One worker coroutine forms batches and runs the model in a single dedicated
-thread, so ONNX Runtime's intra-op threads get every core and the event loop stays free for I/O.
+A request that finds the model idle runs at once; batches form from the requests that queue up while a run is in
+progress (max_wait > 0 adds a wait for company, as Triton's max_queue_delay does only when asked). Requests wait in
+a bounded queue; a full queue refuses at once (the caller answers 503) instead of letting latency grow without
+bound. A request of more than max_batch samples runs as pieces of max_batch, one piece queued at a time, so it takes
+turns with the others and ONNX Runtime never plans memory for a larger batch than warm-up did. One worker coroutine
+forms batches and runs the model in a single dedicated thread, so ONNX Runtime's intra-op threads get every core
+and the event loop stays free for I/O.
 """
 
 from __future__ import annotations
@@ -65,11 +69,21 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlops-infer")
         self._worker = asyncio.create_task(self._loop(), name="tlops-batcher")
 
-    async def submit(self, model: Runnable, x: np.ndarray) -> tuple[np.ndarray, Any]:
-        """Queue x (N, ...) for `model`; raise QueueFull or Closed at once when it cannot be queued.
+    async def submit(self, model: Runnable, x: np.ndarray) -> tuple[Any, Any]:
+        """Run x (N, ...) through `model` in pieces of at most max_batch; (outputs for all N rows, the model).
+        Raise QueueFull or Closed at once when a piece cannot be queued.
 
-        Cancelling the caller (e.g. on its timeout) withdraws the job if it has not run yet.
+        Cancelling the caller (e.g. on its timeout) withdraws the piece that has not run yet.
         """
+        if len(x) <= self.max_batch:
+            return await self._submit(model, x)
+        parts = []
+        for start in range(0, len(x), self.max_batch):
+            y, _ = await self._submit(model, x[start:start + self.max_batch])
+            parts.append(y)
+        return _concat(parts), model
+
+    async def _submit(self, model: Runnable, x: np.ndarray) -> tuple[Any, Any]:
         if self._closing or self._wakeup is None:
             raise Closed("the service is shutting down")
         if len(self._pending) >= self.max_queue:
@@ -113,6 +127,8 @@ class MicroBatcher:
 
     async def _fill_window(self) -> None:
         """Wait until max_batch samples are queued or max_wait has passed since the oldest arrived."""
+        if self.max_wait_s <= 0:
+            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
         while not self._closing and sum(j.n for j in self._pending) < self.max_batch:
@@ -165,6 +181,14 @@ class MicroBatcher:
             if not job.future.done():
                 job.future.set_result((_rows(y, start, start + job.n), model))
             start += job.n
+
+
+def _concat(parts: list[Any]) -> Any:
+    """The outputs of consecutive pieces as one: arrays concatenated, or a tuple (NamedTuple too) of them."""
+    first = parts[0]
+    if isinstance(first, tuple):
+        return type(first)(*(None if a is None else np.concatenate([p[i] for p in parts]) for i, a in enumerate(first)))
+    return np.concatenate(parts)
 
 
 def _rows(y: Any, start: int, stop: int) -> Any:

@@ -24,9 +24,13 @@ REGISTRY_SCHEME = "models:/"
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where the served model comes from: a file path, or a registry URI resolved again on every reload."""
+    """Where the served model comes from: a file path, or a registry URI resolved again on every reload.
+
+    A registry version must carry the sha256 tag tlops registers it with (a version registered through the MLflow UI
+    or API has none) unless allow_unverified (serve.allow_unverified), which the log then says."""
 
     ref: str
+    allow_unverified: bool = False
 
     def __post_init__(self) -> None:
         if self.is_registry:
@@ -55,7 +59,7 @@ class ModelSource:
             return Path(self.ref)
         from tlops.registry import resolve_model_uri  # lazy: MLflow's client only when serving from the registry
 
-        return Path(resolve_model_uri(self.ref))
+        return Path(resolve_model_uri(self.ref, allow_unverified=self.allow_unverified))
 
     def must_verify(self, path: Path) -> bool:
         """Whether `path` must match a sha256 sidecar: always for a file; from the registry, the resolver has
@@ -155,6 +159,12 @@ def load_model(path: str | os.PathLike, name: str | None = None, threads: int | 
     actual = sha256_bytes(data)
     if digest is not None and actual != digest:  # replaced between the check and the read
         raise ModelIntegrityError(f"{path}: changed while loading (sha256 {actual}, verified {digest}); retry")
+    try:
+        onnx_meta.assert_self_contained(data, name=str(path))
+    except ModelIntegrityError:
+        raise
+    except Exception as e:  # onnx's parser refuses what is not an ONNX protobuf
+        raise ModelIntegrityError(f"{path}: not a loadable ONNX model ({type(e).__name__})") from None
     try:
         # Idle threads sleep rather than spin: the event loop and the decoding threads need those cores.
         session = runtime.session(data, threads=threads, spinning=False)

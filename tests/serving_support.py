@@ -159,6 +159,10 @@ class ThreadServer:
     def service(self):
         return self.app.state.service
 
+    @property
+    def grpc_port(self) -> int | None:
+        return self.app.state.grpc_port
+
     def __enter__(self) -> ThreadServer:
         self.thread.start()
         wait_for(f"{self.url}/v2/health/live")

@@ -28,7 +28,7 @@ LAYERS = {
 CLI = ("tlops.cli",)
 # What the torch-free service may take from the library; the registry resolver (MLflow) only inside a function.
 SERVING_MAY_USE = {"tlops", "tlops.config", "tlops.errors", "tlops.io", "tlops.preprocess", "tlops.onnx_meta",
-                   "tlops.runtime", "tlops.drift", "tlops.text"}
+                   "tlops.runtime", "tlops.drift", "tlops.text", "tlops.secrets", "tlops.dicom"}
 SERVING_MAY_USE_LAZILY = {"tlops.registry"}
 MLFLOW_MODULES = {"tlops.tracking", "tlops.registry"}
 

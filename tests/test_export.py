@@ -100,7 +100,7 @@ def test_external_data_is_refused(tmp_path):
     onnx.save(onnx.load(str(path)), str(tmp_path / "split.onnx"), save_as_external_data=True,
               all_tensors_to_one_file=True, location="split.data", size_threshold=0)
     with pytest.raises(ModelIntegrityError, match="external data"):
-        ex.assert_self_contained(tmp_path / "split.onnx")
+        onnx_meta.assert_self_contained(tmp_path / "split.onnx")
 
 
 def test_parity_passes_on_the_exported_model_and_fails_on_an_altered_graph(tmp_path, images):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -45,16 +46,59 @@ def test_concurrent_requests_share_batches_up_to_max_batch_and_get_their_own_row
     assert max(model.sizes) == 4 and sum(model.sizes) == 10 and len(model.sizes) == 3
 
 
-def test_a_request_larger_than_max_batch_runs_alone():
+class Gated(Recorder):
+    """A Recorder whose first run waits until released: what queues meanwhile shows how batches form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started, self.gate = threading.Event(), threading.Event()
+        self.rows: list[list[float]] = []
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        if not self.sizes:
+            self.started.set()
+            self.gate.wait(10)
+        self.rows.append(x.ravel().tolist())
+        return super().run(x)
+
+
+def test_a_lone_request_runs_at_once_and_requests_that_wait_meanwhile_share_the_next_run():
     async def main():
-        model, b = Recorder(), MicroBatcher(max_batch=2, max_wait_s=0.01, max_queue=10)
+        model, b = Gated(), MicroBatcher(max_batch=8, max_wait_s=0, max_queue=10)
         await b.start()
-        y, _ = await b.submit(model, rows(1, 2, 3, 4, 5))
+        first = asyncio.create_task(b.submit(model, rows(1)))
+        while not model.started.is_set():  # taken at once, alone: nothing waits for company
+            await asyncio.sleep(0.001)
+        later = [asyncio.create_task(b.submit(model, rows(v))) for v in (2, 3, 4)]
+        while b.depth < 3:
+            await asyncio.sleep(0.001)
+        model.gate.set()
+        await asyncio.gather(first, *later)
+        await b.close()
+        return model
+
+    assert run(main()).rows == [[1], [2, 3, 4]]
+
+
+def test_a_request_larger_than_max_batch_runs_in_pieces_taking_turns_with_a_small_one():
+    async def main():
+        model, b = Gated(), MicroBatcher(max_batch=2, max_wait_s=0, max_queue=10)
+        await b.start()
+        big = asyncio.create_task(b.submit(model, rows(1, 2, 3, 4, 5)))
+        while not model.started.is_set():
+            await asyncio.sleep(0.001)
+        small = asyncio.create_task(b.submit(model, rows(9)))
+        while not b.depth:
+            await asyncio.sleep(0.001)
+        model.gate.set()
+        (y, _), _ = await asyncio.gather(big, small)
         await b.close()
         return model, y
 
     model, y = run(main())
-    assert model.sizes == [5] and y.ravel().tolist() == [1, 2, 3, 4, 5]
+    assert y.ravel().tolist() == [1, 2, 3, 4, 5]  # the pieces' outputs joined in order
+    assert max(model.sizes) == 2  # never a run larger than max_batch
+    assert model.rows == [[1, 2], [9], [3, 4], [5]]  # the small request ran after one piece, not after all
 
 
 def test_jobs_for_different_models_never_share_a_batch():

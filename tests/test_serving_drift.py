@@ -14,7 +14,6 @@ from serving_support import ThreadServer, export_tiny_model, http, metric_value,
 
 from tlops import drift
 
-
 DIM, CLASSES = 32, 4
 MIX = np.eye(DIM) + np.linspace(1, 0.2, DIM)[:, None] * np.random.default_rng(99).standard_normal((DIM, DIM)) / 6
 CLASS_MEANS = 3 * np.random.default_rng(98).standard_normal((CLASSES, DIM))
@@ -143,10 +142,41 @@ def test_log_sample_keeps_the_same_images_whatever_the_order(tmp_path: Path):
     from serving.input_log import InputLog
 
     images = make_images(tmp_path / "images", classes=3, per_class=10, size=16, seed=4)
-    kept = []
-    for order, folder in ((images, "a"), (images[::-1], "b")):
-        log = InputLog(tmp_path / folder, sample=0.5, max_bytes=10**9)
+    folder, kept = tmp_path / "log", []
+    for order in (images, images[::-1]):
+        for f in folder.glob("*"):
+            f.unlink()
+        log = InputLog(folder, sample=0.5, max_bytes=10**9)  # the same service key: it lives beside the folder
         for p in order:
             log.keep_file(p.read_bytes())
-        kept.append(sorted(f.name for f in (tmp_path / folder).iterdir()))
+        kept.append(sorted(f.name for f in folder.iterdir()))
     assert kept[0] == kept[1] and 0 < len(kept[0]) < len(images)
+
+
+def test_which_inputs_are_kept_is_keyed_by_a_secret_beside_the_folder_and_files_are_not_world_readable(
+        tmp_path: Path):
+    from serving.input_log import InputLog
+
+    blobs = [bytes([i]) * 100 + b"x" * i for i in range(200)]
+    a, b = InputLog(tmp_path / "a", sample=0.5, max_bytes=10**9), InputLog(tmp_path / "b", sample=0.5, max_bytes=10**9)
+    chosen_a, chosen_b = ({i for i, d in enumerate(blobs) if log.sampled(d)} for log in (a, b))
+    # Two services' keys pick different halves: the content alone does not decide, so a client cannot search for
+    # bytes that are always kept (with a plain hash, appending bytes until it falls in the kept share takes ~10 tries)
+    assert 60 < len(chosen_a) < 140 and chosen_a != chosen_b
+    key = tmp_path / ".a.sample-key"
+    assert key.is_file() and key.stat().st_mode & 0o077 == 0 and not list((tmp_path / "a").iterdir())
+    image = make_images(tmp_path / "images", classes=1, per_class=1, size=16)[0]
+    kept = InputLog(tmp_path / "c", sample=1.0, max_bytes=10**9).keep_file(image.read_bytes())
+    assert kept.stat().st_mode & 0o007 == 0 and (tmp_path / "c").stat().st_mode & 0o007 == 0
+
+
+def test_a_dicom_input_is_kept_as_its_pixels_without_its_header(tmp_path: Path):
+    from serving.input_log import InputLog
+    from tlops import dicom
+
+    scan = dicom.encode(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096, PatientName="DOE^JANE",
+                        PatientID="PID-12345")
+    kept = InputLog(tmp_path / "log", sample=1.0, max_bytes=10**9).keep_file(scan)
+    data = kept.read_bytes()
+    assert kept.suffix == ".png" and b"DOE^JANE" not in data and b"PID-12345" not in data
+    assert np.array_equal(np.asarray(Image.open(kept)), dicom.grey8(scan))  # the 8-bit image the model saw

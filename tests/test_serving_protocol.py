@@ -16,7 +16,7 @@ from conftest import make_images
 from serving_support import SPEC, ThreadServer, export_tiny_model, free_port, http, metric_value, serve_params, wait_for
 from tritonclient.utils import InferenceServerException
 
-from serving import grpc_server
+from serving import grpc_codec
 from tlops.preprocess import load_image, preprocess
 
 MODEL = "model"
@@ -44,7 +44,7 @@ def triton_http(server: ThreadServer):
 
 @pytest.fixture(scope="module")
 def triton_grpc(server: ThreadServer):
-    client = tgrpc.InferenceServerClient(url=f"127.0.0.1:{server.service.grpc_port}")
+    client = tgrpc.InferenceServerClient(url=f"127.0.0.1:{server.grpc_port}")
     yield client
     client.close()
 
@@ -230,14 +230,14 @@ def test_grpc_errors_map_to_status_codes_and_share_the_metrics(server, triton_gr
 
 
 def test_bare_grpcio_stub_with_typed_contents(server, images):
-    m = grpc_server.messages()
+    m = grpc_codec.messages()
     x = fp32_of(images[2])
     request = m["ModelInferRequest"](model_name=MODEL)
     t = request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
     t.contents.fp32_contents.extend(x.ravel().tolist())
     request.outputs.add(name="label_index")
-    with grpc.insecure_channel(f"127.0.0.1:{server.service.grpc_port}") as channel:
-        call = channel.unary_unary(f"/{grpc_server.SERVICE}/ModelInfer",
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        call = channel.unary_unary(f"/{grpc_codec.SERVICE}/ModelInfer",
                                    request_serializer=m["ModelInferRequest"].SerializeToString,
                                    response_deserializer=m["ModelInferResponse"].FromString)
         response = call(request, timeout=10)
@@ -253,10 +253,10 @@ def test_bare_grpcio_stub_with_typed_contents(server, images):
 def test_the_proto_descriptor_is_compiled_from_the_proto_file(tmp_path: Path):
     """serving/proto/grpc_predict_v2.binpb must be what protoc makes of grpc_predict_v2.proto (`make proto`)."""
     grpc_tools = pytest.importorskip("grpc_tools.protoc")
-    proto = grpc_server.DESCRIPTOR.with_suffix(".proto")
+    proto = grpc_codec.DESCRIPTOR.with_suffix(".proto")
     out = tmp_path / "out.binpb"
     assert grpc_tools.main(["protoc", f"-I{proto.parent}", f"--descriptor_set_out={out}", str(proto)]) == 0
-    assert out.read_bytes() == grpc_server.DESCRIPTOR.read_bytes()
+    assert out.read_bytes() == grpc_codec.DESCRIPTOR.read_bytes()
 
 
 def test_proto_fields_agree_with_triton_clients_messages():
@@ -269,6 +269,6 @@ def test_proto_fields_agree_with_triton_clients_messages():
             out.update(fields(nested, f"{prefix}{nested.name}."))
         return out
 
-    for name, cls in grpc_server.messages().items():
+    for name, cls in grpc_codec.messages().items():
         ours, theirs = fields(cls.DESCRIPTOR), fields(getattr(service_pb2, name).DESCRIPTOR)
         assert {k: theirs.get(k) for k in ours} == ours, name

@@ -212,18 +212,23 @@ class AdaptParams(Section):
         return self
 
 
+ROUTE_GROUPS = ("inference", "metadata", "metrics", "drift")  # what serve.api_key_routes may name; health is open
+
+
 class ServeParams(Section):
     model: str = "models/model.onnx"
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     top_k: PositiveInt = 5
     max_batch: PositiveInt = 32
-    max_wait_ms: Annotated[float, Field(ge=0.0)] = 5
+    max_wait_ms: Annotated[float, Field(ge=0.0)] = 0  # > 0: a lone request waits this long for company
     max_queue: PositiveInt = 256
+    max_inflight_samples: PositiveInt = 512  # decoded samples held at once, service-wide; past it: 503
     timeout_ms: PositiveFloat = 10_000
     max_body_bytes: PositiveInt = 10_000_000
     max_text_chars: PositiveInt = 100_000  # text models: a longer text is refused (413), not cut
     max_pixels: PositiveInt = 40_000_000
+    max_request_pixels: PositiveInt = 100_000_000  # all images of one request together, read from their headers
     reload_s: Annotated[float, Field(ge=0.0)] = 30
     threads: PositiveInt | None = None
     grpc_port: Annotated[int, Field(ge=0, le=65535)] | None = 8081
@@ -232,6 +237,43 @@ class ServeParams(Section):
     log_inputs: str | None = None
     log_sample: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     log_max_bytes: PositiveInt = 1_000_000_000
+    # Who may call: keys by reference (an environment variable's name, or a file), never the key itself.
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    api_key_routes: list[Literal["inference", "metadata", "metrics", "drift"]] = list(ROUTE_GROUPS)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # set: mutual TLS, clients must present a certificate this CA signed
+    allowed_hosts: list[str] | None = None  # Host header names; None: localhost names on loopback, else any
+    cors_origins: list[str] = []
+    allow_unverified: bool = False  # serve a registry version that carries no sha256 tag (logged)
+    # Connection limits: each bounds what one slow or greedy client can hold.
+    limit_concurrency: PositiveInt = 512  # HTTP connections + requests at once; past it: 503
+    header_timeout_s: PositiveFloat = 10  # a request's headers must arrive within this
+    body_timeout_s: PositiveFloat = 30    # ... and its body within this
+    keep_alive_s: PositiveFloat = 5
+    grpc_max_concurrent_rpcs: PositiveInt = 256
+    grpc_max_connection_age_s: PositiveFloat = 600
+    grpc_max_connection_idle_s: PositiveFloat = 120
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError("must be the name of an environment variable holding the key (e.g. TLOPS_API_KEY), "
+                             "never the key itself")
+        return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServeParams:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both (PEM files) or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.max_inflight_samples < self.max_batch:
+            raise ValueError(f"max_inflight_samples ({self.max_inflight_samples}) is below max_batch "
+                             f"({self.max_batch}): a full batch could never be decoded")
+        return self
 
 
 class ScheduleParams(Section):

@@ -70,7 +70,7 @@ def export_onnx(model: nn.Module, input_size: int, path: str | os.PathLike, opse
             input_names=[onnx_meta.INPUT], output_names=outputs,
             dynamic_axes={onnx_meta.INPUT: axes, **{name: {0: "batch"} for name in outputs}},
         )
-        assert_self_contained(tmp)
+        onnx_meta.assert_self_contained(tmp)
         onnx.checker.check_model(str(tmp), full_check=True)
     return Path(path)
 
@@ -130,19 +130,6 @@ def static_same_padding(model: nn.Module, input_size: int) -> nn.Module:
                 pad = pad_same_arg(sizes[child], child.kernel_size, child.stride, child.dilation)
                 setattr(parent, name, nn.Sequential(nn.ZeroPad2d(pad), conv))
     return model.eval()
-
-
-def assert_self_contained(path: str | os.PathLike) -> None:
-    """Raise ModelIntegrityError if any tensor of the model lives in an external data file."""
-    import onnx
-    from onnx.external_data_helper import _get_all_tensors
-
-    model = onnx.load(str(path), load_external_data=False)
-    external = [t.name for t in _get_all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
-    if external:
-        raise ModelIntegrityError(
-            f"{path}: {len(external)} tensors are stored as external data (e.g. {external[0]!r}); "
-            "the model must be one self-contained file")
 
 
 def params_hash(params: Params) -> str:
@@ -316,7 +303,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
             # per channel: on WordNet glosses (MiniLM) per-tensor int8 lost 1.1 points of accuracy, per channel 0.2
             quantize_dynamic(str(fp32_path), str(out), weight_type=QuantType.QInt8, per_channel=True)
             write_metadata(out, meta)
-            assert_self_contained(out)
+            onnx_meta.assert_self_contained(out)
         return Path(out_path)
     import tempfile
 
@@ -339,7 +326,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
         quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         write_metadata(out, meta)
-        assert_self_contained(out)
+        onnx_meta.assert_self_contained(out)
     return Path(out_path)
 
 

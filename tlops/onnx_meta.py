@@ -88,6 +88,37 @@ def describe_task(task: tuple[str, tuple[str, ...]]) -> str:
     return f"{kind}, {len(labels)} labels: {shown}"
 
 
+def assert_self_contained(model: str | os.PathLike | bytes, name: str | None = None) -> None:
+    """Raise ModelIntegrityError if any tensor of the model lives in an external data file: ONNX Runtime would read
+    that file (relative to the working folder, for a model loaded from bytes), so a model is one file or nothing."""
+    import onnx
+
+    proto = (onnx.load_model_from_string(model) if isinstance(model, bytes)
+             else onnx.load(str(model), load_external_data=False))
+    external = [t.name for t in _tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise ModelIntegrityError(
+            f"{name or model}: {len(external)} tensors are stored as external data; the model must be one "
+            "self-contained file")
+
+
+def _tensors(proto: object) -> list:
+    """Every TensorProto of a model: initializers, sparse initializers and node attributes, in every subgraph and
+    function (onnx keeps its own walker private)."""
+    found, graphs = [], [proto.graph]
+    nodes = [n for f in proto.functions for n in f.node]
+    while graphs or nodes:
+        if graphs:
+            g = graphs.pop()
+            found += list(g.initializer) + [s.values for s in g.sparse_initializer]
+            nodes += list(g.node)
+            continue
+        for a in nodes.pop().attribute:
+            found += ([a.t] if a.HasField("t") else []) + list(a.tensors)
+            graphs += ([a.g] if a.HasField("g") else []) + list(a.graphs)
+    return found
+
+
 def sidecar_path(onnx_path: str | os.PathLike) -> Path:
     """models/model.onnx -> models/model.onnx.sha256."""
     return Path(f"{onnx_path}.sha256")
