@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from tlops import paths, runtime
 from tlops.errors import ConfigError, ModelIntegrityError
 from tlops.io import sha256_bytes, sha256_file
+from tlops.secrets import redact
 from tlops.tracking import client, experiment_id, registry_uri, stringify, tracking_uri
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 SCHEME = "models:/"
+AUTH_ERRORS = ("UNAUTHENTICATED", "PERMISSION_DENIED")  # a tracking server's 401 and 403, as MLflow names them
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))$")
 
 
@@ -127,16 +129,23 @@ def _version_of(c: MlflowClient, name: str, alias_or_version: str | int) -> str:
     try:
         mv = c.get_model_version(name, ref) if ref.isdigit() else c.get_model_version_by_alias(name, ref)
     except MlflowException as e:
-        raise ConfigError(f"models:/{name}@{ref}: no such registered model version or alias in {c.tracking_uri}"
-                          f" ({e.message})") from None
+        store = redact(c.tracking_uri)  # http://user:password@host works as a tracking URI: never print it
+        if e.error_code in AUTH_ERRORS:
+            raise ConfigError(f"models:/{name}@{ref}: {store} refused the credentials ({e.error_code}); set "
+                              "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user that may read it"
+                              ) from None
+        raise ConfigError(f"models:/{name}@{ref}: no such registered model version or alias in {store}"
+                          f" ({redact(e.message)})") from None
     return str(mv.version)
 
 
-def download_model_file(name: str, alias_or_version: str | int) -> Path:
+def download_model_file(name: str, alias_or_version: str | int, allow_unverified: bool = False) -> Path:
     """Local path of the `.onnx` file of a registered version (by alias or number), checked against its sha256.
 
-    Versions are immutable, so each is downloaded once into .tlops/registry/<store>/<name>/<version>/ (keyed by
-    the registry too: version 1 on a tracking server is not version 1 in the local store).
+    A version without the sha256 tag (registered through the MLflow UI or API, not by tlops) is refused unless
+    allow_unverified, which is logged. Versions are immutable, so each is downloaded once into
+    .tlops/registry/<store>/<name>/<version>/ (keyed by the registry too: version 1 on a tracking server is not
+    version 1 in the local store).
     """
     import mlflow.artifacts
 
@@ -155,19 +164,37 @@ def download_model_file(name: str, alias_or_version: str | int) -> Path:
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    model_file = target / _onnx_data_path(target)
+    model_file = _onnx_data_path(target)
     expected = c.get_model_version(name, version).tags.get("sha256")
-    if expected and sha256_file(model_file) != expected:
+    if not expected:
+        if not allow_unverified:
+            raise ModelIntegrityError(f"{name} v{version} carries no sha256 tag (not registered by tlops), so its file "
+                                      "cannot be verified; register it with tlops, or set serve.allow_unverified: "
+                                      "true to serve it anyway")
+        log.warning("serving %s v%s UNVERIFIED: it carries no sha256 tag and serve.allow_unverified is true",
+                    name, version)
+    elif sha256_file(model_file) != expected:
         raise ModelIntegrityError(f"{model_file}: sha256 differs from registered {name} v{version} ({expected})")
     return model_file
 
 
-def _onnx_data_path(model_dir: Path) -> str:
-    """The ONNX file named by the onnx flavor of an MLmodel folder."""
+def _onnx_data_path(model_dir: Path) -> Path:
+    """The ONNX file named by the onnx flavor of an MLmodel folder; ModelIntegrityError when the MLmodel is malformed
+    or names a file outside its folder (an absolute path, ../)."""
     import yaml
 
-    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-    return mlmodel["flavors"]["onnx"]["data"]
+    try:
+        data = yaml.safe_load((model_dir / "MLmodel").read_text(encoding="utf-8"))["flavors"]["onnx"]["data"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise ModelIntegrityError(f"{model_dir}/MLmodel: no onnx flavor with a data file ({type(e).__name__})") \
+            from None
+    if not isinstance(data, str):
+        raise ModelIntegrityError(f"{model_dir}/MLmodel: flavors.onnx.data must be a file name")
+    root = model_dir.resolve()
+    path = (root / data).resolve()
+    if root not in path.parents:
+        raise ModelIntegrityError(f"{model_dir}/MLmodel: flavors.onnx.data points outside the model's folder")
+    return path
 
 
 def is_model_uri(ref: str) -> bool:
@@ -184,6 +211,6 @@ def parse_model_uri(uri: str) -> tuple[str, str]:
     return m["name"], m["alias"] or m["version"]
 
 
-def resolve_model_uri(uri: str) -> Path:
+def resolve_model_uri(uri: str, allow_unverified: bool = False) -> Path:
     """Local .onnx path for `models:/<name>@<alias>` or `models:/<name>/<version>`, checked against its sha256."""
-    return download_model_file(*parse_model_uri(uri))
+    return download_model_file(*parse_model_uri(uri), allow_unverified=allow_unverified)
