@@ -3,10 +3,12 @@ the same schedule served in-process, and prefect.yaml for `prefect deploy`."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -159,10 +161,10 @@ def test_prefect_yaml_declares_the_deployment_that_tlops_deploy_creates(workspac
 
 
 @pytest.mark.slow
-def test_drift_check_starts_the_deployment_on_the_logged_inputs_and_the_run_sets_adapt_target(
+def test_drift_check_auto_approved_starts_the_deployment_on_the_given_folder_and_the_run_sets_adapt_target(
         toy: Path, tmp_path: Path):
-    """The loop: a drifting service -> `tlops drift-check` -> a deployment run whose params point adapt at the
-    images the service kept."""
+    """The loop: a drifting service -> `tlops drift-check --auto-approve` -> a deployment run whose params point
+    adapt at the folder the operator named (the one the service keeps its inputs in)."""
     from conftest import make_images
     from serving_support import ThreadServer, export_tiny_model, serve_params, wait_for
     from test_serving_drift import post_all, shifted_images
@@ -173,16 +175,18 @@ def test_drift_check_starts_the_deployment_on_the_logged_inputs_and_the_run_sets
     reference = make_images(tmp_path / "reference", classes=3, per_class=20, size=24)
     model = export_tiny_model(tmp_path / "model.onnx", reference_images=reference)
     logged = tmp_path / "logged"
+    check = {"deployment": info["name"], "target": str(logged)}
     with ThreadServer(serve_params(drift_window=60, log_inputs=str(logged), log_sample=1.0), str(model)) as s:
         wait_for(f"{s.url}/v2/health/ready")
         post_all(s.url, make_images(tmp_path / "live", classes=3, per_class=20, size=24, seed=1))
-        calm = drift_check_flow(url=s.url, deployment=info["name"])
+        calm = drift_check_flow(url=s.url, **check)
         assert not calm["drifted"] and calm["flow_run_id"] is None
         post_all(s.url, shifted_images(tmp_path / "shifted", 60))
-        result = drift_check_flow(url=s.url, deployment=info["name"])
-        again = drift_check_flow(url=s.url, deployment=info["name"])  # still drifted: the queued run is enough
+        result = drift_check_flow(url=s.url, auto_approve=True, **check)
+        again = drift_check_flow(url=s.url, **check)  # still drifted: the queued run is enough, nobody is asked
     assert result["drifted"] and result["set_params"] == {"adapt.target": str(logged), "adapt.method": "auto"}
-    assert again["already_pending"] and again["flow_run_id"] == result["flow_run_id"]
+    assert result["approval"] == "auto"
+    assert again["already_pending"] and again["flow_run_id"] == result["flow_run_id"] and "approval" not in again
     assert len(list(logged.iterdir())) == 120  # every distinct image, sample 1.0
 
     worker = subprocess.run(
@@ -194,3 +198,120 @@ def test_drift_check_starts_the_deployment_on_the_logged_inputs_and_the_run_sets
     after = load_params(toy / "params.yaml")  # the run wrote them, comments and all, as dvc exp run -S does
     assert (after.adapt.target, after.adapt.method) == (str(logged), "auto")
     assert after.schedule.deployment == load_params().schedule.deployment
+
+
+@pytest.fixture(scope="module")
+def drifted_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """(url, folder): a running service whose window holds 60 images of another domain, every one kept in folder."""
+    from conftest import make_images
+    from serving_support import ThreadServer, export_tiny_model, serve_params, wait_for
+    from test_serving_drift import post_all, shifted_images
+
+    tmp = tmp_path_factory.mktemp("drifted")
+    model = export_tiny_model(tmp / "model.onnx", reference_images=make_images(tmp / "reference", per_class=20))
+    logged = tmp / "logged"
+    with ThreadServer(serve_params(drift_window=60, log_inputs=str(logged), log_sample=1.0), str(model)) as s:
+        wait_for(f"{s.url}/v2/health/ready")
+        post_all(s.url, shifted_images(tmp / "shifted", 60))
+        yield s.url, logged
+
+
+def check_in_background(**kwargs) -> tuple[threading.Thread, dict]:
+    """drift_check_flow(**kwargs) in a thread (it blocks while paused); the dict gets its result."""
+    from flows.drift_check import drift_check_flow
+
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(drift_check_flow(**kwargs)), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def paused_check(deployment: str, timeout_s: float = 30):
+    """(the paused drift-check flow run for `deployment`, the description it asks approval with)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.input.actions import read_flow_run_input
+    from prefect.input.run_input import keyset_from_paused_state
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+            mine = [r for r in runs if r.parameters.get("deployment") == deployment]
+            if mine:  # the description is written just after the pause
+                description = read_flow_run_input(keyset_from_paused_state(mine[0].state)["description"],
+                                                  flow_run_id=mine[0].id)
+                if description:
+                    return mine[0], description
+            time.sleep(0.2)
+    raise AssertionError(f"no drift-check for {deployment} paused within {timeout_s:g} s")
+
+
+def runs_of(deployment: str) -> list:
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as client:
+        d = client.read_deployment_by_name(deployment)
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[d.id])))
+
+
+def test_drift_check_pauses_for_approval_describing_the_folder_and_starts_the_run_once_approved(
+        toy: Path, drifted_service: tuple[str, Path], monkeypatch: pytest.MonkeyPatch):
+    from prefect.flow_runs import resume_flow_run
+
+    import flows.drift_check
+
+    monkeypatch.setattr(flows.drift_check, "APPROVAL_POLL_S", 0.5)
+    url, logged = drifted_service
+    info = deploy(load_params())
+    thread, result = check_in_background(url=url, deployment=info["name"], target=str(logged))
+    paused, description = paused_check(info["name"])
+    size = sum(f.stat().st_size for f in logged.iterdir())
+    assert f"`{logged}`: 60 files" in description and f"({size} bytes)" in description
+    embedding = flows.drift_check.read_drift(url)["embedding"]
+    assert f"embedding shift {embedding:.3f} (threshold 1.000)" in description, description
+    assert runs_of(info["name"]) == []  # nothing starts while a person decides
+
+    resume_flow_run(paused.id, run_input={"approve": True})
+    thread.join(timeout=30)
+    assert result["approval"] == "approved" and result["flow_run_id"], result
+    [run] = runs_of(info["name"])
+    assert str(run.id) == result["flow_run_id"]
+    assert run.parameters["set_params"] == {"adapt.target": str(logged), "adapt.method": "auto"}
+
+
+def test_drift_check_rejected_starts_nothing_and_says_so(toy: Path, drifted_service: tuple[str, Path],
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture):
+    from prefect.flow_runs import resume_flow_run
+
+    import flows.drift_check
+
+    monkeypatch.setattr(flows.drift_check, "APPROVAL_POLL_S", 0.5)
+    url, logged = drifted_service
+    info = deploy(load_params())
+    caplog.set_level(logging.INFO, logger="prefect.flow_runs")  # where log_prints sends the flow's prints
+    thread, result = check_in_background(url=url, deployment=info["name"], target=str(logged))
+    paused, _ = paused_check(info["name"])
+    resume_flow_run(paused.id, run_input={"approve": False})
+    thread.join(timeout=30)
+    assert result["approval"] == "rejected" and result["flow_run_id"] is None, result
+    assert runs_of(info["name"]) == []
+    assert "rejected: started nothing" in caplog.text
+
+
+def test_drift_check_unanswered_within_the_approval_timeout_starts_nothing(
+        toy: Path, drifted_service: tuple[str, Path], monkeypatch: pytest.MonkeyPatch):
+    import flows.drift_check
+
+    monkeypatch.setattr(flows.drift_check, "APPROVAL_POLL_S", 0.5)
+    url, logged = drifted_service
+    info = deploy(load_params())
+    result = flows.drift_check.drift_check_flow(url=url, deployment=info["name"], target=str(logged),
+                                                approval_timeout=1)
+    assert result["approval"] == "timed out" and result["flow_run_id"] is None, result
+    assert runs_of(info["name"]) == []
+

@@ -296,18 +296,30 @@ def drift_check(
         help="the pipeline deployment to start (default: pipeline/<schedule.deployment>)")] = None,
     method: Annotated[str, typer.Option(help="adapt.method for the started run")] = "auto",
     target: Annotated[str | None, typer.Option(
-        help="target-domain images for adapt.target (default: the folder the service logs inputs to)")] = None,
+        help="target-domain images for adapt.target (default: serve.log_inputs of the params)")] = None,
+    auto_approve: Annotated[bool, typer.Option(
+        help="start the run at once, without waiting for a person's approval in the Prefect UI")] = False,
+    approval_timeout: Annotated[int, typer.Option(
+        min=1, help="seconds to wait for approval; then start nothing")] = 24 * 3600,
+    ca: Annotated[Path | None, typer.Option(
+        help="PEM file of the CA that signed the service's certificate (https with a private CA)")] = None,
     every: Annotated[float | None, typer.Option(help="check every N seconds, as a served Prefect flow")] = None,
     dry_run: Annotated[bool, typer.Option(help="report, start nothing")] = False,
     params: ParamsOpt = None,
 ) -> None:
-    """Read the service's /drift; past the threshold, start the pipeline deployment adapting to the logged inputs."""
+    """Read the service's /drift; past the threshold and once approved, start the pipeline deployment adapting to
+    the service's logged inputs."""
     _require("drift-check", "prefect")
     p = _params(params, optional=True)
     from flows.drift_check import drift_check_flow
 
+    def absolute(path: str | Path | None) -> str | None:  # a served check may run in another directory
+        return str(Path(path).resolve()) if path else None
+
     args = {"url": url, "deployment": deployment or f"pipeline/{p.schedule.deployment}", "method": method,
-            "target": target, "dry_run": dry_run}
+            "target": absolute(target or p.serve.log_inputs), "dry_run": dry_run, "auto_approve": auto_approve,
+            "approval_timeout": approval_timeout, "api_key_env": p.serve.api_key_env,
+            "api_key_file": absolute(p.serve.api_key_file), "ca": absolute(ca)}
     try:
         if every:
             drift_check_flow.serve(name="drift-check", interval=every, parameters=args, limit=1)
