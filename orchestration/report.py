@@ -9,6 +9,7 @@ from typing import Any
 
 from tlops import paths
 from tlops.io import read_json
+from tlops.secrets import without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ def _promotion() -> dict | None:
 
 def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """The MLflow UI page of a run: on the tracking server, or on `make ui` for a local store."""
-    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_MLFLOW_UI
+    remote = tracking_uri.startswith(("http://", "https://"))
+    base = without_credentials(tracking_uri).rstrip("/") if remote else LOCAL_MLFLOW_UI
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 

@@ -113,7 +113,7 @@ class Service:
         self.batcher = MicroBatcher(params.max_batch, params.max_wait_ms / 1000, params.max_queue,
                                     on_batch=self.metrics.observe_batch)
         self.limits = inputs.Limits(params.max_pixels, params.max_request_pixels, params.max_text_chars)
-        self.budget = Budget(params.max_inflight_samples)
+        self.budget = Budget(params.max_inflight_samples, headroom=params.max_batch)
         self.trimmer = Trimmer(self.budget, min_samples=params.max_batch)
         # Decoding runs here, a few at a time, so decompressed images in memory stay bounded.
         self.decode_pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),

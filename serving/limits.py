@@ -25,20 +25,24 @@ class TooLarge(Exception):
 
 class Budget:
     """Decoded samples held at once, service-wide: reserved before decoding starts, released when the answer is
-    built. Never a queue: a reservation that does not fit fails at once (the caller answers 503 + Retry-After)."""
+    built. Never a queue: a reservation that does not fit fails at once (the caller answers 503 + Retry-After).
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+    The last `headroom` samples are for small requests (at most `headroom` samples each): large requests cannot
+    take them, so a client sending one image is served while others flood the service with batches."""
+
+    def __init__(self, capacity: int, headroom: int = 0) -> None:
+        self.capacity, self.headroom = capacity, min(headroom, capacity)
         self.used = 0
         self.peak = 0  # the most held at once since the last trim (see Trimmer)
         self._lock = threading.Lock()
 
     def reserve(self, n: int) -> None:
-        if n > self.capacity:
-            raise TooLarge(f"{n} samples in one request; the service holds at most {self.capacity} at once "
-                           "(serve.max_inflight_samples)")
+        limit = self.capacity if n <= self.headroom else self.capacity - self.headroom
+        if n > limit:
+            raise TooLarge(f"{n} samples in one request; the service holds at most {limit} of a request this size "
+                           "at once (serve.max_inflight_samples less max_batch for small requests)")
         with self._lock:
-            if self.used + n > self.capacity:
+            if self.used + n > limit:
                 raise BudgetSpent(f"{self.used} of {self.capacity} samples in flight (serve.max_inflight_samples)")
             self.used += n
             self.peak = max(self.peak, self.used)

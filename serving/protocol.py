@@ -152,11 +152,12 @@ def check_shape(name: str, shape: list[Any]) -> list[int]:
 
 def checked_outputs(outputs: list[RequestedOutput]) -> list[RequestedOutput] | None:
     """Each output at most once: a repeated name would multiply the response at no cost to the client."""
-    names = [o.name for o in outputs]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ApiError(400, f"'outputs' names {shown(repeated[0])} more than once; ask for each output once",
-                       reason="repeated_output")
+    seen: set[str] = set()
+    for o in outputs:
+        if o.name in seen:
+            raise ApiError(400, f"'outputs' names {shown(o.name)} more than once; ask for each output once",
+                           reason="repeated_output")
+        seen.add(o.name)
     return outputs or None
 
 
@@ -167,11 +168,16 @@ def shown(value: Any, limit: int = 64) -> str:
 
 
 def checked_inputs(tensors: list[Tensor]) -> list[Tensor]:
-    if len(tensors) > MAX_INPUTS:
-        raise ApiError(400, f"at most {MAX_INPUTS} inputs per request")
+    """1..MAX_INPUTS tensors of distinct names, each holding at least one sample."""
+    if not tensors or len(tensors) > MAX_INPUTS:
+        raise ApiError(400, f"a request holds 1 to {MAX_INPUTS} input tensors, got {len(tensors)}")
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
-        raise ApiError(400, f"input names must be unique, got {names}; several samples go in one tensor's batch axis")
+        raise ApiError(400, f"input names must be unique, got {shown(names)}; several samples go in one tensor's "
+                            "batch axis")
+    empty = [t.name for t in tensors if 0 in t.shape]
+    if empty:
+        raise ApiError(400, f"input {shown(empty[0])} has a zero dimension: it holds no sample")
     return tensors
 
 

@@ -125,12 +125,13 @@ def wait_for_process(url: str, proc: subprocess.Popen, log: Path, timeout: float
         time.sleep(0.2)
 
 
-def wait_for(url: str, status: int = 200, timeout: float = 20.0) -> httpx.Response:
+def wait_for(url: str, status: int = 200, timeout: float = 20.0, client: httpx.Client | None = None
+             ) -> httpx.Response:
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
         try:
-            r = http().get(url, timeout=2.0)
+            r = (client or http()).get(url, timeout=2.0)
             if r.status_code == status:
                 return r
             last = r.status_code
@@ -143,17 +144,16 @@ def wait_for(url: str, status: int = 200, timeout: float = 20.0) -> httpx.Respon
 class ThreadServer:
     """The real app under a real uvicorn server in a background thread of the test process."""
 
-    def __init__(self, params: ServeParams, model: str) -> None:
+    def __init__(self, params: ServeParams, model: str, client: httpx.Client | None = None) -> None:
         import uvicorn
 
-        from serving.app import create_app
+        from serving.app import create_app, uvicorn_config
 
-        self.params = params
+        self.params, self.client = params, client  # client: one that trusts the test CA, for a TLS server
         self.app = create_app(params, model)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host=params.host, port=params.port,
-                                                    access_log=False, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(self.app, params, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://{params.host}:{params.port}"
+        self.url = f"{'https' if params.tls_cert else 'http'}://{params.host}:{params.port}"
 
     @property
     def service(self):
@@ -165,7 +165,7 @@ class ThreadServer:
 
     def __enter__(self) -> ThreadServer:
         self.thread.start()
-        wait_for(f"{self.url}/v2/health/live")
+        wait_for(f"{self.url}/v2/health/live", client=self.client)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -201,3 +201,67 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
+
+
+def make_certs(folder: Path) -> dict[str, Path]:
+    """A test CA, a server certificate for 127.0.0.1/localhost and a client certificate it signed, as PEM files:
+    {ca, server_cert, server_key, client_cert, client_key}."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def issue(subject: str, key, issuer_name, issuer_key, ca: bool, usage=None, san=None) -> x509.Certificate:
+        b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(issuer_name)
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            b = b.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                              content_commitment=False, key_encipherment=False,
+                                              data_encipherment=False, key_agreement=False, encipher_only=False,
+                                              decipher_only=False), critical=True)
+        if usage:
+            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = issue("tlops test CA", ca_key, name("tlops test CA"), ca_key, ca=True)
+    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    server = issue("localhost", server_key, ca.subject, ca_key, ca=False, usage=ExtendedKeyUsageOID.SERVER_AUTH,
+                   san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    client = issue("a client", client_key, ca.subject, ca_key, ca=False, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    out = {}
+    for label, obj in (("ca", ca), ("server_cert", server), ("client_cert", client)):
+        out[label] = folder / f"{label}.pem"
+        out[label].write_bytes(obj.public_bytes(serialization.Encoding.PEM))
+    for label, key in (("server_key", server_key), ("client_key", client_key)):
+        out[label] = folder / f"{label}.pem"
+        out[label].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()))
+    return out
+
+
+def text_rows_dicom(name: str) -> bytes:
+    """A DICOM whose Rows is written as explicit VR LO holding a person's name (a hostile or broken writer)."""
+    import pydicom
+    from pydicom.dataelem import DataElement
+
+    from tlops import dicom
+
+    ds = pydicom.dcmread(io.BytesIO(dicom.encode(np.zeros((8, 8), np.uint16))), force=True)
+    ds[0x00280010] = DataElement(0x00280010, "LO", name)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

@@ -381,3 +381,23 @@ def test_a_path_pattern_reads_a_dicoms_original_path_and_flat_dicoms_are_renamed
     data.copy_folder(flat, workspace / "copied")
     assert [f.suffix for f in data.visible_files(workspace / "copied")] == [".dcm"]
     assert "Smith" not in "".join(f.name for f in data.visible_files(workspace / "copied"))
+
+
+def test_a_name_where_rows_should_be_is_quarantined_as_corrupt_and_written_nowhere(tmp_path: Path, monkeypatch):
+    from serving_support import text_rows_dicom
+
+    from tlops.config import DataParams
+
+    monkeypatch.chdir(tmp_path)
+    name = "DOE^JOHNATHAN"
+    rng = np.random.default_rng(5)
+    for label in ("class_0", "class_1"):
+        (tmp_path / "raw" / label).mkdir(parents=True)
+        for k in range(3):
+            (tmp_path / "raw" / label / f"ok{k}.dcm").write_bytes(dicom.encode(rng.integers(0, 4096, (16, 16))))
+    (tmp_path / "raw" / "class_0" / "named.dcm").write_bytes(text_rows_dicom(name))
+    report = data.prepare(Path("raw"), DataParams(source="imagefolder", path="src", min_per_class=2),
+                          Path("prepared/manifest.csv"), Path("reports/data.json"))
+    assert [(q["path"], q["reason"]) for q in report["quarantined"]] == [("raw/class_0/named.dcm", "corrupt")]
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".dcm"]
+    assert written and not [p for p in written if name.encode() in p.read_bytes()]

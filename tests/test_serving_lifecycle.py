@@ -82,7 +82,7 @@ def test_a_model_failing_its_checksum_is_never_served(models, tmp_path: Path, ca
         assert metric_value(text, "tlops_model_ready") == 0
 
 
-@pytest.mark.parametrize("damage", ["checksum mismatch", "not onnx", "no metadata"])
+@pytest.mark.parametrize("damage", ["checksum mismatch", "not onnx", "no metadata", "external data"])
 def test_a_bad_new_model_is_rejected_and_the_old_one_keeps_serving(models, tmp_path: Path, damage: str):
     target = tmp_path / "model.onnx"
     install_model(models["a"], target)
@@ -95,6 +95,11 @@ def test_a_bad_new_model_is_rejected_and_the_old_one_keeps_serving(models, tmp_p
 
             if damage == "not onnx":
                 target.write_bytes(b"this is not a protobuf")
+            elif damage == "external data":  # its weights in a file beside it, which ONNX Runtime would read
+                import onnx
+
+                onnx.save(onnx.load(str(models["b"])), str(target), save_as_external_data=True,
+                          all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
             else:
                 import onnx
 

@@ -306,6 +306,33 @@ def test_registry_copy_with_a_flipped_byte_is_refused(ws):
         registry.download_model_file(name, version)
 
 
+def test_a_version_without_the_sha256_tag_is_refused_unless_allowed_and_then_logged(ws, caplog):
+    import mlflow.onnx
+    import onnx
+
+    name = f"ui-{uuid.uuid4().hex[:6]}"  # registered as through MLflow's own API or UI: no sha256 tag
+    with tracking.stage_run("export", PARAMS) as run, registry._fluent_target(get_run(run.run_id).info.experiment_id):
+        info = mlflow.onnx.log_model(onnx.load(str(tiny_onnx(ws / "m.onnx"))), name="model",
+                                     registered_model_name=name, run_id=run.run_id, await_registration_for=0)
+    version = str(info.registered_model_version)
+    with pytest.raises(ModelIntegrityError, match="no sha256 tag"):
+        registry.resolve_model_uri(f"models:/{name}/{version}")
+    path = registry.resolve_model_uri(f"models:/{name}/{version}", allow_unverified=True)
+    assert path.is_file() and "UNVERIFIED" in caplog.text
+
+
+@pytest.mark.parametrize("data", ["../../../../etc/passwd", "/etc/passwd", "../outside.onnx"])
+def test_an_mlmodel_naming_a_file_outside_its_folder_is_refused(tmp_path, data):
+    folder = tmp_path / "a" / "b" / "model"
+    folder.mkdir(parents=True)
+    (tmp_path / "a" / "b" / "outside.onnx").write_bytes(b"x")
+    (folder / "MLmodel").write_text(f"flavors:\n  onnx:\n    data: {data}\n")
+    with pytest.raises(ModelIntegrityError, match="outside the model's folder"):
+        registry._onnx_data_path(folder)
+    (folder / "MLmodel").write_text("flavors:\n  onnx:\n    data: model.onnx\n")
+    assert registry._onnx_data_path(folder) == (folder / "model.onnx").resolve()
+
+
 def test_bad_registry_uris_name_the_expected_form(ws):
     with pytest.raises(ConfigError, match="models:/<name>@<alias>"):
         registry.resolve_model_uri("models:/just-a-name")

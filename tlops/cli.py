@@ -214,28 +214,59 @@ def predict(
     text: Annotated[list[str] | None, typer.Option("--text", "-t", help="a text to classify (text models; "
                                                                          "repeatable)")] = None,
     model: ModelOpt = None,
+    url: Annotated[str | None, typer.Option(help="ask a running service (https://host:port) instead of loading "
+                                                 "the model here")] = None,
+    api_key_env: Annotated[str | None, typer.Option(help="with --url: environment variable holding the service's "
+                                                         "key (default: serve.api_key_env)")] = None,
+    ca: Annotated[Path | None, typer.Option(help="with --url: PEM CA that signed the service's certificate",
+                                            exists=True, dir_okay=False)] = None,
+    client_cert: Annotated[Path | None, typer.Option(help="with --url: PEM certificate for mutual TLS",
+                                                     exists=True, dir_okay=False)] = None,
+    client_key: Annotated[Path | None, typer.Option(help="with --url: its PEM key", exists=True,
+                                                    dir_okay=False)] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="labels to show per input")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     params: ParamsOpt = None,
 ) -> None:
-    """Classify images (or texts) locally with the ONNX model and print the top-k labels (exit 1 if an input was
-    unusable)."""
+    """Classify images (or texts) with the ONNX model, here or by a running service (--url), and print the top-k
+    labels (exit 1 if an input was unusable)."""
     if not images and not text:
         raise _fail(ConfigError("give image or text files, or --text \"...\""))
     p = _params(params, optional=True)
-    _require_registry("predict", model or p.serve.model)
-    from serving.predict import predict_files, predict_text_strings, print_predictions
+    from serving.predict import print_predictions
 
     try:
-        if text:
-            results = predict_text_strings(model or p.serve.model, text, images or [], top_k=top_k)
+        if url:
+            results = _remote_predict(url, images or [], text or [], top_k, api_key_env, p, ca, client_cert,
+                                      client_key)
         else:
-            results = predict_files(model or p.serve.model, images, top_k=top_k)
+            _require_registry("predict", model or p.serve.model)
+            from serving.predict import predict_files, predict_text_strings
+
+            if text:
+                results = predict_text_strings(model or p.serve.model, text, images or [], top_k=top_k)
+            else:
+                results = predict_files(model or p.serve.model, images, top_k=top_k)
     except TlopsError as e:
         raise _fail(e) from None
     print_predictions(results, as_json=as_json)
     if any("error" in r for r in results):
         raise typer.Exit(1)
+
+
+def _remote_predict(url: str, images: list[Path], texts: list[str], top_k: int, api_key_env: str | None, p: Params,
+                    ca: Path | None, client_cert: Path | None, client_key: Path | None) -> list[dict]:
+    from serving.client import remote_predict
+    from tlops.secrets import read_keys
+
+    if (client_cert is None) != (client_key is None):
+        raise ConfigError("--client-cert and --client-key go together")
+    env = api_key_env or p.serve.api_key_env
+    keys = read_keys(env, None if api_key_env else p.serve.api_key_file,
+                     what="--api-key-env" if api_key_env else "serve.api_key_env")
+    pair = (str(client_cert), str(client_key)) if client_cert is not None else None
+    return remote_predict(url, images, texts, top_k, api_key=keys[0] if keys else None,
+                          ca=str(ca) if ca else None, client_cert=pair)
 
 
 @app.command()

@@ -25,6 +25,11 @@ def redact(text: str) -> str:
     return _SECRET_PARAM.sub(lambda m: f"{m['key']}=***", text)
 
 
+def without_credentials(uri: str) -> str:
+    """A URI with its user:password@ removed, for a link shown to people: http://u:p@host/x -> http://host/x."""
+    return _USERINFO.sub(lambda m: m["scheme"], uri)
+
+
 def read_keys(env: str | None, file: str | os.PathLike | None, what: str = "serve.api_key_env") -> tuple[str, ...]:
     """The accepted keys: the value of environment variable `env`, or the lines of `file` (several keys let one
     be rotated out while the next is in use). ConfigError naming the setting when it is set but gives no key, or a

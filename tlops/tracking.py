@@ -30,7 +30,8 @@ import psutil
 from tlops import paths
 from tlops.config import Params, flatten
 from tlops.errors import ConfigError
-from tlops.io import read_json, write_json
+from tlops.io import read_json, sha256_bytes, write_json
+from tlops.secrets import redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -110,8 +111,8 @@ def experiment_id(c: MlflowClient) -> str:
     name = experiment_name()
     exp = c.get_experiment_by_name(name)
     if exp is not None and exp.lifecycle_stage == "deleted":
-        raise ConfigError(f"MLflow experiment {name!r} is deleted in {c.tracking_uri}: restore it in the MLflow UI, "
-                          f"or set ${EXPERIMENT_ENV} to another name")
+        raise ConfigError(f"MLflow experiment {name!r} is deleted in {redact(c.tracking_uri)}: restore it in the "
+                          f"MLflow UI, or set ${EXPERIMENT_ENV} to another name")
     if exp is not None:
         return exp.experiment_id
     # A tracking server chooses its own artifact store; only a local store gets ./mlartifacts.
@@ -407,7 +408,7 @@ def _parent_for_stage(c: MlflowClient, exp: str, params: Params, context: dict[s
             return env_parent, False
         # A leftover export in a shell, not a live pipeline: do not hang new stages under an ended run.
         log.warning("%s=%s is %s in %s, not a running pipeline; grouping stages by process instead",
-                    PARENT_ENV, env_parent, status, c.tracking_uri)
+                    PARENT_ENV, env_parent, status, redact(c.tracking_uri))
     return _open_shared_parent(c, exp, params, context), True
 
 
@@ -435,7 +436,7 @@ def _open_shared_parent(c: MlflowClient, exp: str, params: Params, context: dict
     dvc_pid = _dvc_ancestor()
     owner = dvc_pid or os.getpid()
     key = {"pid": owner, "start": _proc_start(owner), "host": socket.gethostname(),
-           "store": tracking_uri(), "experiment": exp}
+           "store": sha256_bytes(tracking_uri().encode())[:16], "experiment": exp}  # no credential on disk
     with _state_lock():
         state = _read_state()
         if state.get("owner") == key:
