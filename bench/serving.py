@@ -1,7 +1,9 @@
-"""Serving benchmark: the ONNX Runtime service per protocol under load on loopback, against `mlflow models serve`.
+"""Serving benchmark: the ONNX Runtime service per protocol under load on loopback, against `mlflow models serve`
+and Seldon MLServer.
 
     python bench/serving.py [--requests 400] [--concurrency 1,8,32] [--max-seconds 60]
-                            [--modes binary,json,predict,grpc,mlflow] [--no-mlflow] [--no-eager] [--no-int8]
+                            [--modes binary,json,predict,grpc,mlflow,mlserver] [--no-mlflow] [--no-mlserver]
+                            [--no-eager] [--no-int8]
 
 At each concurrency level, one image per request, it measures the service (`python -m serving`) on:
   binary   POST /v2/models/<name>/infer, FP32 tensor in Triton's binary extension, binary logits back
@@ -13,12 +15,22 @@ At each concurrency level, one image per request, it measures the service (`pyth
            models:/<export.registered_model>@champion of the pipeline's store (./mlflow.db) when the
            benchmarked model is the pipeline's and the store has a champion, else the benchmarked fp32
            model registered in a temp sqlite store.
+  mlserver the second baseline: Seldon MLServer with mlserver-mlflow serving a local copy of that same registered
+           model (implementation mlserver_mlflow.MLflowRuntime, parameters.uri = the MLflow model folder) as v2
+           model <name>; the json mode's very request bodies to POST /v2/models/<name>/infer (it answers every
+           output of the MLflow model, the embedding too, where tlops answers the logits). Its settings are
+           MLServer's defaults (parallel_workers 1: one inference process behind the HTTP process; metrics on)
+           but debug off, so it writes no per-request access log (tlops writes none). MLServer is no dependency
+           of tlops: it runs from its own venv, .tlops/bench/mlserver-venv, made with python3.11 and pip on first
+           use (MLSERVER_REQUIREMENTS, onnxruntime pinned to tlops' own) and reused after.
 One tlops server serves the four tlops modes (HTTP and gRPC ports). Before any load, each mode's answer
 for one image is checked against ONNX Runtime run directly; under load every response's status is
-checked. It prints one table (req/s, p50/p99 latency, errors, the server's mean micro-batch) and each
-mode's throughput over MLflow's at the same concurrency. Then the cost of drift monitoring: binary at
-concurrency 8 against that server (serve.drift_window; 500 where params say 0) and a second one with
-drift_window 0, alternating between them, the better of --drift-repeats runs of --drift-requests each.
+checked. It prints one table (req/s, p50/p99 latency, errors, the server's mean micro-batch), each
+mode's throughput over each baseline's at the same concurrency, and json against MLServer on its targets
+(at concurrency 1 at least its req/s and no higher p50; at 8 and 32 at least 1.5x its req/s). Then the
+cost of drift monitoring: binary at concurrency 8 against that server (serve.drift_window; 500 where params
+say 0) and a second one with drift_window 0, alternating between them, the better of --drift-repeats runs
+of --drift-requests each.
 Also, unless skipped: /predict against the int8 model at concurrency 8, eager PyTorch doing the same
 decode + preprocess + forward, and ONNX Runtime directly (fp32 and int8).
 
@@ -41,6 +53,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,11 +72,19 @@ from tlops import paths  # noqa: E402
 
 STANDIN_CLASSES = 10
 STANDIN_SIZE = 96
-MODES = ("binary", "json", "predict", "grpc", "mlflow")
+MODES = ("binary", "json", "predict", "grpc", "mlflow", "mlserver")
 TLOPS_MODES = MODES[:4]
+BASELINES = MODES[4:]
+PAYLOAD_OF = {"mlserver": "json"}  # modes that send another mode's request bodies, byte for byte
 TENSOR_PAYLOADS = 16  # distinct preprocessed tensors sent (JSON bodies of a 224 px tensor are ~3 MB each)
 DRIFT_LEVEL = 8
 HEADLINE_TARGET, DRIFT_TARGET = 5.0, 5.0
+MLSERVER_TARGETS = {1: 1.0, 8: 1.5, 32: 1.5}  # json / mlserver throughput per concurrency (at 1, p50 too)
+MLSERVER_VENV = ROOT / paths.STATE_DIR / "bench" / "mlserver-venv"  # MLServer is no dependency of tlops: its own venv
+# Versions that load and serve the pipeline's MLflow ONNX model; uvloop 0.23 breaks MLServer 1.7.1's inference
+# workers ("There is no current event loop"). onnxruntime is pinned to tlops' own at run time.
+MLSERVER_REQUIREMENTS = ("mlserver==1.7.1", "mlserver-mlflow==1.7.1", "mlflow==3.17.2", "onnx==1.23.2",
+                         "uvloop==0.21.0")
 
 
 @dataclass
@@ -220,6 +241,8 @@ def check_answer(mode: str, target: str, folder: Path, ref_logits: np.ndarray, l
     else:
         import httpx
 
+        from tlops import onnx_meta
+
         r = httpx.post(f"{target}{meta['path']}", content=body, timeout=60,
                        headers={"Content-Type": meta["content_type"], **meta["headers"][0]})
         if r.status_code != 200:
@@ -229,8 +252,9 @@ def check_answer(mode: str, target: str, folder: Path, ref_logits: np.ndarray, l
             if hl is None:
                 return "binary_data_output: no Inference-Header-Content-Length in the response"
             got = np.frombuffer(r.content[int(hl):], "<f4")
-        elif mode == "json":
-            got = np.array(r.json()["outputs"][0]["data"], np.float32)
+        elif mode in ("json", "mlserver"):  # MLServer answers every output of the MLflow model: pick the logits
+            outs = r.json()["outputs"]
+            got = np.array(next((o for o in outs if o["name"] == onnx_meta.OUTPUT), outs[0])["data"], np.float32)
         elif mode == "mlflow":
             pred = r.json()["predictions"]
             got = np.array(pred["logits"] if isinstance(pred, dict) else pred, np.float32).ravel()
@@ -322,7 +346,7 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 
 def mlflow_model(models: Models, workdir: Path, registered: str) -> tuple[str, str, str]:
-    """(model URI, tracking URI, what it is) for `mlflow models serve`: the pipeline store's champion when the
+    """(model URI, tracking URI, what it is) for the baselines: the pipeline store's champion when the
     benchmarked model is the pipeline's and the store holds one, else models.fp32 registered in a temp store."""
     from tlops import registry, tracking
     from tlops.io import sha256_file
@@ -382,6 +406,73 @@ def start_mlflow(model_uri: str, tracking_uri: str, workdir: Path) -> tuple[subp
                                 stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     _wait_ready(f"{url}/ping", proc, log, 300, stop_group)
+    return proc, url
+
+
+def mlserver_python() -> Path:
+    """The Python of MLServer's own venv (MLSERVER_VENV): made with python3.11 and filled by pip on first use,
+    reused while it holds the same requirements."""
+    from importlib.metadata import version
+
+    reqs = [*MLSERVER_REQUIREMENTS, f"onnxruntime=={version('onnxruntime')}"]  # the same runtime as tlops'
+    python = MLSERVER_VENV / "bin" / "python"
+    done = MLSERVER_VENV / "tlops-requirements.txt"  # written once pip succeeded: what the venv holds
+    if python.exists() and done.exists() and done.read_text().split() == reqs:
+        return python
+    MLSERVER_VENV.parent.mkdir(parents=True, exist_ok=True)
+    log = MLSERVER_VENV.parent / "mlserver-venv-install.log"
+    print(f"mlserver: installing {' '.join(reqs)} into {MLSERVER_VENV} (once; minutes; log {log})", flush=True)
+    base = shutil.which("python3.11") or sys.executable
+    steps = [] if python.exists() else [[base, "-m", "venv", str(MLSERVER_VENV)]]
+    with open(log, "w") as out:
+        for cmd in [*steps, [str(python), "-m", "pip", "install", *reqs]]:
+            if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False).returncode != 0:
+                raise SystemExit(f"{' '.join(cmd[:4])} ... failed; the end of {log}:\n{_log_tail(log)}")
+    done.write_text("\n".join(reqs) + "\n")
+    return python
+
+
+def mlserver_versions(python: Path) -> str:
+    code = ("from importlib.metadata import version as v; "
+            "print(', '.join(f'{p} {v(p)}' for p in ('mlserver', 'mlserver-mlflow', 'mlflow', 'onnxruntime')))")
+    return subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def local_model(model_uri: str, tracking_uri: str, dst: Path) -> Path:
+    """The MLflow model folder behind `model_uri`, downloaded from its store (what MLServer's parameters.uri names)."""
+    import mlflow
+
+    from tlops import tracking
+
+    tracking._quiet_mlflow()
+    mlflow.set_tracking_uri(tracking_uri)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+
+
+def start_mlserver(python: Path, model_dir: Path, name: str, workdir: Path) -> tuple[subprocess.Popen, str]:
+    """`mlserver start` of the MLflow model folder as v2 model `name` (its own process group: it spawns its inference
+    worker); (process, URL) once the model is ready.
+
+    MLServer's defaults (parallel_workers 1: one inference process behind the HTTP one; metrics on) but debug off,
+    which drops the per-request access log that tlops does not write either; gRPC and metrics on free ports."""
+    folder = workdir / "mlserver"  # settings.json and the model repository: model-settings.json, found by a scan
+    folder.mkdir()
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    http, grpc_port, metrics = ports
+    (folder / "settings.json").write_text(json.dumps({"host": "127.0.0.1", "http_port": http, "grpc_port": grpc_port,
+                                                      "metrics_port": metrics, "debug": False}))
+    (folder / "model-settings.json").write_text(json.dumps({
+        "name": name, "implementation": "mlserver_mlflow.MLflowRuntime", "parameters": {"uri": str(model_dir)}}))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    log = workdir / "mlserver.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(python.parent / "mlserver"), "start", str(folder)], cwd=folder,
+                                env={**env, "MLFLOW_DISABLE_TELEMETRY": "true"}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{http}"
+    _wait_ready(f"{url}/v2/models/{name}/ready", proc, log, 300, stop_group)
     return proc, url
 
 
@@ -615,6 +706,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-seconds", type=float, default=60.0, help="cap per concurrency level")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma list of {','.join(MODES)}")
     ap.add_argument("--no-mlflow", action="store_true", help="skip `mlflow models serve` (mode mlflow)")
+    ap.add_argument("--no-mlserver", action="store_true", help="skip Seldon MLServer (mode mlserver)")
     ap.add_argument("--no-eager", action="store_true", help="skip eager PyTorch")
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 server run (and the stand-in's int8)")
     ap.add_argument("--no-drift", action="store_true", help="skip the drift monitoring cost (needs mode binary)")
@@ -629,9 +721,26 @@ def parse_args() -> argparse.Namespace:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown := sorted(set(modes) - set(MODES)):
         ap.error(f"--modes: unknown {unknown}; choose from {','.join(MODES)}")
-    args.modes = [m for m in MODES if m in modes and not (m == "mlflow" and args.no_mlflow)]
+    skip = {"mlflow": args.no_mlflow, "mlserver": args.no_mlserver}
+    args.modes = [m for m in MODES if m in modes and not skip.get(m)]
     args.levels = [int(c) for c in args.concurrency.split(",")] if not args.loadgen else None
     return args
+
+
+def mlserver_verdict(results: dict[tuple[str, int], dict], levels: list[int]) -> str:
+    """json FP32 against MLServer on MLSERVER_TARGETS: its throughput ratio per concurrency, at 1 the p50 too."""
+    lines = ["json FP32 / MLServer at the same concurrency:"]
+    for c, target in MLSERVER_TARGETS.items():
+        if c not in levels:
+            lines.append(f"  c={c:<3} not measured (--concurrency)")
+            continue
+        t, m = results[("json", c)], results[("mlserver", c)]
+        x = t["throughput"] / m["throughput"] if m["throughput"] > 0 else float("inf")
+        met = x >= target and (c != 1 or t["p50_ms"] <= m["p50_ms"])
+        p50 = f", p50 {t['p50_ms']:.1f} vs {m['p50_ms']:.1f} ms" if c == 1 else ""
+        want = f">= {target:g}x" + (", p50 no higher" if c == 1 else "")
+        lines.append(f"  c={c:<3} {x:.2f}x req/s{p50} (target {want}): {'met' if met else 'NOT met'}")
+    return "\n".join(lines)
 
 
 def drift_cost(model: Path, work: Path, serve: dict, on_url: str, folder: Path, args: argparse.Namespace,
@@ -673,6 +782,7 @@ def main() -> int:
     serve["grpc_port"] = free_port() if "grpc" in args.modes else None
     tlops_modes = [m for m in args.modes if m in TLOPS_MODES]
     drift = "binary" in args.modes and not args.no_drift and args.drift_repeats > 0
+    mlserver = mlserver_python() if "mlserver" in args.modes else None  # before any load: an install fails early
     with tempfile.TemporaryDirectory(prefix="tlops-bench-") as tmp:
         work = Path(tmp)
         images, images_note = bench_images(args.images)
@@ -683,7 +793,9 @@ def main() -> int:
         tensors = [preprocess(load_image(b, 10**8), spec)[None] for b in images[:TENSOR_PAYLOADS]]
         sess = runtime.session(models.fp32, cpu_only=True)
         ref_logits = sess.run([onnx_meta.OUTPUT], {onnx_meta.INPUT: tensors[0]})[0][0]
-        payloads = {m: write_payloads(work / "payloads", m, images, tensors, name) for m in args.modes}
+        kinds = dict.fromkeys(PAYLOAD_OF.get(m, m) for m in args.modes)
+        built = {k: write_payloads(work / "payloads", k, images, tensors, name) for k in kinds}
+        payloads = {m: built[PAYLOAD_OF.get(m, m)] for m in args.modes}
         print(f"model:  {models.note}")
         print(f"images: {images_note}; input {spec.input_size} px; tensor modes send {len(tensors)} of them "
               f"preprocessed ([1, 3, {spec.input_size}, {spec.input_size}] FP32)")
@@ -695,12 +807,19 @@ def main() -> int:
 
         results: dict[tuple[str, int], dict] = {}
         drift_runs: dict[str, list[dict]] = {"on": [], "off": []}
-        drift_state, checks, mlflow_note = None, {}, None
+        drift_state, checks, baseline_notes = None, {}, {}
 
         def check(mode: str, target: str) -> None:
             checks[mode] = check_answer(mode, target, payloads[mode], ref_logits, labels)
             if checks[mode]:
                 print(f"  check {mode}: FAILED: {checks[mode]}", flush=True)
+
+        def baseline(mode: str, url: str) -> None:
+            check(mode, url)
+            for c in args.levels:
+                r = run_load(url, payloads[mode], c, args.requests, args.max_seconds)
+                results[(mode, c)] = {**r, "mean_batch": None}
+                print(f"  {mode} c={c}: {r['throughput']:.1f} req/s", flush=True)
 
         if tlops_modes or drift:
             proc, url, grpc_target = start_server(models.fp32, work, serve, "fp32")
@@ -721,22 +840,34 @@ def main() -> int:
                 results[("predict int8", DRIFT_LEVEL)] = measured(url, url, payloads["predict"], DRIFT_LEVEL, args)
             finally:
                 stop_server(proc)
-        if "mlflow" in args.modes:
-            model_uri, tracking_uri, mlflow_note = mlflow_model(models, work, params.export.registered_model)
+        if baselines := [m for m in BASELINES if m in args.modes]:
+            model_uri, tracking_uri, registered = mlflow_model(models, work, params.export.registered_model)
+        if "mlflow" in baselines:
             proc, url = start_mlflow(model_uri, tracking_uri, work)
             try:
-                check("mlflow", url)
-                for c in args.levels:
-                    r = run_load(url, payloads["mlflow"], c, args.requests, args.max_seconds)
-                    results[("mlflow", c)] = {**r, "mean_batch": None}
-                    print(f"  mlflow c={c}: {r['throughput']:.1f} req/s", flush=True)
+                baseline("mlflow", url)
             finally:
                 stop_group(proc)
+            baseline_notes["mlflow"] = "`mlflow models serve --env-manager local` (1 worker), POST /invocations"
+        if "mlserver" in baselines:
+            model_dir = local_model(model_uri, tracking_uri, work / "mlserver-model")
+            proc, url = start_mlserver(mlserver, model_dir, name, work)
+            try:
+                baseline("mlserver", url)
+            finally:
+                stop_group(proc)
+            baseline_notes["mlserver"] = (
+                f"`mlserver start` ({mlserver_versions(mlserver)}), mlserver_mlflow.MLflowRuntime on a local copy\n"
+                f"            of the model folder, POST /v2/models/{name}/infer with the json mode's bodies; "
+                "parallel_workers 1\n            (its default: one inference process behind the HTTP one), debug off "
+                f"(no access log, as tlops), metrics on;\n            venv {MLSERVER_VENV}")
 
         print(f"\none image per request, {args.requests} requests or {args.max_seconds:g} s per level; batch: the "
               "tlops server's mean micro-batch")
-        if mlflow_note:
-            print(f"mlflow: `mlflow models serve --env-manager local` (1 worker) of {mlflow_note}")
+        if baseline_notes:
+            print(f"baselines serve {registered}:")
+            for mode, note in baseline_notes.items():
+                print(f"  {mode}: {note}")
         if checks:
             print("answers for image 0 agree with ONNX Runtime directly: "
                   + ", ".join(f"{m} {'ok' if not e else 'NO'}" for m, e in checks.items()))
@@ -748,15 +879,17 @@ def main() -> int:
             for e in r["error_examples"]:
                 print(f"      error: {e}")
 
-        if any(m == "mlflow" for m, _ in results):
-            print("\nthroughput / mlflow models serve at the same concurrency:")
+        for base in baseline_notes:
+            print(f"\nthroughput / {base} at the same concurrency:")
             for mode in tlops_modes:
-                ratios = [f"c={c} {results[(mode, c)]['throughput'] / results[('mlflow', c)]['throughput']:.2f}x"
-                          for c in args.levels if results[("mlflow", c)]["throughput"] > 0]
+                ratios = [f"c={c} {results[(mode, c)]['throughput'] / results[(base, c)]['throughput']:.2f}x"
+                          for c in args.levels if results[(base, c)]["throughput"] > 0]
                 print(f"  {mode:<8} " + "  ".join(ratios))
-            if ("binary", 8) in results and ("mlflow", 8) in results and results[("mlflow", 8)]["throughput"] > 0:
-                x = results[("binary", 8)]["throughput"] / results[("mlflow", 8)]["throughput"]
-                print(f"binary FP32 / mlflow models serve at concurrency 8: {x:.2f}x (target >= {HEADLINE_TARGET:g}x)")
+        if ("binary", 8) in results and ("mlflow", 8) in results and results[("mlflow", 8)]["throughput"] > 0:
+            x = results[("binary", 8)]["throughput"] / results[("mlflow", 8)]["throughput"]
+            print(f"binary FP32 / mlflow models serve at concurrency 8: {x:.2f}x (target >= {HEADLINE_TARGET:g}x)")
+        if "json" in args.modes and "mlserver" in baseline_notes:
+            print(mlserver_verdict(results, args.levels))
 
         if drift:
             on = max(drift_runs["on"], key=lambda r: r["throughput"])

@@ -98,11 +98,15 @@ def uvicorn_config(app: Any, params: ServeParams, log_level: str = "info") -> An
 
 
 def header_timeout_protocol(seconds: float) -> type:
-    """uvicorn's h11 protocol, closing a connection whose request line and headers have not all arrived within
-    `seconds` of its start (or of the previous response): uvicorn itself waits for them forever (slowloris)."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    """uvicorn's HTTP protocol (httptools' parser when installed, else h11's), closing a connection whose request
+    line and headers have not all arrived within `seconds` of its start (or of the previous response): uvicorn itself
+    waits for them forever (slowloris)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
 
-    class HeaderTimeout(H11Protocol):
+    class HeaderTimeout(Base):
         _header_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: Any) -> None:
@@ -114,29 +118,38 @@ def header_timeout_protocol(seconds: float) -> type:
             if not self.transport.is_closing():
                 self._arm()
 
-        def handle_events(self) -> None:
-            before = self.cycle
-            super().handle_events()
-            if self.cycle is not before and self._header_timer is not None:  # a request's headers arrived
-                self._header_timer.cancel()
-                self._header_timer = None
-
         def connection_lost(self, exc: Exception | None) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
+            self._disarm()
             super().connection_lost(exc)
 
         def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(seconds, self._expire)
+
+        def _disarm(self) -> None:
             if self._header_timer is not None:
                 self._header_timer.cancel()
-            self._header_timer = self.loop.call_later(seconds, self._expire)
+                self._header_timer = None
 
         def _expire(self) -> None:
             self._header_timer = None
             if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
                 self.transport.close()
 
-    return HeaderTimeout
+    if hasattr(Base, "on_headers_complete"):  # httptools: a callback when a request's headers are parsed
+        class Protocol(HeaderTimeout):
+            def on_headers_complete(self) -> None:
+                super().on_headers_complete()
+                self._disarm()
+    else:  # h11: a new request cycle starts once its headers are parsed
+        class Protocol(HeaderTimeout):
+            def handle_events(self) -> None:
+                before = self.cycle
+                super().handle_events()
+                if self.cycle is not before:
+                    self._disarm()
+
+    return Protocol
 
 
 def serve(params: ServeParams, model: str | None = None) -> None:
