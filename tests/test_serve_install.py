@@ -30,7 +30,8 @@ from serving_support import LABELS, export_tiny_model, free_port, png_bytes, wai
 from tlops.config import ServeParams
 
 PACKAGES = ("tlops", "flows", "tasks", "orchestration", "serving")  # what the wheel holds
-TRAINING_STACK = ("torch", "torchvision", "timm", "prefect", "dvc", "mlflow", "onnx", "onnxscript")
+# onnx is in the serve extra: the service parses a model with it to refuse external data before ONNX Runtime loads it
+TRAINING_STACK = ("torch", "torchvision", "timm", "prefect", "dvc", "mlflow", "onnxscript")
 # Imported lazily, inside functions of serving-path modules that the service and `tlops predict` never call (or
 # call only with another extra installed): the project modules, then the third-party packages, and why.
 LAZY_OUTSIDE_SERVE = {
@@ -38,7 +39,6 @@ LAZY_OUTSIDE_SERVE = {
     "tlops.target": "tlops.drift.model_reference, the export stage's, for an adapted model",
 }
 LAZY_OUTSIDE_SERVE_PACKAGES = {
-    "onnx": "tlops.onnx_meta.read_metadata, the export side's reader; the service reads metadata through onnxruntime",
     "ruamel": "tlops.config.set_params, which the pipeline flow calls to write params.yaml (ruamel.yaml comes with dvc)",
 }
 INSTALL_TIMEOUT_S = 600
