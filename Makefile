@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test ui serve bench clean install proto
+.PHONY: run test ui serve docs bench clean install proto
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,14 +18,17 @@ install: $(STAMP)
 run: $(STAMP)  ## the whole pipeline on the embedded default dataset
 	$(BIN)/tlops run
 
-test: $(STAMP)
-	$(BIN)/python -m pytest
+test: $(STAMP)  ## the suite, one test file per core at a time
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 ui: $(STAMP)  ## MLflow UI on the local store
 	$(BIN)/tlops ui
 
 serve: $(STAMP)  ## ONNX Runtime service on serve.model
 	$(BIN)/tlops serve
+
+docs: $(STAMP)  ## the documentation site of docs/ into site/ (open site/index.html)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench: $(STAMP)
 	$(BIN)/python bench/training.py
@@ -37,4 +40,4 @@ proto: $(STAMP)  ## recompile the gRPC descriptor after editing serving/proto/gr
 		serving/proto/grpc_predict_v2.proto
 
 clean:
-	rm -rf data/raw data/prepared features models reports checkpoints .tlops mlflow.db mlartifacts
+	rm -rf data/raw data/prepared features models reports checkpoints .tlops mlflow.db mlartifacts site

@@ -6,7 +6,7 @@ EfficientNet-Lite0 with its packaged ImageNet weights, on scikit-learn's digits 
 backbone's own spec. Contenders, run in turn on the very same float32 batches, round after round (so
 load from other processes hits all of them alike):
   stage        tlops.features.make_runner(engine="auto"): what `features` runs on this machine
-  onnxruntime  the reference: tlops.export.export_onnx + tlops.runtime.session (what serving runs)
+  onnxruntime  the reference: tlops.export.export_onnx + tlops.onnx.runtime.session (what serving runs)
   torch        the stage's PyTorch path: inference_mode + channels_last (used on CUDA, or as fallback)
   eager        plain PyTorch: NCHW, no_grad, as a tutorial would write it
 Prints images/s (median and best over rounds) and stage / onnxruntime. Target: >= 0.8.
@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tlops.config import load_params  # noqa: E402
+from tlops.core.config import load_params
 
 BACKBONE = "efficientnet_lite0"
 
@@ -37,7 +37,7 @@ def digit_batches(spec, n: int, batch: int) -> list[np.ndarray]:
     """n digits (8x8 grey, upscaled by the backbone's preprocessing) as float32 NCHW batches."""
     from sklearn.datasets import load_digits
 
-    from tlops.preprocess import preprocess_uint8
+    from tlops.inputs.images import preprocess_uint8
 
     imgs = np.rint(load_digits().images[:n] * (255 / 16)).astype(np.uint8)
     x = np.stack([preprocess_uint8(img, spec) for img in imgs])
@@ -47,11 +47,12 @@ def digit_batches(spec, n: int, batch: int) -> list[np.ndarray]:
 def contenders(bb, threads: int | None, example: np.ndarray, tmp: Path) -> dict[str, Callable]:
     import torch
 
-    from tlops import export, runtime
-    from tlops.features import make_runner, torch_runner
+    from tlops.export import onnx_export
+    from tlops.features.frozen import make_runner, torch_runner
+    from tlops.onnx import runtime
 
     stage, engine = make_runner(bb, "auto", threads, example=example)
-    onnx_path = export.export_onnx(bb.model, bb.spec.input_size, tmp / f"{bb.name}-{bb.spec.input_size}.onnx", 17)
+    onnx_path = onnx_export.export_onnx(bb.model, bb.spec.input_size, tmp / f"{bb.name}-{bb.spec.input_size}.onnx", 17)
     sess = runtime.session(onnx_path, threads, cpu_only=True)
     name = sess.get_inputs()[0].name
 
@@ -81,7 +82,7 @@ def measure(runs: dict[str, Callable], batches: list[np.ndarray], rounds: int) -
 def bench_size(size: int, args: argparse.Namespace, tmp: Path) -> float:
     import torch
 
-    from tlops.backbones import create_backbone
+    from tlops.models.backbones import create_backbone
 
     bb = create_backbone(BACKBONE, image_size=size)
     batches = digit_batches(bb.spec, args.images, args.batch)

@@ -1,6 +1,6 @@
 """The finetune stage with and without the frozen-trunk cache, at each precision this CPU has, on the digits.
 
-Each variant runs tlops.train.finetune in a process of its own (so peak memory is its own), from a trunk cache
+Each variant runs tlops.training.finetune.finetune in a process of its own (so peak memory is its own), from a trunk cache
 that is empty (the trunk is computed inside the measured time) and, for the cached variants, once more with the
 cache filled by the first run and another learning rate (what a second run or a sweep costs).
 
@@ -25,17 +25,19 @@ sys.path.insert(0, str(ROOT))
 
 VARIANT = """
 import json, resource, sys, time
-from tlops import data, paths, train
-from tlops.config import load_params
+from tlops.core import paths
+from tlops.core.config import load_params
+from tlops.data.manifest import load_manifest
+from tlops.training.finetune import finetune_model
 params = load_params("params.yaml")
 over = json.loads(sys.argv[1])
 params = params.model_copy(update={"finetune": params.finetune.model_copy(update=over)})
 t = time.perf_counter()
-result = train.finetune(params, data.load_manifest(), paths.HEAD_DIR, "out/model", sys.argv[2],
+result = finetune_model(params, load_manifest(), paths.HEAD_DIR, "out/model", sys.argv[2],
                         history_path="out/history.csv")
 seconds = time.perf_counter() - t
 print(json.dumps({"seconds": seconds, "val_accuracy": result.val_accuracy, "trunk": result.trunk,
-                  "train_images": len(data.load_manifest().rows_in("train")),
+                  "train_images": len(load_manifest().rows_in("train")),
                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -44,8 +46,11 @@ def prepare_project(work: Path, params_file: Path, epochs: int | None) -> None:
     """ingest, prepare, features and train_head of the digits in `work` (the stages before finetune)."""
     import yaml
 
-    from tlops import data, features, paths, train
-    from tlops.config import parse_params
+    from tlops.core import paths
+    from tlops.core.config import parse_params
+    from tlops.data import manifest, prepare, sources
+    from tlops.features import dataset, extract
+    from tlops.training import head
 
     raw = yaml.safe_load(params_file.read_text())
     raw["data"]["source"] = "digits"
@@ -53,10 +58,10 @@ def prepare_project(work: Path, params_file: Path, epochs: int | None) -> None:
         raw["finetune"]["epochs"] = epochs
     (work / "params.yaml").write_text(yaml.safe_dump(raw))
     params = parse_params(raw)
-    data.ingest(params.data, paths.RAW)
-    data.prepare(paths.RAW, params.data, paths.MANIFEST, paths.DATA_REPORT)
-    features.extract_features(data.load_manifest(), params, paths.FEATURES_DIR, progress=False)
-    train.save_head(train.train_head(features.load_feature_dataset(), params.head))
+    sources.ingest_source(params.data, paths.RAW)
+    prepare.prepare_data(paths.RAW, params.data, paths.MANIFEST, paths.DATA_REPORT)
+    extract.extract_features(manifest.load_manifest(), params, paths.FEATURES_DIR, progress=False)
+    head.save_head(head.train_head_grid(dataset.load_feature_dataset(), params.head))
 
 
 def run_variant(work: Path, over: dict, checkpoints: str) -> dict:
@@ -68,7 +73,7 @@ def run_variant(work: Path, over: dict, checkpoints: str) -> dict:
 
 
 def main() -> None:
-    from tlops.devices import cpu_has_bf16
+    from tlops.training.devices import cpu_has_bf16
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
@@ -107,7 +112,7 @@ def main() -> None:
 
 
 def _epochs(params_file: Path) -> int:
-    from tlops.config import load_params
+    from tlops.core.config import load_params
 
     return load_params(params_file).finetune.epochs
 

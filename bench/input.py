@@ -57,13 +57,17 @@ def main() -> None:
 
     import yaml
 
-    import tlops.images
-    from tlops import data, features, paths, runtime, train
-    from tlops.backbones import create_backbone
-    from tlops.config import parse_params
-    from tlops.export import export_onnx
-    from tlops.loaders import working_spec
-    from tlops.preprocess import load_image, preprocess
+    import tlops.features.working_images
+    from tlops.core import paths
+    from tlops.core.config import parse_params
+    from tlops.data import manifest, prepare, sources
+    from tlops.export.onnx_export import export_onnx
+    from tlops.features import dataset, extract
+    from tlops.inputs.images import load_image, preprocess
+    from tlops.models.backbones import create_backbone
+    from tlops.onnx import runtime
+    from tlops.training import finetune, head
+    from tlops.training.augment import working_spec
 
     with tempfile.TemporaryDirectory(prefix="tlops-bench-input-") as tmp:
         os.chdir(tmp)
@@ -76,12 +80,12 @@ def main() -> None:
             if value is not None:
                 raw["features"][key] = value
         params = parse_params(raw)
-        data.ingest(params.data, paths.RAW)
+        sources.ingest_source(params.data, paths.RAW)
         rows = [str(p) for p in sorted(paths.RAW.rglob("*.jpg"))]
 
         full_check, _ = timed(lambda: [load_image(p, params.data.max_pixels) for p in rows])
-        t_prepare, _ = timed(data.prepare, paths.RAW, params.data, paths.MANIFEST, paths.DATA_REPORT)
-        manifest = data.load_manifest()
+        t_prepare, _ = timed(prepare.prepare_data, paths.RAW, params.data, paths.MANIFEST, paths.DATA_REPORT)
+        loaded = manifest.load_manifest()
         bb = create_backbone(params.model.backbone, params.model.weights, params.model.image_size)
         spec = working_spec(bb.spec, params.finetune.augment, params.data)
 
@@ -102,16 +106,16 @@ def main() -> None:
                                                    for p in chunk])})
 
         t_old, _ = timed(full_decode_path)
-        t_features, stats = timed(features.extract_features, manifest, params, paths.FEATURES_DIR, progress=False)
+        t_features, stats = timed(extract.extract_features, loaded, params, paths.FEATURES_DIR, progress=False)
 
         decoded: list[str] = []
-        original = tlops.images.decode
-        tlops.images.decode = lambda *a, **k: decoded.append(a[0]) or original(*a, **k)
+        original = tlops.features.working_images.decode
+        tlops.features.working_images.decode = lambda *a, **k: decoded.append(a[0]) or original(*a, **k)
         per_epoch = []
-        train.save_head(train.train_head(features.load_feature_dataset(), params.head))
-        t_finetune, _ = timed(train.finetune, params, manifest, paths.HEAD_DIR, on_epoch=lambda row, epoch:
+        head.save_head(head.train_head_grid(dataset.load_feature_dataset(), params.head))
+        t_finetune, _ = timed(finetune.finetune_model, params, loaded, paths.HEAD_DIR, on_epoch=lambda row, epoch:
                               per_epoch.append(len(decoded)))
-        tlops.images.decode = original
+        tlops.features.working_images.decode = original
 
     n = len(rows)
     print(f"\n{n} JPEGs of {size[0]}x{size[1]} at {args.image_size} px, {os.cpu_count()} cores")

@@ -39,7 +39,7 @@ def scans(out: Path, patients: int = 120, per_patient: int = 8, seed: int = 0) -
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from tlops import dicom
+    from tlops.inputs import dicom
 
     digits = load_digits().images
     rng = np.random.default_rng(seed)
@@ -73,7 +73,7 @@ def scans(out: Path, patients: int = 120, per_patient: int = 8, seed: int = 0) -
 
 def straddling(project: Path) -> tuple[int, int]:
     """(patients in more than one split, patients) from the manifest, reading each scan's PatientID."""
-    from tlops import dicom
+    from tlops.inputs import dicom
 
     splits: dict[str, set[str]] = defaultdict(set)
     for line in (project / "data/prepared/manifest.csv").read_text().splitlines()[1:]:

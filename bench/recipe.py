@@ -35,8 +35,8 @@ def baseline(project: Path) -> dict[str, float]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from tlops.data import load_manifest
-    from tlops.preprocess import load_image
+    from tlops.data.manifest import load_manifest
+    from tlops.inputs.images import load_image
 
     manifest = load_manifest(project / "data/prepared/manifest.csv")
 

@@ -68,7 +68,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tlops import paths  # noqa: E402
+from tlops.core import paths
 
 STANDIN_CLASSES = 10
 STANDIN_SIZE = 96
@@ -105,7 +105,7 @@ def pipeline_models(need_eager: bool) -> Models | None:
         return None
     model = None
     if need_eager:
-        from tlops.model import load_classifier
+        from tlops.models.classifier import load_classifier
 
         model, _ = load_classifier(paths.FINETUNE_DIR)
     int8 = paths.INT8_ONNX if paths.INT8_ONNX.exists() else None
@@ -118,30 +118,33 @@ def standin_models(workdir: Path, calibration: list[bytes], int8: bool) -> Model
     quantized with the pipeline's functions."""
     import torch
 
-    from tlops import drift, onnx_meta, runtime
-    from tlops.backbones import create_backbone
-    from tlops.export import build_metadata, export_onnx, quantize_int8, with_embedding, write_metadata
-    from tlops.model import Classifier, build_head
-    from tlops.preprocess import load_image, preprocess
+    from tlops.export.lineage import build_metadata, write_metadata
+    from tlops.export.onnx_export import export_onnx, with_embedding
+    from tlops.export.verify import quantize_int8
+    from tlops.inputs.images import load_image, preprocess
+    from tlops.models.backbones import create_backbone
+    from tlops.models.classifier import Classifier
+    from tlops.models.heads import build_head
+    from tlops.onnx import drift, metadata, runtime
 
     torch.manual_seed(0)
     bb = create_backbone("efficientnet_lite0", weights="random", image_size=STANDIN_SIZE)
     model = Classifier(bb.model, build_head("linear", bb.num_features, STANDIN_CLASSES, 256, 0.0)).eval()
     fp32 = workdir / "model.onnx"
-    export_onnx(with_embedding(model), bb.spec.input_size, fp32, 17, (onnx_meta.OUTPUT, onnx_meta.EMBEDDING))
+    export_onnx(with_embedding(model), bb.spec.input_size, fp32, 17, (metadata.OUTPUT, metadata.EMBEDDING))
     meta = build_metadata([f"class_{i}" for i in range(STANDIN_CLASSES)], bb.spec, bb.name, None, None, None, "bench")
     batches = [np.stack([preprocess(load_image(b, 10**8), bb.spec) for b in calibration[i:i + 8]])
                for i in range(0, min(len(calibration), 64), 8)]
     sess = runtime.session(fp32, cpu_only=True)
-    outs = [sess.run([onnx_meta.OUTPUT, onnx_meta.EMBEDDING], {onnx_meta.INPUT: x}) for x in batches]
-    meta[onnx_meta.DRIFT_REFERENCE] = drift.to_json(drift.reference(np.concatenate([o[0] for o in outs]),
+    outs = [sess.run([metadata.OUTPUT, metadata.EMBEDDING], {metadata.INPUT: x}) for x in batches]
+    meta[metadata.DRIFT_REFERENCE] = drift.to_json(drift.reference(np.concatenate([o[0] for o in outs]),
                                                                     np.concatenate([o[1] for o in outs])))
     write_metadata(fp32, meta)
-    onnx_meta.write_sha256(fp32)
+    metadata.write_sha256(fp32)
     q = None
     if int8:
         q = quantize_int8(fp32, workdir / "model.int8.onnx", batches)
-        onnx_meta.write_sha256(q)
+        metadata.write_sha256(q)
     note = (f"stand-in: {bb.name} random init + linear head, {STANDIN_SIZE} px, {STANDIN_CLASSES} classes "
             "(no models/model.onnx + models/finetuned here; run `tlops run` for the real one)")
     return Models(fp32, q, model, note, standin=True)
@@ -150,7 +153,7 @@ def standin_models(workdir: Path, calibration: list[bytes], int8: bool) -> Model
 def bench_images(n: int) -> tuple[list[bytes], str]:
     """PNG/JPEG bytes: the prepared test split when there is one, else generated 64x64 PNGs."""
     if paths.MANIFEST.exists():
-        from tlops.data import load_manifest
+        from tlops.data.manifest import load_manifest
 
         rows = load_manifest(paths.MANIFEST).rows_in("test")[:n]
         if rows:
@@ -241,7 +244,7 @@ def check_answer(mode: str, target: str, folder: Path, ref_logits: np.ndarray, l
     else:
         import httpx
 
-        from tlops import onnx_meta
+        from tlops.onnx import metadata
 
         r = httpx.post(f"{target}{meta['path']}", content=body, timeout=60,
                        headers={"Content-Type": meta["content_type"], **meta["headers"][0]})
@@ -254,7 +257,7 @@ def check_answer(mode: str, target: str, folder: Path, ref_logits: np.ndarray, l
             got = np.frombuffer(r.content[int(hl):], "<f4")
         elif mode in ("json", "mlserver"):  # MLServer answers every output of the MLflow model: pick the logits
             outs = r.json()["outputs"]
-            got = np.array(next((o for o in outs if o["name"] == onnx_meta.OUTPUT), outs[0])["data"], np.float32)
+            got = np.array(next((o for o in outs if o["name"] == metadata.OUTPUT), outs[0])["data"], np.float32)
         elif mode == "mlflow":
             pred = r.json()["predictions"]
             got = np.array(pred["logits"] if isinstance(pred, dict) else pred, np.float32).ravel()
@@ -348,8 +351,8 @@ def stop_group(proc: subprocess.Popen) -> None:
 def mlflow_model(models: Models, workdir: Path, registered: str) -> tuple[str, str, str]:
     """(model URI, tracking URI, what it is) for the baselines: the pipeline store's champion when the
     benchmarked model is the pipeline's and the store holds one, else models.fp32 registered in a temp store."""
-    from tlops import registry, tracking
-    from tlops.io import sha256_file
+    from tlops.core.io import sha256_file
+    from tlops.tracking import registry, runs
 
     if not models.standin and ((ROOT / paths.MLFLOW_DB).exists() or os.environ.get("MLFLOW_TRACKING_URI")):
         version = registry.get_alias_version(registered, registry.CHAMPION)
@@ -357,7 +360,7 @@ def mlflow_model(models: Models, workdir: Path, registered: str) -> tuple[str, s
             tags = registry.get_version_tags(registered, version)
             same = "the same file" if tags.get("sha256") == sha256_file(models.fp32) else \
                 f"NOT byte-identical to {models.fp32} (registered from {tags.get('source_file', '?')})"
-            return (f"models:/{registered}@{registry.CHAMPION}", tracking.tracking_uri(),
+            return (f"models:/{registered}@{registry.CHAMPION}", runs.tracking_uri(),
                     f"models:/{registered}@{registry.CHAMPION} = version {version} of the pipeline store, {same}")
     import logging
 
@@ -367,9 +370,9 @@ def mlflow_model(models: Models, workdir: Path, registered: str) -> tuple[str, s
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
-    from tlops import onnx_meta, runtime
+    from tlops.onnx import metadata, runtime
 
-    tracking._quiet_mlflow()
+    runs._quiet_mlflow()
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     store = workdir / "mlflow"
     store.mkdir()
@@ -378,7 +381,7 @@ def mlflow_model(models: Models, workdir: Path, registered: str) -> tuple[str, s
     client = MlflowClient(uri)
     exp = client.create_experiment("bench", artifact_location=(store / "artifacts").as_uri())
     sess = runtime.session(models.fp32, cpu_only=True)
-    size = onnx_meta.spec_of(onnx_meta.read_metadata(models.fp32)).input_size
+    size = metadata.spec_of(metadata.read_metadata(models.fp32)).input_size
     x = np.zeros((1, 3, size, size), np.float32)
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x}), strict=True))
     name = "tlops-bench"
@@ -442,9 +445,9 @@ def local_model(model_uri: str, tracking_uri: str, dst: Path) -> Path:
     """The MLflow model folder behind `model_uri`, downloaded from its store (what MLServer's parameters.uri names)."""
     import mlflow
 
-    from tlops import tracking
+    from tlops.tracking import runs
 
-    tracking._quiet_mlflow()
+    runs._quiet_mlflow()
     mlflow.set_tracking_uri(tracking_uri)
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
 
@@ -643,7 +646,7 @@ def eager_torch(model: object, images: list[bytes], spec: object, batch: int, ma
     """Images/s of eager PyTorch doing the same work per request: decode + preprocess + forward."""
     import torch
 
-    from tlops.preprocess import load_image, preprocess
+    from tlops.inputs.images import load_image, preprocess
 
     def step(chunk: list[bytes]) -> None:
         x = torch.from_numpy(np.stack([preprocess(load_image(b, 10**8), spec) for b in chunk]))
@@ -660,8 +663,8 @@ def eager_torch(model: object, images: list[bytes], spec: object, batch: int, ma
 
 
 def ort_direct(fp32: Path, int8: Path | None, spec: object, images: list[bytes]) -> dict:
-    from tlops.export import benchmark
-    from tlops.preprocess import load_image, preprocess
+    from tlops.export.verify import benchmark
+    from tlops.inputs.images import load_image, preprocess
 
     x = np.stack([preprocess(load_image(b, 10**8), spec) for b in images[:32]])
     out = {"fp32": benchmark(fp32, x, repeats=40)}
@@ -672,9 +675,9 @@ def ort_direct(fp32: Path, int8: Path | None, spec: object, images: list[bytes])
 
 def observe_cost(model: Path, n: int = 5000) -> float | None:
     """Seconds of drift.Monitor.observe per one-image request on this model's reference (None: it has none)."""
-    from tlops import drift, onnx_meta
+    from tlops.onnx import drift, metadata
 
-    monitor = drift.Monitor.from_metadata(onnx_meta.read_metadata(model), 500, 1.0)
+    monitor = drift.Monitor.from_metadata(metadata.read_metadata(model), 500, 1.0)
     if monitor is None or not monitor.k:
         return None
     rng = np.random.default_rng(0)
@@ -770,9 +773,9 @@ def main() -> int:
         return 0
     os.chdir(ROOT)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from tlops import onnx_meta, runtime
-    from tlops.config import load_params
-    from tlops.preprocess import load_image, preprocess
+    from tlops.core.config import load_params
+    from tlops.inputs.images import load_image, preprocess
+    from tlops.onnx import metadata, runtime
 
     params = load_params()
     serve = params.serve.model_dump(exclude={"model", "host", "port"})
@@ -787,12 +790,12 @@ def main() -> int:
         work = Path(tmp)
         images, images_note = bench_images(args.images)
         models = pipeline_models(not args.no_eager) or standin_models(work, images, not args.no_int8)
-        meta = onnx_meta.read_metadata(models.fp32)
-        spec, labels = onnx_meta.spec_of(meta), onnx_meta.labels_of(meta)
+        meta = metadata.read_metadata(models.fp32)
+        spec, labels = metadata.spec_of(meta), metadata.labels_of(meta)
         name = models.fp32.stem  # the v2 API's model name
         tensors = [preprocess(load_image(b, 10**8), spec)[None] for b in images[:TENSOR_PAYLOADS]]
         sess = runtime.session(models.fp32, cpu_only=True)
-        ref_logits = sess.run([onnx_meta.OUTPUT], {onnx_meta.INPUT: tensors[0]})[0][0]
+        ref_logits = sess.run([metadata.OUTPUT], {metadata.INPUT: tensors[0]})[0][0]
         kinds = dict.fromkeys(PAYLOAD_OF.get(m, m) for m in args.modes)
         built = {k: write_payloads(work / "payloads", k, images, tensors, name) for k in kinds}
         payloads = {m: built[PAYLOAD_OF.get(m, m)] for m in args.modes}

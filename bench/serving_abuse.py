@@ -59,7 +59,7 @@ def text_rows_dicom() -> bytes:
     import pydicom
     from pydicom.dataelem import DataElement
 
-    from tlops import dicom
+    from tlops.inputs import dicom
 
     ds = pydicom.dcmread(io.BytesIO(dicom.encode(np.zeros((8, 8), np.uint16))), force=True)
     ds[0x00280010] = DataElement(0x00280010, "LO", NAME)

@@ -5,9 +5,9 @@
 
   extraction  texts/s of the frozen all-MiniLM-L6-v2 encoder (mean pooling, max 128 tokens) over --n texts, batches
               of 64 sorted by length as the features stage runs them: eager PyTorch (inference_mode) against the
-              ONNX Runtime export the features stage uses on CPU (tlops.inference.make_runner)
+              ONNX Runtime export the features stage uses on CPU (tlops.features.frozen.make_runner)
   finetune    training texts/s of the fine-tuning step as tlops runs it: the top 3 layer groups unfrozen, AdamW,
-              batch 32, finetune.precision auto (what tlops.devices picks here)
+              batch 32, finetune.precision auto (what tlops.training.devices picks here)
   serving     POST /predict (text/plain, one text per request) to `python -m serving` at each concurrency, the fp32
               model and its int8 dynamic quantization (tlops.export.quantize_int8), every answer's status checked;
               and ONNX Runtime directly (batch 32) for both
@@ -31,8 +31,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tlops import onnx_meta, paths  # noqa: E402
-from tlops.text import load_text  # noqa: E402
+from tlops.core import paths
+from tlops.inputs.text import load_text
+from tlops.onnx import metadata
 
 
 def bench_serving_module():
@@ -66,8 +67,8 @@ def timed(fn, repeats: int = 1) -> float:
 def extraction(texts: list[str]) -> dict:
     import torch
 
-    from tlops.backbones import create_backbone
-    from tlops.inference import make_runner, torch_runner
+    from tlops.features.frozen import make_runner, torch_runner
+    from tlops.models.backbones import create_backbone
 
     bb = create_backbone("minilm_l6")
     ids = bb.spec.encode(texts)
@@ -86,10 +87,11 @@ def finetune_speed(texts: list[str], steps: int = 12) -> dict:
     import torch
     from torch.nn import functional as F
 
-    from tlops.backbones import create_backbone
-    from tlops.devices import amp_dtype
-    from tlops.model import Classifier, build_head
-    from tlops.schedule import param_groups, set_trainable
+    from tlops.models.backbones import create_backbone
+    from tlops.models.classifier import Classifier
+    from tlops.models.heads import build_head
+    from tlops.training.devices import amp_dtype
+    from tlops.training.schedule import param_groups, set_trainable
 
     bb = create_backbone("minilm_l6")
     head = build_head("linear", bb.num_features, 8, 256, 0.2)
@@ -118,19 +120,21 @@ def standin_model(work: Path) -> Path:
     """MiniLM + a random linear head, exported with the embedding output and metadata as the export stage does."""
     import torch
 
-    from tlops.backbones import create_backbone
-    from tlops.export import build_metadata, export_onnx, with_embedding, write_metadata
-    from tlops.model import Classifier, build_head
+    from tlops.export.lineage import build_metadata, write_metadata
+    from tlops.export.onnx_export import export_onnx, with_embedding
+    from tlops.models.backbones import create_backbone
+    from tlops.models.classifier import Classifier
+    from tlops.models.heads import build_head
 
     bb = create_backbone("minilm_l6")
     torch.manual_seed(0)
     model = Classifier(bb.model, build_head("linear", bb.num_features, 8, 256, 0.0)).eval()
     path = work / "model.onnx"
-    export_onnx(with_embedding(model), bb.spec.input_size, path, 17, (onnx_meta.OUTPUT, onnx_meta.EMBEDDING),
+    export_onnx(with_embedding(model), bb.spec.input_size, path, 17, (metadata.OUTPUT, metadata.EMBEDDING),
                 example=bb.spec.batch(["a stand-in", "model"]))
     write_metadata(path, build_metadata([f"class_{i}" for i in range(8)], bb.spec, "minilm_l6", None, None, None,
                                         "standin"))
-    onnx_meta.write_sha256(path)
+    metadata.write_sha256(path)
     return path
 
 
@@ -154,9 +158,9 @@ def serving(model: Path, int8: Path, texts: list[str], levels: list[int], max_se
 
 
 def ort_direct(model: Path, int8: Path, texts: list[str]) -> dict:
-    from tlops import runtime
+    from tlops.onnx import runtime
 
-    spec = onnx_meta.spec_of(onnx_meta.read_metadata(model))
+    spec = metadata.spec_of(metadata.read_metadata(model))
     ids = spec.encode(texts)
     batches = [spec.pad(ids[s : s + 32]) for s in range(0, len(ids), 32)]
     out = {}
@@ -180,17 +184,17 @@ def main() -> int:
     print(f"{len(texts)} texts from {args.texts or 'the generator'}", flush=True)
     print("extraction:", json.dumps(extraction(texts)), flush=True)
     print("finetune:", json.dumps(finetune_speed(texts)), flush=True)
-    from tlops.export import quantize_int8
+    from tlops.export.verify import quantize_int8
 
     with tempfile.TemporaryDirectory(prefix="tlops-bench-text-") as tmp:
         work = Path(tmp)
         model = args.model
         if model is None and paths.ONNX.exists() and \
-                onnx_meta.input_kind_of(onnx_meta.read_metadata(paths.ONNX)) == "text":
+                metadata.input_kind_of(metadata.read_metadata(paths.ONNX)) == "text":
             model = paths.ONNX
         model = model or standin_model(work)
         int8 = quantize_int8(model, work / "model.int8.onnx", None)
-        onnx_meta.write_sha256(int8)
+        metadata.write_sha256(int8)
         print(f"model: {model}", flush=True)
         print("onnxruntime direct (texts/s, batch 32):", json.dumps(ort_direct(model, int8, texts)), flush=True)
         levels = [int(c) for c in args.concurrency.split(",")]

@@ -20,22 +20,25 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from tlops import data, paths
-from tlops.backbones import create_backbone
-from tlops.config import Params, load_params
-from tlops.data import Manifest
-from tlops.devices import torch_threads
-from tlops.features import extract_with, load_feature_dataset, make_runner
-from tlops.model import build_head
-from tlops.preprocess import load_and_preprocess
-from tlops.train import train_head
+from tlops.core import paths
+from tlops.core.config import Params, load_params
+from tlops.data import manifest, prepare, sources
+from tlops.data.manifest import Manifest
+from tlops.features.dataset import load_feature_dataset
+from tlops.features.extract import extract_with
+from tlops.features.frozen import make_runner
+from tlops.inputs.model_input import load_and_preprocess
+from tlops.models.backbones import create_backbone
+from tlops.models.heads import build_head
+from tlops.training.devices import torch_threads
+from tlops.training.head import train_head_grid
 
 
 def digits_subset(params: Params, images: int) -> Manifest:
     """The embedded digits, ingested and prepared in the cwd; the first `images` train rows + a quarter as many val."""
-    data.ingest(params.data.model_copy(update={"source": "digits"}))
-    data.prepare(paths.RAW, params.data, paths.MANIFEST, paths.DATA_REPORT)
-    m = data.load_manifest()
+    sources.ingest_source(params.data.model_copy(update={"source": "digits"}))
+    prepare.prepare_data(paths.RAW, params.data, paths.MANIFEST, paths.DATA_REPORT)
+    m = manifest.load_manifest()
     if images <= 0:
         return Manifest(rows=m.rows_in("train") + m.rows_in("val"), classes=m.classes)
     rows = m.rows_in("train")[:images] + m.rows_in("val")[: max(1, images // 4)]
@@ -48,7 +51,7 @@ def frozen_base(bb, manifest: Manifest, params: Params) -> tuple[float, float, s
     stats = extract_with(bb, manifest, params, paths.FEATURES_DIR, progress=False)
     extract = time.perf_counter() - t
     t = time.perf_counter()
-    train_head(load_feature_dataset(), params.head)
+    train_head_grid(load_feature_dataset(), params.head)
     return extract, time.perf_counter() - t, stats["engine"]
 
 

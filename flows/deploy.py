@@ -14,8 +14,8 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from flows.pipeline import pipeline_flow
-from tlops.config import Params, ScheduleParams
-from tlops.errors import ConfigError
+from tlops.core.config import Params, ScheduleParams
+from tlops.core.errors import ConfigError
 
 ENTRYPOINT = "flows/pipeline.py:pipeline_flow"
 SCHEDULED_PARAMETERS = {"refresh": True}

@@ -15,8 +15,8 @@ import httpx
 from prefect import flow
 from prefect.input import RunInput
 
-from tlops.errors import ConfigError, TlopsError
-from tlops.secrets import read_keys
+from tlops.core.errors import ConfigError, TlopsError
+from tlops.core.secrets import read_keys
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,12 @@ from orchestration import report as pipeline_report
 from orchestration.prefect_server import TemporaryServer, prefect_api
 from orchestration.report import StageRecord
 from orchestration.workspace import workspace_lock
-from tlops import paths, tracking
-from tlops.config import Params, ScheduleParams, load_params
-from tlops.config import params_path as resolve_params_path
-from tlops.config import set_params as write_params
-from tlops.errors import ConfigError, TlopsError, is_permanent
+from tlops.core import paths
+from tlops.core.config import Params, ScheduleParams, load_params
+from tlops.core.config import params_path as resolve_params_path
+from tlops.core.config import set_params as write_params
+from tlops.core.errors import ConfigError, TlopsError, is_permanent
+from tlops.tracking import runs
 
 if TYPE_CHECKING:
     from dvc.repo import Repo
@@ -55,7 +56,7 @@ def pipeline_flow(params_path: str | None = None, refresh: bool = False, force: 
 
     params = load_params(params_path)
     _check_params_file(params_path)
-    from tlops.data import forget_data_version  # here, not above: numpy and Pillow stay out of a cached start-up
+    from tlops.data.version import forget_data_version
 
     forget_data_version()  # learnt anew once the ingest stage is up to date
     started = time.perf_counter()
@@ -67,7 +68,7 @@ def pipeline_flow(params_path: str | None = None, refresh: bool = False, force: 
         if set_params:
             params = write_params(set_params, params_path)
             log.info("params set for this run: %s", ", ".join(f"{k}={v!r}" for k, v in set_params.items()))
-        with tracking.pipeline_run(params) as parent:
+        with runs.pipeline_run(params) as parent:
             try:
                 with dvc_stages.open_repo() as repo:
                     _run_stages(repo, params, params_path, refresh, force, records)
@@ -95,7 +96,7 @@ def run_pipeline(params_path: str | None = None, refresh: bool = False, force: b
 def _run_stages(repo: Repo, params: Params, params_path: str | None, refresh: bool, force: bool,
                 records: list[StageRecord]) -> None:
     """Each stage in order; on a failure record it (and the stages left) and re-raise."""
-    from tlops.data import remember_data_version
+    from tlops.data.version import remember_data_version
 
     stages = dvc_stages.pipeline_stages(repo)
     for stage in stages:  # a stage that cannot run in-process fails the run before any stage runs
@@ -181,7 +182,7 @@ def _is_transient(task: Task, task_run: Any, state: State) -> bool:
     return not (isinstance(exc, BaseException) and is_permanent(exc))
 
 
-def _finish(records: list[StageRecord], seconds: float, parent: tracking.StageRun) -> dict[str, Any]:
+def _finish(records: list[StageRecord], seconds: float, parent: runs.StageRun) -> dict[str, Any]:
     """Summarise the run; tag the MLflow parent; publish the Prefect artifacts; print the table.
 
     Runs after a failure too, so nothing here may raise: a stage's error must reach the caller unmasked.
@@ -208,18 +209,18 @@ def _finish(records: list[StageRecord], seconds: float, parent: tracking.StageRu
 def _mlflow_url(run_id: str) -> str | None:
     """The MLflow UI page of the parent run."""
     try:
-        experiment = tracking.client().get_run(run_id).info.experiment_id
+        experiment = runs.client().get_run(run_id).info.experiment_id
     except Exception as e:  # noqa: BLE001
         log.warning("no MLflow link for run %s: %s", run_id, e)
         return None
-    return pipeline_report.mlflow_run_url(tracking.tracking_uri(), experiment, run_id)
+    return pipeline_report.mlflow_run_url(runs.tracking_uri(), experiment, run_id)
 
 
 def _data_version() -> str | None:
     """This run's data version, when data/raw exists (known since the ingest stage: not hashed again)."""
     if not paths.RAW.is_dir():
         return None
-    from tlops.data import current_data_version
+    from tlops.data.version import current_data_version
 
     try:
         return current_data_version()
@@ -243,7 +244,7 @@ def _one_line(exc: BaseException) -> str:
 def _preload() -> None:
     """Import DVC and the stage modules (torch, timm, ...) and open the MLflow store now: done while a temporary
     Prefect server starts, on the other core, it costs no wall time."""
-    tracking.client()  # MLflow keeps the store (engine, schema check) for the process: the run reuses it
+    runs.client()  # MLflow keeps the store (engine, schema check) for the process: the run reuses it
     try:
         with dvc_stages.open_repo() as repo:
             for stage in dvc_stages.pipeline_stages(repo):

@@ -27,8 +27,8 @@ from typing import Any
 
 from prefect import flow
 
-from tlops import paths
-from tlops.errors import ConfigError, TlopsError
+from tlops.core import paths
+from tlops.core.errors import ConfigError, TlopsError
 
 DEPLOYMENT = "sweep"
 SWEEPS_DIR = paths.STATE_DIR / "sweeps"
@@ -97,8 +97,8 @@ def sweep(grid: dict[str, list[Any]], pool: str, concurrency: int = 2, timeout_s
     from prefect.deployments import run_deployment
 
     from flows.deploy import _require_server
-    from tlops import tracking
-    from tlops.config import load_params
+    from tlops.core.config import load_params
+    from tlops.tracking import runs
 
     root = (root or Path.cwd()).resolve()
     if not grid:
@@ -116,7 +116,8 @@ def sweep(grid: dict[str, list[Any]], pool: str, concurrency: int = 2, timeout_s
                       "registered_model": registered_model}
         run = run_deployment(name, parameters=parameters, timeout=0, tags=["sweep", sweep_id])
         trials.append({"trial": folder.name, "params": changes, "folder": folder, "flow_run_id": str(run.id)})
-    print(f"sweep {sweep_id}: {len(trials)} runs of {name} on pool {pool!r} (at most {concurrency} at once)")
+    print(f"sweep {sweep_id}: {len(trials)} runs of {name} on pool {pool!r} (at most {concurrency} at once)",
+          file=sys.stderr)  # progress; stdout is the result's (tlops sweep --json)
     deadline = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
         while True:
@@ -130,7 +131,7 @@ def sweep(grid: dict[str, list[Any]], pool: str, concurrency: int = 2, timeout_s
         t["state"] = states[t["flow_run_id"]].type.value
         t.update(_scores(t["folder"]) if t["state"] == "COMPLETED" else {})
     rows = sorted(trials, key=lambda t: (t.get("score") is None, -(t.get("score") or 0.0)))
-    parent = _log_to_mlflow(tracking, sweep_id, grid, rows)
+    parent = _log_to_mlflow(runs, sweep_id, grid, rows)
     return {"sweep": sweep_id, "deployment": name, "mlflow_parent_run_id": parent,
             "trials": [{k: (str(v) if k == "folder" else v) for k, v in t.items()} for t in rows]}
 
@@ -139,7 +140,7 @@ def _validate(changes: dict[str, Any]) -> None:
     """The params a trial would run with, validated here (a typo fails the sweep before any run starts)."""
     import tempfile
 
-    from tlops.config import params_path, set_params
+    from tlops.core.config import params_path, set_params
 
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "params.yaml"
@@ -161,10 +162,10 @@ def _scores(folder: Path) -> dict[str, Any]:
             "finetuned": m.get("finetuned", {}).get(metric), "selected": m.get("selected")}
 
 
-def _log_to_mlflow(tracking: Any, sweep_id: str, grid: dict[str, list[Any]], rows: list[dict]) -> str:
+def _log_to_mlflow(runs: Any, sweep_id: str, grid: dict[str, list[Any]], rows: list[dict]) -> str:
     """One parent run for the sweep in the project's store, one child run per trial with its params and scores."""
-    c = tracking.client()
-    exp = tracking.experiment_id(c)
+    c = runs.client()
+    exp = runs.experiment_id(c)
     parent = c.create_run(exp, run_name=f"sweep-{sweep_id}", tags={"tlops.kind": "sweep"}).info.run_id
     c.log_param(parent, "grid", json.dumps(grid))
     for t in rows:

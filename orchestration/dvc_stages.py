@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tlops.errors import ConfigError
+from tlops.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from dvc.repo import Repo
@@ -68,11 +68,11 @@ def pipeline_stages(repo: Repo) -> list[PipelineStage]:
 
 
 def stage_module(stage: PipelineStage) -> str:
-    """The module that the stage's cmd runs: `python -m flows.prepare` -> "flows.prepare"."""
+    """The module that the stage's cmd runs: `python -m tasks.prepare` -> "tasks.prepare"."""
     match = _CMD.match(stage.cmd.strip()) if isinstance(stage.cmd, str) else None
     if match is None:
         raise ConfigError(f"dvc.yaml: stage {stage.addressing} has cmd {stage.cmd!r}; the pipeline runs stages "
-                          "in-process and needs `python -m <module>` (e.g. python -m flows.prepare)")
+                          "in-process and needs `python -m <module>` (e.g. python -m tasks.prepare)")
     return match.group(1)
 
 

@@ -1,4 +1,5 @@
-"""A temporary Prefect API server for `tlops run` (and each stage process) when no server is configured.
+"""A Prefect API for this process: a temporary server for `tlops run` (and each stage process) when no server is
+configured, and a stage run under it (`python -m tasks.<stage>`, what dvc.yaml runs, and `tlops stage`).
 
 Prefect starts such a server itself on first use, but only after importing `prefect.server` in this process
 (about 3 s here), and then waits for it. Spawned first thing, before Prefect is even imported, its start-up
@@ -9,6 +10,7 @@ Prefect's app factory, UI off, ephemeral mode), on a free loopback port, stopped
 from __future__ import annotations
 
 import atexit
+import gc
 import importlib.util
 import os
 import socket
@@ -18,8 +20,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from tlops.errors import TlopsError
+from tlops.core.config import load_params
+from tlops.core.errors import ConfigError, TlopsError
 
 # What Prefect's own temporary server sets, plus no telemetry (offline it only logs errors) and no
 # re-registration of block types on every start (a second or so; the pipeline uses none).
@@ -144,3 +148,38 @@ def _drain_prefect_workers(timeout_s: float = 10.0) -> None:
 
     APILogWorker.drain_all(timeout=timeout_s)
     EventsWorker.drain_all(timeout=timeout_s)
+
+
+# ---------------------------------------------------------------- a stage run
+
+
+def stage_flow(task: Any) -> Any:
+    """A Prefect flow named after the stage's task that runs it: so that `dvc repro` records each stage in Prefect."""
+    from prefect import flow
+
+    @flow(name=task.name)
+    def stage(params_path: str | None = None) -> Any:
+        return task(params_path)
+
+    return stage
+
+
+def run_stage(task: Any) -> None:
+    """Entry point of `python -m tasks.<stage>`: validate params first, then run the stage's flow.
+
+    A config error exits 2 and any other tlops error exits 1, each with one line naming the problem,
+    before Prefect or any model is started.
+    """
+    try:
+        load_params()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        with prefect_api():  # under plain `dvc repro` each stage process needs a Prefect API of its own
+            stage_flow(task)()
+    except TlopsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        gc.freeze()  # the interpreter's last collection over torch & co. would add 1.5 s to the stage's exit

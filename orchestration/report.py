@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tlops import paths
-from tlops.io import read_json
-from tlops.secrets import without_credentials
+from tlops.core import paths
+from tlops.core.io import read_json
+from tlops.core.secrets import without_credentials
 
 log = logging.getLogger(__name__)
 

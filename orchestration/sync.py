@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tlops.errors import TlopsError
+from tlops.core.errors import TlopsError
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
 
-from tlops.errors import WorkspaceBusyError
+from tlops.core.errors import WorkspaceBusyError
 
 
 @contextmanager

@@ -9,8 +9,8 @@ import argparse
 import sys
 
 from serving.app import serve
-from tlops.config import load_params
-from tlops.errors import TlopsError
+from tlops.core.config import load_params
+from tlops.core.errors import TlopsError
 
 
 def main(argv: list[str] | None = None) -> int:

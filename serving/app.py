@@ -22,10 +22,10 @@ from fastapi import FastAPI
 from serving import rest
 from serving.dataplane import Service
 from serving.middleware import BodyLimit, Gate, RequestMetrics
-from serving.model import ModelSource
 from serving.security import Guard, redact_handlers, tls_files
-from tlops.config import ServeParams
-from tlops.errors import ConfigError
+from serving.served_model import ModelSource
+from tlops.core.config import ServeParams
+from tlops.core.errors import ConfigError
 
 log = logging.getLogger("serving")
 

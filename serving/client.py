@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tlops.errors import ConfigError, TlopsError
+from tlops.core.errors import ConfigError, TlopsError
 
 BATCH = 32  # files or texts per request
 

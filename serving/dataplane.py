@@ -34,12 +34,12 @@ from serving import inputs
 from serving.batcher import Closed, MicroBatcher, QueueFull
 from serving.input_log import InputLog
 from serving.limits import Budget, BudgetSpent, Deadline, DeadlineExceeded, Ticket, TooLarge, Trimmer
-from serving.metrics import Metrics
-from serving.model import LoadedModel, ModelSource, Outputs, file_key, load_model, warm_up
+from serving.prometheus import Metrics
 from serving.protocol import FILE_INPUT, IMAGE_INPUT, TEXT_INPUT, ApiError, InferRequest, shown
-from tlops import drift, onnx_meta
-from tlops.config import ServeParams
-from tlops.secrets import redact
+from serving.served_model import LoadedModel, ModelSource, Outputs, file_key, load_model, warm_up
+from tlops.core.config import ServeParams
+from tlops.core.secrets import redact
+from tlops.onnx import drift, metadata
 
 log = logging.getLogger("serving")
 
@@ -181,8 +181,8 @@ class Service:
             if old is not None and old.task != new.task:  # clients' label indices and inputs change meaning
                 self.metrics.task_changes.inc()
                 log.warning("model %s version %s is of another task than version %s it replaces: %s -> %s",
-                            new.name, new.version, old.version, onnx_meta.describe_task(old.task),
-                            onnx_meta.describe_task(new.task))
+                            new.name, new.version, old.version, metadata.describe_task(old.task),
+                            metadata.describe_task(new.task))
             return True
 
     def _load_and_warm(self, path: Path) -> LoadedModel:
@@ -293,6 +293,6 @@ class Service:
         if self.input_log is not None:
             scores["logged"] = self.input_log.kept
         if self.model is not None:
-            scores["input_kind"] = onnx_meta.input_kind_of(self.model.metadata)
+            scores["input_kind"] = metadata.input_kind_of(self.model.metadata)
         self.metrics.drift_scores(scores)
         return scores

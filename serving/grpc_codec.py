@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from serving import protocol
-from serving.model import LoadedModel
 from serving.protocol import ApiError, InferRequest, RequestedOutput, Tensor, shown
+from serving.served_model import LoadedModel
 
 if TYPE_CHECKING:
     import grpc

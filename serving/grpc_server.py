@@ -16,10 +16,10 @@ from typing import Any
 
 from serving import grpc_codec, protocol
 from serving.dataplane import Job, Service, TensorJob
-from serving.model import LoadedModel, Outputs
 from serving.protocol import ApiError
 from serving.security import Guard, grpc_credentials
-from tlops.config import ServeParams
+from serving.served_model import LoadedModel, Outputs
+from tlops.core.config import ServeParams
 
 log = logging.getLogger("serving.grpc")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlops.io import FILE_MODE
+from tlops.core.io import FILE_MODE
 
 KEPT_MODE = FILE_MODE & 0o770  # the pipeline's group may read them; nobody else
 FOLDER_MODE = 0o750
@@ -57,10 +57,10 @@ class InputLog:
         if not self.sampled(data):
             return None
         if not text:
-            from tlops import dicom
+            from tlops.inputs import dicom, dicom_render
 
             if dicom.is_dicom(data):
-                return self._keep_png(dicom.grey8(data))
+                return self._keep_png(dicom_render.grey8(data))
         return self._write(hashlib.sha256(data).hexdigest(), data, "txt" if text else _extension(data))
 
     def keep_pixels(self, image: np.ndarray) -> Path | None:

@@ -1,7 +1,7 @@
 """A request's samples as the model's input: v2 tensors, encoded image files, texts. Every cost is checked before it
 is paid: samples and pixels from shapes and image headers before anything is decoded, the deadline between images.
 
-Decoding is tlops.preprocess's and tlops.text's, the very code training used, so the service sees what the model was
+Decoding is tlops.inputs.images's and tlops.inputs.text's, the very code training used, so the service sees what the model was
 trained on. Every problem raises ApiError naming the input and what would be right.
 """
 
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving.limits import Deadline
-from serving.model import LoadedModel
 from serving.protocol import (
     BYTES,
     CHANNELS,
@@ -27,8 +26,10 @@ from serving.protocol import (
     check_output_names,
     shown,
 )
-from tlops.preprocess import ImageError, PreprocessSpec, declared_pixels, load_and_preprocess, preprocess_uint8
-from tlops.text import TextError, TextSpec
+from serving.served_model import LoadedModel
+from tlops.inputs.images import ImageError, PreprocessSpec, declared_pixels, preprocess_uint8
+from tlops.inputs.model_input import load_and_preprocess
+from tlops.inputs.text import TextError, TextSpec
 
 INTEGER_TYPES = ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64")
 
@@ -120,7 +121,7 @@ def _token_tensor(t: Tensor, model: LoadedModel) -> np.ndarray:
 def decode_texts(texts: list[tuple[str, bytes]], spec: TextSpec, max_text_chars: int,
                  deadline: Deadline | None = None) -> np.ndarray:
     """(what to call it in an error, UTF-8 bytes) -> token ids (N, L) padded to the longest, tokenised as in training
-    (tlops.text); 400 for a text that is not UTF-8 or empty, 413 for one over max_text_chars."""
+    (tlops.inputs.text); 400 for a text that is not UTF-8 or empty, 413 for one over max_text_chars."""
     cleaned = []
     for label, data in texts:
         if deadline is not None:

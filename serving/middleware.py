@@ -11,7 +11,7 @@ from typing import Any
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.metrics import Metrics
+from serving.prometheus import Metrics
 from serving.protocol import ApiError
 from serving.security import Guard
 

@@ -8,11 +8,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from serving.model import LoadedModel, ModelSource, top_labels
-from tlops.errors import ConfigError
-from tlops.preprocess import ImageError, load_and_preprocess
-from tlops.runtime import softmax
-from tlops.text import TextError, decode_text, load_text
+from serving.served_model import LoadedModel, ModelSource, top_labels
+from tlops.core.errors import ConfigError
+from tlops.inputs.images import ImageError
+from tlops.inputs.model_input import load_and_preprocess
+from tlops.inputs.text import TextError, decode_text, load_text
+from tlops.onnx.runtime import softmax
 
 BATCH = 32
 
@@ -58,7 +59,7 @@ def predict_text_strings(model_path: str | os.PathLike, texts: Sequence[str], fi
 
 def predict_texts(model: LoadedModel, items: Sequence[tuple[str, str | None]], top_k: int) -> list[dict]:
     """(shown as, the text or None to read the file `shown as`) -> {"text", "top_k"...} or {"text", "error",
-    "reason"}, in order; tokenised as the service and training do (tlops.text)."""
+    "reason"}, in order; tokenised as the service and training do (tlops.inputs.text)."""
     results: list[dict] = [{} for _ in items]
     ok: list[tuple[int, np.ndarray]] = []
     for i, (name, text) in enumerate(items):

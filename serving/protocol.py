@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 import tlops
-from serving.model import LoadedModel, Outputs
-from tlops.runtime import softmax
+from serving.served_model import LoadedModel, Outputs
+from tlops.onnx.runtime import softmax
 
 PLATFORM = "onnxruntime_onnx"  # Triton's name for this backend; v2 clients display it as is
 TENSOR_INPUT = "input"         # FP32 [N, 3, S, S], already preprocessed

@@ -20,10 +20,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving import protocol, rest_codec
 from serving.dataplane import NOT_LOADED, FileJob, Job, Service, TensorJob
-from serving.model import LoadedModel, Outputs, top_labels
 from serving.protocol import ApiError
 from serving.security import Guard
-from tlops.runtime import softmax
+from serving.served_model import LoadedModel, Outputs, top_labels
+from tlops.onnx.runtime import softmax
 
 MAX_IMAGES = protocol.MAX_SAMPLES  # per /predict request; the body limit bounds bytes, this bounds decode work
 MAX_TOP_K = 1000

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import orjson
 
-from serving.model import LoadedModel
 from serving.protocol import (
     BYTES,
     FILE_INPUT,
@@ -31,6 +30,7 @@ from serving.protocol import (
     tensor_from_json,
     tensor_from_raw,
 )
+from serving.served_model import LoadedModel
 
 HEADER_LENGTH = "inference-header-content-length"
 

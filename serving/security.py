@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tlops.config import ServeParams
-from tlops.errors import ConfigError
-from tlops.secrets import read_keys, redact
+from tlops.core.config import ServeParams
+from tlops.core.errors import ConfigError
+from tlops.core.secrets import read_keys, redact
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 HEALTH = "health"  # never guarded

@@ -1,20 +1,23 @@
-"""Prefect task of the features stage: the frozen backbone over every manifest image, cached by content."""
+"""The features stage: the frozen backbone's features of every manifest item, extracted once and cached;
+`python -m tasks.features` is its dvc.yaml cmd."""
 
 from __future__ import annotations
 
 from prefect import task
 
-from tlops import paths, tracking
-from tlops.config import load_params
-from tlops.data import load_manifest
-from tlops.features import extract_features
+from orchestration.prefect_server import run_stage
+from tlops.core import paths
+from tlops.core.config import load_params
+from tlops.data.manifest import load_manifest
+from tlops.features.extract import extract_features
+from tlops.tracking.runs import stage_run
 
 
 @task(name="features")
 def features(params_path: str | None = None) -> dict:
-    """Extract the features of new images into features/cache and write features/dataset.npz."""
+    """Extract the features of new items into features/cache and write features/dataset.npz."""
     params = load_params(params_path)
-    with tracking.stage_run("features", params) as run:
+    with stage_run("features", params) as run:
         stats = extract_features(load_manifest(paths.MANIFEST), params, paths.FEATURES_DIR)
         run.set_tags({k: stats[k] for k in ("backbone", "weights_id", "engine")})
         rate = "texts_per_s" if "texts_per_s" in stats else "images_per_s"
@@ -26,3 +29,9 @@ def features(params_path: str | None = None) -> dict:
         print(f"features: {stats['extracted']} extracted, {stats['cached']} cached, {stats['total']} rows, "
               f"{stats['decoded']} images decoded ({stats['images_per_s']} images/s on {stats['engine']})")
     return stats
+
+
+stage_task = features
+
+if __name__ == "__main__":
+    run_stage(features)

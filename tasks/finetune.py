@@ -1,22 +1,28 @@
-"""Prefect task of the finetune stage: backbone + trained head, top layer groups unfrozen at low LRs."""
+"""The finetune stage: backbone + trained head, the top layer groups unfrozen at small, discriminative learning
+rates; `python -m tasks.finetune` is its dvc.yaml cmd."""
 
 from __future__ import annotations
 
 from prefect import task
 
-from tlops import devices, history, paths, tracking, train
-from tlops.config import load_params
-from tlops.data import load_manifest
+from orchestration.prefect_server import run_stage
+from tlops.core import paths
+from tlops.core.config import load_params
+from tlops.data.manifest import load_manifest
+from tlops.tracking.runs import stage_run
+from tlops.training.devices import device_tags, resolve_device
+from tlops.training.epochs import epoch_metrics
+from tlops.training.finetune import finetune_model
 
 
 @task(name="finetune")
 def finetune(params_path: str | None = None) -> dict:
     """Fine-tune on the manifest's images; write models/finetuned, checkpoints and the history CSV."""
     params = load_params(params_path)
-    with tracking.stage_run("finetune", params) as run:
-        run.set_tags(devices.device_tags(devices.resolve_device(params.finetune.device), params.finetune.precision))
-        result = train.finetune(params, load_manifest(paths.MANIFEST), paths.HEAD_DIR, on_epoch=lambda row, epoch:
-                                run.log_metrics(history.epoch_metrics(row), step=epoch))
+    with stage_run("finetune", params) as run:
+        run.set_tags(device_tags(resolve_device(params.finetune.device), params.finetune.precision))
+        result = finetune_model(params, load_manifest(paths.MANIFEST), paths.HEAD_DIR, on_epoch=lambda row, epoch:
+                                run.log_metrics(epoch_metrics(row), step=epoch))
         # Named apart from the per-epoch series (val_accuracy, ...) so those keep one point per epoch.
         run.log_metrics({"finetuned_val_accuracy": result.val_accuracy, "head_val_accuracy": result.head_val_accuracy,
                          "resumed_epochs": float(result.resumed_epochs)})
@@ -28,3 +34,9 @@ def finetune(params_path: str | None = None) -> dict:
           + f"; frozen trunk: {result.trunk}")
     return {"val_accuracy": result.val_accuracy, "head_val_accuracy": result.head_val_accuracy,
             "resumed_epochs": result.resumed_epochs, "device": result.device}
+
+
+stage_task = finetune
+
+if __name__ == "__main__":
+    run_stage(finetune)

@@ -1,26 +1,31 @@
-"""Prefect task of the train_head stage: the new head on cached features (frozen base), best of a small grid."""
+"""The train_head stage: a new head trained on the cached features while the backbone stays frozen;
+`python -m tasks.train_head` is its dvc.yaml cmd."""
 
 from __future__ import annotations
 
 from prefect import task
 
-from tlops import history, paths, scoring, tracking, train
-from tlops.config import load_params
-from tlops.data import load_manifest
-from tlops.features import load_feature_dataset
+from orchestration.prefect_server import run_stage
+from tlops.core import paths
+from tlops.core.config import load_params
+from tlops.evaluate.scoring import policy
+from tlops.features.dataset import load_feature_dataset
+from tlops.tracking.runs import stage_run
+from tlops.training.epochs import epoch_metrics
+from tlops.training.head import save_head, train_head_grid
 
 
 @task(name="train_head")
 def train_head(params_path: str | None = None) -> dict:
     """Train the head on features/dataset.npz; write models/head and reports/head_history.csv."""
     params = load_params(params_path)
-    with tracking.stage_run("train_head", params) as run:
+    with stage_run("train_head", params) as run:
         ds = load_feature_dataset(paths.FEATURES_DATASET)
-        policy = scoring.policy(params, load_manifest(paths.MANIFEST))
-        result = train.train_head(ds, params.head, on_epoch=lambda row, epoch: run.log_metrics(
-            history.epoch_metrics(row), step=epoch), metric=policy.metric,
-            class_weighted=policy.weighted(params.head.class_weighting))
-        train.save_head(result)
+        selection = policy(params, ds.image_labels("train"), ds.classes)
+        result = train_head_grid(ds, params.head, on_epoch=lambda row, epoch: run.log_metrics(
+            epoch_metrics(row), step=epoch), metric=selection.metric,
+            class_weighted=selection.weighted(params.head.class_weighting))
+        save_head(result)
         run.set_tags({"device": "cpu", "backbone": result.backbone.get("backbone", ""),
                       "head.best_lr": result.lr, "head.best_weight_decay": result.weight_decay,
                       "selection_metric": result.metric, "class_weighted": result.class_weighted})
@@ -32,3 +37,9 @@ def train_head(params_path: str | None = None) -> dict:
           f"(lr {result.lr:g}, weight decay {result.weight_decay:g}, {result.epochs} epochs)")
     return {"head_val_accuracy": result.val_accuracy, "lr": result.lr, "weight_decay": result.weight_decay,
             "epochs": result.epochs}
+
+
+stage_task = train_head
+
+if __name__ == "__main__":
+    run_stage(train_head)

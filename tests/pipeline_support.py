@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import run_cmd, write_params
 
-from tlops import tracking
+from tlops.tracking import runs
 
 UP_TO_DATE = "Data and pipelines are up to date"
 
@@ -54,8 +54,8 @@ TOY_HEADER = """
 import os, shutil, time
 from pathlib import Path
 from prefect import task
-from tlops.config import load_params
-from tlops.errors import DataError
+from tlops.core.config import load_params
+from tlops.core.errors import DataError
 
 def _count(name):
     counter = Path(".attempts") / name
@@ -126,15 +126,15 @@ def task_run_states(flow_run_id: str, expected: int, timeout_s: float = 20) -> d
 
 
 def running_mlflow_runs() -> list:
-    c = tracking.client()
-    return c.search_runs([tracking.experiment_id(c)], filter_string="attributes.status = 'RUNNING'")
+    c = runs.client()
+    return c.search_runs([runs.experiment_id(c)], filter_string="attributes.status = 'RUNNING'")
 
 
 @contextmanager
 def toy_workspace(ws: Path, monkeypatch: pytest.MonkeyPatch, stages: list[str]) -> Iterator[Path]:
     """`ws` (the conftest workspace) with a toy dvc.yaml, its own MLflow experiment and retries without delay."""
-    monkeypatch.setenv(tracking.EXPERIMENT_ENV, f"test-{uuid.uuid4().hex[:8]}")
-    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    monkeypatch.setenv(runs.EXPERIMENT_ENV, f"test-{uuid.uuid4().hex[:8]}")
+    monkeypatch.delenv(runs.PARENT_ENV, raising=False)
     write_params(ws, {"schedule": {"retries": 2, "retry_delay_s": 0}})
     (ws / "src").mkdir()
     for i in range(3):

@@ -20,8 +20,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tlops.config import ServeParams
-from tlops.preprocess import PreprocessSpec
+from tlops.core.config import ServeParams
+from tlops.inputs.images import PreprocessSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["class_0", "class_1", "class_2"]
@@ -39,7 +39,7 @@ def export_tiny_model(path: Path, scale: float = 10.0, spec: PreprocessSpec = SP
     import onnx
     import torch
 
-    from tlops import onnx_meta
+    from tlops.onnx import metadata
 
     class Tiny(torch.nn.Module):
         def __init__(self) -> None:
@@ -64,17 +64,17 @@ def export_tiny_model(path: Path, scale: float = 10.0, spec: PreprocessSpec = SP
                       dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}, opset_version=17,
                       dynamo=False)
     model = onnx.load(str(path))
-    meta = {onnx_meta.LABELS: json.dumps(labels), onnx_meta.PREPROCESS: spec.to_json(),
-            onnx_meta.INPUT_SIZE: str(spec.input_size), onnx_meta.BACKBONE: "tiny_cnn", onnx_meta.DATA_VERSION: "test",
-            onnx_meta.GIT_COMMIT: "0" * 40, onnx_meta.MLFLOW_RUN_ID: "", onnx_meta.PARAMS_HASH: "test",
-            onnx_meta.CREATED: "2024-01-01T00:00:00Z"}
+    meta = {metadata.LABELS: json.dumps(labels), metadata.PREPROCESS: spec.to_json(),
+            metadata.INPUT_SIZE: str(spec.input_size), metadata.BACKBONE: "tiny_cnn", metadata.DATA_VERSION: "test",
+            metadata.GIT_COMMIT: "0" * 40, metadata.MLFLOW_RUN_ID: "", metadata.PARAMS_HASH: "test",
+            metadata.CREATED: "2024-01-01T00:00:00Z"}
     if reference_images:
-        from tlops import drift
+        from tlops.onnx import drift
 
-        meta[onnx_meta.DRIFT_REFERENCE] = drift.to_json(drift.outputs_reference(path, reference_images, spec, 10**7))
+        meta[metadata.DRIFT_REFERENCE] = drift.to_json(drift.outputs_reference(path, reference_images, spec, 10**7))
     onnx.helper.set_model_props(model, meta)
     onnx.save(model, str(path))
-    onnx_meta.write_sha256(path)
+    metadata.write_sha256(path)
     return path
 
 
@@ -258,7 +258,7 @@ def text_rows_dicom(name: str) -> bytes:
     import pydicom
     from pydicom.dataelem import DataElement
 
-    from tlops import dicom
+    from tlops.inputs import dicom
 
     ds = pydicom.dcmread(io.BytesIO(dicom.encode(np.zeros((8, 8), np.uint16))), force=True)
     ds[0x00280010] = DataElement(0x00280010, "LO", name)

@@ -25,13 +25,15 @@ from conftest import (
 from PIL import Image
 from safetensors.torch import load_file
 
-from tlops import adapt as adaptation
-from tlops import onnx_meta, paths
-from tlops.config import load_params, parse_params
-from tlops.data import load_manifest
-from tlops.errors import ConfigError
-from tlops.io import read_json, sha256_file
-from tlops.target import adapt_paths, ingest_target, load_target, scored_items
+from tlops.adapt import losses, methods, run, summary
+from tlops.core import paths
+from tlops.core.config import load_params, parse_params
+from tlops.core.errors import ConfigError
+from tlops.core.io import read_json, sha256_file
+from tlops.data.manifest import load_manifest
+from tlops.data.target import adapt_paths, load_target, scored_items
+from tlops.data.target_ingest import ingest_target_folder
+from tlops.onnx import metadata
 
 # A source task the tiny random-init backbone learns fully (its BatchNorm statistics estimated on the source), and
 # adaptation that runs in a second or two.
@@ -67,10 +69,10 @@ def _with(method: str, **adapt) -> object:
     return params.model_copy(update={"adapt": params.adapt.model_copy(update={"method": method, **adapt})})
 
 
-def _run(params) -> tuple[adaptation.AdaptResult, dict]:
+def _run(params) -> tuple[run.AdaptResult, dict]:
     manifest, rows = load_manifest(paths.MANIFEST), load_target(paths.TARGET_MANIFEST)
-    result = adaptation.adapt(params, manifest, rows)
-    return result, adaptation.report(result, params, manifest, rows, 0.0)
+    result = run.adapt_model(params, manifest, rows)
+    return result, summary.adaptation_report(result, params, manifest, rows, 0.0)
 
 
 # ---------------------------------------------------------------- the target data
@@ -84,7 +86,7 @@ def test_target_folder_splits_by_content_quarantines_broken_files_and_keeps_flat
     (target / "class_0" / "broken.png").write_bytes(Image.new("RGB", (8, 8)).tobytes()[:20])
     (target / "class_1" / "empty.jpg").write_bytes(b"")
     params = parse_params(deep_update(load_params().model_dump(mode="json"), {"adapt": {"target": str(target)}}))
-    report = ingest_target(params)
+    report = ingest_target_folder(params)
     assert {q["path"].rsplit("/", 1)[-1]: q["reason"] for q in report["quarantined"]} == {
         "broken.png": "not_an_image", "empty.jpg": "empty_file"}
     rows = load_target()
@@ -96,7 +98,7 @@ def test_target_folder_splits_by_content_quarantines_broken_files_and_keeps_flat
     assert unknown in ([], ["other"]) and not any("/other/" in p for p in test_paths)  # never scored as a class
     before = {r.sha256: r.split for r in rows}
     make_domain_images(target / "class_2", "more", per_class=5, seed=9, flat=True)
-    ingest_target(params)
+    ingest_target_folder(params)
     after = {r.sha256: r.split for r in load_target()}
     assert len(after) == len(before) + 15
     assert all(after[sha] == split for sha, split in before.items())  # no image moves as the folder grows
@@ -110,7 +112,7 @@ def test_a_method_without_a_target_is_a_config_error():
 # ---------------------------------------------------------------- the methods
 
 
-@pytest.mark.parametrize("method", adaptation.METHODS)
+@pytest.mark.parametrize("method", methods.METHODS)
 def test_each_method_improves_target_accuracy_and_measures_the_shift(domains: Path, method: str):
     result, report = _run(_with(method))
     target = report["target"]
@@ -123,7 +125,7 @@ def test_each_method_improves_target_accuracy_and_measures_the_shift(domains: Pa
 
 def test_auto_reports_every_candidate_and_chooses_without_target_labels(domains: Path):
     result, report = _run(_with("auto"))
-    assert set(report["candidates"]) == {"none", *adaptation.METHODS}
+    assert set(report["candidates"]) == {"none", *methods.METHODS}
     assert report["chosen"] in report["candidates"] and "agreement with the ensemble" in report["criterion"]
     rows = report["candidates"]
     admissible = [m for m, row in rows.items() if row["source_val"] >= rows["none"]["source_val"] - 0.01 - 1e-9]
@@ -135,17 +137,17 @@ def test_choose_goes_by_agreement_with_the_ensemble_of_the_models_within_the_sou
     truth = np.arange(30) % 3
     onehot = np.eye(3)
 
-    def cand(name: str, right: int, val: float, wrong: int = 1, confidence: float = 0.9) -> adaptation.Candidate:
+    def cand(name: str, right: int, val: float, wrong: int = 1, confidence: float = 0.9) -> methods.Candidate:
         pred = np.where(np.arange(30) < right, truth, (truth + wrong) % 3)  # right on the first `right` images
         probs = onehot[pred] * (confidence - (1 - confidence) / 2) + (1 - confidence) / 2
-        return adaptation.Candidate(name, {}, probs, val, 0.0)
+        return methods.Candidate(name, {}, probs, val, 0.0)
 
     none = cand("none", 24, 0.90)
     good, overconfident = cand("self_training", 27, 0.90, wrong=2), cand("mcc", 15, 0.90, wrong=2, confidence=0.999)
-    chosen, agreement = adaptation.choose(none, {"self_training": good, "mcc": overconfident}, 0.01)
+    chosen, agreement = run.choose(none, {"self_training": good, "mcc": overconfident}, 0.01)
     assert chosen == "self_training" and overconfident.im > good.im  # the confidence score would have picked mcc
-    assert adaptation.choose(none, {"self_training": cand("self_training", 27, 0.80)}, 0.01)[0] == "none"
-    assert set(adaptation.choose(none, {"mcc": cand("mcc", 27, 0.80)}, 0.01)[1]) == {"none"}  # source fell too far
+    assert run.choose(none, {"self_training": cand("self_training", 27, 0.80)}, 0.01)[0] == "none"
+    assert set(run.choose(none, {"mcc": cand("mcc", 27, 0.80)}, 0.01)[1]) == {"none"}  # source fell too far
 
 
 def test_losses_and_pseudo_labels():
@@ -153,14 +155,14 @@ def test_losses_and_pseudo_labels():
 
     confident = torch.tensor([[10.0, 0, 0], [0, 10.0, 0], [0, 0, 10.0]])
     confused = torch.tensor([[1.0, 1.0, 0], [1.0, 1.0, 0], [0, 0, 1.0]])
-    assert adaptation.mcc_loss(confident, 2.5) < adaptation.mcc_loss(confused, 2.5)
+    assert losses.mcc_loss(confident, 2.5) < losses.mcc_loss(confused, 2.5)
     probs = np.array([[0.95, 0.05], [0.6, 0.4], [0.55, 0.45], [0.3, 0.7]])
-    labels, weights = adaptation.pseudo_labels(probs, confidence=0.9, class_share=0.5)
+    labels, weights = losses.pseudo_labels(probs, confidence=0.9, class_share=0.5)
     assert labels.tolist() == [0, 0, 0, 1]
     assert weights[2] == 0 and weights[0] > 0 and weights[3] > 0  # class 1's only image counts as much as class 0
     assert weights[0] + weights[1] == pytest.approx(weights[3])
-    assert adaptation.information_maximisation(np.eye(3)) == pytest.approx(1.0)
-    assert adaptation.information_maximisation(np.full((3, 3), 1 / 3)) == pytest.approx(0.0, abs=1e-9)
+    assert losses.information_maximisation(np.eye(3)) == pytest.approx(1.0)
+    assert losses.information_maximisation(np.full((3, 3), 1 / 3)) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_no_target_label_reaches_training_shuffled_labels_give_identical_weights(domains: Path, tmp_path: Path):
@@ -178,7 +180,7 @@ def test_no_target_label_reaches_training_shuffled_labels_give_identical_weights
     relabelled = params.model_copy(update={"adapt": params.adapt.model_copy(update={"target": str(shuffled)})})
     adapt_before = sorted(r.sha256 for r in load_target() if r.split == "adapt")
     labels_before = {r.sha256: r.label for r in load_target()}
-    ingest_target(relabelled)
+    ingest_target_folder(relabelled)
     assert sorted(r.sha256 for r in load_target() if r.split == "adapt") == adapt_before
     assert sum(labels_before[r.sha256] != r.label for r in load_target()) > len(labels_before) // 3
     _run(relabelled)
@@ -211,13 +213,14 @@ def test_without_a_target_the_stage_is_a_no_op(trained: Path):
 
 RUN_ADAPT = """
 import sys
-from tlops import adapt, paths
-from tlops.config import load_params
-from tlops.data import load_manifest
-from tlops.target import load_target
+from tlops.adapt.run import adapt_model
+from tlops.core import paths
+from tlops.core.config import load_params
+from tlops.data.manifest import load_manifest
+from tlops.data.target import load_target
 p = load_params()
 p = p.model_copy(update={"adapt": p.adapt.model_copy(update={"method": "self_training", "epochs": int(sys.argv[1])})})
-r = adapt.adapt(p, load_manifest(paths.MANIFEST), load_target(paths.TARGET_MANIFEST))
+r = adapt_model(p, load_manifest(paths.MANIFEST), load_target(paths.TARGET_MANIFEST))
 print(r.candidates["self_training"].resumed_epochs)
 """
 
@@ -271,7 +274,7 @@ def test_evaluate_and_export_score_the_adapted_model_and_gate_on_the_target_test
     assert exported["gate"]["split"] == "target test" and exported["promotion"]["split"] == "target test"
     assert exported["gate"]["images"] == report["target"]["n_test"]
     assert exported["gate"]["score"] == pytest.approx(report["target"]["adapted"]["accuracy"], abs=1e-6)
-    meta = onnx_meta.read_metadata(paths.ONNX)
-    assert meta[onnx_meta.ADAPT_METHOD] == "adabn"
-    assert meta[onnx_meta.TARGET_DATA_VERSION] == report["target_data_version"] != ""
+    meta = metadata.read_metadata(paths.ONNX)
+    assert meta[metadata.ADAPT_METHOD] == "adabn"
+    assert meta[metadata.TARGET_DATA_VERSION] == report["target_data_version"] != ""
     assert len(adapt_paths(load_target())) == report["target_images"]["adapt"]

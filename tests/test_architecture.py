@@ -1,5 +1,6 @@
 """What review would otherwise have to catch, checked on the source: stage deps in dvc.yaml cover the code each stage
-runs (and nothing else), imports point one way, and there is no import cycle. Function-level imports count."""
+runs (and nothing else), imports point one way, the torch-free unit stays torch-free, and there is no import cycle.
+Function-level imports and those under TYPE_CHECKING count as imports for cycles and layers."""
 
 from __future__ import annotations
 
@@ -16,21 +17,26 @@ FILES = module_files(ROOT)
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 CMD = re.compile(r"^python3?\s+-m\s+([\w.]+)$")
 
-# cli -> flows -> tasks -> library; orchestration (pipeline infrastructure) serves flows and the cli; serving stands
-# apart. tlops.cli is the command line, the top of the chain, though it lives in the library's package.
+# cli -> flows -> tasks -> library; orchestration (pipeline infrastructure: Prefect server and stage runner, DVC,
+# locks) serves flows, tasks and the cli; serving stands apart. tlops.cli is the command line, the top of the chain,
+# though it lives in the library's package.
 LAYERS = {
     "tlops": ("tasks", "flows", "orchestration", "serving"),
-    "tasks": ("flows", "orchestration", "serving"),
+    "tasks": ("flows", "serving"),
     "orchestration": ("flows", "tasks", "serving"),
     "flows": ("serving",),
     "serving": ("tasks", "flows", "orchestration"),
 }
 CLI = ("tlops.cli",)
-# What the torch-free service may take from the library; the registry resolver (MLflow) only inside a function.
-SERVING_MAY_USE = {"tlops", "tlops.config", "tlops.errors", "tlops.io", "tlops.preprocess", "tlops.onnx_meta",
-                   "tlops.runtime", "tlops.drift", "tlops.text", "tlops.secrets", "tlops.dicom"}
-SERVING_MAY_USE_LAZILY = {"tlops.registry"}
-MLFLOW_MODULES = {"tlops.tracking", "tlops.registry"}
+# The torch-free unit: what the service (and `tlops predict` from a serve-only install) may import from the library.
+TORCH_FREE = ("tlops.core", "tlops.inputs", "tlops.onnx")
+SERVING_MAY_USE_LAZILY = {"tlops.tracking", "tlops.tracking.registry"}  # models:/ URIs, with the registry extra
+MLFLOW_PACKAGE = "tlops.tracking"
+HEAVY = ("torch", "torchvision", "timm", "transformers", "prefect", "dvc", "mlflow", "sklearn", "matplotlib")
+
+
+def in_unit(module: str) -> bool:
+    return module == "tlops" or module.startswith(tuple(f"{p}." for p in TORCH_FREE)) or module in TORCH_FREE
 
 
 def stage_files(module: str) -> dict[str, str]:
@@ -73,17 +79,17 @@ def test_imports_point_one_way():
     assert layer_violations(GRAPH, LAYERS, exempt=CLI) == []
 
 
-def test_no_import_cycle_counting_function_level_imports():
-    assert cycles(GRAPH) == []
+def test_no_import_cycle_counting_function_level_and_type_checking_imports():
+    assert cycles(graph(ROOT, typing=True)) == []
 
 
-def test_serving_takes_from_the_library_only_what_serving_needs():
+def test_serving_takes_from_the_library_only_the_torch_free_unit():
     bad = []
     for module, imps in GRAPH.items():
         if not module.startswith("serving"):
             continue
         for imp in imps:
-            if not imp.target.startswith("tlops") or imp.target in SERVING_MAY_USE:
+            if not imp.target.startswith("tlops") or in_unit(imp.target):
                 continue
             if imp.target in SERVING_MAY_USE_LAZILY and imp.lazy:
                 continue
@@ -91,11 +97,36 @@ def test_serving_takes_from_the_library_only_what_serving_needs():
     assert bad == []
 
 
-def test_the_library_imports_no_prefect_and_only_tracking_and_registry_import_mlflow():
+def test_the_torch_free_unit_imports_nothing_outside_it_and_no_training_stack():
+    outside = [f"{m} imports {i.target} (line {i.line})" for m, imps in GRAPH.items() if in_unit(m)
+               for i in imps if i.target.startswith("tlops") and not in_unit(i.target)]
+    heavy = [f"{m} imports {name}" for m, f in FILES.items() if in_unit(m)
+             for name in third_party_imports(f) if name in HEAVY]
+    assert (outside, heavy) == ([], [])
+
+
+def test_the_library_imports_no_prefect_and_only_tracking_imports_mlflow():
     prefect = [m for m, f in FILES.items() if m.startswith("tlops.") and m not in CLI and "prefect" in
                third_party_imports(f)]
-    mlflow = [m for m, f in FILES.items() if "mlflow" in third_party_imports(f) and m not in MLFLOW_MODULES]
+    mlflow = [m for m, f in FILES.items() if "mlflow" in third_party_imports(f) and not m.startswith(MLFLOW_PACKAGE)]
     assert (prefect, mlflow) == ([], [])
+
+
+def test_no_two_modules_share_a_name_across_the_projects_packages():
+    """A module's name says what it does, once: tasks/export.py is the stage, tlops/export/ the library's package."""
+    names: dict[str, list[str]] = {}
+    for module, path in FILES.items():
+        if path.name != "__init__.py" and not module.startswith("tasks."):
+            names.setdefault(path.stem, []).append(module)
+    assert {n: ms for n, ms in names.items() if len(ms) > 1} == {}
+
+
+def test_print_the_code_files_each_stage_depends_on(capsys):
+    """The per-stage count of code files, as dvc.yaml lists them (held to the import graph above)."""
+    counts = {stage: len(stage_files(CMD.match(STAGES[stage]["cmd"]).group(1))) for stage in STAGES}
+    with capsys.disabled():
+        print("\ncode files per stage: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
+    assert counts["train_head"] < counts["finetune"]  # the head never runs the fine-tuning machinery
 
 
 # ---------------------------------------------------------------- the checks themselves can fail
@@ -121,6 +152,28 @@ def test_checker_reports_a_library_module_importing_a_task(tmp_path: Path):
                             "tlops/a.py": "def f():\n    from tasks.t import X\n"})
     g = graph(root, ("tlops", "tasks"))
     assert layer_violations(g, LAYERS) == ["tlops.a imports tasks (line 2)", "tlops.a imports tasks.t (line 2)"]
+
+
+def test_checker_counts_a_type_checking_import_in_a_cycle_but_no_stage_runs_it(tmp_path: Path):
+    root = _tree(tmp_path, {"serving/__init__.py": "", "serving/a.py": "from serving import b\n",
+                            "serving/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                            "    from serving.a import X\n"})
+    assert cycles(graph(root, ("serving",), typing=True)) == [["serving.a", "serving.b"]]
+    assert cycles(graph(root, ("serving",))) == []
+
+
+def test_the_code_a_checkpoint_records_is_the_code_its_run_imports():
+    """TRAINING_CODE / ADAPT_CODE are read from the import graph, not kept by hand (the hand-kept list once left out
+    the backbone registry)."""
+    from tlops.adapt.run import ADAPT_CODE
+    from tlops.core.imports import code_fingerprint
+    from tlops.training.checkpoint import TRAINING_CODE
+
+    for module in (TRAINING_CODE, ADAPT_CODE):
+        runs_here = {m for m in closure(GRAPH, module) if m.startswith("tlops") and not is_trivial(FILES[m])}
+        assert set(code_fingerprint(module)) == runs_here
+    assert {"tlops.models.backbones", "tlops.training.finetune", "tlops.inputs.images"} <= set(
+        code_fingerprint(TRAINING_CODE))
 
 
 def test_checker_follows_imports_through_relative_and_type_checking_blocks(tmp_path: Path):

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tlops import backbones
-from tlops.backbones import backbone_names, create_backbone
-from tlops.errors import ConfigError
-from tlops.io import sha256_file
-from tlops.preprocess import preprocess
+from tlops.core.errors import ConfigError
+from tlops.core.io import sha256_file
+from tlops.inputs.images import preprocess
+from tlops.models import backbones
+from tlops.models.backbones import backbone_names, create_backbone
 
 # ImageNet-1k indices a correct model may name first for scikit-learn's two sample photos.
 CHINA = {698: "palace", 663: "monastery", 442: "bell cote", 483: "castle", 832: "stupa", 538: "dome", 668: "mosque"}

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-COMMANDS = ["run", "stage", "check", "data-version", "backbones", "deploy", "serve-schedule", "serve", "predict", "ui",
-            "drift-check"]
+COMMANDS = ["run", "stage", "check", "data-version", "backbones", "deploy", "serve-schedule", "serve", "predict", "sweep",
+            "ui", "drift-check"]
 
 
 def tlops(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -100,8 +100,10 @@ def test_run_set_takes_yaml_values_and_refuses_a_malformed_assignment(tmp_path: 
 
     from tlops.cli import _assignments
 
-    assert _assignments(["adapt.method=auto", "adapt.target=null", "serve.port=9000", "adapt.target=/a=b"]) == {
-        "adapt.method": "auto", "adapt.target": "/a=b", "serve.port": 9000}
+    assert _assignments(["adapt.method=auto", "adapt.target=null", "serve.port=9000"]) == {
+        "adapt.method": "auto", "adapt.target": None, "serve.port": 9000}
+    assert _assignments(["adapt.target=/a=b"]) == {"adapt.target": "/a=b"}  # a value may hold '='
+    assert _assignments(["finetune.lr=1e-3"]) == {"finetune.lr": 0.001}  # a number, not YAML 1.1's string
     with pytest.raises(typer.Exit):
         _assignments(["adapt.method"])
     (tmp_path / "params.yaml").write_text("{}\n")

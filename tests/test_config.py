@@ -9,9 +9,9 @@ import pytest
 import yaml
 from conftest import ROOT, run_cmd
 
-from tlops import paths
-from tlops.config import Params, dotted_get, flatten, load_params, parse_params
-from tlops.errors import ConfigError
+from tlops.core import paths
+from tlops.core.config import Params, dotted_get, flatten, load_params, parse_params
+from tlops.core.errors import ConfigError
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PARAMS_YAML = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -91,7 +91,7 @@ def test_a_stage_command_with_a_misspelled_key_exits_2_with_one_line_naming_it(w
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["data"]["min_per_clas"] = params["data"].pop("min_per_class")
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = run_cmd([sys.executable, "-m", "flows.prepare"], workspace, check=False)
+    proc = run_cmd([sys.executable, "-m", "tasks.prepare"], workspace, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -134,7 +134,7 @@ def test_top_level_plots_lie_in_stage_outputs():
 
 
 def test_set_params_keeps_comments_validates_first_and_writes_atomically(tmp_path: Path):
-    from tlops.config import set_params
+    from tlops.core.config import set_params
 
     p = tmp_path / "params.yaml"
     p.write_text("# the team's notes\nadapt:\n  method: none  # off until a target exists\n  target: null\n")

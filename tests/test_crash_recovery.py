@@ -17,8 +17,9 @@ from conftest import make_images, make_workspace, run_cmd, write_params
 from pipeline_support import UP_TO_DATE
 from test_pipeline import servers_using
 
-from tlops import paths, tracking
-from tlops.io import sha256_file
+from tlops.core import paths
+from tlops.core.io import sha256_file
+from tlops.tracking import runs
 
 # Slow enough per epoch (96 px, 40 images a class) that the kill lands between two checkpoints.
 PARAMS = {"model": {"image_size": 96}, "finetune": {"epochs": 5}}
@@ -30,9 +31,9 @@ def _workspace(root: Path, images: Path) -> tuple[Path, dict[str, str]]:
                       "export": {"registered_model": f"crash-{uuid.uuid4().hex[:8]}"}})
     run_cmd(["git", "commit", "-qam", "params"], ws)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # a temporary Prefect server per run
-    env |= {"PREFECT_HOME": str(root / "prefect-home"), tracking.EXPERIMENT_ENV: f"crash-{uuid.uuid4().hex[:8]}",
+    env |= {"PREFECT_HOME": str(root / "prefect-home"), runs.EXPERIMENT_ENV: f"crash-{uuid.uuid4().hex[:8]}",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
-    env.pop(tracking.PARENT_ENV, None)
+    env.pop(runs.PARENT_ENV, None)
     return ws, env
 
 
@@ -43,8 +44,8 @@ def _tlops_run(ws: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def _runs(env: dict[str, str]) -> list:
-    c = tracking.client()
-    exp = c.get_experiment_by_name(env[tracking.EXPERIMENT_ENV])
+    c = runs.client()
+    exp = c.get_experiment_by_name(env[runs.EXPERIMENT_ENV])
     return c.search_runs([exp.experiment_id]) if exp else []
 
 
@@ -85,7 +86,7 @@ def test_sigkill_during_finetune_then_rerun_resumes_to_the_uninterrupted_weights
     assert {"finetune:", "evaluate:", "export:"} <= {line.strip() for line in status.splitlines()}
     assert not {"ingest:", "prepare:", "features:", "train_head:"} & {line.strip() for line in status.splitlines()}
     orphans = {r.info.run_id: r.data.tags.get("stage", "pipeline") for r in _runs(env)
-               if r.data.tags.get(tracking.TAG_PID) == killed_pid and r.info.status == "RUNNING"}
+               if r.data.tags.get(runs.TAG_PID) == killed_pid and r.info.status == "RUNNING"}
     assert sorted(orphans.values()) == ["finetune", "pipeline"]  # left RUNNING by the dead process
 
     _tlops_run(ws, env)

@@ -14,11 +14,11 @@ import pytest
 from conftest import make_images, make_messy_images
 from PIL import Image
 
-from tlops import data
-from tlops.config import DataParams, NearDuplicateParams
-from tlops.errors import ConfigError, DataError
-from tlops.io import sha256_file
-from tlops.preprocess import load_image
+from tlops.core.config import DataParams, NearDuplicateParams
+from tlops.core.errors import ConfigError, DataError
+from tlops.core.io import sha256_file
+from tlops.data import duplicates, manifest, prepare, sources, split, validate, version
+from tlops.inputs.images import load_image
 
 
 def params(**over) -> DataParams:
@@ -27,7 +27,7 @@ def params(**over) -> DataParams:
 
 
 def run_prepare(raw: Path = Path("raw"), **over) -> dict:
-    return data.prepare(raw, params(**over), Path("prepared/manifest.csv"), Path("reports/data.json"))
+    return prepare.prepare_data(raw, params(**over), Path("prepared/manifest.csv"), Path("reports/data.json"))
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def messy(here: Path) -> dict:
 
 
 def manifest_paths() -> list[str]:
-    return [r.path for r in data.load_manifest(Path("prepared/manifest.csv")).rows]
+    return [r.path for r in manifest.load_manifest(Path("prepared/manifest.csv")).rows]
 
 
 def test_every_bad_file_is_quarantined_with_its_own_reason_and_every_good_one_reaches_the_manifest(messy):
@@ -64,7 +64,7 @@ def test_hidden_files_and_folders_are_in_neither_the_manifest_nor_the_report(mes
 
 def test_cmyk_16bit_rgba_and_palette_images_become_the_right_rgb(messy):
     run_prepare()
-    rows = {r.path: r for r in data.load_manifest(Path("prepared/manifest.csv")).rows}
+    rows = {r.path: r for r in manifest.load_manifest(Path("prepared/manifest.csv")).rows}
     expected = {"class_0/cmyk.jpg": (255, 0, 0), "class_0/gray16.png": (128, 128, 128),
                 "class_1/rgba.png": (255, 255, 255), "class_1/palette.png": (0, 0, 255)}
     for rel, rgb in expected.items():
@@ -76,7 +76,7 @@ def test_cmyk_16bit_rgba_and_palette_images_become_the_right_rgb(messy):
 
 def test_exif_orientation_is_applied_so_the_manifest_size_is_the_displayed_one(messy):
     run_prepare()
-    row = next(r for r in data.load_manifest(Path("prepared/manifest.csv")).rows if r.path.endswith("exif_rotated.jpg"))
+    row = next(r for r in manifest.load_manifest(Path("prepared/manifest.csv")).rows if r.path.endswith("exif_rotated.jpg"))
     assert (row.width, row.height) == (10, 20)  # stored 20x10 with "rotate 90"
 
 
@@ -90,12 +90,12 @@ def test_a_file_outside_any_class_folder_is_quarantined(here):
 def test_adding_20_images_moves_no_existing_image_to_another_split(here):
     make_images(here / "raw", classes=3, per_class=8, seed=1)
     run_prepare()
-    before = {r.path: r.split for r in data.load_manifest(Path("prepared/manifest.csv")).rows}
+    before = {r.path: r.split for r in manifest.load_manifest(Path("prepared/manifest.csv")).rows}
     extra = make_images(here / "more", classes=3, per_class=7, seed=2)[:20]
     for i, p in enumerate(extra):
         shutil.copy(p, here / "raw" / p.parent.name / f"new_{i:02d}.png")
     run_prepare()
-    after = {r.path: r.split for r in data.load_manifest(Path("prepared/manifest.csv")).rows}
+    after = {r.path: r.split for r in manifest.load_manifest(Path("prepared/manifest.csv")).rows}
     assert len(after) == len(before) + 20
     assert {p: after[p] for p in before} == before
 
@@ -103,11 +103,11 @@ def test_adding_20_images_moves_no_existing_image_to_another_split(here):
 def test_split_depends_only_on_content_hash_and_salt_and_follows_the_fractions():
     p = params(val_fraction=0.2, test_fraction=0.1)
     hashes = [f"{i:064x}" for i in range(6000)]
-    splits = [data.split_of(h, p) for h in hashes]
-    assert splits == [data.split_of(h, p) for h in hashes]
-    share = {s: splits.count(s) / len(splits) for s in data.SPLITS}
+    splits = [split.split_of(h, p) for h in hashes]
+    assert splits == [split.split_of(h, p) for h in hashes]
+    share = {s: splits.count(s) / len(splits) for s in manifest.SPLITS}
     assert share["test"] == pytest.approx(0.1, abs=0.02) and share["val"] == pytest.approx(0.2, abs=0.02)
-    assert [data.split_of(h, params(val_fraction=0.2, test_fraction=0.1, split_salt="other")) for h in hashes] != splits
+    assert [split.split_of(h, params(val_fraction=0.2, test_fraction=0.1, split_salt="other")) for h in hashes] != splits
 
 
 def test_duplicates_keep_one_row_never_straddle_splits_and_are_reported(here):
@@ -115,7 +115,7 @@ def test_duplicates_keep_one_row_never_straddle_splits_and_are_reported(here):
     shutil.copy(here / "raw/class_0/img_000.png", here / "raw/class_0/copy_b.png")
     shutil.copy(here / "raw/class_0/img_000.png", here / "raw/class_0/copy_a.png")
     report = run_prepare()
-    rows = data.load_manifest(Path("prepared/manifest.csv")).rows
+    rows = manifest.load_manifest(Path("prepared/manifest.csv")).rows
     sha = sha256_file(here / "raw/class_0/img_000.png")
     assert [r.path for r in rows if r.sha256 == sha] == ["raw/class_0/copy_a.png"]  # lexicographically first
     [dup] = report["duplicates"]
@@ -156,10 +156,10 @@ def test_manifest_has_exact_columns_sorted_rows_and_loads_back(messy):
     report = run_prepare()
     with open("prepared/manifest.csv", newline="") as f:
         assert next(csv.reader(f)) == ["path", "label", "split", "sha256", "width", "height"]
-    m = data.load_manifest(Path("prepared/manifest.csv"))
+    m = manifest.load_manifest(Path("prepared/manifest.csv"))
     assert [r.path for r in m.rows] == sorted(r.path for r in m.rows)
     assert m.classes == ["class_0", "class_1", "class_2"] and m.label_index("class_2") == 2
-    assert sum(len(m.rows_in(s)) for s in data.SPLITS) == len(m.rows) == report["totals"]["images"]
+    assert sum(len(m.rows_in(s)) for s in manifest.SPLITS) == len(m.rows) == report["totals"]["images"]
     per_class = {c: sum(1 for r in m.rows if r.label == c) for c in m.classes}
     assert {c: v["total"] for c, v in report["classes"].items()} == per_class
     assert all(isinstance(r.width, int) and r.sha256 == sha256_file(r.path) for r in m.rows)
@@ -167,7 +167,7 @@ def test_manifest_has_exact_columns_sorted_rows_and_loads_back(messy):
 
 def test_missing_manifest_says_which_stage_to_run(here):
     with pytest.raises(DataError, match="prepare"):
-        data.load_manifest(Path("nope.csv"))
+        manifest.load_manifest(Path("nope.csv"))
 
 
 # ---------------------------------------------------------------- ingest
@@ -176,21 +176,21 @@ def test_missing_manifest_says_which_stage_to_run(here):
 def test_digits_ingest_writes_1797_pngs_in_10_class_folders_with_reproducible_bytes(here):
     from sklearn.datasets import load_digits
 
-    summary = data.ingest(DataParams(source="digits"), Path("data/raw"))
+    summary = sources.ingest_source(DataParams(source="digits"), Path("data/raw"))
     assert summary == {"source": "digits", "images": 1797, "classes": 10}
     assert sorted(p.name for p in Path("data/raw").iterdir()) == [str(d) for d in range(10)]
     first = Path("data/raw/0/digit_00000.png")
     img = Image.open(first)
     assert (img.size, img.mode) == ((8, 8), "L")
     assert np.array_equal(np.asarray(img), np.rint(load_digits().images[0] * 255 / 16))  # 0..16 -> 0..255
-    before = data.data_version(here)
-    data.ingest(DataParams(source="digits"), Path("data/raw"))
-    assert data.data_version(here) == before
+    before = version.data_version(here)
+    sources.ingest_source(DataParams(source="digits"), Path("data/raw"))
+    assert version.data_version(here) == before
     assert not [p for p in Path("data").iterdir() if p.name != "raw"]  # no temp folders left behind
 
 
 def test_imagefolder_ingest_copies_visible_files_byte_for_byte(messy, here):
-    data.ingest(params(path="raw"), Path("data/raw"))
+    sources.ingest_source(params(path="raw"), Path("data/raw"))
     copied = sorted(p.relative_to("data/raw").as_posix() for p in Path("data/raw").rglob("*") if p.is_file())
     assert copied == sorted([*messy["good"], *messy["bad"]])
     assert all(sha256_file(Path("data/raw") / rel) == sha256_file(Path("raw") / rel) for rel in copied)
@@ -198,23 +198,23 @@ def test_imagefolder_ingest_copies_visible_files_byte_for_byte(messy, here):
 
 def test_a_failed_ingest_leaves_the_previous_data_in_place(here, monkeypatch):
     make_images(here / "src", classes=2, per_class=2)
-    data.ingest(params(), Path("data/raw"))
+    sources.ingest_source(params(), Path("data/raw"))
     before = sorted(Path("data/raw").rglob("*"))
 
     def half_copy(src: Path, dest: Path, *args: object) -> None:
         (dest / "partial.png").write_bytes(b"x")
         raise OSError("disk full")
 
-    monkeypatch.setattr(data, "copy_folder", half_copy)
+    monkeypatch.setattr(sources, "copy_folder", half_copy)
     with pytest.raises(OSError, match="disk full"):
-        data.ingest(params(), Path("data/raw"))
+        sources.ingest_source(params(), Path("data/raw"))
     assert sorted(Path("data/raw").rglob("*")) == before
     assert [p.name for p in Path("data").iterdir()] == ["raw"]
 
 
 def test_unknown_torchvision_dataset_is_a_config_error_naming_it():
     with pytest.raises(ConfigError, match=r"torchvision:FashonMNIST.*did you mean torchvision:FashionMNIST"):
-        data.ingest(DataParams(source="torchvision:FashonMNIST"), Path("unused"))
+        sources.ingest_source(DataParams(source="torchvision:FashonMNIST"), Path("unused"))
 
 
 def _idx(magic: int, arr: np.ndarray) -> bytes:
@@ -228,7 +228,7 @@ def test_torchvision_dataset_is_read_offline_from_a_local_root_into_class_name_f
     for prefix, n in (("train", 3), ("t10k", 2)):
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(0x803, rng.integers(0, 255, (n, 28, 28), np.uint8)))
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(0x801, np.arange(n, dtype=np.uint8)))
-    summary = data.ingest(DataParams(source="torchvision:FashionMNIST", path="tv", download=False), Path("data/raw"))
+    summary = sources.ingest_source(DataParams(source="torchvision:FashionMNIST", path="tv", download=False), Path("data/raw"))
     assert summary["images"] == 5
     files = sorted(p.relative_to("data/raw").as_posix() for p in Path("data/raw").rglob("*.png"))
     assert files == sorted(["T-shirt_top/train_000000.png", "Trouser/train_000001.png", "Pullover/train_000002.png",
@@ -237,15 +237,15 @@ def test_torchvision_dataset_is_read_offline_from_a_local_root_into_class_name_f
 
 def test_missing_torchvision_root_offline_is_a_data_error_saying_what_to_set(here):
     with pytest.raises(DataError, match="data.download"):
-        data.ingest(DataParams(source="torchvision:FashionMNIST", path="nowhere"), Path("data/raw"))
+        sources.ingest_source(DataParams(source="torchvision:FashionMNIST", path="nowhere"), Path("data/raw"))
 
 
 def test_data_version_is_the_same_inside_and_outside_a_dvc_repo(workspace, tmp_path):
     make_images(workspace / "data/raw", classes=2, per_class=3)
-    inside = data.data_version(workspace)
+    inside = version.data_version(workspace)
     outside = tmp_path / "plain"
     shutil.copytree(workspace / "data", outside / "data")
-    assert data.data_version(outside) == inside
+    assert version.data_version(outside) == inside
     assert inside.endswith(".dir")
 
 
@@ -275,13 +275,13 @@ def _same_pictures(folder: Path, n: int = 16, seed: int = 0) -> dict[str, int]:
 def test_the_same_picture_in_other_formats_sizes_and_encodings_never_straddles_splits_and_stays_put(here):
     where = _same_pictures(here / "raw")
     report = run_prepare(val_fraction=0.3, test_fraction=0.3)
-    rows = {r.path.removeprefix("raw/"): r.split for r in data.load_manifest(Path("prepared/manifest.csv")).rows}
+    rows = {r.path.removeprefix("raw/"): r.split for r in manifest.load_manifest(Path("prepared/manifest.csv")).rows}
     assert report["totals"]["duplicates_dropped"] == 16 * 3  # BMP, TIFF and GIF hold the PNG's very pixels
     assert all(sum(p.removeprefix("raw/") in rows for p in [d["kept"], *d["dropped"]]) == 1
                for d in report["duplicates"])
     splits_of = defaultdict(set)
-    for path, split in rows.items():
-        splits_of[where[path]].add(split)
+    for path, where_split in rows.items():
+        splits_of[where[path]].add(where_split)
     assert all(len(s) == 1 for s in splits_of.values()), splits_of  # one picture, one split
     assert len({next(iter(s)) for s in splits_of.values()}) == 3  # and the pictures do spread over the splits
     assert report["totals"]["near_duplicate_groups"] == 16
@@ -289,21 +289,21 @@ def test_the_same_picture_in_other_formats_sizes_and_encodings_never_straddles_s
 
     make_images(here / "raw", classes=2, per_class=10, size=64, seed=7)  # the data grows
     run_prepare(val_fraction=0.3, test_fraction=0.3)
-    after = {r.path.removeprefix("raw/"): r.split for r in data.load_manifest(Path("prepared/manifest.csv")).rows}
+    after = {r.path.removeprefix("raw/"): r.split for r in manifest.load_manifest(Path("prepared/manifest.csv")).rows}
     assert {p: after[p] for p in rows} == rows
 
 
 def test_near_duplicates_by_hash_need_one_image_of_32_px_and_by_thumbnail_stay_below_the_grey_level():
     near = NearDuplicateParams(phash_bits=4, thumbnail_grey=1.5)
     dark, light = bytes([10] * 256), bytes([200] * 256)
-    a = data.Checked("a.png", "x", "1" * 64, 8, 8, "p1", 0b1011, dark)
-    b = data.Checked("b.png", "x", "2" * 64, 8, 8, "p2", 0b1001, light)  # one bit away, but both 8x8
-    c = data.Checked("c.png", "x", "3" * 64, 64, 64, "p3", 0b1000, bytes([100] * 256))  # larger: compared by hash
-    d = data.Checked("d.png", "x", "4" * 64, 8, 8, "p4", 2**63, bytes([11] * 256))  # a's thumbnail, 1 level up
-    assert data.near_duplicate_groups([a, b], near) == []
-    assert [[m.path for m in g] for g in data.near_duplicate_groups([a, b, c], near)] == [["a.png", "b.png", "c.png"]]
-    assert [[m.path for m in g] for g in data.near_duplicate_groups([a, b, d], near)] == [["a.png", "d.png"]]
-    assert data.near_duplicate_groups([a, b, c, d], None) == []
+    a = validate.Checked("a.png", "x", "1" * 64, 8, 8, "p1", 0b1011, dark)
+    b = validate.Checked("b.png", "x", "2" * 64, 8, 8, "p2", 0b1001, light)  # one bit away, but both 8x8
+    c = validate.Checked("c.png", "x", "3" * 64, 64, 64, "p3", 0b1000, bytes([100] * 256))  # larger: compared by hash
+    d = validate.Checked("d.png", "x", "4" * 64, 8, 8, "p4", 2**63, bytes([11] * 256))  # a's thumbnail, 1 level up
+    assert duplicates.near_duplicate_groups([a, b], near) == []
+    assert [[m.path for m in g] for g in duplicates.near_duplicate_groups([a, b, c], near)] == [["a.png", "b.png", "c.png"]]
+    assert [[m.path for m in g] for g in duplicates.near_duplicate_groups([a, b, d], near)] == [["a.png", "d.png"]]
+    assert duplicates.near_duplicate_groups([a, b, c, d], None) == []
 
 
 def test_prepare_reports_the_imbalance_of_the_training_split(here):

@@ -20,8 +20,8 @@ from conftest import ROOT, write_params
 from pipeline_support import UP_TO_DATE, dvc_status, lock_entries, toy_workspace
 
 from flows.deploy import cron_schedule, deploy, ensure_process_pool, job_variables
-from tlops.config import Params, ScheduleParams, load_params
-from tlops.errors import ConfigError
+from tlops.core.config import Params, ScheduleParams, load_params
+from tlops.core.errors import ConfigError
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_serve_schedule_serves_the_pipeline_on_its_schedule_in_one_process(toy: 
 
     s = load_params().schedule
     server = subprocess.Popen(
-        [sys.executable, "-c", "from flows.deploy import serve_schedule; from tlops.config import load_params; "
+        [sys.executable, "-c", "from flows.deploy import serve_schedule; from tlops.core.config import load_params; "
          "serve_schedule(load_params())"], cwd=toy, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         name = f"pipeline/{s.deployment}"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from flows.drift_check import drift_check_flow, read_drift
-from tlops.errors import ConfigError, TlopsError
+from tlops.core.errors import ConfigError, TlopsError
 
 DRIFTED = {"window": 60, "embedding": 1.95, "prediction": 0.019, "confidence": 0.154, "threshold": 1.0,
            "drifted": True, "input_kind": "image"}

@@ -10,10 +10,10 @@ import pytest
 from conftest import make_images
 from PIL import Image
 
-from tlops import evaluate as ev
-from tlops.history import merge_history
-from tlops.preprocess import PreprocessSpec, load_image
-from tlops.runtime import softmax
+from tlops.evaluate import metrics, plots
+from tlops.inputs.images import PreprocessSpec, load_image
+from tlops.onnx.runtime import softmax
+from tlops.training.epochs import merge_history
 
 CLASSES7 = [f"c{i}" for i in range(7)]
 
@@ -25,7 +25,7 @@ def one_hot_logits(pred: np.ndarray, classes: int, scale: float = 10.0) -> np.nd
 def test_metrics_have_every_key_and_per_class_entry():
     rng = np.random.default_rng(0)
     logits, y = rng.normal(size=(50, 7)).astype(np.float32), rng.integers(0, 7, 50)
-    m = ev.compute_metrics(logits, y, CLASSES7)
+    m = metrics.compute_metrics(logits, y, CLASSES7)
     assert set(m) == {"accuracy", "balanced_accuracy", "macro_f1", "top5_accuracy", "ece", "loss", "per_class"}
     assert set(m["per_class"]) == set(CLASSES7)
     assert set(m["per_class"]["c0"]) == {"precision", "recall", "f1", "support"}
@@ -37,7 +37,7 @@ def test_metrics_have_every_key_and_per_class_entry():
 
 def test_top5_only_with_more_than_five_classes():
     y = np.array([0, 1, 2, 0, 1])
-    m = ev.compute_metrics(one_hot_logits(y, 5), y, ["a", "b", "c", "d", "e"])
+    m = metrics.compute_metrics(one_hot_logits(y, 5), y, ["a", "b", "c", "d", "e"])
     assert "top5_accuracy" not in m
     assert m["accuracy"] == 1.0 and m["macro_f1"] == pytest.approx(1.0 * 3 / 5)  # d, e absent: f1 0
 
@@ -46,36 +46,36 @@ def test_loss_is_cross_entropy():
     logits = np.array([[2.0, 0.0], [0.0, 1.0]], np.float32)
     y = np.array([0, 0])
     expected = -np.mean([np.log(np.exp(2) / (np.exp(2) + 1)), np.log(1 / (1 + np.e))])
-    assert ev.compute_metrics(logits, y, ["a", "b"])["loss"] == pytest.approx(expected, rel=1e-6)
+    assert metrics.compute_metrics(logits, y, ["a", "b"])["loss"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_ece_is_zero_when_confidence_matches_accuracy_and_large_when_overconfident():
     y = np.arange(100) % 4
-    assert ev.expected_calibration_error(np.eye(4)[y], y) == pytest.approx(0.0)
+    assert metrics.expected_calibration_error(np.eye(4)[y], y) == pytest.approx(0.0)
     wrong = (y + 1) % 4
     half = np.where(np.arange(100) < 50, y, wrong)
-    assert ev.expected_calibration_error(np.eye(4)[half], y) == pytest.approx(0.5)
+    assert metrics.expected_calibration_error(np.eye(4)[half], y) == pytest.approx(0.5)
     # 60% confident, 60% right: calibrated
     probs = np.full((100, 2), 0.4)
     pred = np.where(np.arange(100) < 60, 0, 1)
     probs[np.arange(100), pred] = 0.6
-    assert ev.expected_calibration_error(probs, np.zeros(100, int)) == pytest.approx(0.0, abs=1e-9)
+    assert metrics.expected_calibration_error(probs, np.zeros(100, int)) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_metrics_reject_mismatched_shapes():
     with pytest.raises(ValueError, match="do not match"):
-        ev.compute_metrics(np.zeros((3, 2)), np.zeros(4, int), ["a", "b"])
+        metrics.compute_metrics(np.zeros((3, 2)), np.zeros(4, int), ["a", "b"])
 
 
 def test_worst_indices_are_the_most_confidently_wrong():
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.99, 0.01], [0.3, 0.7]])
     y = np.array([1, 0, 0, 0, 1])  # wrong: 0 (0.9), 1 (0.8), 2 (0.6)
-    assert ev.worst_indices(probs, y, 2) == [0, 1]
-    assert ev.worst_indices(probs, y, 10) == [0, 1, 2]
+    assert metrics.worst_indices(probs, y, 2) == [0, 1]
+    assert metrics.worst_indices(probs, y, 10) == [0, 1, 2]
 
 
 def test_gain_is_finetuned_minus_head_for_scalars():
-    g = ev.gain({"accuracy": 0.5, "loss": 1.0, "per_class": {}}, {"accuracy": 0.75, "loss": 0.5, "per_class": {}})
+    g = metrics.gain({"accuracy": 0.5, "loss": 1.0, "per_class": {}}, {"accuracy": 0.75, "loss": 0.5, "per_class": {}})
     assert g == {"accuracy": 0.25, "loss": -0.5}
 
 
@@ -96,22 +96,22 @@ def test_plots_are_written_as_png(tmp_path):
     images = make_images(tmp_path / "img", classes=3, per_class=3)
     y = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
     pred = np.array([0, 1, 0, 1, 1, 2, 2, 2, 0])
-    ev.plot_confusion(y, pred, ["a", "b", "c"], tmp_path / "p" / "confusion.png")
+    plots.plot_confusion(y, pred, ["a", "b", "c"], tmp_path / "p" / "confusion.png")
     rows, unfreeze = merge_history(history([1, 2], "head"), history([3, 4], "finetune"))
-    ev.plot_curves(rows, unfreeze, tmp_path / "p" / "curves.png")
+    plots.plot_curves(rows, unfreeze, tmp_path / "p" / "curves.png")
     probs = softmax(one_hot_logits(pred, 3, 2.0))
-    worst = [ev.Mistake(str(images[i]), "abc"[y[i]], "abc"[pred[i]], float(probs[i].max()))
-             for i in ev.worst_indices(probs, y, 4)]
+    worst = [plots.Mistake(str(images[i]), "abc"[y[i]], "abc"[pred[i]], float(probs[i].max()))
+             for i in metrics.worst_indices(probs, y, 4)]
     assert len(worst) == 3
-    ev.plot_worst(worst, PreprocessSpec(32, "bilinear"), lambda p: load_image(p, 10**7), tmp_path / "p" / "worst.png")
-    ev.plot_worst([], PreprocessSpec(32), lambda p: load_image(p, 10**7), tmp_path / "p" / "none.png")
+    plots.plot_worst(worst, PreprocessSpec(32, "bilinear"), lambda p: load_image(p, 10**7), tmp_path / "p" / "worst.png")
+    plots.plot_worst([], PreprocessSpec(32), lambda p: load_image(p, 10**7), tmp_path / "p" / "none.png")
     for name in ("confusion", "curves", "worst", "none"):
         with Image.open(tmp_path / "p" / f"{name}.png") as img:
             assert img.format == "PNG" and img.width > 100
 
 
 def test_confusion_rows_name_classes():
-    rows = ev.confusion_rows(np.array([0, 1]), np.array([1, 1]), ["cat", "dog"])
+    rows = metrics.confusion_rows(np.array([0, 1]), np.array([1, 1]), ["cat", "dog"])
     assert rows == [{"actual": "cat", "predicted": "dog"}, {"actual": "dog", "predicted": "dog"}]
 # ---------------------------------------------------------------- the stage
 
@@ -120,7 +120,7 @@ def test_evaluate_stage_writes_metrics_plots_and_dvc_renders_the_confusion_matri
     from conftest import run_cmd
 
     from tasks.evaluate import evaluate
-    from tlops import paths
+    from tlops.core import paths
 
     summary = evaluate.fn()
     report = json.loads(paths.METRICS.read_text())

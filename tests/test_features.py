@@ -11,20 +11,23 @@ import torch
 import yaml
 from conftest import ROOT, TINY, deep_update, make_images
 
-from tlops import data, paths
-from tlops.backbones import create_backbone
-from tlops.config import Params, parse_params
-from tlops.errors import DataError
-from tlops.features import extract_features, extract_with, extractor_id, feature_key, load_feature_dataset
+from tlops.core import paths
+from tlops.core.config import Params, parse_params
+from tlops.core.errors import DataError
+from tlops.data import manifest
+from tlops.data.prepare import prepare_data
+from tlops.features.dataset import load_feature_dataset
+from tlops.features.extract import extract_features, extract_with, extractor_id, feature_key
+from tlops.models.backbones import create_backbone
 
 
 def tiny_params(**over) -> Params:
     return parse_params(deep_update(deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY), over))
 
 
-def prepare(params: Params) -> data.Manifest:
-    data.prepare(paths.RAW, params.data, paths.MANIFEST, paths.DATA_REPORT)
-    return data.load_manifest(paths.MANIFEST)
+def prepare(params: Params) -> manifest.Manifest:
+    prepare_data(paths.RAW, params.data, paths.MANIFEST, paths.DATA_REPORT)
+    return manifest.load_manifest(paths.MANIFEST)
 
 
 @pytest.fixture
@@ -36,7 +39,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def extract(params: Params, out: str = "features", **kw) -> dict:
-    return extract_features(data.load_manifest(paths.MANIFEST), params, Path(out), progress=False, **kw)
+    return extract_features(manifest.load_manifest(paths.MANIFEST), params, Path(out), progress=False, **kw)
 
 
 def test_features_have_one_float32_row_per_image_in_manifest_order(project):

@@ -11,9 +11,12 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from tlops import data, dicom
-from tlops.config import DataParams
-from tlops.preprocess import ImageError, Intensity, PreprocessSpec, load_image, to_8bit, window_to_8bit
+from tlops.core import folders
+from tlops.core.config import DataParams
+from tlops.data import manifest, prepare, sources, split, validate
+from tlops.inputs import dicom, dicom_render
+from tlops.inputs.images import ImageError, PreprocessSpec, load_image
+from tlops.inputs.intensity import Intensity, to_8bit, window_to_8bit
 
 DECODES = ["CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm",
            "MR_small_jp2klossless.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm", "JPGExtended.dcm",
@@ -50,8 +53,8 @@ def test_a_multi_frame_file_gives_its_middle_frame_or_every_frame():
     assert dicom.frames(ds) > 2
     parts = dicom.split_frames(raw)
     assert len(parts) == dicom.frames(ds)
-    middle = dicom.grey8(raw, "minmax")
-    assert np.array_equal(middle, dicom.grey8(parts[len(parts) // 2], "minmax"))
+    middle = dicom_render.grey8(raw, "minmax")
+    assert np.array_equal(middle, dicom_render.grey8(parts[len(parts) // 2], "minmax"))
 
 
 # ---------------------------------------------------------------- a hand-made 4x4 file
@@ -72,13 +75,13 @@ def test_rescale_then_header_window_then_monochrome1_inversion():
     modality = STORED * slope + intercept  # -1000 .. 7190
     expected = expected_window(modality, *window)
     mono2 = dicom.encode(STORED, slope=slope, intercept=intercept, window=window)
-    assert np.array_equal(dicom.grey8(mono2), expected)
+    assert np.array_equal(dicom_render.grey8(mono2), expected)
     mono1 = dicom.encode(STORED, slope=slope, intercept=intercept, window=window, photometric="MONOCHROME1")
-    assert np.array_equal(dicom.grey8(mono1), 255 - expected)  # high values dark: inverted to bright
+    assert np.array_equal(dicom_render.grey8(mono1), 255 - expected)  # high values dark: inverted to bright
     # data.window overrides the header's window
-    assert np.array_equal(dicom.grey8(mono2, window=(3000.0, 500.0)), expected_window(modality, 3000.0, 500.0))
+    assert np.array_equal(dicom_render.grey8(mono2, window=(3000.0, 500.0)), expected_window(modality, 3000.0, 500.0))
     # no window in the header: auto maps the stored 12-bit range (through the rescale) onto 0..255
-    plain = dicom.grey8(dicom.encode(STORED, slope=slope, intercept=intercept))
+    plain = dicom_render.grey8(dicom.encode(STORED, slope=slope, intercept=intercept))
     lo, hi = intercept, 4095 * slope + intercept
     assert np.array_equal(plain, np.rint((modality - lo) * 255 / (hi - lo)).astype(np.uint8))
     assert plain[2, 1] == 255 and plain[0, 0] == 0
@@ -159,7 +162,7 @@ def write_patients(root: Path, patients: range, per_patient: int = 4, seed: int 
     return ids
 
 
-def patient_splits(manifest: data.Manifest) -> dict[str, set[str]]:
+def patient_splits(manifest: manifest.Manifest) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for r in manifest.rows:
         pid = str(dicom.read(Path(r.path).read_bytes(), stop_before_pixels=True).PatientID)
@@ -171,18 +174,18 @@ def test_patients_never_straddle_splits_and_stay_put_as_patients_are_added(works
     params = DataParams(source="imagefolder", path="src", group_by="patient", min_per_class=2,
                         near_duplicates=None)
     write_patients(workspace / "src", range(30))
-    data.ingest(params, Path("data/raw"))
-    report = data.prepare(Path("data/raw"), params, Path("manifest.csv"), Path("data.json"))
-    first = data.load_manifest(Path("manifest.csv"))
+    sources.ingest_source(params, Path("data/raw"))
+    report = prepare.prepare_data(Path("data/raw"), params, Path("manifest.csv"), Path("data.json"))
+    first = manifest.load_manifest(Path("manifest.csv"))
     splits = patient_splits(first)
     assert len(splits) == 30 and all(len(s) == 1 for s in splits.values())
-    assert sum(report["groups"][s] for s in data.SPLITS) == 30 and report["groups"]["rule"] == "patient"
+    assert sum(report["groups"][s] for s in manifest.SPLITS) == 30 and report["groups"]["rule"] == "patient"
     assert {r.path.split("/")[-1][:-4] for r in first.rows}.isdisjoint({f"Patient{p:03d}_0" for p in range(30)})
 
     write_patients(workspace / "src", range(30, 45), seed=1)
-    data.ingest(params, Path("data/raw"))
-    data.prepare(Path("data/raw"), params, Path("manifest.csv"), Path("data.json"))
-    grown = patient_splits(data.load_manifest(Path("manifest.csv")))
+    sources.ingest_source(params, Path("data/raw"))
+    prepare.prepare_data(Path("data/raw"), params, Path("manifest.csv"), Path("data.json"))
+    grown = patient_splits(manifest.load_manifest(Path("manifest.csv")))
     assert len(grown) == 45 and all(len(s) == 1 for s in grown.values())
     assert {p: grown[p] for p in splits} == splits  # nobody moved
 
@@ -190,9 +193,9 @@ def test_patients_never_straddle_splits_and_stay_put_as_patients_are_added(works
 def test_without_grouping_a_patient_straddles_splits(workspace: Path):
     params = DataParams(source="imagefolder", path="src", min_per_class=2, near_duplicates=None)
     write_patients(workspace / "src", range(30))
-    data.ingest(params, Path("data/raw"))
-    data.prepare(Path("data/raw"), params, Path("manifest.csv"), Path("data.json"))
-    assert any(len(s) > 1 for s in patient_splits(data.load_manifest(Path("manifest.csv"))).values())
+    sources.ingest_source(params, Path("data/raw"))
+    prepare.prepare_data(Path("data/raw"), params, Path("manifest.csv"), Path("data.json"))
+    assert any(len(s) > 1 for s in patient_splits(manifest.load_manifest(Path("manifest.csv"))).values())
 
 
 def test_a_path_pattern_groups_too(workspace: Path):
@@ -204,9 +207,9 @@ def test_a_path_pattern_groups_too(workspace: Path):
             Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(
                 workspace / "raw" / label / f"subj{subject:02d}-{k}.png")
     params = DataParams(group_by=r"subj(\d+)-", min_per_class=2, near_duplicates=None)
-    data.prepare(Path("raw"), params, Path("manifest.csv"), Path("data.json"))
+    prepare.prepare_data(Path("raw"), params, Path("manifest.csv"), Path("data.json"))
     by_subject: dict[str, set[str]] = {}
-    for r in data.load_manifest(Path("manifest.csv")).rows:
+    for r in manifest.load_manifest(Path("manifest.csv")).rows:
         by_subject.setdefault(r.path.split("/")[-1].split("-")[0], set()).add(r.split)
     assert len(by_subject) == 20 and all(len(s) == 1 for s in by_subject.values())
 
@@ -214,11 +217,11 @@ def test_a_path_pattern_groups_too(workspace: Path):
 def test_dicom_files_are_ingested_under_content_hash_names(workspace: Path):
     params = DataParams(source="imagefolder", path="src", min_per_class=2)
     write_patients(workspace / "src", range(4), per_patient=2)
-    data.ingest(params, Path("data/raw"))
-    names = [f.name for f in data.visible_files(Path("data/raw"))]
+    sources.ingest_source(params, Path("data/raw"))
+    names = [f.name for f in folders.visible_files(Path("data/raw"))]
     assert len(names) == 8 and not [n for n in names if "Patient" in n]
-    sources = (Path("data/raw") / data.DICOM_SOURCES).read_text()
-    assert "Patient000_0.dcm" in sources  # the original path is kept beside the data, in one local file
+    recorded = (Path("data/raw") / manifest.DICOM_SOURCES).read_text()
+    assert "Patient000_0.dcm" in recorded  # the original path is kept beside the data, in one local file
 
 
 # ---------------------------------------------------------------- the whole pipeline on DICOMs: nobody in the record
@@ -266,10 +269,10 @@ def test_pipeline_on_dicoms_groups_patients_and_records_no_patient_identifier(wo
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     from flows.pipeline import run_pipeline
-    from tlops import tracking
+    from tlops.tracking import runs
 
-    monkeypatch.setenv(tracking.EXPERIMENT_ENV, f"test-{uuid.uuid4().hex[:8]}")
-    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    monkeypatch.setenv(runs.EXPERIMENT_ENV, f"test-{uuid.uuid4().hex[:8]}")
+    monkeypatch.delenv(runs.PARENT_ENV, raising=False)
     secrets = write_scans(workspace.parent / "scans")
     write_params(workspace, {"data": {"source": "imagefolder", "path": str(workspace.parent / "scans"),
                                       "group_by": "patient", "near_duplicates": None}})
@@ -285,8 +288,8 @@ def test_pipeline_on_dicoms_groups_patients_and_records_no_patient_identifier(wo
 
     report = __import__("json").loads((workspace / "reports" / "data.json").read_text())
     assert [q["reason"] for q in report["quarantined"]] == ["truncated"]
-    assert sum(report["groups"][s] for s in data.SPLITS) == 24
-    splits = patient_splits(data.load_manifest(workspace / "data" / "prepared" / "manifest.csv"))
+    assert sum(report["groups"][s] for s in manifest.SPLITS) == 24
+    splits = patient_splits(manifest.load_manifest(workspace / "data" / "prepared" / "manifest.csv"))
     assert len(splits) == 24 and all(len(s) == 1 for s in splits.values())
 
     found = []
@@ -304,7 +307,7 @@ def test_pipeline_on_dicoms_groups_patients_and_records_no_patient_identifier(wo
     found += [f"Prefect log: {s!r}" for log in logs for s in secrets if s in log.message]
     assert found == []
     # where they are, and must be: the scans themselves and the local map of original paths (the grep works)
-    assert leaks(workspace / "data" / "raw", secrets) and (workspace / "data" / "raw" / data.DICOM_SOURCES).exists()
+    assert leaks(workspace / "data" / "raw", secrets) and (workspace / "data" / "raw" / manifest.DICOM_SOURCES).exists()
 
 
 def test_predict_with_a_dicom_body_equals_tlops_predict_on_the_file(tmp_path: Path):
@@ -341,18 +344,18 @@ def test_a_malformed_header_value_is_a_corrupt_file_not_a_crash():
     ds.add_new(0x00281050, "LO", "ab")  # Window Center, as a hostile writer might store it
     assert isinstance(ds, Dataset) and ds.WindowCenter == "ab"
     with pytest.raises(dicom.DicomError) as e:
-        dicom.to_grey8(ds, ds.pixel_array, "auto", None)
+        dicom_render.to_grey8(ds, ds.pixel_array, "auto", None)
     assert e.value.reason == "corrupt" and "ab" not in str(e.value)
 
 
 def test_an_ungrouped_near_duplicate_never_moves_a_patient():
-    def item(path: str, sha: str, group: str = "") -> data.Checked:
-        return data.Checked(path, "c", sha, 8, 8, group=group)
+    def item(path: str, sha: str, group: str = "") -> validate.Checked:
+        return validate.Checked(path, "c", sha, 8, 8, group=group)
 
     patient = [item("a/1.dcm", "f" * 64, "9" * 64), item("a/2.dcm", "e" * 64, "9" * 64)]
-    before = data.split_keys(patient, [])
+    before = split.split_keys(patient, [])
     copy = item("a/copy.png", "0" * 64)  # a re-encoded copy of one scan, lower content hash, no PatientID
-    after = data.split_keys([*patient, copy], [[patient[0], copy]])
+    after = split.split_keys([*patient, copy], [[patient[0], copy]])
     assert before == {p: "9" * 64 for p in ("a/1.dcm", "a/2.dcm")}
     assert after == {"a/1.dcm": "9" * 64, "a/2.dcm": "9" * 64, "a/copy.png": "9" * 64}
 
@@ -366,38 +369,40 @@ def test_a_path_pattern_reads_a_dicoms_original_path_and_flat_dicoms_are_renamed
             (folder / f"Smith_John_{k}.dcm").write_bytes(dicom.encode(rng.integers(0, 4096, (12, 12))))
     params = DataParams(source="imagefolder", path="src", group_by=r"subject-(\d+)/", min_per_class=2,
                         near_duplicates=None)
-    data.ingest(params, Path("data/raw"))
-    data.prepare(Path("data/raw"), params, Path("manifest.csv"), Path("data.json"))
-    originals = data.original_paths(Path("data/raw"))
+    sources.ingest_source(params, Path("data/raw"))
+    prepare.prepare_data(Path("data/raw"), params, Path("manifest.csv"), Path("data.json"))
+    originals = validate.original_paths(Path("data/raw"))
     by_subject: dict[str, set[str]] = {}
-    for r in data.load_manifest(Path("manifest.csv")).rows:
+    for r in manifest.load_manifest(Path("manifest.csv")).rows:
         by_subject.setdefault(originals[r.path].split("/")[1], set()).add(r.split)
     assert len(by_subject) == 16 and all(len(s) == 1 for s in by_subject.values())
-    assert not [f for f in data.visible_files(Path("data/raw")) if "Smith" in f.name]
+    assert not [f for f in folders.visible_files(Path("data/raw")) if "Smith" in f.name]
 
     flat = workspace / "flat"
     flat.mkdir()
     (flat / "Smith_John.dcm").write_bytes(dicom.encode(STORED))
-    data.copy_folder(flat, workspace / "copied")
-    assert [f.suffix for f in data.visible_files(workspace / "copied")] == [".dcm"]
-    assert "Smith" not in "".join(f.name for f in data.visible_files(workspace / "copied"))
+    sources.copy_folder(flat, workspace / "copied")
+    assert [f.suffix for f in folders.visible_files(workspace / "copied")] == [".dcm"]
+    assert "Smith" not in "".join(f.name for f in folders.visible_files(workspace / "copied"))
 
 
 def test_a_name_where_rows_should_be_is_quarantined_as_corrupt_and_written_nowhere(tmp_path: Path, monkeypatch):
     from serving_support import text_rows_dicom
 
-    from tlops.config import DataParams
+    from tlops.core.config import DataParams
 
     monkeypatch.chdir(tmp_path)
     name = "DOE^JOHNATHAN"
     rng = np.random.default_rng(5)
     for label in ("class_0", "class_1"):
         (tmp_path / "raw" / label).mkdir(parents=True)
-        for k in range(3):
-            (tmp_path / "raw" / label / f"ok{k}.dcm").write_bytes(dicom.encode(rng.integers(0, 4096, (16, 16))))
+        for k in range(6):
+            (tmp_path / "raw" / label / f"ok{k}.dcm").write_bytes(
+                dicom.encode(rng.integers(0, 4096, (16, 16)), uid_seed=f"{label}-{k}"))  # the same bytes every run
     (tmp_path / "raw" / "class_0" / "named.dcm").write_bytes(text_rows_dicom(name))
-    report = data.prepare(Path("raw"), DataParams(source="imagefolder", path="src", min_per_class=2),
-                          Path("prepared/manifest.csv"), Path("reports/data.json"))
+    report = prepare.prepare_data(Path("raw"), DataParams(source="imagefolder", path="src", min_per_class=2,
+                                                          near_duplicates=None),  # noise looks alike at 16 px
+                                  Path("prepared/manifest.csv"), Path("reports/data.json"))
     assert [(q["path"], q["reason"]) for q in report["quarantined"]] == [("raw/class_0/named.dcm", "corrupt")]
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".dcm"]
     assert written and not [p for p in written if name.encode() in p.read_bytes()]

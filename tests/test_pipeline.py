@@ -37,8 +37,8 @@ from orchestration import dvc_stages
 from orchestration import report as pipeline_report
 from orchestration.report import StageRecord
 from orchestration.workspace import workspace_lock
-from tlops import registry, tracking
-from tlops.errors import ConfigError, DataError, TlopsError, WorkspaceBusyError
+from tlops.core.errors import ConfigError, DataError, TlopsError, WorkspaceBusyError
+from tlops.tracking import registry, runs
 
 
 @pytest.fixture
@@ -195,8 +195,8 @@ def test_a_second_run_is_rejected_naming_the_holder_or_waits_up_to_lock_timeout(
 @pytest.fixture
 def real(workspace: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The project's own dvc.yaml on a generated image folder, tiny params, its own MLflow experiment."""
-    monkeypatch.setenv(tracking.EXPERIMENT_ENV, f"test-{uuid.uuid4().hex[:8]}")
-    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    monkeypatch.setenv(runs.EXPERIMENT_ENV, f"test-{uuid.uuid4().hex[:8]}")
+    monkeypatch.delenv(runs.PARENT_ENV, raising=False)
     make_images(workspace.parent / "images", classes=3, per_class=8)
     write_params(workspace, {"data": {"source": "imagefolder", "path": str(workspace.parent / "images")}})
     return workspace
@@ -223,8 +223,8 @@ def test_real_pipeline_runs_end_to_end_then_skips_then_reruns_only_after_a_finet
     ran = {name for name, state in states(third).items() if state == "ran"}
     assert ran == {"finetune", "adapt", "evaluate", "export"}
     assert UP_TO_DATE in dvc_status(real)
-    c = tracking.client()
-    children = c.search_runs([tracking.experiment_id(c)],
+    c = runs.client()
+    children = c.search_runs([runs.experiment_id(c)],
                              filter_string=f"tags.mlflow.parentRunId = '{third['mlflow_run_id']}'")
     assert sorted(r.info.run_name for r in children) == ["adapt", "evaluate", "export", "finetune"]
     assert running_mlflow_runs() == []
@@ -241,6 +241,23 @@ def test_real_pipeline_runs_end_to_end_then_skips_then_reruns_only_after_a_finet
 
 
 @pytest.mark.slow
+def test_tlops_stage_runs_one_stage_as_a_prefect_flow_run_and_refuses_an_unknown_stage(real: Path):
+    for stage in ("ingest", "prepare"):
+        run_cmd([sys.executable, "-m", "tlops.cli", "stage", stage], real)
+    from tlops.data.manifest import load_manifest
+
+    assert len(load_manifest(real / "data/prepared/manifest.csv").rows) == 24
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        flows_run = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["prepare"])))
+    assert any(r.state.is_completed() for r in flows_run)
+    unknown = run_cmd([sys.executable, "-m", "tlops.cli", "stage", "nosuch"], real, check=False)
+    assert unknown.returncode == 2 and "no stage named 'nosuch'" in unknown.stderr
+
+
+@pytest.mark.slow
 def test_real_prepare_failing_on_data_fails_the_flow_and_leaves_dvc_and_mlflow_consistent(real: Path):
     write_params(real, {"data": {"source": "imagefolder", "path": str(real.parent / "images"), "min_per_class": 50}})
     state = pipeline_flow(return_state=True)
@@ -249,8 +266,8 @@ def test_real_prepare_failing_on_data_fails_the_flow_and_leaves_dvc_and_mlflow_c
         state.result()
     assert lock_entries(real) == {"ingest"}
     assert running_mlflow_runs() == []
-    c = tracking.client()
-    prepare_runs = c.search_runs([tracking.experiment_id(c)], filter_string="tags.stage = 'prepare'")
+    c = runs.client()
+    prepare_runs = c.search_runs([runs.experiment_id(c)], filter_string="tags.stage = 'prepare'")
     assert [r.info.status for r in prepare_runs] == ["FAILED"]  # one attempt: a data error is not retried
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from tlops import scoring
+from tlops.evaluate import scoring
 
 
 def test_metrics_agree_with_scikit_learn():
@@ -47,12 +47,15 @@ class _Params:
 
 
 def test_auto_is_balanced_accuracy_past_the_imbalance_ratio_and_accuracy_below():
+    def policy(params: _Params, manifest: _Manifest) -> scoring.Policy:
+        return scoring.policy(params, scoring.train_labels(manifest), manifest.classes)
+
     imbalanced = _Manifest(["a"] * 100 + ["b"] * 12)
     balanced = _Manifest(["a"] * 100 + ["b"] * 90)
-    assert scoring.policy(_Params("auto"), imbalanced).metric == "balanced_accuracy"
-    assert scoring.policy(_Params("auto"), imbalanced).imbalanced
-    assert scoring.policy(_Params("auto"), balanced).metric == "accuracy"
-    assert scoring.policy(_Params("macro_f1"), imbalanced).metric == "macro_f1"
-    assert scoring.policy(_Params("auto", threshold=10.0), imbalanced).metric == "accuracy"
+    assert policy(_Params("auto"), imbalanced).metric == "balanced_accuracy"
+    assert policy(_Params("auto"), imbalanced).imbalanced
+    assert policy(_Params("auto"), balanced).metric == "accuracy"
+    assert policy(_Params("macro_f1"), imbalanced).metric == "macro_f1"
+    assert policy(_Params("auto", threshold=10.0), imbalanced).metric == "accuracy"
     empty_class = _Manifest(["a"] * 10 + ["b"] * 10, classes=["a", "b", "c"])  # c has no training image
-    assert scoring.policy(_Params("auto"), empty_class).ratio == float("inf")
+    assert policy(_Params("auto"), empty_class).ratio == float("inf")

@@ -27,7 +27,7 @@ from conftest import ROOT
 from packaging.requirements import Requirement
 from serving_support import LABELS, export_tiny_model, free_port, png_bytes, wait_for_process
 
-from tlops.config import ServeParams
+from tlops.core.config import ServeParams
 
 PACKAGES = ("tlops", "flows", "tasks", "orchestration", "serving")  # what the wheel holds
 # onnx is in the serve extra: the service parses a model with it to refuse external data before ONNX Runtime loads it
@@ -35,11 +35,11 @@ TRAINING_STACK = ("torch", "torchvision", "timm", "prefect", "dvc", "mlflow", "o
 # Imported lazily, inside functions of serving-path modules that the service and `tlops predict` never call (or
 # call only with another extra installed): the project modules, then the third-party packages, and why.
 LAZY_OUTSIDE_SERVE = {
-    "tlops.registry": "models:/ URIs need the registry extra; tlops.cli says so when it is missing",
-    "tlops.target": "tlops.drift.model_reference, the export stage's, for an adapted model",
+    "tlops.tracking": "models:/ URIs need the registry extra; tlops.cli says so when it is missing",
+    "tlops.tracking.registry": "the same: serving.served_model resolves models:/ URIs through it",
 }
 LAZY_OUTSIDE_SERVE_PACKAGES = {
-    "ruamel": "tlops.config.set_params, which the pipeline flow calls to write params.yaml (ruamel.yaml comes with dvc)",
+    "ruamel": "tlops.core.config.set_params, which the pipeline flow calls to write params.yaml (ruamel.yaml comes with dvc)",
 }
 INSTALL_TIMEOUT_S = 600
 UNREACHABLE = ("NewConnectionError", "Failed to establish a new connection", "Temporary failure in name resolution",
@@ -208,6 +208,6 @@ def test_a_text_model_predicts_from_the_serve_install(serve_venv: Path, text_wor
     results = json.loads(r.stdout)
     assert [x["text"] for x in results] == ["dog and cat", str(tmp_path / "q.txt")]
     assert all(x["top_k"][0]["label"] in ("animal", "food", "tool") for x in results)
-    probe = "import sys, tlops.text, serving.predict; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    probe = "import sys, tlops.inputs.text, serving.predict; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     r = _run([serve_venv / "bin/python", "-c", probe], timeout=60, cwd=tmp_path, env=_clean_env(), check=True)
     assert r.stdout.strip() == "[]"

@@ -33,7 +33,7 @@ from serving_support import (
 )
 
 from serving import grpc_codec
-from tlops.preprocess import PreprocessSpec
+from tlops.inputs.images import PreprocessSpec
 
 MODEL = "model"
 MIB = 2**20

@@ -11,16 +11,17 @@ from serving_support import ThreadServer, serve_params, wait_for
 
 from serving.client import http_accuracy
 from serving.predict import predict_files
-from tlops import paths, tracking
-from tlops.data import load_manifest
+from tlops.core import paths
+from tlops.data.manifest import load_manifest
+from tlops.tracking import runs
 
 
 def test_predict_over_the_test_split_reproduces_the_evaluated_accuracy(trained, monkeypatch):
     from tasks.evaluate import evaluate
     from tasks.export import export
 
-    monkeypatch.setenv(tracking.EXPERIMENT_ENV, f"test-{uuid.uuid4().hex[:8]}")
-    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    monkeypatch.setenv(runs.EXPERIMENT_ENV, f"test-{uuid.uuid4().hex[:8]}")
+    monkeypatch.delenv(runs.PARENT_ENV, raising=False)
     raw = yaml.safe_load((trained / "params.yaml").read_text())
     raw["export"].update(registered_model=f"test-serving-{uuid.uuid4().hex[:8]}", int8=False)
     (trained / "params.yaml").write_text(yaml.safe_dump(raw))

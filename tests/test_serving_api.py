@@ -14,7 +14,7 @@ from serving_support import SPEC, ThreadServer, export_tiny_model, http, metric_
 
 from serving.client import http_accuracy
 from serving.predict import predict_files, results_json, results_table
-from tlops.preprocess import load_image, preprocess
+from tlops.inputs.images import load_image, preprocess
 
 
 @pytest.fixture(scope="module")

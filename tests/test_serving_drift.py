@@ -12,7 +12,7 @@ from conftest import make_images
 from PIL import Image
 from serving_support import ThreadServer, export_tiny_model, http, metric_value, serve_params, wait_for
 
-from tlops import drift
+from tlops.onnx import drift
 
 DIM, CLASSES = 32, 4
 MIX = np.eye(DIM) + np.linspace(1, 0.2, DIM)[:, None] * np.random.default_rng(99).standard_normal((DIM, DIM)) / 6
@@ -172,11 +172,11 @@ def test_which_inputs_are_kept_is_keyed_by_a_secret_beside_the_folder_and_files_
 
 def test_a_dicom_input_is_kept_as_its_pixels_without_its_header(tmp_path: Path):
     from serving.input_log import InputLog
-    from tlops import dicom
+    from tlops.inputs import dicom, dicom_render
 
     scan = dicom.encode(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096, PatientName="DOE^JANE",
                         PatientID="PID-12345")
     kept = InputLog(tmp_path / "log", sample=1.0, max_bytes=10**9).keep_file(scan)
     data = kept.read_bytes()
     assert kept.suffix == ".png" and b"DOE^JANE" not in data and b"PID-12345" not in data
-    assert np.array_equal(np.asarray(Image.open(kept)), dicom.grey8(scan))  # the 8-bit image the model saw
+    assert np.array_equal(np.asarray(Image.open(kept)), dicom_render.grey8(scan))  # the 8-bit image the model saw

@@ -91,7 +91,7 @@ def test_a_bad_new_model_is_rejected_and_the_old_one_keeps_serving(models, tmp_p
         if damage == "checksum mismatch":
             target.write_bytes(models["b"].read_bytes())  # sidecar still names model a
         else:
-            from tlops.onnx_meta import write_sha256
+            from tlops.onnx.metadata import write_sha256
 
             if damage == "not onnx":
                 target.write_bytes(b"this is not a protobuf")
@@ -121,17 +121,17 @@ def registry_ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """cwd in a fresh folder (downloads land in its .tlops/registry), a fresh experiment; a fresh model name."""
     import uuid
 
-    from tlops import tracking
+    from tlops.tracking import runs
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(tracking.EXPERIMENT_ENV, f"serving-{uuid.uuid4().hex[:8]}")
+    monkeypatch.setenv(runs.EXPERIMENT_ENV, f"serving-{uuid.uuid4().hex[:8]}")
     return f"tiny-{uuid.uuid4().hex[:8]}"
 
 
 def _register(path: Path, name: str) -> tuple[str, str]:
     """Register an exported file in the real MLflow registry: (its version, the version the service reports)."""
-    from tlops import registry
-    from tlops.io import sha256_file
+    from tlops.core.io import sha256_file
+    from tlops.tracking import registry
 
     version = registry.log_onnx_model(path, np.zeros((1, 3, 32, 32), np.float32), name)
     return version, sha256_file(registry.download_model_file(name, version))[:12]
@@ -143,7 +143,7 @@ def _rejected(url: str) -> float:
 
 @pytest.mark.slow
 def test_polling_follows_the_champion_alias_under_load_and_rejects_a_tampered_copy(models, registry_ws: str):
-    from tlops import registry
+    from tlops.tracking import registry
 
     name = registry_ws
     v1, served1 = _register(models["a"], name)
@@ -178,22 +178,25 @@ def test_polling_follows_the_champion_alias_under_load_and_rejects_a_tampered_co
 
 
 def test_full_queue_answers_503_at_once_and_a_slow_answer_504(models):
-    # Requests wait up to 2 s for a batch to fill, so they sit in the queue: 2 fit, the rest are refused.
-    params = serve_params(max_queue=2, max_batch=32, max_wait_ms=2000, timeout_ms=400)
+    # Requests wait up to 20 s for a batch to fill, so the first two sit in the queue (max_queue 2) until their
+    # timeout: the others, sent once the queue holds two, are refused at once, before the two time out.
+    params = serve_params(max_queue=2, max_batch=32, max_wait_ms=20_000, timeout_ms=3000)
     with ThreadServer(params, str(models["a"])) as s:
         wait_for(f"{s.url}/v2/health/ready")
 
         async def burst() -> tuple[list[int], list[int]]:
             finished: list[int] = []  # request indices in the order their answers arrived
             async with httpx.AsyncClient(timeout=30) as c:
-                async def one(i: int, delay: float) -> int:
-                    await asyncio.sleep(delay)
+                async def one(i: int) -> int:
                     r = await c.post(f"{s.url}/predict", content=IMAGE)
                     finished.append(i)
                     return r.status_code
-                # the first two are queued before the others arrive
-                codes = await asyncio.gather(one(0, 0), one(1, 0), *(one(i, 0.1) for i in range(2, 6)))
-            return list(codes), finished
+
+                queued = [asyncio.create_task(one(i)) for i in range(2)]
+                while s.service.batcher.depth < 2:  # state, not a sleep: both are in the queue
+                    await asyncio.sleep(0.01)
+                refused = await asyncio.gather(*(one(i) for i in range(2, 6)))
+                return [*(await asyncio.gather(*queued)), *refused], finished
 
         codes, finished = asyncio.run(burst())
     assert codes == [504, 504, 503, 503, 503, 503]
@@ -291,9 +294,9 @@ def test_service_and_local_predict_import_no_torch_and_no_mlflow(models, tmp_pat
     code = f"""
 import sys
 from pathlib import Path
-import serving.app, serving.predict, serving.client, serving.protocol, serving.batcher, serving.metrics
-import tlops.config, tlops.preprocess, tlops.io
-from tlops.config import ServeParams
+import serving.app, serving.predict, serving.client, serving.protocol, serving.batcher, serving.prometheus
+import tlops.core.config, tlops.inputs.images, tlops.core.io
+from tlops.core.config import ServeParams
 serving.app.create_app(ServeParams(model={str(models['a'])!r}))
 Path({str(tmp_path / 'x.png')!r}).write_bytes({IMAGE!r})
 print(serving.predict.predict_files({str(models['a'])!r}, [{str(tmp_path / 'x.png')!r}], top_k=1))
@@ -306,10 +309,10 @@ assert not heavy, heavy
 
 
 def test_registry_models_need_no_sidecar_but_plain_files_do(models, tmp_path: Path, registry_ws: str):
-    from serving.model import ModelSource
     from serving.predict import predict_files
-    from tlops import registry
-    from tlops.errors import ConfigError, ModelIntegrityError
+    from serving.served_model import ModelSource
+    from tlops.core.errors import ConfigError, ModelIntegrityError
+    from tlops.tracking import registry
 
     version, served = _register(models["a"], registry_ws)
     registry.set_alias(registry_ws, registry.CHAMPION, version)

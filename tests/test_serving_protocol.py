@@ -17,7 +17,7 @@ from serving_support import SPEC, ThreadServer, export_tiny_model, free_port, ht
 from tritonclient.utils import InferenceServerException
 
 from serving import grpc_codec
-from tlops.preprocess import load_image, preprocess
+from tlops.inputs.images import load_image, preprocess
 
 MODEL = "model"
 

@@ -33,8 +33,7 @@ from serving_support import (
 from tritonclient.utils import InferenceServerException
 
 from serving import grpc_codec
-from tlops import dicom
-from tlops.preprocess import load_image, preprocess
+from tlops.inputs.images import load_image, preprocess
 
 KEY = "k" * 8 + "-test-key-0123456789"
 MODEL = "model"
@@ -102,7 +101,7 @@ def test_only_the_groups_named_in_api_key_routes_need_the_key(model: Path, monke
 
 def test_a_key_that_is_missing_or_short_fails_at_startup_naming_the_setting(model: Path, monkeypatch):
     from serving.app import create_app
-    from tlops.errors import ConfigError
+    from tlops.core.errors import ConfigError
 
     monkeypatch.delenv("TLOPS_NO_SUCH_KEY", raising=False)
     with pytest.raises(ConfigError, match="TLOPS_NO_SUCH_KEY is not set"):

@@ -144,7 +144,7 @@ def test_the_promotion_lock_admits_one_run_at_a_time_even_after_someone_widened_
     from prefect import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-    from tasks.export import promotion_lock
+    from orchestration.promotion_lock import promotion_lock
 
     with get_client(sync_client=True) as client:
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="tlops-promotion-lock-test", limit=5))

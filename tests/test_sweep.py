@@ -18,8 +18,8 @@ POOL = "sweep-test"
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_two_by_two_grid_runs_four_trials_on_two_workers(workspace: Path, prefect_api: str, capsys) -> None:
-    from flows.sweep import sweep, table
-    from tlops import tracking
+    from flows.sweep import table
+    from tlops.tracking import runs
 
     make_images(workspace.parent / "images", classes=3, per_class=8, size=32)
     write_params(workspace, {"data": {"source": "imagefolder", "path": str(workspace.parent / "images")}})
@@ -28,9 +28,11 @@ def test_a_two_by_two_grid_runs_four_trials_on_two_workers(workspace: Path, pref
     workers = [subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type",
                                  "process", "--limit", "1", "--name", f"w{i}"], cwd=workspace,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    try:
-        result = sweep({"finetune.lr": [0.001, 0.003], "head.dropout": [0.0, 0.3]}, POOL, concurrency=2,
-                       timeout_s=720, root=workspace, registered_model="tlops-classifier-sweep")
+    try:  # the command, as a user runs it
+        out = run_cmd([sys.executable, "-m", "tlops.cli", "sweep", "--grid", "finetune.lr=1e-3,3e-3", "--grid",
+                       "head.dropout=0,0.3", "--concurrency", "2", "--pool", POOL, "--timeout", "720", "--json"],
+                      workspace)
+        result = json.loads(out.stdout)
     finally:
         for w in workers:
             w.send_signal(signal.SIGINT)
@@ -51,8 +53,8 @@ def test_a_two_by_two_grid_runs_four_trials_on_two_workers(workspace: Path, pref
         params = (Path(t["folder"]) / "params.yaml").read_text()
         assert f"lr: {t['params']['finetune.lr']}" in params and f"dropout: {t['params']['head.dropout']}" in params
         assert "registered_model: tlops-classifier-sweep" in params  # never the production champion's model
-    c = tracking.client()
-    children = c.search_runs([tracking.experiment_id(c)],
+    c = runs.client()
+    children = c.search_runs([runs.experiment_id(c)],
                              f"tags.mlflow.parentRunId = '{result['mlflow_parent_run_id']}'")
     assert len(children) == 4 and all("test_score" in r.data.metrics for r in children)
     from rich.console import Console
@@ -65,4 +67,3 @@ def test_a_two_by_two_grid_runs_four_trials_on_two_workers(workspace: Path, pref
     with get_client(sync_client=True) as client:
         d = client.read_deployment_by_name("sweep-trial/sweep")
         assert (d.concurrency_limit or d.global_concurrency_limit.limit) == 2
-    assert json.dumps(result, default=str)

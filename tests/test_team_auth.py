@@ -57,9 +57,9 @@ def test_mlflow_with_basic_auth_lets_a_worker_move_champion_and_the_service_only
     from mlflow.exceptions import MlflowException
     from mlflow.server import get_app_client
 
-    from serving.model import ModelSource
-    from tlops import registry, tracking
-    from tlops.errors import ConfigError
+    from serving.served_model import ModelSource
+    from tlops.core.errors import ConfigError
+    from tlops.tracking import registry, runs
 
     admin_pw, worker_pw, other_pw, serve_pw = password(), password(), password(), password()
     config = tmp_path / "basic_auth.ini"
@@ -81,7 +81,7 @@ def test_mlflow_with_basic_auth_lets_a_worker_move_champion_and_the_service_only
     with server(argv, env, f"{url}/health", tmp_path / "mlflow.log", "mlflow server --app-name basic-auth"):
         login(monkeypatch, None)
         with pytest.raises(MlflowException) as anonymous:
-            tracking.client().search_registered_models()
+            runs.client().search_registered_models()
         assert anonymous.value.error_code == "UNAUTHENTICATED"
 
         login(monkeypatch, "admin", admin_pw)  # the README's one-off user setup
@@ -129,7 +129,7 @@ def test_mlflow_with_basic_auth_lets_a_worker_move_champion_and_the_service_only
 
 FLOW = """
 from prefect import flow
-from tasks.export import promotion_lock
+from orchestration.promotion_lock import promotion_lock
 
 @flow(name="team-auth")
 def team_auth() -> str:

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from conftest import run_cmd
 
-from tlops import registry, tracking
-from tlops.config import Params
-from tlops.errors import ConfigError, ModelIntegrityError
+from tlops.core.config import Params
+from tlops.core.errors import ConfigError, ModelIntegrityError
+from tlops.tracking import registry, runs
 
 PARAMS = Params()
 
@@ -25,11 +25,11 @@ PARAMS = Params()
 STAGE_SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from tlops import tracking
-    from tlops.config import Params
+    from tlops.core.config import Params
+    from tlops.tracking.runs import stage_run
 
     stage = sys.argv[1]
-    with tracking.stage_run(stage, Params()) as run:
+    with stage_run(stage, Params()) as run:
         run.log_metrics({"x": 1.0})
         Path(stage + ".out").write_text(run.run_id + " " + run.parent_run_id)
         if len(sys.argv) > 2:
@@ -41,22 +41,22 @@ STAGE_SCRIPT = textwrap.dedent("""
 def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty workspace as cwd, with its own experiment and no inherited parent run."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(tracking.EXPERIMENT_ENV, f"test-{uuid.uuid4().hex[:8]}")
-    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    monkeypatch.setenv(runs.EXPERIMENT_ENV, f"test-{uuid.uuid4().hex[:8]}")
+    monkeypatch.delenv(runs.PARENT_ENV, raising=False)
     (tmp_path / "stage.py").write_text(STAGE_SCRIPT)
     return tmp_path
 
 
 def runs_by_name(ws: Path) -> dict[str, list]:
-    c = tracking.client()
+    c = runs.client()
     out: dict[str, list] = {}
-    for run in c.search_runs([tracking.experiment_id(c)], order_by=["attributes.start_time ASC"]):
+    for run in c.search_runs([runs.experiment_id(c)], order_by=["attributes.start_time ASC"]):
         out.setdefault(run.info.run_name, []).append(run)
     return out
 
 
 def get_run(run_id: str):
-    return tracking.client().get_run(run_id)
+    return runs.client().get_run(run_id)
 
 
 def start_stage(ws: Path, stage: str, sleep_s: float) -> subprocess.Popen:
@@ -96,8 +96,8 @@ def test_importing_tracking_does_not_import_mlflow():
 
 def test_tracking_uri_defaults_to_workspace_sqlite_store(ws, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert tracking.tracking_uri() == f"sqlite:///{ws / 'mlflow.db'}"
-    cmd = tracking.ui_command()
+    assert runs.tracking_uri() == f"sqlite:///{ws / 'mlflow.db'}"
+    cmd = runs.ui_command()
     assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{ws / 'mlflow.db'}"
     assert cmd[cmd.index("--default-artifact-root") + 1] == (ws / "mlartifacts").as_uri()
     assert cmd[cmd.index("--port") + 1] == "5000"
@@ -105,16 +105,16 @@ def test_tracking_uri_defaults_to_workspace_sqlite_store(ws, monkeypatch):
 
 def test_stage_runs_nest_under_the_pipeline_run(ws):
     (ws / "report.json").write_text("{}")
-    with tracking.pipeline_run(PARAMS) as parent:
-        assert os.environ[tracking.PARENT_ENV] == parent.run_id
-        with tracking.stage_run("train_head", PARAMS) as run:
+    with runs.pipeline_run(PARAMS) as parent:
+        assert os.environ[runs.PARENT_ENV] == parent.run_id
+        with runs.stage_run("train_head", PARAMS) as run:
             for epoch, loss in enumerate([0.9, 0.5, 0.3]):
                 run.log_metrics({"train_loss": loss}, step=epoch)
             run.log_artifact(ws / "report.json", "reports")
             run.log_artifact(ws / "missing.json")  # skipped with a warning, not an error
-        with tracking.stage_run("ingest", PARAMS) as run2:
+        with runs.stage_run("ingest", PARAMS) as run2:
             run2.set_tags({"data_version": "abc123.dir"})  # ingest knows the new version only at its end
-    assert tracking.PARENT_ENV not in os.environ
+    assert runs.PARENT_ENV not in os.environ
 
     p, child = get_run(parent.run_id), get_run(run.run_id)
     assert p.info.status == "FINISHED" and p.data.tags["tlops.kind"] == "pipeline"
@@ -126,50 +126,50 @@ def test_stage_runs_nest_under_the_pipeline_run(ws):
     assert child.data.tags["stage"] == "train_head" and child.data.tags["workspace"] == str(ws)
     assert child.data.tags["device"] in ("cpu", "cuda")
     assert child.data.params["finetune.lr"] == "0.001"
-    history = tracking.client().get_metric_history(run.run_id, "train_loss")
+    history = runs.client().get_metric_history(run.run_id, "train_loss")
     assert [(m.step, m.value) for m in history] == [(0, 0.9), (1, 0.5), (2, 0.3)]
-    assert [a.path for a in tracking.client().list_artifacts(run.run_id, "reports")] == ["reports/report.json"]
+    assert [a.path for a in runs.client().list_artifacts(run.run_id, "reports")] == ["reports/report.json"]
     assert Path(child.info.artifact_uri.removeprefix("file://")).is_relative_to(ws / "mlartifacts")
 
 
 def test_stages_without_dvc_or_pipeline_share_one_parent_per_process_never_left_running(ws):
-    with tracking.stage_run("a", PARAMS) as a:
+    with runs.stage_run("a", PARAMS) as a:
         assert get_run(a.parent_run_id).info.status == "RUNNING"
     assert get_run(a.parent_run_id).info.status == "FINISHED"
-    with tracking.stage_run("b", PARAMS) as b:
+    with runs.stage_run("b", PARAMS) as b:
         assert get_run(b.parent_run_id).info.status == "RUNNING"
     assert a.parent_run_id == b.parent_run_id
     assert get_run(b.parent_run_id).info.status == "FINISHED"
 
 
 def test_a_leftover_parent_id_of_an_ended_pipeline_is_not_reused(ws, monkeypatch):
-    with tracking.pipeline_run(PARAMS) as old:
+    with runs.pipeline_run(PARAMS) as old:
         pass
-    monkeypatch.setenv(tracking.PARENT_ENV, old.run_id)
-    with tracking.stage_run("a", PARAMS) as run:
+    monkeypatch.setenv(runs.PARENT_ENV, old.run_id)
+    with runs.stage_run("a", PARAMS) as run:
         pass
     assert run.parent_run_id != old.run_id
     assert get_run(run.parent_run_id).info.status == "FINISHED"
 
 
 def test_a_raising_stage_leaves_its_run_and_the_pipeline_failed(ws):
-    with pytest.raises(ValueError), tracking.pipeline_run(PARAMS) as parent:
-        with tracking.stage_run("finetune", PARAMS) as run:
+    with pytest.raises(ValueError), runs.pipeline_run(PARAMS) as parent:
+        with runs.stage_run("finetune", PARAMS) as run:
             raise ValueError("loss is nan")
     assert get_run(run.run_id).info.status == "FAILED"
     assert get_run(parent.run_id).info.status == "FAILED"
 
 
 def test_a_raising_stage_under_plain_dvc_repro_fails_its_shared_parent_too(ws):
-    with pytest.raises(ValueError), tracking.stage_run("prepare", PARAMS) as run:
+    with pytest.raises(ValueError), runs.stage_run("prepare", PARAMS) as run:
         raise ValueError("bad data")
     assert get_run(run.run_id).info.status == "FAILED"
     assert get_run(run.parent_run_id).info.status == "FAILED"
 
 
 def test_keyboard_interrupt_leaves_runs_killed(ws):
-    with pytest.raises(KeyboardInterrupt), tracking.pipeline_run(PARAMS) as parent:
-        with tracking.stage_run("features", PARAMS) as run:
+    with pytest.raises(KeyboardInterrupt), runs.pipeline_run(PARAMS) as parent:
+        with runs.stage_run("features", PARAMS) as run:
             raise KeyboardInterrupt
     assert get_run(run.run_id).info.status == "KILLED"
     assert get_run(parent.run_id).info.status == "KILLED"
@@ -177,7 +177,7 @@ def test_keyboard_interrupt_leaves_runs_killed(ws):
 
 def test_sigterm_handler_is_restored_after_the_stage(ws):
     before = signal.getsignal(signal.SIGTERM)
-    with tracking.stage_run("a", PARAMS):
+    with runs.stage_run("a", PARAMS):
         assert signal.getsignal(signal.SIGTERM) is not before
     assert signal.getsignal(signal.SIGTERM) is before
 
@@ -191,7 +191,7 @@ def test_an_existing_raising_sigterm_handler_is_kept_and_its_exception_means_kil
 
     before = signal.signal(signal.SIGTERM, prefect_like)
     try:
-        with pytest.raises(TerminationSignal), tracking.stage_run("a", PARAMS) as run:
+        with pytest.raises(TerminationSignal), runs.stage_run("a", PARAMS) as run:
             assert signal.getsignal(signal.SIGTERM) is prefect_like
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
@@ -211,27 +211,27 @@ def test_sigterm_to_a_stage_process_leaves_its_runs_killed(ws):
 
 def test_kill_9_leaves_running_runs_that_reaping_marks_killed(ws):
     proc = start_stage(ws, "train_head", sleep_s=60)
-    with tracking.stage_run("alive", PARAMS) as alive:
+    with runs.stage_run("alive", PARAMS) as alive:
         proc.kill()
         proc.wait(timeout=30)
         run_id, parent_id = (ws / "train_head.out").read_text().split()
         assert get_run(run_id).info.status == "RUNNING"
-        assert tracking.reap_stale_runs() == 2  # the stage and its per-process parent, not the live run
+        assert runs.reap_stale_runs() == 2  # the stage and its per-process parent, not the live run
         assert get_run(alive.run_id).info.status == "RUNNING"
     assert get_run(run_id).info.status == "KILLED"
     assert get_run(parent_id).info.status == "KILLED"
-    assert tracking.reap_stale_runs() == 0
+    assert runs.reap_stale_runs() == 0
 
 
 @pytest.mark.parametrize("cmdline, expected", [
     (["/ws/.venv/bin/python", "/ws/.venv/bin/dvc", "repro"], True),
     (["dvc", "repro"], True),
     (["python", "-m", "dvc", "repro"], True),
-    (["python", "-m", "flows.prepare"], False),
-    (["/bin/sh", "-c", "python -m flows.prepare"], False),
+    (["python", "-m", "tasks.prepare"], False),
+    (["/bin/sh", "-c", "python -m tasks.prepare"], False),
 ])
 def test_dvc_processes_are_recognised_from_their_command_line(cmdline, expected):
-    assert tracking._is_dvc(cmdline) is expected
+    assert runs._is_dvc(cmdline) is expected
 
 
 @pytest.mark.slow
@@ -272,7 +272,7 @@ def test_registered_onnx_model_gets_candidate_alias_and_champion_moves_only_when
     model1, model2 = tiny_onnx(ws / "m1.onnx", seed=1), tiny_onnx(ws / "m2.onnx", seed=2)
     example = np.zeros((4, 3, 4, 4), np.float32)
     name = f"tiny-{uuid.uuid4().hex[:6]}"
-    with tracking.stage_run("export", PARAMS) as run:
+    with runs.stage_run("export", PARAMS) as run:
         v1 = registry.log_onnx_model(model1, example, name, run_id=run.run_id, metadata={"labels": ["a", "b"]})
     assert registry.get_alias_version(name, "candidate") == v1
     assert registry.get_alias_version(name, "champion") is None
@@ -291,7 +291,7 @@ def test_registered_onnx_model_gets_candidate_alias_and_champion_moves_only_when
 
     registry.set_version_tags(name, v2, {"promotion": "promoted", "accuracy": 0.9})
     assert registry.get_version_tags(name, v2)["accuracy"] == "0.9"
-    tracking.set_run_tags(run.run_id, {"promotion": "first model"})
+    runs.set_run_tags(run.run_id, {"promotion": "first model"})
     assert get_run(run.run_id).data.tags["promotion"] == "first model"
 
 
@@ -311,7 +311,7 @@ def test_a_version_without_the_sha256_tag_is_refused_unless_allowed_and_then_log
     import onnx
 
     name = f"ui-{uuid.uuid4().hex[:6]}"  # registered as through MLflow's own API or UI: no sha256 tag
-    with tracking.stage_run("export", PARAMS) as run, registry._fluent_target(get_run(run.run_id).info.experiment_id):
+    with runs.stage_run("export", PARAMS) as run, registry._fluent_target(get_run(run.run_id).info.experiment_id):
         info = mlflow.onnx.log_model(onnx.load(str(tiny_onnx(ws / "m.onnx"))), name="model",
                                      registered_model_name=name, run_id=run.run_id, await_registration_for=0)
     version = str(info.registered_model_version)

@@ -13,17 +13,21 @@ import yaml
 from conftest import ROOT, TINY, deep_update, make_images
 from safetensors.torch import load_file, save_file
 
-from tlops import data, paths
-from tlops.backbones import create_backbone
-from tlops.config import HeadParams, Params, parse_params
-from tlops.errors import NonFiniteLossError
-from tlops.features import extract_features, load_feature_dataset
-from tlops.history import HISTORY_COLUMNS
-from tlops.io import sha256_file
-from tlops.loaders import ImageDataset
-from tlops.model import build_head, load_classifier, load_head
-from tlops.schedule import lr_factor, param_groups, set_trainable, small_data_scale, unfrozen_at, warmup_steps
-from tlops.train import finetune, keep_best, save_head, train_head
+from tlops.core import paths
+from tlops.core.config import HeadParams, Params, parse_params
+from tlops.core.errors import NonFiniteLossError
+from tlops.core.io import sha256_file
+from tlops.data import manifest, prepare
+from tlops.features.dataset import load_feature_dataset
+from tlops.features.extract import extract_features
+from tlops.models.backbones import create_backbone
+from tlops.models.classifier import load_classifier
+from tlops.models.heads import build_head, load_head
+from tlops.training.epochs import HISTORY_COLUMNS
+from tlops.training.finetune import finetune_model, keep_best
+from tlops.training.head import save_head, train_head_grid
+from tlops.training.loaders import ImageDataset
+from tlops.training.schedule import lr_factor, param_groups, set_trainable, small_data_scale, unfrozen_at, warmup_steps
 
 
 @dataclass
@@ -61,7 +65,7 @@ def tiny_params(**finetune) -> Params:
 
 def test_head_grid_keeps_the_config_with_best_val_accuracy():
     params = HeadParams(epochs=15, lrs=[1e-6, 0.05], weight_decays=[0.0, 1e-3], patience=15)
-    result = train_head(blobs(), params)
+    result = train_head_grid(blobs(), params)
     assert [(g["lr"], g["weight_decay"]) for g in result.grid] == [(1e-6, 0.0), (1e-6, 1e-3), (0.05, 0.0), (0.05, 1e-3)]
     assert result.lr == 0.05  # 1e-6 cannot move a head in 15 epochs
     assert result.val_accuracy == max(g["val_accuracy"] for g in result.grid) > 0.9
@@ -72,7 +76,7 @@ def test_head_grid_keeps_the_config_with_best_val_accuracy():
 def test_head_early_stopping_stops_and_restores_the_best_epoch():
     noisy = blobs(n=120, dim=64, noise=6.0)  # barely separable: val loss turns up after a few epochs
     params = HeadParams(kind="mlp", hidden=64, dropout=0.0, epochs=200, lrs=[0.05], weight_decays=[0.0], patience=3)
-    result = train_head(noisy, params)
+    result = train_head_grid(noisy, params)
     best = min(result.history, key=lambda r: r["val_loss"])
     assert result.epochs < 200 and result.epochs == best["epoch"] + 3
     xv, yv = noisy.split("val")
@@ -83,7 +87,7 @@ def test_head_early_stopping_stops_and_restores_the_best_epoch():
 
 def test_head_training_is_seeded():
     params = HeadParams(epochs=5, lrs=[0.01], weight_decays=[0.0])
-    a, b = train_head(blobs(), params), train_head(blobs(), params)
+    a, b = train_head_grid(blobs(), params), train_head_grid(blobs(), params)
     assert all(torch.equal(a.model.state_dict()[k], v) for k, v in b.model.state_dict().items())
 
 
@@ -91,12 +95,12 @@ def test_class_weighting_trains_on_imbalanced_data():
     ds = blobs(n=300)
     keep = (ds.labels != 0) | (np.arange(len(ds.labels)) % 5 == 0)  # class 0 becomes rare
     rare = Arrays(ds.features[keep], ds.labels[keep], ds.splits[keep], ds.classes)
-    result = train_head(rare, HeadParams(epochs=10, lrs=[0.05], weight_decays=[0.0], class_weighting=True))
+    result = train_head_grid(rare, HeadParams(epochs=10, lrs=[0.05], weight_decays=[0.0], class_weighting=True))
     assert result.val_accuracy > 0.8
 
 
 def test_saved_head_loads_back_with_its_metadata(tmp_path: Path):
-    result = train_head(blobs(), HeadParams(epochs=3, lrs=[0.01], weight_decays=[0.0]))
+    result = train_head_grid(blobs(), HeadParams(epochs=3, lrs=[0.01], weight_decays=[0.0]))
     save_head(result, tmp_path / "head", tmp_path / "history.csv")
     head, info = load_head(tmp_path / "head")
     x = torch.randn(4, 16)
@@ -147,8 +151,8 @@ def test_frozen_backbone_modules_run_in_eval_mode():
 
 
 def test_a_training_view_is_a_function_of_seed_view_and_content_not_of_position(tmp_path: Path):
-    from tlops.images import WorkingImages
-    from tlops.io import sha256_file
+    from tlops.core.io import sha256_file
+    from tlops.features.working_images import WorkingImages
 
     [a, b] = make_images(tmp_path, classes=1, per_class=2)
     bb = create_backbone("tiny_test", weights="random")
@@ -167,9 +171,9 @@ def make_project(root: Path) -> None:
     """Generated images, their manifest, tiny_test features (the features stage's code) and a trained head."""
     params = tiny_params()
     make_images(paths.RAW, classes=3, per_class=8)
-    data.prepare(paths.RAW, params.data, paths.MANIFEST, paths.DATA_REPORT)
-    extract_features(data.load_manifest(), params, paths.FEATURES_DIR, progress=False, engine="torch")
-    save_head(train_head(load_feature_dataset(), params.head))
+    prepare.prepare_data(paths.RAW, params.data, paths.MANIFEST, paths.DATA_REPORT)
+    extract_features(manifest.load_manifest(), params, paths.FEATURES_DIR, progress=False, engine="torch")
+    save_head(train_head_grid(load_feature_dataset(), params.head))
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +193,7 @@ def project(images: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def run_finetune(out: Path, params: Params | None = None, on_epoch=None):
-    return finetune(params or tiny_params(), data.load_manifest(), paths.HEAD_DIR, out / "model", out / "ckpt",
+    return finetune_model(params or tiny_params(), manifest.load_manifest(), paths.HEAD_DIR, out / "model", out / "ckpt",
                     on_epoch=on_epoch, history_path=out / "history.csv")
 
 
@@ -254,11 +258,11 @@ def test_the_trunk_cache_trains_on_the_same_inputs_as_the_whole_backbone(project
 
 def test_the_trunk_is_computed_once_per_view_and_reused_by_a_rerun_with_other_params(project: Path, tmp_path: Path,
                                                                                      monkeypatch):
-    import tlops.inference
+    import tlops.features.frozen
 
     runs = []
-    original = tlops.inference.make_runner
-    monkeypatch.setattr("tlops.trunk.make_runner", lambda *a, **k: runs.append(1) or original(*a, **k))
+    original = tlops.features.frozen.make_runner
+    monkeypatch.setattr("tlops.training.trunk.make_runner", lambda *a, **k: runs.append(1) or original(*a, **k))
     run_finetune(tmp_path, tiny_params(epochs=3, views=2))
     shards = sorted((tmp_path / "ckpt" / "trunk").glob("trunk-*.keys.npy"))
     assert len(shards) == 3  # views 0 and 1 of the training images, and the validation images
@@ -268,11 +272,11 @@ def test_the_trunk_is_computed_once_per_view_and_reused_by_a_rerun_with_other_pa
 
 
 def test_no_epoch_decodes_an_image_the_features_stage_decoded(project: Path, tmp_path: Path, monkeypatch):
-    import tlops.images
+    import tlops.features.working_images
 
     decoded = []
-    original = tlops.images.decode
-    monkeypatch.setattr(tlops.images, "decode", lambda *a, **k: decoded.append(a[0]) or original(*a, **k))
+    original = tlops.features.working_images.decode
+    monkeypatch.setattr(tlops.features.working_images, "decode", lambda *a, **k: decoded.append(a[0]) or original(*a, **k))
     run_finetune(tmp_path / "cached", tiny_params(trunk_cache=True))
     run_finetune(tmp_path / "whole", tiny_params(trunk_cache=False))
     assert decoded == []
@@ -325,7 +329,7 @@ def test_finetune_nan_loss_raises_naming_the_epoch(project: Path, tmp_path: Path
     save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, str(head_dir / "head.safetensors"))
     (head_dir / "head.json").write_text(paths.HEAD_INFO.read_text())
     with pytest.raises(NonFiniteLossError, match="epoch 1, step 0"):
-        finetune(tiny_params(), data.load_manifest(), head_dir, tmp_path / "model", tmp_path / "ckpt",
+        finetune_model(tiny_params(), manifest.load_manifest(), head_dir, tmp_path / "model", tmp_path / "ckpt",
                  history_path=tmp_path / "history.csv")
 
 
@@ -360,7 +364,7 @@ def test_stage_tasks_print_both_accuracies_and_log_epochs_on_one_axis(tmp_path: 
 
     from tasks.finetune import finetune as finetune_task
     from tasks.train_head import train_head as train_head_task
-    from tlops import tracking
+    from tlops.tracking import runs
 
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path)
@@ -370,9 +374,9 @@ def test_stage_tasks_print_both_accuracies_and_log_epochs_on_one_axis(tmp_path: 
     out = capsys.readouterr().out
     assert f"head-only val accuracy: {head['head_val_accuracy']:.4f}" in out
     assert f"fine-tuned val accuracy: {tuned['val_accuracy']:.4f}" in out
-    c = tracking.client()
+    c = runs.client()
     runs = {r.data.tags.get("stage"): r for r in c.search_runs(
-        [tracking.experiment_id(c)], f"tags.workspace = '{tmp_path}'")}
+        [runs.experiment_id(c)], f"tags.workspace = '{tmp_path}'")}
     steps = {s: [m.step for m in c.get_metric_history(runs[s].info.run_id, "val_loss")] for s in runs}
     assert steps["train_head"] == list(range(1, head["epochs"] + 1))
     assert steps["finetune"] == [head["epochs"] + 1, head["epochs"] + 2]

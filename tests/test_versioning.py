@@ -15,7 +15,8 @@ import pytest
 import yaml
 from conftest import make_messy_images, make_workspace, run_cmd, write_params
 
-from tlops.data import data_version, load_manifest
+from tlops.data.manifest import load_manifest
+from tlops.data.version import data_version
 
 # End to end: real DVC runs real stage processes, which talk to the session's Prefect server.
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]

@@ -13,12 +13,12 @@ from typing import Annotated, Any
 
 import typer
 
-from tlops.config import DEFAULT_PARAMS, PARAMS_ENV, Params, load_params
-from tlops.errors import ConfigError, TlopsError
+from tlops.core.config import DEFAULT_PARAMS, PARAMS_ENV, Params, load_params
+from tlops.core.errors import ConfigError, TlopsError
 
 app = typer.Typer(
-    help="Transfer learning of image classifiers: versioned data, frozen-base training, fine-tuning, "
-    "ONNX export and serving.",
+    help="Transfer learning for image, medical-image (DICOM) and text classifiers: versioned data, frozen-base "
+    "training, fine-tuning, domain adaptation, evaluation, ONNX export and serving.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -65,7 +65,7 @@ def _require(command: str, *modules: str, extra: str = "train") -> None:
 
 
 def _require_registry(command: str, model: str) -> None:
-    """A models:/ URI needs the MLflow client (tlops.registry, tlops.tracking): `pip install "tlops[registry]"`."""
+    """A models:/ URI needs the MLflow client (tlops.tracking.registry, tlops.tracking): `pip install "tlops[registry]"`."""
     if model.startswith("models:/"):
         _require(command, "mlflow", "psutil", extra="registry")
 
@@ -110,16 +110,16 @@ def stage(name: Annotated[str, typer.Argument(help="a stage of dvc.yaml, e.g. pr
     """Run one stage's Prefect flow now, as dvc.yaml's cmd does (not recorded in dvc.lock)."""
     _require("stage", *TRAIN_MODULES)
     _params(params)
-    from orchestration.prefect_server import prefect_api, spawn_unless_configured
+    from orchestration.prefect_server import prefect_api, spawn_unless_configured, stage_flow
 
-    if importlib.util.find_spec(f"flows.{name}") is None:
+    if not name.isidentifier() or importlib.util.find_spec(f"tasks.{name}") is None:
         typer.echo(f"error: no stage named {name!r} (see `dvc stage list`)", err=True)
         raise typer.Exit(2)
     server = spawn_unless_configured()  # first, so that its start-up overlaps the stage's imports
-    module = importlib.import_module(f"flows.{name}")
+    module = importlib.import_module(f"tasks.{name}")
     try:
         with prefect_api(server):
-            getattr(module, f"{name}_flow")(str(params) if params else None)
+            stage_flow(module.stage_task)(str(params) if params else None)
     except TlopsError as e:
         raise _fail(e) from None
     finally:
@@ -139,7 +139,7 @@ def check(params: ParamsOpt = None) -> None:
 def data_version() -> None:
     """Print the data version: DVC's hash of data/raw."""
     _require("data-version", "dvc")
-    from tlops.data import data_version as version
+    from tlops.data.version import data_version as version
 
     try:
         typer.echo(version())
@@ -151,7 +151,7 @@ def data_version() -> None:
 def backbones() -> None:
     """List the backbone names that model.backbone accepts."""
     _require("backbones", "torch", "timm")
-    from tlops.backbones import backbone_names
+    from tlops.models.backbones import backbone_names
 
     for name in backbone_names():
         typer.echo(name)
@@ -257,7 +257,7 @@ def predict(
 def _remote_predict(url: str, images: list[Path], texts: list[str], top_k: int, api_key_env: str | None, p: Params,
                     ca: Path | None, client_cert: Path | None, client_key: Path | None) -> list[dict]:
     from serving.client import remote_predict
-    from tlops.secrets import read_keys
+    from tlops.core.secrets import read_keys
 
     if (client_cert is None) != (client_key is None):
         raise ConfigError("--client-cert and --client-key go together")
@@ -313,7 +313,7 @@ def sweep(
 def ui(port: Annotated[int, typer.Option(help="port for the MLflow UI")] = 5000) -> None:
     """Start the MLflow UI on the local tracking store and print its URL."""
     _require("ui", "mlflow", "flask", "psutil")  # the UI is full MLflow's (mlflow-skinny has no server)
-    from tlops.tracking import ui_command
+    from tlops.tracking.runs import ui_command
 
     argv = ui_command(port=port)
     typer.echo(f"MLflow UI: http://127.0.0.1:{port}  (Ctrl-C to stop)")

@@ -1,0 +1,174 @@
+"""The evaluate stage's plots and tables: confusion matrix, learning curves, worst errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from tlops.core import paths
+from tlops.core.config import Params
+from tlops.core.io import write_bytes, write_text
+from tlops.evaluate.metrics import confusion_rows, worst_indices
+from tlops.inputs.images import PreprocessSpec, resize_crop
+from tlops.inputs.text import TextSpec, load_text
+from tlops.onnx.runtime import softmax
+from tlops.training.epochs import merge_history, read_history, write_history
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+CONFUSION_COLUMNS = ["actual", "predicted"]
+
+
+def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure  # Figure.savefig renders with Agg: no display, no global backend
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _save(fig: Figure, path: str | Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    write_bytes(path, buf.getvalue())
+
+
+def plot_confusion(y: np.ndarray, pred: np.ndarray, classes: Sequence[str], path: str | Path,
+                   title: str | None = None) -> None:
+    """Confusion matrix (rows actual, columns predicted) with counts in the cells."""
+    from sklearn.metrics import confusion_matrix
+
+    cm = confusion_matrix(y, pred, labels=list(range(len(classes))))
+    n = len(classes)
+    side = min(4 + 0.45 * n, 24)
+    fig = _figure(side + 1, side)
+    ax = fig.add_subplot()
+    im = ax.imshow(cm, cmap="Blues")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="actual",
+           title=title or f"Confusion matrix (fine-tuned, {len(y)} test images)")
+    ax.set_xticklabels(classes, rotation=90 if n > 10 else 0)
+    ax.set_yticklabels(classes)
+    if n <= 30:  # beyond that the numbers are unreadable; the colours still tell
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    dark = cm[i, j] > cm.max() / 2
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if dark else "black")
+    _save(fig, path)
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], unfreeze: float | None, path: str | Path) -> None:
+    """Loss and accuracy of both phases over one epoch axis, the unfreeze point marked."""
+    fig = _figure(10, 4)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    epochs = [r["epoch"] for r in rows]
+    for ax, keys, title in ((ax_loss, ("train_loss", "val_loss"), "loss"),
+                            (ax_acc, ("train_accuracy", "val_accuracy"), "accuracy")):
+        for key in keys:
+            ax.plot(epochs, [_num(r.get(key)) for r in rows], marker=".", label=key)
+        if unfreeze is not None:
+            ax.axvline(unfreeze, color="grey", linestyle="--", label="unfreeze (fine-tuning starts)")
+        ax.set(xlabel="epoch", title=title)
+        ax.grid(alpha=0.3)
+    ax_acc.legend(loc="best", fontsize=8)
+    ax_loss.legend(loc="best", fontsize=8)
+    _save(fig, path)
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """A misclassified test image, for the worst-cases grid."""
+
+    path: str
+    actual: str
+    predicted: str
+    confidence: float
+
+
+def plot_worst(mistakes: Sequence[Mistake], spec: PreprocessSpec, load: Callable[[str], Image.Image],
+               path: str | Path) -> None:
+    """Grid of the most confidently wrong test images, as the model saw them, with labels and confidence."""
+    cols = max(1, min(4, len(mistakes)))
+    grid_rows = max(1, math.ceil(len(mistakes) / cols))
+    fig = _figure(2.6 * cols, 2.8 * grid_rows)
+    if not mistakes:
+        fig.text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+    for i, m in enumerate(mistakes):
+        ax = fig.add_subplot(grid_rows, cols, i + 1)
+        ax.imshow(resize_crop(load(m.path), spec))
+        ax.set_title(f"true: {m.actual}\npred: {m.predicted} ({m.confidence:.2f})", fontsize=9, color="darkred")
+        ax.axis("off")
+    _save(fig, path)
+
+
+def write_plots(images: Sequence[str], y: np.ndarray, logits: np.ndarray, classes: Sequence[str],
+                spec: PreprocessSpec | TextSpec, load: Callable[[str], Image.Image] | None, params: Params) -> None:
+    """confusion.csv + history.csv for `dvc plots`, and confusion/curves/worst PNGs."""
+    probs, pred = softmax(logits), logits.argmax(axis=1)
+    write_csv(paths.CONFUSION, confusion_rows(y, pred, classes), CONFUSION_COLUMNS)
+    rows, unfreeze = merge_history(read_history(paths.HEAD_HISTORY), read_history(paths.FINETUNE_HISTORY))
+    write_history(rows, paths.HISTORY)
+    plot_confusion(y, pred, classes, paths.PLOTS_DIR / "confusion.png")
+    plot_curves(rows, unfreeze, paths.PLOTS_DIR / "curves.png")
+    worst = [Mistake(str(images[i]), classes[y[i]], classes[pred[i]], float(probs[i].max()))
+             for i in worst_indices(probs, y, params.evaluate.worst_k)]
+    if isinstance(spec, TextSpec):
+        write_text(paths.PLOTS_DIR / "worst.md", worst_texts_markdown(worst, spec))
+        plot_worst_texts(worst, spec, paths.PLOTS_DIR / "worst.png")
+    else:
+        plot_worst(worst, spec, load, paths.PLOTS_DIR / "worst.png")
+
+
+WORST_CHARS = 300  # of each misclassified text shown in worst.md
+
+
+def worst_texts_markdown(mistakes: Sequence[Mistake], spec: TextSpec) -> str:
+    """The most confidently wrong test texts as a markdown table: true, predicted, confidence, the text, its file."""
+    lines = ["# Most confident errors (test split)", "",
+             "| # | true | predicted | confidence | text | file |", "|---|---|---|---|---|---|"]
+    for i, m in enumerate(mistakes, start=1):
+        shown = load_text(m.path, spec.max_chars)
+        shown = shown if len(shown) <= WORST_CHARS else shown[:WORST_CHARS].rstrip() + " …"
+        cell = shown.replace("|", "\\|")
+        lines.append(f"| {i} | {m.actual} | {m.predicted} | {m.confidence:.2f} | {cell} | {m.path} |")
+    if not mistakes:
+        lines.append("| | | | | no misclassified test texts | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_worst_texts(mistakes: Sequence[Mistake], spec: TextSpec, path: str | Path) -> None:
+    """worst.png for texts: one line per mistake (labels, confidence, the text's start), so dvc plots shows it too."""
+    import textwrap
+
+    fig = _figure(11, 0.5 + 0.55 * max(1, len(mistakes)))
+    if not mistakes:
+        fig.text(0.5, 0.5, "no misclassified test texts", ha="center", va="center")
+    for i, m in enumerate(mistakes):
+        snippet = textwrap.shorten(load_text(m.path, spec.max_chars), 110, placeholder=" …")
+        fig.text(0.01, 1 - (i + 0.8) / (len(mistakes) + 0.5), f"true {m.actual} / pred {m.predicted} "
+                 f"({m.confidence:.2f}): {snippet}", fontsize=8, color="darkred", family="monospace")
+    _save(fig, path)
