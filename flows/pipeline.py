@@ -1,6 +1,7 @@
 """The pipeline flow: the stages of dvc.yaml in dependency order, each one Prefect task run named by its stage.
 
-dvc.yaml is the only list of stages. DVC decides what runs (orchestration/dvc_stages.py): a stage unchanged since dvc.lock
+dvc.yaml is the only list of stages. DVC decides what runs (orchestration/dvc_stages.py): a stage unchanged since
+dvc.lock
 is skipped and shows as a Completed task run named "Skipped"; one whose outputs DVC restores from its run cache
 shows as "Cached"; a changed stage runs here, in this process (the `stage_task` of the module its cmd runs), and is
 recorded in dvc.lock and .dvc/cache as `dvc repro` records it. So `tlops run` and `dvc repro` never redo each

@@ -129,7 +129,7 @@ def sweep(grid: dict[str, list[Any]], pool: str, concurrency: int = 2, timeout_s
             time.sleep(poll_s)
     for t in trials:
         t["state"] = states[t["flow_run_id"]].type.value
-        t.update(_scores(t["folder"]) if t["state"] == "COMPLETED" else {})
+        t.update(_scores(t["folder"]) if t["state"] == "COMPLETED" else {"error": states[t["flow_run_id"]].message})
     rows = sorted(trials, key=lambda t: (t.get("score") is None, -(t.get("score") or 0.0)))
     parent = _log_to_mlflow(runs, sweep_id, grid, rows)
     return {"sweep": sweep_id, "deployment": name, "mlflow_parent_run_id": parent,

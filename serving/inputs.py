@@ -1,7 +1,8 @@
 """A request's samples as the model's input: v2 tensors, encoded image files, texts. Every cost is checked before it
 is paid: samples and pixels from shapes and image headers before anything is decoded, the deadline between images.
 
-Decoding is tlops.inputs.images's and tlops.inputs.text's, the very code training used, so the service sees what the model was
+Decoding is tlops.inputs.images's and tlops.inputs.text's, the very code training used, so the service sees what the
+model was
 trained on. Every problem raises ApiError naming the input and what would be right.
 """
 

@@ -117,7 +117,8 @@ class LoadedModel:
 
     @property
     def is_text(self) -> bool:
-        """A text model: its input is int64 token ids (N, L), its spec a tlops.inputs.text.TextSpec with the tokenizer."""
+        """A text model: its input is int64 token ids (N, L), its spec a tlops.inputs.text.TextSpec (with the
+        tokenizer)."""
         return isinstance(self.spec, TextSpec)
 
     @property

@@ -1,4 +1,5 @@
-"""The ingest stage: data.source materialised as data/raw (DVC-tracked); `python -m tasks.ingest` is its dvc.yaml cmd."""
+"""The ingest stage: data.source materialised as data/raw (DVC-tracked); `python -m tasks.ingest` is its dvc.yaml
+cmd."""
 
 from __future__ import annotations
 

@@ -45,6 +45,17 @@ TINY = {
 }
 
 
+# The files whose tests wait longest on servers, installs and subprocesses: started first, so that with one file per
+# worker (make test: pytest-xdist --dist loadfile) no long file is left alone at the end. Order only, never a skip.
+LONG_FIRST = ("test_pools.py", "test_shared_stores.py", "test_team_auth.py", "test_sweep.py", "test_serve_install.py",
+              "test_crash_recovery.py", "test_pipeline.py", "test_deploy.py", "test_adapt.py", "test_distributed.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: test order within a file kept
+
+
 def deep_update(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():

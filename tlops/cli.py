@@ -65,7 +65,7 @@ def _require(command: str, *modules: str, extra: str = "train") -> None:
 
 
 def _require_registry(command: str, model: str) -> None:
-    """A models:/ URI needs the MLflow client (tlops.tracking.registry, tlops.tracking): `pip install "tlops[registry]"`."""
+    """A models:/ URI needs the MLflow client (tlops.tracking): `pip install "tlops[registry]"`."""
     if model.startswith("models:/"):
         _require(command, "mlflow", "psutil", extra="registry")
 

@@ -1,4 +1,5 @@
-"""The adapt stage's work: every method tried, the one that helps chosen by a label-free score, the adapted model saved."""
+"""The adapt stage's work: every method tried, the one that helps chosen by a label-free score, the adapted model
+saved."""
 
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def _adapt(params: Params, manifest: Any, target_rows: list, model_dir: Path, ou
     model.to(device, memory_format=torch.channels_last)  # oneDNN's and cuDNN's fast layout, as fine-tuning runs
     if info["preprocess"].get("kind") == "text":  # adaptation reads images (params refuse a method for text)
         passed = {**info, "adapt": {"method": "none", "chosen": "none", "target": None, "target_data_version": None,
-                                    "metric": scoring.policy(params, scoring.train_labels(manifest), manifest.classes).metric}}
+                                    "metric": scoring.policy(params, scoring.train_labels(manifest),
+                                                             manifest.classes).metric}}
         save_adapted(model, passed, model_dir, out_dir, changed=False)
         return AdaptResult(model, passed, "none", "none", {},
                            Candidate("none", {}, np.zeros((0, 0), np.float32), math.nan, 0.0), None)

@@ -20,7 +20,8 @@ from tlops.evaluate import scoring
 from tlops.onnx.runtime import softmax
 
 
-def adaptation_report(result: AdaptResult, params: Params, manifest: Any, target_rows: list, seconds: float) -> dict[str, Any]:
+def adaptation_report(result: AdaptResult, params: Params, manifest: Any, target_rows: list, seconds: float
+                      ) -> dict[str, Any]:
     """reports/adapt.json: the method and choice, the shift, target and source accuracies of both models, and what
     each candidate scored (target accuracies only when target labels exist; they decided nothing)."""
     out: dict[str, Any] = {"method": result.method, "chosen": result.chosen, "target": None, "shift": None,

@@ -101,8 +101,8 @@ def check_images(candidates: list[tuple[str, str]], max_pixels: int, intensity: 
 
 def check_texts(candidates: list[tuple[str, str]], max_chars: int, group_by: str = "none"
                 ) -> tuple[list[Checked], list[dict]]:
-    """Read every candidate as one UTF-8 text (tlops.inputs.text.decode_text: NFC, whitespace); the ones that fail become
-    {path, reason, detail} entries. A text over max_chars is kept, cut, and has `truncated` set on its entry. Its
+    """Read every candidate as one UTF-8 text (tlops.inputs.text.decode_text: NFC, whitespace); the ones that fail
+    become {path, reason, detail} entries. A text over max_chars is kept, cut, and has `truncated` set on its entry. Its
     hash is the normalised text's, so copies that differ in encoding details or whitespace are one text."""
     good, bad = [], []
     for path, label in candidates:

@@ -29,8 +29,8 @@ def load_and_preprocess(source: str | os.PathLike | bytes, spec: PreprocessSpec 
 def preprocess_batches(images: Sequence[str | os.PathLike], spec: PreprocessSpec | TextSpec, max_pixels: int,
                        batch: int = 64, load: Callable[[str], Image.Image] | None = None) -> Iterator[np.ndarray]:
     """Preprocessed float32 NCHW batches of the given image files, in order; `load` gives a file's working image
-    (default: decode it; tlops.features.working_images.WorkingImages.get reads the decoded copy instead). Text files under a text
-    spec: int64 token batches, each padded to its longest text."""
+    (default: decode it; tlops.features.working_images.WorkingImages.get reads the decoded copy instead). Text files
+    under a text spec: int64 token batches, each padded to its longest text."""
     if isinstance(spec, TextSpec):
         yield from text_batches(images, spec, batch)
         return
