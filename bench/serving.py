@@ -119,7 +119,8 @@ def standin_models(workdir: Path, calibration: list[bytes], int8: bool) -> Model
     import torch
 
     from tlops.export.lineage import build_metadata, write_metadata
-    from tlops.export.onnx_export import export_onnx, with_embedding
+    from tlops.export.onnx_export import export_onnx
+    from tlops.export.served import Served
     from tlops.export.verify import quantize_int8
     from tlops.inputs.images import load_image, preprocess
     from tlops.models.backbones import create_backbone
@@ -131,7 +132,8 @@ def standin_models(workdir: Path, calibration: list[bytes], int8: bool) -> Model
     bb = create_backbone("efficientnet_lite0", weights="random", image_size=STANDIN_SIZE)
     model = Classifier(bb.model, build_head("linear", bb.num_features, STANDIN_CLASSES, 256, 0.0)).eval()
     fp32 = workdir / "model.onnx"
-    export_onnx(with_embedding(model), bb.spec.input_size, fp32, 17, (metadata.OUTPUT, metadata.EMBEDDING))
+    served = Served(model, explain="image")  # as the export stage builds it: explanation only when asked
+    export_onnx(served, bb.spec.input_size, fp32, 17, served.outputs)
     meta = build_metadata([f"class_{i}" for i in range(STANDIN_CLASSES)], bb.spec, bb.name, None, None, None, "bench")
     batches = [np.stack([preprocess(load_image(b, 10**8), bb.spec) for b in calibration[i:i + 8]])
                for i in range(0, min(len(calibration), 64), 8)]

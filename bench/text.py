@@ -121,7 +121,8 @@ def standin_model(work: Path) -> Path:
     import torch
 
     from tlops.export.lineage import build_metadata, write_metadata
-    from tlops.export.onnx_export import export_onnx, with_embedding
+    from tlops.export.onnx_export import export_onnx
+    from tlops.export.served import Served
     from tlops.models.backbones import create_backbone
     from tlops.models.classifier import Classifier
     from tlops.models.heads import build_head
@@ -130,7 +131,8 @@ def standin_model(work: Path) -> Path:
     torch.manual_seed(0)
     model = Classifier(bb.model, build_head("linear", bb.num_features, 8, 256, 0.0)).eval()
     path = work / "model.onnx"
-    export_onnx(with_embedding(model), bb.spec.input_size, path, 17, (metadata.OUTPUT, metadata.EMBEDDING),
+    served = Served(model, explain="text")
+    export_onnx(served, bb.spec.input_size, path, 17, served.outputs,
                 example=bb.spec.batch(["a stand-in", "model"]))
     write_metadata(path, build_metadata([f"class_{i}" for i in range(8)], bb.spec, "minilm_l6", None, None, None,
                                         "standin"))

@@ -12,6 +12,7 @@ and the event loop stays free for I/O.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -41,6 +42,7 @@ class _Job:
     model: Runnable
     x: np.ndarray
     future: asyncio.Future = field(repr=False)
+    explain: bool = False  # computed only for the requests that ask: they batch among themselves
 
     @property
     def n(self) -> int:
@@ -69,26 +71,27 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlops-infer")
         self._worker = asyncio.create_task(self._loop(), name="tlops-batcher")
 
-    async def submit(self, model: Runnable, x: np.ndarray) -> tuple[Any, Any]:
-        """Run x (N, ...) through `model` in pieces of at most max_batch; (outputs for all N rows, the model).
+    async def submit(self, model: Runnable, x: np.ndarray, explain: bool = False) -> tuple[Any, Any]:
+        """Run x (N, ...) through `model` (model.run(x, explain=True) when `explain`) in pieces of at most max_batch;
+        (outputs for all N rows, the model).
         Raise QueueFull or Closed at once when a piece cannot be queued.
 
         Cancelling the caller (e.g. on its timeout) withdraws the piece that has not run yet.
         """
         if len(x) <= self.max_batch:
-            return await self._submit(model, x)
+            return await self._submit(model, x, explain)
         parts = []
         for start in range(0, len(x), self.max_batch):
-            y, _ = await self._submit(model, x[start:start + self.max_batch])
+            y, _ = await self._submit(model, x[start:start + self.max_batch], explain)
             parts.append(y)
         return _concat(parts), model
 
-    async def _submit(self, model: Runnable, x: np.ndarray) -> tuple[Any, Any]:
+    async def _submit(self, model: Runnable, x: np.ndarray, explain: bool) -> tuple[Any, Any]:
         if self._closing or self._wakeup is None:
             raise Closed("the service is shutting down")
         if len(self._pending) >= self.max_queue:
             raise QueueFull(f"{len(self._pending)} requests already queued (serve.max_queue)")
-        job = _Job(model, x, asyncio.get_running_loop().create_future())
+        job = _Job(model, x, asyncio.get_running_loop().create_future(), explain)
         self._pending.append(job)
         self._wakeup.set()
         try:
@@ -142,14 +145,15 @@ class MicroBatcher:
                 return
 
     def _take_batch(self) -> list[_Job]:
-        """Queued jobs for the oldest job's model, in order, up to max_batch samples (the first always goes)."""
+        """Queued jobs for the oldest job's model (and explain), in order, up to max_batch samples (the first always
+        goes)."""
         batch: list[_Job] = []
         n = 0
         if not self._pending:  # every waiting caller gave up during the window
             return batch
-        model = self._pending[0].model
+        model, explain = self._pending[0].model, self._pending[0].explain
         for job in list(self._pending):
-            if job.model is not model:
+            if job.model is not model or job.explain != explain:
                 continue  # preprocessed for another model (a swap happened): it goes in a later batch
             if batch and n + job.n > self.max_batch:
                 break
@@ -167,7 +171,8 @@ class MicroBatcher:
         x = batch[0].x if len(batch) == 1 else getattr(model, "join", np.concatenate)([j.x for j in batch])
         t0 = loop.time()
         try:
-            y = await loop.run_in_executor(self._executor, model.run, x)
+            run = functools.partial(model.run, explain=True) if batch[0].explain else model.run
+            y = await loop.run_in_executor(self._executor, run, x)
         except Exception as e:  # reported to every caller in the batch; the batcher keeps serving
             log.exception("model run failed for a batch of %d", len(x))
             for job in batch:
@@ -187,8 +192,17 @@ def _concat(parts: list[Any]) -> Any:
     """The outputs of consecutive pieces as one: arrays concatenated, or a tuple (NamedTuple too) of them."""
     first = parts[0]
     if isinstance(first, tuple):
-        return type(first)(*(None if a is None else np.concatenate([p[i] for p in parts]) for i, a in enumerate(first)))
-    return np.concatenate(parts)
+        return type(first)(*(None if a is None else _join([p[i] for p in parts]) for i, a in enumerate(first)))
+    return _join(parts)
+
+
+def _join(arrays: list[np.ndarray]) -> np.ndarray:
+    """Arrays along the first axis; a shorter last axis of a 3-D one (per-token shares of texts padded in other
+    batches) padded with zeros."""
+    if arrays[0].ndim == 3:
+        width = max(a.shape[-1] for a in arrays)
+        arrays = [np.pad(a, ((0, 0), (0, 0), (0, width - a.shape[-1]))) for a in arrays]
+    return np.concatenate(arrays)
 
 
 def _rows(y: Any, start: int, stop: int) -> Any:

@@ -69,7 +69,8 @@ def _answers(r: httpx.Response | str, kind: str, items: list[str]) -> list[dict]
         return [{kind: item, "error": r, "reason": "refused"} for item in items]
     answer = r.json()
     return [{kind: item, "model_name": answer["model_name"], "model_version": answer["model_version"],
-             "top_k": p["top_k"]} for item, p in zip(items, answer["predictions"])]
+             "top_k": p["top_k"], **{k: p[k] for k in ("ood_score", "unknown") if k in p}}
+            for item, p in zip(items, answer["predictions"])]
 
 
 def predict_http(base_url: str, images: Sequence[bytes | str | os.PathLike], top_k: int = 1,

@@ -35,7 +35,7 @@ from serving.batcher import Closed, MicroBatcher, QueueFull
 from serving.input_log import InputLog
 from serving.limits import Budget, BudgetSpent, Deadline, DeadlineExceeded, Ticket, TooLarge, Trimmer
 from serving.prometheus import Metrics
-from serving.protocol import FILE_INPUT, IMAGE_INPUT, TEXT_INPUT, ApiError, InferRequest, shown
+from serving.protocol import FILE_INPUT, IMAGE_INPUT, TEXT_INPUT, ApiError, InferRequest, shown, wants_explanation
 from serving.served_model import LoadedModel, ModelSource, Outputs, file_key, load_model, warm_up
 from tlops.core.config import ServeParams
 from tlops.core.secrets import redact
@@ -51,6 +51,7 @@ class Job:
     """One request's work as a transport hands it over: how many samples it declares, how to decode them."""
 
     samples: int
+    explain: bool = False  # whether the client asked for the explanation (the model computes it only then)
 
     def decode(self, model: LoadedModel, limits: inputs.Limits, deadline: Deadline) -> np.ndarray:
         raise NotImplementedError
@@ -67,6 +68,7 @@ class TensorJob(Job):
 
     def __post_init__(self) -> None:
         self.samples = self.req.declared_samples()
+        self.explain = wants_explanation(self.req)
 
     def decode(self, model: LoadedModel, limits: inputs.Limits, deadline: Deadline) -> np.ndarray:
         return inputs.decode_request(self.req, model, limits, deadline)
@@ -88,13 +90,16 @@ class FileJob(Job):
 
     files: list[tuple[str, bytes]]
     text: bool
+    explain: bool = False
+    ids: np.ndarray | None = None  # a text request's token ids, kept to name the tokens of an explanation
 
     def __post_init__(self) -> None:
         self.samples = len(self.files)
 
     def decode(self, model: LoadedModel, limits: inputs.Limits, deadline: Deadline) -> np.ndarray:
         if self.text:
-            return inputs.decode_texts(self.files, model.spec, limits.max_text_chars, deadline)
+            self.ids = inputs.decode_texts(self.files, model.spec, limits.max_text_chars, deadline)
+            return self.ids
         return inputs.decode_files(self.files, model.spec, limits, deadline)
 
     def keep(self, log_: InputLog) -> None:
@@ -228,9 +233,10 @@ class Service:
 
     async def run(self, model: LoadedModel, parse: Callable[[], Job],
                   respond: Callable[[Job, LoadedModel, Outputs], T]) -> T:
-        """The one path of every request: parse, reserve and decode in a decoding thread, infer through the batcher,
-        respond in a worker thread. 503 when the budget or the queue is full, 413 for a request larger than the whole
-        budget, 504 past serve.timeout_ms (the decoding thread stops at its next image)."""
+        """The one path of every request: parse, reserve and decode in a decoding thread, infer through the batcher
+        (with the explanation output only when the job asks for it), respond in a worker thread. 503 when the budget
+        or the queue is full, 413 for a request larger than the whole budget, 504 past serve.timeout_ms (the decoding
+        thread stops at its next image)."""
         loop = asyncio.get_running_loop()
         deadline = Deadline(self.params.timeout_ms / 1000)
         ticket = Ticket(self.budget, on_release=lambda: self.trimmer.after_release(loop))
@@ -238,11 +244,11 @@ class Service:
             async with asyncio.timeout(self.params.timeout_ms / 1000):
                 job, x = await loop.run_in_executor(self.decode_pool, self._prepare, model, parse, ticket, deadline)
                 self.metrics.queue_depth.set(self.batcher.depth + 1)
-                y, used = await self.batcher.submit(model, x)
+                y, used = await self.batcher.submit(model, x, job.explain)
                 del x
                 monitor = self.drift
                 if monitor is not None and used is self.model:
-                    monitor.observe(y.logits, y.embedding)
+                    monitor.observe(y.logits, y.embedding, used.unknown(y.ood_score))
                 return await loop.run_in_executor(None, respond, job, used, y)
         except BudgetSpent as e:
             raise ApiError(503, f"server busy: {e}; retry shortly", reason="busy") from None
@@ -285,7 +291,7 @@ class Service:
         if monitor is None:
             why = ("drift monitoring is off (serve.drift_window: 0)" if not self.params.drift_window else
                    NOT_LOADED if self.model is None else "the model carries no drift reference (re-export it)")
-            scores = {"window": 0, "prediction": None, "embedding": None, "confidence": None,
+            scores = {"window": 0, "prediction": None, "embedding": None, "confidence": None, "unknown": None,
                       "threshold": self.params.drift_threshold, "drifted": False, "error": why}
         else:
             scores = monitor.scores()

@@ -42,9 +42,8 @@ def predict_files(model_path: str | os.PathLike, images: Sequence[str | os.PathL
                           "reason": "unreadable"}
     for start in range(0, len(ok), BATCH):
         chunk = ok[start:start + BATCH]
-        probs = softmax(model.logits(np.stack([x for _, x in chunk])))
-        for (i, _), p in zip(chunk, probs):
-            results[i] = _result(model, images[i], p, top_k)
+        for (i, _), result in zip(chunk, _results(model, np.stack([x for _, x in chunk]), top_k), strict=True):
+            results[i] = {"image": str(images[i]), **result}
     return results
 
 
@@ -75,16 +74,23 @@ def predict_texts(model: LoadedModel, items: Sequence[tuple[str, str | None]], t
             results[i] = {"text": name, "error": f"cannot read {name}: {e.strerror or e}", "reason": "unreadable"}
     for start in range(0, len(ok), BATCH):
         chunk = ok[start:start + BATCH]
-        probs = softmax(model.logits(model.spec.pad([x for _, x in chunk])))
-        for (i, _), p in zip(chunk, probs):
-            results[i] = {"text": items[i][0], "model_name": model.name,
-                          "model_version": model.version, "top_k": top_labels(p, model.labels, top_k)}
+        for (i, _), result in zip(chunk, _results(model, model.spec.pad([x for _, x in chunk]), top_k), strict=True):
+            results[i] = {"text": items[i][0], **result}
     return results
 
 
-def _result(model: LoadedModel, image: str | os.PathLike, probs: np.ndarray, k: int) -> dict:
-    return {"image": str(image), "model_name": model.name, "model_version": model.version,
-            "top_k": top_labels(probs, model.labels, k)}
+def _results(model: LoadedModel, x: np.ndarray, k: int) -> list[dict]:
+    """One batch through the model as the service runs it: calibrated top-k, and the OOD score with its verdict
+    when the model has them (`unknown`: unlike the training data; top_k still names the closest classes)."""
+    y = model.run(x)
+    unknown = model.unknown(y.ood_score)
+    out = []
+    for i, p in enumerate(softmax(y.logits)):
+        result = {"model_name": model.name, "model_version": model.version, "top_k": top_labels(p, model.labels, k)}
+        if unknown is not None:
+            result["ood_score"], result["unknown"] = float(y.ood_score[i]), bool(unknown[i])
+        out.append(result)
+    return out
 
 
 def results_json(results: list[dict]) -> str:
@@ -105,6 +111,8 @@ def results_table(results: list[dict]):
         if "error" in r:
             table.add_row(shown, "", f"[red]{r['reason']}[/red]", r["error"].split(": ", 1)[-1])
             continue
+        if r.get("unknown"):
+            shown += " [yellow](unknown: unlike the training data)[/yellow]"
         for rank, t in enumerate(r["top_k"], 1):
             table.add_row(shown if rank == 1 else "", str(rank), t["label"], f"{t['probability']:.4f}",
                           end_section=rank == len(r["top_k"]))

@@ -43,6 +43,9 @@ class Metrics:
         self.drift_confidence = Gauge("tlops_drift_confidence", "Mean top-1 confidence drop of the window from the "
                                       "reference's", registry=r)
         self.drift_window = Gauge("tlops_drift_window", "Samples in the drift window", registry=r)
+        self.drift_unknown = Gauge("tlops_drift_unknown", "Share of the window's inputs the model called unknown "
+                                   "(OOD score above its threshold; about 0.05 on in-domain traffic)",
+                                   registry=r)
         self.drifted = Gauge("tlops_drift_drifted", "1 when the embedding shift exceeds serve.drift_threshold",
                              registry=r)
 
@@ -70,7 +73,7 @@ class Metrics:
         """Set the drift gauges from a /drift answer (NaN where a score is not known yet)."""
         nan = float("nan")
         for gauge, key in ((self.drift_prediction, "prediction"), (self.drift_embedding, "embedding"),
-                           (self.drift_confidence, "confidence")):
+                           (self.drift_confidence, "confidence"), (self.drift_unknown, "unknown")):
             gauge.set(nan if scores.get(key) is None else scores[key])
         self.drift_window.set(scores.get("window", 0))
         self.drifted.set(float(bool(scores.get("drifted"))))

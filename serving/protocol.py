@@ -34,6 +34,7 @@ MAX_SAMPLES = 256  # per request, over all its inputs, as /predict's MAX_IMAGES:
 MAX_DIM = 2**31 - 1  # no dimension of a real tensor is larger; a larger one is refused before any arithmetic on it
 
 LOGITS, PROBABILITIES, LABEL, LABEL_INDEX, EMBEDDING = "logits", "probabilities", "label", "label_index", "embedding"
+OOD_SCORE, UNKNOWN, EXPLANATION = "ood_score", "unknown", "explanation"  # the explanation: computed when asked
 DEFAULT_OUTPUTS = (LOGITS,)
 HEADER_LENGTH = "inference-header-content-length"
 # The extensions of the v2 protocol this server implements (GET /v2 lists them, as Triton does).
@@ -99,7 +100,9 @@ def server_metadata() -> dict:
 
 
 def output_specs(model: LoadedModel) -> list[dict]:
-    """Every output a client may ask for: logits (the default), probabilities, top-1 label and index, embedding."""
+    """Every output a client may ask for: logits (the default), probabilities, top-1 label and index, embedding,
+    and when the model has them the OOD score with its unknown verdict and the explanation (computed only when
+    requested)."""
     classes = len(model.labels)
     specs = [{"name": LOGITS, "datatype": "FP32", "shape": [-1, classes]},
              {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, classes]},
@@ -107,6 +110,13 @@ def output_specs(model: LoadedModel) -> list[dict]:
              {"name": LABEL_INDEX, "datatype": "INT64", "shape": [-1]}]
     if model.embedding_dim:
         specs.append({"name": EMBEDDING, "datatype": "FP32", "shape": [-1, model.embedding_dim]})
+    if model.ood_name:
+        specs += [{"name": OOD_SCORE, "datatype": "FP32", "shape": [-1]},
+                  {"name": UNKNOWN, "datatype": "BOOL", "shape": [-1]}]
+    if model.explanation_name:
+        out = next(o for o in model.session.get_outputs() if o.name == model.explanation_name)
+        specs.append({"name": EXPLANATION, "datatype": "FP32",
+                      "shape": [-1] + [d if isinstance(d, int) else -1 for d in out.shape[1:]]})
     return specs
 
 
@@ -295,7 +305,19 @@ def output_tensors(model: LoadedModel, names: list[str], outputs: Outputs) -> li
             out.append(Tensor(name, "INT64", [n], logits.argmax(1).astype(np.int64)))
         elif name == EMBEDDING and embedding is not None:
             out.append(Tensor(name, "FP32", list(embedding.shape), embedding.astype(np.float32, copy=False)))
+        elif name == OOD_SCORE and outputs.ood_score is not None:
+            out.append(Tensor(name, "FP32", [n], outputs.ood_score.astype(np.float32, copy=False)))
+        elif name == UNKNOWN and outputs.ood_score is not None:
+            out.append(Tensor(name, "BOOL", [n], model.unknown(outputs.ood_score)))
+        elif name == EXPLANATION and outputs.explanation is not None:
+            e = outputs.explanation.astype(np.float32, copy=False)
+            out.append(Tensor(name, "FP32", list(e.shape), e))
     return out
+
+
+def wants_explanation(req: InferRequest) -> bool:
+    """Whether a v2 request asks for the explanation (the only way the model computes it)."""
+    return EXPLANATION in req.output_names()
 
 
 def raw_bytes(t: Tensor) -> bytes:

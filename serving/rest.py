@@ -2,8 +2,9 @@
 a way to answer; the work and its limits are serving.dataplane's.
 
 Routes: the Open Inference Protocol v2 REST API (/v2/..., with binary tensor data), POST /predict for image files
-and texts, GET /drift, GET /metrics. Route groups (serve.api_key_routes): inference (infer, /predict), metadata
-(/v2, model metadata), metrics, drift; health (live, ready, model ready) is always open.
+and texts, GET /drift, GET /metrics, and GET / (a page to try the model in a browser, serving.page). Route groups
+(serve.api_key_routes): inference (infer, /predict), metadata (/v2, model metadata), metrics, drift; health (live,
+ready, model ready) and the page (it holds nothing; its calls carry the key) are always open.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ from typing import Any
 import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving import protocol, rest_codec
+from serving import page, protocol, rest_codec
 from serving.dataplane import NOT_LOADED, FileJob, Job, Service, TensorJob
 from serving.protocol import ApiError
 from serving.security import Guard
-from serving.served_model import LoadedModel, Outputs, top_labels
+from serving.served_model import LoadedModel, Outputs, explained, top_labels
 from tlops.onnx.runtime import softmax
 
 MAX_IMAGES = protocol.MAX_SAMPLES  # per /predict request; the body limit bounds bytes, this bounds decode work
@@ -81,6 +82,7 @@ def add_routes(app: FastAPI, service: Service, guard: Guard) -> None:
     async def predict(request: Request) -> Response:
         model = service.model_for(service.source.name)
         k = _top_k_param(request.query_params.get("top_k"), service.params.top_k)
+        explain = _explain_param(request.query_params.get("explain"), model)
         files = await (_text_payloads(request) if model.is_text else _file_payloads(request))
         names = [name for name, _ in files]
         noun = "text" if model.is_text else "image"
@@ -89,13 +91,32 @@ def add_routes(app: FastAPI, service: Service, guard: Guard) -> None:
         key = "index" if model.is_text and all(n is None for n in names) else "filename"
 
         def respond(job: Job, used: LoadedModel, y: Outputs) -> bytes:
-            probs = softmax(y.logits)
-            return orjson.dumps({"model_name": used.name, "model_version": used.version, "predictions": [
-                {key: i if key == "index" else n, "top_k": top_labels(p, used.labels, k)}
-                for i, (n, p) in enumerate(zip(names, probs))]})
+            probs, unknown = softmax(y.logits), used.unknown(y.ood_score)
+            results = []
+            for i, (n, p) in enumerate(zip(names, probs)):
+                result = {key: i if key == "index" else n, "top_k": top_labels(p, used.labels, k)}
+                if unknown is not None:
+                    result["ood_score"], result["unknown"] = float(y.ood_score[i]), bool(unknown[i])
+                if y.explanation is not None:
+                    ids = job.ids[i] if job.ids is not None else None
+                    result["explanation"] = explained(used, y.explanation[i], y.logits[i], ids)
+                results.append(result)
+            return orjson.dumps({"model_name": used.name, "model_version": used.version, "predictions": results})
 
-        content = await service.run(model, lambda: FileJob(labelled, model.is_text), respond)
+        content = await service.run(model, lambda: FileJob(labelled, model.is_text, explain), respond)
         return Response(content, media_type="application/json")
+
+    @app.get("/", include_in_schema=False)
+    async def home() -> Response:  # open like health: it holds nothing; the calls it makes need the key
+        return HTMLResponse(page.page_html(service.source.name), headers=page.HEADERS)
+
+    @app.get("/page.js", include_in_schema=False)
+    async def page_script() -> Response:
+        return Response(page.JS, media_type="text/javascript", headers=page.HEADERS)
+
+    @app.get("/page.css", include_in_schema=False)
+    async def page_style() -> Response:
+        return Response(page.CSS, media_type="text/css", headers=page.HEADERS)
 
     @app.get("/drift", dependencies=group("drift"))
     async def drift_now() -> Response:
@@ -106,6 +127,17 @@ def add_routes(app: FastAPI, service: Service, guard: Guard) -> None:
         service.drift_scores()  # the drift gauges are computed when scraped, not on every request
         body, content_type = service.metrics.render()
         return Response(body, media_type=content_type)
+
+
+def _explain_param(raw: str | None, model: LoadedModel) -> bool:
+    if raw is None or raw.lower() in ("false", "0"):
+        return False
+    if raw.lower() not in ("true", "1"):
+        raise ApiError(400, f"explain must be true or false, got {protocol.shown(raw)}")
+    if not model.explanation_name:
+        raise ApiError(400, "explain: this model has no explanation output (an MLP head, or a backbone that projects "
+                       "after pooling; see its model card)")
+    return True
 
 
 def _top_k_param(raw: str | None, default: int) -> int:

@@ -86,10 +86,13 @@ def file_key(path: Path) -> tuple | None:
 
 
 class Outputs(NamedTuple):
-    """One model run: logits (N, classes) and, when the model exports it, the pooled embedding (N, D)."""
+    """One model run: the (calibrated) logits (N, classes) and what else the model exports: the pooled embedding
+    (N, D), the OOD score (N,), and, when asked for, the explanation (N, classes, h, w) or (N, classes, tokens)."""
 
     logits: np.ndarray
     embedding: np.ndarray | None = None
+    ood_score: np.ndarray | None = None
+    explanation: np.ndarray | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,6 +112,16 @@ class LoadedModel:
     key: tuple | None = None
     embedding_name: str | None = None  # the pooled-embedding output, when the export has one
     embedding_dim: int | None = None
+    ood_name: str | None = None        # the OOD score output, when the export has one with a threshold
+    ood_threshold: float | None = None
+    explanation_name: str | None = None  # the explanation output, when the export has an exact one
+    explanation_kind: str = ""           # "image" | "text" | ""
+
+    def unknown(self, ood_score: np.ndarray | None) -> np.ndarray | None:
+        """Whether each input is unlike the training data (its OOD score above the model's threshold)."""
+        if ood_score is None or self.ood_threshold is None:
+            return None
+        return ood_score > self.ood_threshold
 
     @property
     def task(self) -> tuple[str, tuple[str, ...]]:
@@ -134,10 +147,14 @@ class LoadedModel:
             return self.spec.pad([row for x in xs for row in x])  # a row's own padding stays padding
         return np.concatenate(xs)
 
-    def run(self, x: np.ndarray) -> Outputs:
-        """float32 (N, 3, S, S) -> Outputs: logits float32 (N, classes), and the embedding when there is one."""
-        names = [self.output_name] + ([self.embedding_name] if self.embedding_name else [])
-        return Outputs(*self.session.run(names, {self.input_name: x}))
+    def run(self, x: np.ndarray, explain: bool = False) -> Outputs:
+        """float32 (N, 3, S, S) (text: int64 ids) -> Outputs: logits, the embedding and OOD score when the model has
+        them, the explanation only when asked (ONNX Runtime then runs the explanation's nodes too; otherwise it
+        leaves them out)."""
+        wanted = {"logits": self.output_name, "embedding": self.embedding_name, "ood_score": self.ood_name,
+                  "explanation": self.explanation_name if explain else None}
+        names = {field: name for field, name in wanted.items() if name}
+        return Outputs(**dict(zip(names, self.session.run(list(names.values()), {self.input_name: x}), strict=True)))
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """float32 (N, 3, S, S) -> logits float32 (N, classes), the embedding not computed."""
@@ -174,10 +191,16 @@ def load_model(path: str | os.PathLike, name: str | None = None, threads: int | 
     meta = dict(session.get_modelmeta().custom_metadata_map)
     labels, spec = metadata.labels_of(meta), metadata.spec_of(meta)
     input_name, output_name, embedding = _check_signature(session, spec, len(labels), path)
+    names = {o.name for o in session.get_outputs()}
+    ood = metadata.ood_of(meta) if metadata.OOD_SCORE in names else None
+    kind = metadata.explanation_of(meta) if metadata.EXPLANATION in names else ""
     return LoadedModel(name=name or path.stem, version=actual[:12], sha256=actual, path=path, session=session,
                        labels=tuple(labels), spec=spec, input_name=input_name, output_name=output_name,
                        metadata=meta, key=key, embedding_name=embedding and embedding[0],
-                       embedding_dim=embedding and embedding[1])
+                       embedding_dim=embedding and embedding[1],
+                       ood_name=metadata.OOD_SCORE if ood else None,
+                       ood_threshold=float(ood["threshold"]) if ood else None,
+                       explanation_name=metadata.EXPLANATION if kind else None, explanation_kind=kind)
 
 
 def _check_signature(session: ort.InferenceSession, spec: PreprocessSpec | TextSpec, classes: int, path: Path
@@ -221,8 +244,35 @@ def warm_up(model: LoadedModel, batch_sizes: tuple[int, ...] = (1,)) -> float:
     return time.perf_counter() - t0
 
 
+def explained(model: LoadedModel, explanation: np.ndarray, logits: np.ndarray, ids: np.ndarray | None = None
+              ) -> dict:
+    """One input's explanation for its most probable class, as a JSON-able dict: an image's map over the model's
+    input (the centre crop it sees), rows top to bottom; a text's tokens with their shares. The shares plus
+    `bias` are the logit (calibrated: divided by the temperature)."""
+    c = int(np.argmax(logits))
+    share = np.asarray(explanation[c], np.float64)
+    out: dict = {"label": model.labels[c], "index": c, "bias": round(float(logits[c] - share.sum()), 6)}
+    if model.explanation_kind == "text" and ids is not None:
+        ids = np.asarray(ids)[: len(share)]
+        shares = share[: len(ids)][ids != model.spec.pad_id]
+        out["tokens"] = [{"token": t, "share": round(float(v), 6)}
+                         for t, v in zip(model.spec.tokens(ids), shares, strict=True)]
+    else:
+        out["map"] = np.round(share, 6).tolist()
+        out["grid"] = list(share.shape)
+        out["covers"] = _crop_covers(model.spec)
+    return out
+
+
+def _crop_covers(spec: PreprocessSpec) -> dict:
+    """What part of an uploaded image the model sees (and a map covers): the centred square of this share of the
+    shorter side, resized to the input size."""
+    return {"centre_square_of_shorter_side": round(spec.input_size / spec.resize_size, 6)}
+
+
 def top_labels(probs: np.ndarray, labels: tuple[str, ...] | list[str], k: int) -> list[dict]:
-    """The k most probable classes of one probability row, best first."""
+    """The k most probable classes of one probability row, best first (calibrated: the model divides its logits by
+    its temperature)."""
     k = max(1, min(k, len(probs)))
     order = np.argsort(-probs, kind="stable")[:k]
     return [{"label": labels[i], "index": int(i), "probability": float(probs[i])} for i in order]

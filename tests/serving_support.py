@@ -78,6 +78,45 @@ def export_tiny_model(path: Path, scale: float = 10.0, spec: PreprocessSpec = SP
     return path
 
 
+def export_trusted_model(path: Path, fit_images: list[Path], temperature: float = 2.0, seed: int = 0,
+                         spec: PreprocessSpec = SPEC, labels: list[str] = LABELS):
+    """The tiny_test backbone + a linear head exported as the export stage does (tlops.export.served): calibrated by
+    `temperature`, an OOD fit on `fit_images` with its threshold at their 95th percentile, and the class activation
+    maps. Returns the PyTorch module it was exported from (its outputs are the reference)."""
+    import torch
+
+    from tlops.evaluate import ood
+    from tlops.export.lineage import build_metadata, write_metadata
+    from tlops.export.onnx_export import export_onnx
+    from tlops.export.served import Served
+    from tlops.inputs.model_input import preprocess_batches
+    from tlops.models.backbones import create_backbone
+    from tlops.models.classifier import Classifier
+    from tlops.models.heads import build_head
+    from tlops.onnx import metadata
+
+    bb = create_backbone("tiny_test", weights="random", image_size=spec.input_size)
+    torch.manual_seed(seed)
+    model = Classifier(bb.model, build_head("linear", bb.num_features, len(labels), 8, 0.0)).eval()
+    x = np.concatenate(list(preprocess_batches([str(p) for p in fit_images], spec, 10**7)))
+    with torch.inference_mode():
+        embedding = model.backbone(torch.from_numpy(x)).numpy()
+    fit = ood.fit_mahalanobis(embedding, np.arange(len(x)) % len(labels), len(labels))
+    threshold = ood.threshold(ood.mahalanobis_score(embedding, fit["means"], fit["precision"]))
+    served = Served(model, temperature, fit, "image")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(served, spec.input_size, path, 17, served.outputs)
+    meta = build_metadata(labels, spec, "tiny_test", "test", "0" * 40, "", "test")
+    meta.update({metadata.TEMPERATURE: repr(temperature), metadata.EXPLAIN: "image",
+                 metadata.OOD: json.dumps({"score": "mahalanobis", "threshold": threshold, "tpr": 0.95})})
+    from tlops.onnx import drift
+
+    meta[metadata.DRIFT_REFERENCE] = drift.to_json(drift.outputs_reference(path, fit_images, spec, 10**7))
+    write_metadata(path, meta)
+    metadata.write_sha256(path)
+    return served
+
+
 def install_model(src: Path, dst: Path) -> None:
     """Put a model and its sidecar at dst the way an export does: each file replaced atomically."""
     for a, b in ((src, dst), (Path(f"{src}.sha256"), Path(f"{dst}.sha256"))):

@@ -23,7 +23,9 @@ from torch import nn
 from tlops.core import paths
 from tlops.core.config import parse_params
 from tlops.core.errors import ModelIntegrityError, ParityError
+from tlops.evaluate.evaluation import exported_classifier
 from tlops.export import lineage, onnx_export, package, promotion, verify
+from tlops.export.served import linear_layer
 from tlops.inputs.images import PreprocessSpec
 from tlops.inputs.model_input import preprocess_batches as iter_batches
 from tlops.onnx import metadata, runtime
@@ -129,7 +131,9 @@ def test_metadata_round_trip(tmp_path):
     model, _ = tiny_classifier()
     path = write_onnx(model, spec, tmp_path / "model.onnx", run_id="run-42")
     meta = metadata.read_metadata(path)
-    assert set(meta) == set(metadata.KEYS) - {metadata.DRIFT_REFERENCE}  # the export stage adds the reference
+    # the export stage adds the reference, the temperature, the OOD threshold and the explanation's kind
+    assert set(meta) == set(metadata.KEYS) - {metadata.DRIFT_REFERENCE, metadata.TEMPERATURE, metadata.OOD,
+                                              metadata.EXPLAIN}
     assert metadata.labels_of(meta) == CLASSES
     assert metadata.spec_of(meta) == spec
     assert meta["tlops.input_size"] == "32" and meta["tlops.backbone"] == "tiny_test"
@@ -430,8 +434,20 @@ def test_export_stage_verifies_registers_and_promotes_only_a_better_model(traine
     assert report["drift_reference"]["images"] == metrics["test_images"] + len(manifest.rows_in("val"))
     monitor = drift.Monitor.from_metadata(meta, window=500, threshold=0.5)
     x = np.concatenate(list(iter_batches(package.labelled_test_images(manifest)[0], served.spec, 10**7)))
-    monitor.observe(*served.run(x))  # the test split, part of its own reference: no drift
-    assert not monitor.scores()["drifted"] and monitor.scores()["embedding"] < 0.5
+    y = served.run(x)
+    monitor.observe(y.logits, y.embedding, served.unknown(y.ood_score))  # the test split, in its own reference
+    scores = monitor.scores()
+    assert not scores["drifted"] and scores["embedding"] < 0.5
+    assert scores["unknown"] == pytest.approx(report["ood"]["test_flagged"])  # the service counts what evaluate did
+
+    # calibrated, with "none of these" and an exact explanation, inside the file
+    t = metadata.temperature_of(meta)
+    assert t == pytest.approx(metrics["calibration"]["temperature"]) and report["calibration"]["temperature"] == t
+    assert (y.ood_score > served.ood_threshold).mean() == pytest.approx(metrics["ood"]["mahalanobis"]["test_flagged"])
+    assert served.explanation_kind == "image" and y.explanation is None  # computed only when asked
+    explained = served.run(x[:4], explain=True)
+    bias = linear_layer(exported_classifier()[0].head).bias.detach().numpy() / t
+    assert np.allclose(explained.explanation.sum(axis=(2, 3)) + bias, explained.logits, atol=1e-4)
 
     # the README snippet reproduces the fine-tuned test accuracy of reports/metrics.json
     images, truth = package.labelled_test_images(manifest)
@@ -449,6 +465,7 @@ def test_export_stage_verifies_registers_and_promotes_only_a_better_model(traine
 
 
 def test_export_stage_fails_on_parity_and_keeps_the_previous_model(trained, monkeypatch):
+    from tasks.evaluate import evaluate
     from tasks.export import export
 
     monkeypatch.setenv(runs.EXPERIMENT_ENV, f"test-{uuid.uuid4().hex[:8]}")
@@ -457,6 +474,7 @@ def test_export_stage_fails_on_parity_and_keeps_the_previous_model(trained, monk
     paths.ONNX.write_bytes(b"previous model")
     raw = yaml.safe_load((trained / "params.yaml").read_text())
     (trained / "params.yaml").write_text(yaml.safe_dump(deep_update(raw, {"export": {"parity_atol": 1e-12}})))
+    evaluate.fn()  # the temperature and the OOD fit the export builds in
     with pytest.raises(ParityError, match="max"):
         export.fn()
     assert paths.ONNX.read_bytes() == b"previous model"

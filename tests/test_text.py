@@ -168,6 +168,7 @@ def test_every_stage_runs_on_text(text_trained: Path) -> None:
 def test_exported_file_alone_tokenises_and_classifies_like_pytorch(text_trained: Path) -> None:
     import torch
 
+    from tlops.export.served import linear_layer
     from tlops.models.classifier import load_classifier
 
     meta = metadata.read_metadata(paths.ONNX)
@@ -183,9 +184,16 @@ def test_exported_file_alone_tokenises_and_classifies_like_pytorch(text_trained:
     one_by_one = [runtime.session(paths.ONNX).run(["logits"], {"input": x[i : i + 1, : int((x[i] != 0).sum())]})[0]
                   for i in range(len(texts))]
     with torch.inference_mode():
-        torch_logits = model(torch.from_numpy(x)).numpy()
+        torch_logits = model(torch.from_numpy(x)).numpy() / metadata.temperature_of(meta)  # calibrated in the file
     np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4)
     np.testing.assert_allclose(np.concatenate(one_by_one), onnx_logits, atol=1e-4)  # padding changes nothing
+    # each token's share of each logit, computed by the file: with the bias / T they sum to the logit
+    assert metadata.explanation_of(meta) == "text"
+    shares = runtime.session(paths.ONNX).run(["explanation"], {"input": x})[0]
+    bias = linear_layer(model.head).bias.detach().numpy() / metadata.temperature_of(meta)
+    np.testing.assert_allclose(shares.sum(-1) + bias, onnx_logits, atol=1e-4)
+    padding = x == spec.pad_id
+    assert padding.any() and (shares.transpose(0, 2, 1)[padding] == 0).all()  # padding decides nothing
 
 
 def test_readme_shows_the_text_snippet_and_it_predicts_as_tlops(text_trained: Path, monkeypatch) -> None:

@@ -175,6 +175,8 @@ class EvaluateParams(Section):
     metric: Literal["auto", "accuracy", "balanced_accuracy", "macro_f1"] = "auto"
     promote_min_delta: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     worst_k: PositiveInt = 16
+    calibrate: bool = True  # a temperature fitted on the validation split, kept only if it lowers the validation ECE
+    far_out: str = "auto"  # inputs of no known class for the OOD score: auto | digits | photos | docstrings | a folder
 
 
 class ExportParams(Section):

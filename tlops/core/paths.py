@@ -38,6 +38,9 @@ TARGET_IMAGES = ADAPT_CHECKPOINTS / "images"       # working images of the targe
 ADAPT_REPORT = Path("reports/adapt.json")
 
 METRICS = Path("reports/metrics.json")
+CALIBRATION_DIR = Path("models/calibration")       # evaluate's measure of the exported model, which export builds in
+CALIBRATION = CALIBRATION_DIR / "calibration.json"  # the temperature and the OOD threshold, with how they were chosen
+OOD_FIT = CALIBRATION_DIR / "ood.npz"              # the OOD score's class means and shared precision matrix
 HISTORY = Path("reports/history.csv")
 CONFUSION = Path("reports/confusion.csv")
 PLOTS_DIR = Path("reports/plots")

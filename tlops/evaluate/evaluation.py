@@ -10,7 +10,7 @@ import numpy as np
 
 from tlops.core import paths
 from tlops.core.config import Params
-from tlops.core.io import write_json
+from tlops.core.io import atomic_path, write_json
 from tlops.data.manifest import load_manifest, same_classes, split_items
 from tlops.data.version import current_data_version
 from tlops.evaluate import scoring
@@ -23,6 +23,7 @@ from tlops.inputs.model_input import preprocess_batches, spec_from_dict
 from tlops.inputs.text import TextSpec, load_text
 from tlops.models.classifier import load_classifier
 from tlops.models.heads import load_head
+from tlops.onnx.runtime import softmax
 
 if TYPE_CHECKING:
     from torch import nn
@@ -80,9 +81,67 @@ def evaluate_models(params: Params) -> dict[str, Any]:
         report["target"] = target
     if text:
         report["baseline"] = tfidf_baseline(manifest, spec, classes)
+    trust = measure_trust(params, manifest, classes, spec, load)
+    report["calibration"], report["ood"] = trust["calibration"], trust["ood"]
+    report["explanation"] = trust["explanation"]
     write_json(paths.METRICS, report)
-    write_plots(images, shown[1], shown[0], classes, spec, load, params)
+    write_plots(images, shown[1], shown[0], classes, spec, load, params, trust["test_explanation"])
     return report
+
+
+def exported_classifier() -> tuple[nn.Module, dict]:
+    """The model export exports: the adapt stage's (the selected model, adapted or passed through), else the
+    selected fine-tuned or head-only one."""
+    return load_classifier(paths.ADAPT_DIR if paths.ADAPT_INFO.exists() else paths.FINETUNE_DIR)
+
+
+def measure_trust(params: Params, manifest: Any, classes: Sequence[str], spec: PreprocessSpec | TextSpec,
+                  load: Any) -> dict[str, Any]:
+    """What can be trusted of the exported model's outputs, measured with the very module export builds into the
+    ONNX file (tlops.export.served): the calibration temperature (validation split) and ECE before/after, the OOD
+    fit (training split), its threshold (validation) and AUROC against a far-out set; written for export into
+    models/calibration, with the reliability diagram in reports/plots."""
+    import torch
+
+    from tlops.evaluate.calibration import calibrate, reliability
+    from tlops.evaluate.far_out import far_out_batches, far_out_name
+    from tlops.evaluate.ood import fit_mahalanobis, measure
+    from tlops.evaluate.plots import plot_reliability
+    from tlops.export.served import Served, explanation_kind, served_outputs
+
+    model, _ = exported_classifier()
+    splits = {name: split_items(manifest, name) for name in ("train", "val", "test")}
+    example = next(preprocess_batches([p for p, _ in splits["test"][:2]], spec, params.data.max_pixels, load=load))
+    kind, why = explanation_kind(model, torch.from_numpy(example))
+    served = Served(model, explain=kind)
+
+    def outputs(items: list[tuple[str, int]]) -> dict[str, np.ndarray]:
+        batches = preprocess_batches([p for p, _ in items], spec, params.data.max_pixels, load=load)
+        return served_outputs(served, batches)
+
+    out = {name: outputs(items) for name, items in splits.items()}
+    y = {name: np.array([c for _, c in items], dtype=int) for name, items in splits.items()}
+    if params.evaluate.calibrate:
+        cal = calibrate(out["val"]["logits"], y["val"], out["test"]["logits"], y["test"])
+    else:
+        cal = {"temperature": 1.0, "reason": "evaluate.calibrate is false: T stays 1.0"}
+    t = cal["temperature"]
+    probs_before, probs_after = softmax(out["test"]["logits"]), softmax(out["test"]["logits"] / t)
+    plot_reliability(reliability(probs_before, y["test"]), reliability(probs_after, y["test"]), t,
+                     paths.PLOTS_DIR / "reliability.png")
+    fit = fit_mahalanobis(out["train"]["embedding"], y["train"], len(classes))
+    far_name = far_out_name(params.evaluate.far_out, params.data.source, isinstance(spec, TextSpec))
+    far = served_outputs(served, far_out_batches(far_name, spec, params.data.max_pixels))
+    ood = measure(fit, (out["val"]["embedding"], out["val"]["logits"] / t),
+                  (out["test"]["embedding"], out["test"]["logits"] / t),
+                  (far["embedding"], far["logits"] / t), far_name)
+    paths.CALIBRATION_DIR.mkdir(parents=True, exist_ok=True)
+    write_json(paths.CALIBRATION, {"temperature": t, "calibration": cal, "ood": ood,
+                                   "explanation": {"kind": kind or "", "why": why}})
+    with atomic_path(paths.OOD_FIT) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **fit)
+    return {"calibration": cal, "ood": ood, "explanation": {"kind": kind or "", "why": why},
+            "test_explanation": out["test"].get("explanation")}
 
 
 def tfidf_baseline(manifest: Any, spec: TextSpec, classes: Sequence[str]) -> dict[str, Any]:
@@ -160,6 +219,15 @@ def head_test_logits(head: nn.Module, classes: Sequence[str]) -> tuple[np.ndarra
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     """The scalar metrics of a report as {"head.accuracy": ..., "finetuned.ece": ...} for tracking."""
     out = {}
+    cal = report.get("calibration") or {}
+    if "test" in cal:
+        out["calibration.temperature"] = float(cal["temperature"])
+        for when in ("before", "after"):
+            for k in ("ece", "classwise_ece"):
+                out[f"calibration.test_{k}_{when}"] = float(cal["test"][when][k])
+    for score in ("mahalanobis", "energy"):
+        for k, v in ((report.get("ood") or {}).get(score) or {}).items():
+            out[f"ood.{score}.{k}"] = float(v)
     for section in ("head", "finetuned", "finetune_gain", "adapted", "adapt_gain", "exported"):
         for k, v in report.get(section, {}).items():
             if isinstance(v, (int, float)):

@@ -110,8 +110,9 @@ class Mistake:
 
 
 def plot_worst(mistakes: Sequence[Mistake], spec: PreprocessSpec, load: Callable[[str], Image.Image],
-               path: str | Path) -> None:
-    """Grid of the most confidently wrong test images, as the model saw them, with labels and confidence."""
+               path: str | Path, maps: Sequence[np.ndarray | None] | None = None) -> None:
+    """Grid of the most confidently wrong test images, as the model saw them, with labels and confidence; with
+    `maps` (each the predicted class's activation map, h x w), the map over the image: where the model looked."""
     cols = max(1, min(4, len(mistakes)))
     grid_rows = max(1, math.ceil(len(mistakes) / cols))
     fig = _figure(2.6 * cols, 2.8 * grid_rows)
@@ -120,43 +121,73 @@ def plot_worst(mistakes: Sequence[Mistake], spec: PreprocessSpec, load: Callable
     for i, m in enumerate(mistakes):
         ax = fig.add_subplot(grid_rows, cols, i + 1)
         ax.imshow(resize_crop(load(m.path), spec))
+        if maps is not None and maps[i] is not None:
+            s = spec.input_size
+            ax.imshow(maps[i], cmap="jet", alpha=0.45, extent=(-0.5, s - 0.5, s - 0.5, -0.5), interpolation="bilinear")
         ax.set_title(f"true: {m.actual}\npred: {m.predicted} ({m.confidence:.2f})", fontsize=9, color="darkred")
         ax.axis("off")
     _save(fig, path)
 
 
+def plot_reliability(before: Sequence[dict], after: Sequence[dict], temperature: float, path: str | Path) -> None:
+    """Reliability diagram of the test split: accuracy against confidence per bin, before and after the
+    temperature; a calibrated model sits on the diagonal."""
+    fig = _figure(5.5, 5)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
+    for bins, label, marker in ((before, "uncalibrated", "o"), (after, f"T = {temperature:.2f}", "s")):
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker=marker, label=label)
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title("Reliability (test split)")
+    ax.legend(loc="upper left")
+    _save(fig, path)
+
+
 def write_plots(images: Sequence[str], y: np.ndarray, logits: np.ndarray, classes: Sequence[str],
-                spec: PreprocessSpec | TextSpec, load: Callable[[str], Image.Image] | None, params: Params) -> None:
-    """confusion.csv + history.csv for `dvc plots`, and confusion/curves/worst PNGs."""
+                spec: PreprocessSpec | TextSpec, load: Callable[[str], Image.Image] | None, params: Params,
+                explanation: np.ndarray | None = None) -> None:
+    """confusion.csv + history.csv for `dvc plots`, and confusion/curves/worst PNGs; `explanation` (the exported
+    model's, per test item) marks what decided each worst error."""
     probs, pred = softmax(logits), logits.argmax(axis=1)
     write_csv(paths.CONFUSION, confusion_rows(y, pred, classes), CONFUSION_COLUMNS)
     rows, unfreeze = merge_history(read_history(paths.HEAD_HISTORY), read_history(paths.FINETUNE_HISTORY))
     write_history(rows, paths.HISTORY)
     plot_confusion(y, pred, classes, paths.PLOTS_DIR / "confusion.png")
     plot_curves(rows, unfreeze, paths.PLOTS_DIR / "curves.png")
-    worst = [Mistake(str(images[i]), classes[y[i]], classes[pred[i]], float(probs[i].max()))
-             for i in worst_indices(probs, y, params.evaluate.worst_k)]
+    chosen = worst_indices(probs, y, params.evaluate.worst_k)
+    worst = [Mistake(str(images[i]), classes[y[i]], classes[pred[i]], float(probs[i].max())) for i in chosen]
+    shares = [explanation[i, pred[i]] for i in chosen] if explanation is not None else None
     if isinstance(spec, TextSpec):
-        write_text(paths.PLOTS_DIR / "worst.md", worst_texts_markdown(worst, spec))
+        write_text(paths.PLOTS_DIR / "worst.md", worst_texts_markdown(worst, spec, shares))
         plot_worst_texts(worst, spec, paths.PLOTS_DIR / "worst.png")
     else:
-        plot_worst(worst, spec, load, paths.PLOTS_DIR / "worst.png")
+        plot_worst(worst, spec, load, paths.PLOTS_DIR / "worst.png", shares)
 
 
 WORST_CHARS = 300  # of each misclassified text shown in worst.md
 
 
-def worst_texts_markdown(mistakes: Sequence[Mistake], spec: TextSpec) -> str:
-    """The most confidently wrong test texts as a markdown table: true, predicted, confidence, the text, its file."""
+def worst_texts_markdown(mistakes: Sequence[Mistake], spec: TextSpec,
+                         shares: Sequence[np.ndarray] | None = None) -> str:
+    """The most confidently wrong test texts as a markdown table: true, predicted, confidence, the text, its file;
+    with `shares` (each token's share of the predicted logit), the tokens that decided it, largest first."""
     lines = ["# Most confident errors (test split)", "",
-             "| # | true | predicted | confidence | text | file |", "|---|---|---|---|---|---|"]
+             "| # | true | predicted | confidence | deciding tokens | text | file |", "|---|---|---|---|---|---|---|"]
     for i, m in enumerate(mistakes, start=1):
-        shown = load_text(m.path, spec.max_chars)
-        shown = shown if len(shown) <= WORST_CHARS else shown[:WORST_CHARS].rstrip() + " …"
+        text = load_text(m.path, spec.max_chars)
+        shown = text if len(text) <= WORST_CHARS else text[:WORST_CHARS].rstrip() + " …"
         cell = shown.replace("|", "\\|")
-        lines.append(f"| {i} | {m.actual} | {m.predicted} | {m.confidence:.2f} | {cell} | {m.path} |")
+        deciding = ""
+        if shares is not None:
+            tokens = spec.tokens(spec.ids(text))
+            top = np.argsort(-np.asarray(shares[i - 1][:len(tokens)]))[:3]
+            deciding = ", ".join(f"**{tokens[k]}** ({shares[i - 1][k]:+.2f})" for k in top).replace("|", "\\|")
+        lines.append(f"| {i} | {m.actual} | {m.predicted} | {m.confidence:.2f} | {deciding} | {cell} | {m.path} |")
     if not mistakes:
-        lines.append("| | | | | no misclassified test texts | |")
+        lines.append("| | | | | | no misclassified test texts | |")
     return "\n".join(lines) + "\n"
 
 

@@ -44,23 +44,64 @@ def model_card(info: dict, meta: dict[str, str], spec: PreprocessSpec, counts: d
         f"{report['test_accuracy']:.4f}.",
         f"int8: {int8.get('reason', 'not attempted')}.",
         "",
+        *_card_trust(report, isinstance(spec, TextSpec)),
         "## Preprocessing", "",
         *_card_preprocessing(spec),
         "",
         "## Intended use", "",
         f"Classifying {'texts' if isinstance(spec, TextSpec) else 'images'} into the {len(counts)} classes above, of "
-        "the same kind as the training data (same source, style and length). Not for other classes: the model always "
-        "answers one of these.",
+        "the same kind as the training data (same source, style and length). Not for other classes: an input of none "
+        "of them still gets the closest one, with `unknown` set when its OOD score is above the threshold.",
         "",
         "## Limits", "",
         "- Scores come from one held-out test split of the same source; expect lower accuracy on images that "
         "look different (other cameras, backgrounds, resolutions).",
-        "- Confidences are not calibrated beyond what the ECE above shows; do not read them as probabilities "
-        "of being right without checking.",
-        "- No out-of-distribution detection: an image of none of these classes still gets one of them.",
+        "- Calibration is fitted on the validation split of the same source: on shifted inputs the probabilities "
+        "drift from the truth again (the service's drift monitor watches for that).",
+        "- The OOD score flags inputs unlike the training data as a whole; it does not catch an input of a known "
+        "kind given the wrong class, and about 5% of in-distribution inputs are flagged by construction.",
         "- Small classes (see the counts) have the least reliable per-class scores.",
         "",
     ])
+
+
+def _card_trust(report: dict[str, Any], text: bool) -> list[str]:
+    """Calibration, "none of these" and explanations: what the served outputs mean and how far to trust them."""
+    cal, ood, why = report.get("calibration") or {}, report.get("ood") or {}, report.get("explanation") or {}
+    test = cal.get("test", {})
+    before, after = test.get("before", {}), test.get("after", {})
+    lines = ["## Calibration", "",
+             f"The logits are divided by T = {cal.get('temperature', 1.0):.3f} inside the file "
+             f"(`{metadata.TEMPERATURE}`): softmax of the `{metadata.OUTPUT}` output is the calibrated probability; "
+             f"the predicted class is the same as without it. {cal.get('reason', '')}.",
+             "", "| test split | ECE (15 bins) | class-wise ECE |", "|---|---:|---:|",
+             f"| before | {_fmt(before.get('ece'))} | {_fmt(before.get('classwise_ece'))} |",
+             f"| after | {_fmt(after.get('ece'))} | {_fmt(after.get('classwise_ece'))} |", "",
+             "## None of these", "",
+             f"Output `{metadata.OOD_SCORE}`: the squared Mahalanobis distance of the normalised embedding to the "
+             "nearest class mean (training split). Above the threshold "
+             f"{_fmt(ood.get('threshold'))} (`{metadata.OOD}`; the validation split's {ood.get('tpr', 0.95):.0%} "
+             f"true-positive rate) the input is `unknown`: {_pct(ood.get('test_flagged'))} of the test split is "
+             f"flagged (the false-flag rate); AUROC against {ood.get('far_out') or 'a far-out set'}: "
+             f"{_fmt(ood.get('auroc'))}.", "",
+             "## Explanations", ""]
+    if why.get("kind") == "image":
+        lines.append(f"Output `{metadata.EXPLANATION}` (batch, classes, h, w): for each class, each region's share of "
+                     "its logit (a class activation map, exact for the linear head: the map's sum plus bias / T is the "
+                     "logit). Bright regions pushed the class up, dark ones down; the map is coarse (the last feature "
+                     "map's grid), upsample it over the image to read it.")
+    elif why.get("kind") == "text":
+        lines.append(f"Output `{metadata.EXPLANATION}` (batch, classes, tokens): for each class, each token's share of "
+                     "its logit (exact for the linear head: the shares plus bias / T sum to the logit; padding 0). "
+                     "A large positive share is a token that decided the class; special tokens carry shares too.")
+    else:
+        lines.append(f"No explanation output: {why.get('why', 'not measured')}.")
+    lines.append("")
+    return lines
+
+
+def _pct(v: Any) -> str:
+    return f"{v:.1%}" if isinstance(v, (int, float)) else "-"
 
 
 def _card_preprocessing(spec: PreprocessSpec | TextSpec) -> list[str]:

@@ -1,4 +1,4 @@
-"""PyTorch to ONNX: the export (static padding for TF-style backbones, the embedding as a second output) and the parity
+"""PyTorch to ONNX: the export (static padding for TF-style backbones, several named outputs) and the parity
 measure it is held to."""
 
 from __future__ import annotations
@@ -54,23 +54,6 @@ def export_onnx(model: nn.Module, input_size: int, path: str | os.PathLike, opse
         metadata.assert_self_contained(tmp)
         onnx.checker.check_model(str(tmp), full_check=True)
     return Path(path)
-
-
-def with_embedding(model: nn.Module) -> nn.Module:
-    """The classifier with a second output: the pooled embedding its head reads (what the service's drift monitor
-    watches, so no second model is needed)."""
-    from torch import nn
-
-    class WithEmbedding(nn.Module):
-        def __init__(self, classifier: nn.Module) -> None:
-            super().__init__()
-            self.classifier = classifier
-
-        def forward(self, x):  # noqa: ANN001, ANN202 - traced by the exporter
-            embedding = self.classifier.backbone(x)
-            return self.classifier.head(embedding), embedding
-
-    return WithEmbedding(model).eval()
 
 
 def static_same_padding(model: nn.Module, input_size: int) -> nn.Module:

@@ -3,6 +3,7 @@ reference."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -11,13 +12,14 @@ import numpy as np
 
 from tlops.core import paths
 from tlops.core.config import Params
+from tlops.core.errors import DataError
 from tlops.core.io import atomic_path, read_json, write_json, write_text
 from tlops.data.manifest import load_manifest, same_classes, split_items
 from tlops.data.target import adapt_paths, load_target
 from tlops.evaluate import scoring
 from tlops.export.lineage import build_metadata, params_hash, write_metadata
 from tlops.export.model_card import model_card
-from tlops.export.onnx_export import export_onnx, with_embedding
+from tlops.export.onnx_export import export_onnx
 from tlops.export.verify import benchmark, check_parity, onnx_scores, quantize_int8, score_onnx
 from tlops.inputs.images import PreprocessSpec
 from tlops.inputs.model_input import load_and_preprocess, preprocess_batches, spec_from_dict
@@ -58,10 +60,10 @@ def export_model(params: Params, run_id: str | None, git_commit: str | None, gat
                           target_data_version=adapted.get("target_data_version"))
     about_reference = None
     example = next(preprocess_batches(images[:2], spec, max_pixels)) if isinstance(spec, TextSpec) else None
+    served, trust = served_module(model, meta, next(preprocess_batches(images[:2], spec, max_pixels)))
     with atomic_path(paths.ONNX) as tmp:
-        export_onnx(with_embedding(model), spec.input_size, tmp, ex.opset, (metadata.OUTPUT, metadata.EMBEDDING),
-                    example=example)
-        parity = check_parity(tmp, model, preprocess_batches(images, spec, max_pixels), ex.parity_atol)
+        export_onnx(served, spec.input_size, tmp, ex.opset, served.outputs, example=example)
+        parity = check_parity(tmp, served, preprocess_batches(images, spec, max_pixels), ex.parity_atol)
         held_out = [p for p, _ in split_items(manifest, "val")] + images  # unseen by the weights' fitting
         meta[metadata.DRIFT_REFERENCE], about_reference = drift_reference(tmp, held_out, meta[metadata.ADAPT_METHOD],
                                                                           spec, max_pixels)
@@ -79,10 +81,35 @@ def export_model(params: Params, run_id: str | None, git_commit: str | None, gat
               "selected": info.get("selected", "finetuned"), "adapt_method": adapted.get("chosen", "none"),
               "metric": metric, "test_score": score, "test_accuracy": accuracy, "test_images": len(images),
               "gate": {"split": gate_split, "images": len(gate_images), "score": gate_score}, "int8": int8,
-              "drift_reference": about_reference}
+              "drift_reference": about_reference, **trust}
     metrics = read_json(paths.METRICS) if paths.METRICS.exists() else {}
     write_text(paths.MODEL_CARD, model_card(info, meta, spec, class_counts(manifest), metrics, report))
     return report
+
+
+def served_module(model: Any, meta: dict[str, str], example: np.ndarray) -> tuple[Any, dict[str, Any]]:
+    """The module the ONNX file is exported from (tlops.export.served): the classifier with the evaluate stage's
+    temperature and OOD fit (models/calibration) built in, and an explanation output when one is exact for it; the
+    metadata says which (meta is updated), the returned dict what was built in and why."""
+    import torch
+
+    from tlops.export.served import Served, explanation_kind
+
+    if not paths.CALIBRATION.exists() or not paths.OOD_FIT.exists():
+        raise DataError(f"{paths.CALIBRATION_DIR}: missing; the evaluate stage writes it (run the pipeline)")
+    measured = read_json(paths.CALIBRATION)
+    with np.load(paths.OOD_FIT) as f:
+        fit = {k: f[k] for k in ("means", "precision")}
+    kind, why = explanation_kind(model, torch.from_numpy(np.ascontiguousarray(example)))
+    t, ood = float(measured["temperature"]), measured["ood"]
+    kept = ood[ood["score"]]
+    meta[metadata.TEMPERATURE] = repr(t)
+    meta[metadata.OOD] = json.dumps({"score": ood["score"], "threshold": kept["threshold"], "tpr": ood["tpr"],
+                                     "test_flagged": kept["test_flagged"], "auroc": kept.get("auroc"),
+                                     "far_out": (ood.get("far") or {}).get("set")}, sort_keys=True)
+    meta[metadata.EXPLAIN] = kind or f"none: {why}"
+    return Served(model, t, fit, kind), {"calibration": measured["calibration"], "ood": json.loads(meta[metadata.OOD]),
+                                         "explanation": {"kind": kind or "", "why": why}}
 
 
 def labelled_test_images(manifest: Any) -> tuple[list[str], list[str]]:

@@ -26,21 +26,37 @@ if TYPE_CHECKING:
 
 def check_parity(onnx_path: str | os.PathLike, model: nn.Module, batches: Iterable[np.ndarray],
                  atol: float) -> dict[str, Any]:
-    """ONNX Runtime (CPU) against PyTorch (CPU) on every batch, under the one parity rule."""
+    """ONNX Runtime (CPU) against PyTorch (CPU) on every batch, under the one parity rule, for every output of the
+    model (a module returning a tuple: the served logits, embedding, OOD score and explanation, in the file's order);
+    the figures returned are the logits'."""
     import torch
 
     sess, model = runtime.session(onnx_path, cpu_only=True), model.eval().to("cpu")
-    ref, got = [], []
+    names = [o.name for o in sess.get_outputs()]
+    ref: list[list[np.ndarray]] = [[] for _ in names]
+    got: list[list[np.ndarray]] = [[] for _ in names]
     with torch.inference_mode():
         for x in batches:
-            ref.append(model(torch.from_numpy(runtime.as_input(x))).float().numpy())
-            got.append(runtime.run_batches(sess, [x]))
-    if not ref:
+            x = runtime.as_input(x)
+            ys = model(torch.from_numpy(x))
+            ys = ys if isinstance(ys, tuple) else (ys,)
+            if len(ys) != len(names):
+                raise ParityError(f"{onnx_path}: {len(names)} outputs ({', '.join(names)}), PyTorch gives {len(ys)}")
+            for i, (y, o) in enumerate(zip(ys, sess.run(None, {sess.get_inputs()[0].name: x}), strict=True)):
+                flat = names[i] != metadata.OUTPUT  # 1-D: a text explanation's length differs between batches
+                ref[i].append(y.float().numpy().reshape(-1) if flat else y.float().numpy())
+                got[i].append(o.reshape(-1) if flat else o)
+    if not ref[0]:
         raise ParityError("parity check got no test images: the test split is empty")
-    try:
-        return parity(np.concatenate(ref), np.concatenate(got), atol)
-    except ParityError as e:
-        raise ParityError(f"{onnx_path}: {e} (the test split)") from None
+    stats = {}
+    for i, name in enumerate(names):
+        try:
+            stats[name] = parity(np.concatenate(ref[i]), np.concatenate(got[i]), atol, top1=name == metadata.OUTPUT)
+        except ParityError as e:
+            where = "" if name == metadata.OUTPUT else f" (output {name})"
+            raise ParityError(f"{onnx_path}: {e}{where} (the test split)") from None
+    first = stats.pop(names[0])
+    return {**first, **({"outputs": {k: v["max_abs_diff"] for k, v in stats.items()}} if stats else {})}
 
 
 def accuracy_of(pred_labels: Sequence[str], true_labels: Sequence[str]) -> float:

@@ -177,6 +177,11 @@ class TextSpec:
             out.append(ids)
         return out
 
+    def tokens(self, ids: Sequence[int]) -> list[str]:
+        """The tokens of ids, as the tokenizer spells them ("[CLS]", "ell", "##o"), padding left out."""
+        tok = _tokenizer(self.tokenizer)
+        return [tok.id_to_token(int(i)) or "" for i in ids if int(i) != self.pad_id]
+
     def pad(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
         """Token id arrays -> (N, longest) int64, padded with this spec's pad_id."""
         return pad_ids(seqs, self.pad_id)

@@ -353,5 +353,8 @@ class TinyNet(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         self.classifier = nn.Linear(32, num_classes) if num_classes else nn.Identity()
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pool(self.features(x)))
+        return self.classifier(self.pool(self.forward_features(x)))

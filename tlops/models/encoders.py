@@ -51,10 +51,14 @@ class TextEncoder(nn.Module):
         self.pad_id = int(pad_id)
         self.num_features = int(encoder.config.hidden_size)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def token_states(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(last hidden states (N, L, hidden), weights (N, L, 1): 1 for a real token, 0 for padding)."""
         mask = ids != self.pad_id
         hidden = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return hidden, mask.unsqueeze(-1).to(hidden.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden, weights = self.token_states(ids)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 

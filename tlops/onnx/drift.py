@@ -160,6 +160,8 @@ class Monitor:
         self._conf = np.zeros(window, np.float64)
         self._z = np.zeros((window, max(self.k, 1)), np.float64)
         self._has_z = np.zeros(window, bool)
+        self._scored = np.zeros(window, bool)   # the model gave an OOD verdict for this sample
+        self._unknown = np.zeros(window, bool)
         self.seen = 0
         self._lock = threading.Lock()
 
@@ -172,7 +174,9 @@ class Monitor:
         ref = json.loads(raw)
         return cls(ref, window, threshold) if ref.get("version") == VERSION else None
 
-    def observe(self, logits: np.ndarray, embedding: np.ndarray | None) -> None:
+    def observe(self, logits: np.ndarray, embedding: np.ndarray | None, unknown: np.ndarray | None = None) -> None:
+        """Add a batch's (calibrated) logits, embeddings and, when the model scores them, which inputs were unknown
+        (OOD score above its threshold)."""
         probs = softmax(logits)
         pred, conf = probs.argmax(1), probs.max(1)
         z = None
@@ -184,6 +188,8 @@ class Monitor:
             self._has_z[idx] = z is not None
             if z is not None:
                 self._z[idx] = z
+            self._scored[idx] = unknown is not None
+            self._unknown[idx] = False if unknown is None else unknown
             self.seen += len(pred)
 
     def coordinates(self, embedding: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -196,16 +202,20 @@ class Monitor:
         return (coords - self._centers[pred]) / self._scale
 
     def scores(self) -> dict[str, Any]:
-        """{"window", "prediction", "embedding", "confidence", "threshold", "drifted"} over the samples now held."""
+        """{"window", "prediction", "embedding", "confidence", "unknown", "threshold", "drifted"} over the samples
+        now held."""
         with self._lock:
             m = min(self.seen, self.window)
             pred, conf = self._pred[:m].copy(), self._conf[:m].copy()
             has = self._has_z[:m].copy()
             z, zpred = self._z[:m][has].copy(), pred[has]
+            scored, unknown = self._scored[:m].copy(), self._unknown[:m].copy()
         out: dict[str, Any] = {"window": m, "prediction": None, "embedding": None, "confidence": None,
-                               "threshold": self.threshold, "drifted": False}
+                               "unknown": None, "threshold": self.threshold, "drifted": False}
         if m == 0:
             return out
+        if scored.any():  # the share of the window the model called unknown (about 5% on in-domain traffic)
+            out["unknown"] = float(unknown[scored].mean())
         ref_classes = np.asarray(self.ref["classes"], np.float64)
         hist = np.bincount(pred, minlength=len(ref_classes))[:len(ref_classes)] / m
         out["prediction"] = js_divergence(hist, ref_classes)

@@ -18,6 +18,9 @@ from tlops.inputs.text import TEXT, TextSpec
 INPUT = "input"     # float32 NCHW, dynamic batch axis (text: int64 token ids (batch, sequence), padded with pad_id)
 OUTPUT = "logits"   # float32 (batch, classes)
 EMBEDDING = "embedding"  # float32 (batch, features): the pooled embedding the head reads (second output)
+OOD_SCORE = "ood_score"  # float32 (batch,): how unlike the training data the input is; > tlops.ood's threshold: unknown
+EXPLANATION = "explanation"  # float32 (batch, classes, h, w) per region, or (batch, classes, sequence) per token: each
+                             # position's share of each logit (their sum + the head's bias / T is the logit)
 
 PREFIX = "tlops."
 LABELS = "tlops.labels"              # JSON list of class names, index = logit position
@@ -36,8 +39,12 @@ SELECTED = "tlops.selected"          # finetuned | head: which was better on val
 ADAPT_METHOD = "tlops.adapt_method"  # none | adabn | self_training | mcc: the domain adaptation it carries
 TARGET_DATA_VERSION = "tlops.target_data_version"  # DVC hash of data/target it was adapted to ("" when none)
 DRIFT_REFERENCE = "tlops.drift_reference"  # JSON: the test split's output statistics (tlops.drift.reference)
+TEMPERATURE = "tlops.temperature"    # the T the logits are divided by inside the graph (1.0: calibration kept none)
+OOD = "tlops.ood"                    # JSON: {score, threshold, tpr, test_flagged, auroc}: when ood_score means unknown
+EXPLAIN = "tlops.explanation"        # "image" | "text": what the explanation output holds; "" and why when it has none
 KEYS = (LABELS, PREPROCESS, INPUT_SIZE, BACKBONE, DATA_VERSION, GIT_COMMIT, MLFLOW_RUN_ID, PARAMS_HASH, CREATED,
-        PRECISION, INPUT_KIND, SELECTED, ADAPT_METHOD, TARGET_DATA_VERSION, DRIFT_REFERENCE)  # every model's
+        PRECISION, INPUT_KIND, SELECTED, ADAPT_METHOD, TARGET_DATA_VERSION, DRIFT_REFERENCE, TEMPERATURE, OOD,
+        EXPLAIN)  # every model's
 TEXT_KEYS = (TOKENIZER,)  # a text model's, besides
 IMAGE = "image"
 
@@ -74,6 +81,36 @@ def spec_of(meta: dict[str, str]) -> PreprocessSpec | TextSpec:
 def input_kind_of(meta: dict[str, str]) -> str:
     """What the model reads; models exported before the key existed read images."""
     return meta.get(INPUT_KIND) or IMAGE
+
+
+def temperature_of(meta: dict[str, str]) -> float:
+    """The calibration temperature built into the logits (1.0 for models exported before calibration)."""
+    try:
+        t = float(meta.get(TEMPERATURE) or 1.0)
+    except ValueError:
+        raise ModelIntegrityError(f"ONNX metadata {TEMPERATURE} is not a number: {meta[TEMPERATURE]!r}") from None
+    if not t > 0:
+        raise ModelIntegrityError(f"ONNX metadata {TEMPERATURE} must be > 0, got {t}")
+    return t
+
+
+def ood_of(meta: dict[str, str]) -> dict | None:
+    """The OOD score's threshold and how it was set ({score, threshold, tpr, test_flagged, ...}); None when the model
+    has no OOD fit (exported before it existed, or without one)."""
+    if not meta.get(OOD):
+        return None
+    try:
+        ood = json.loads(meta[OOD])
+        float(ood["threshold"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelIntegrityError(f"ONNX metadata {OOD} is not an OOD threshold ({e})") from None
+    return ood
+
+
+def explanation_of(meta: dict[str, str]) -> str:
+    """What the explanation output holds: "image" (maps), "text" (per token) or "" (the model has none)."""
+    kind = meta.get(EXPLAIN, "")
+    return kind if kind in ("image", "text") else ""
 
 
 def task_of(meta: dict[str, str]) -> tuple[str, tuple[str, ...]]:
