@@ -9,6 +9,7 @@ At each concurrency level, one image per request, it measures the service (`pyth
   binary   POST /v2/models/<name>/infer, FP32 tensor in Triton's binary extension, binary logits back
   json     the same endpoint, the FP32 tensor as JSON data
   predict  POST /predict with PNG/JPEG bytes (the server decodes and preprocesses)
+  explain  the same with ?explain=true: the model also computes the class activation maps, the top class's is sent
   grpc     gRPC ModelInfer (Open Inference Protocol) with the FP32 tensor in raw_input_contents
   mlflow   the baseline: `mlflow models serve` (one worker) of the same registered model, POST /invocations
            with the JSON FP32 tensor {"inputs": {"input": [[[[...]]]]}}; the model is
@@ -72,9 +73,9 @@ from tlops.core import paths
 
 STANDIN_CLASSES = 10
 STANDIN_SIZE = 96
-MODES = ("binary", "json", "predict", "grpc", "mlflow", "mlserver")
-TLOPS_MODES = MODES[:4]
-BASELINES = MODES[4:]
+MODES = ("binary", "json", "predict", "explain", "grpc", "mlflow", "mlserver")
+TLOPS_MODES = MODES[:5]
+BASELINES = MODES[5:]
 PAYLOAD_OF = {"mlserver": "json"}  # modes that send another mode's request bodies, byte for byte
 TENSOR_PAYLOADS = 16  # distinct preprocessed tensors sent (JSON bodies of a 224 px tensor are ~3 MB each)
 DRIFT_LEVEL = 8
@@ -184,8 +185,9 @@ def write_payloads(folder: Path, mode: str, images: list[bytes], tensors: list[n
     folder.mkdir(parents=True)
     headers: list[dict[str, str]] = []
     bodies: list[bytes] = []
-    if mode == "predict":
-        path, ctype, bodies = "/predict", "application/octet-stream", list(images)
+    if mode in ("predict", "explain"):
+        path = "/predict" if mode == "predict" else "/predict?explain=true"
+        ctype, bodies = "application/octet-stream", list(images)
         headers = [{} for _ in bodies]
     elif mode == "binary":
         path, ctype = f"/v2/models/{name}/infer", "application/octet-stream"

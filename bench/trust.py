@@ -1,14 +1,15 @@
 """Predictions to trust, measured on what users bring: calibration, "none of these" and explanations of the exported
 model, each set through `tlops run` with the default params.yaml in a fresh clone of the project.
 
-    python bench/trust.py [--sets digits,fashion,wordnet,patch,planted] [--work DIR]
+    python bench/trust.py [--sets digits,fashion,wordnet,patch,patch224,planted] [--work DIR]
 
 digits    the embedded default; far-out: 200 Fashion-MNIST images
 fashion   Fashion-MNIST, 500 of each of the 10 classes (Debian's dataset-fashion-mnist); far-out: auto (digits)
 wordnet   WordNet noun glosses, 8 lexicographer classes (bench/wordnet.py, Debian's wordnet-base); far-out: auto
           (sentences of Python's standard-library docstrings: texts about code, not about nouns of the world)
 patch     noise images whose class is only a coloured square (1/16 of the image) at a random place: does the map of
-          the exported model peak on the square?
+          the exported model peak on the square? (at the default model.image_size, 96 px: a 3x3 map)
+patch224  the same images at model.image_size 224 (a 7x7 map)
 planted   sentences of neutral words where one planted word decides the class: is it the token with the largest share?
 
 Per set: ECE (15 bins) of the exported model on the test split before and after its temperature, the accuracy of both
@@ -40,7 +41,7 @@ NEUTRAL = ("the a this that some one another every each with without on under ov
            "way part side end kind sort matter case point group number area fact").split()
 
 
-def write_patches(out: Path, per_class: int = 80, size: int = 96, seed: int = 0) -> dict[str, list[int]]:
+def write_patches(out: Path, per_class: int = 150, size: int = 96, seed: int = 0) -> dict[str, list[int]]:
     """out/<colour>/<n>.png: grey noise with a size/4 square of the class colour; {relative path: [top, left, side]}."""
     from PIL import Image
 
@@ -48,8 +49,7 @@ def write_patches(out: Path, per_class: int = 80, size: int = 96, seed: int = 0)
     for name, colour in PATCH_CLASSES.items():
         (out / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            img = rng.integers(60, 196, (size, size, 1), dtype=np.uint8).repeat(3, axis=2)
-            img = np.clip(img.astype(int) + rng.integers(-40, 40, img.shape), 0, 255).astype(np.uint8)
+            img = rng.integers(30, 226, (size, size, 1), dtype=np.uint8).repeat(3, axis=2)  # grey: no colour but the square
             top, left = (int(v) for v in rng.integers(size // 12, size - side - size // 12, 2))  # inside the crop
             img[top:top + side, left:left + side] = colour
             Image.fromarray(img).save(out / name / f"{i:03d}.png")
@@ -95,9 +95,12 @@ def prepare(name: str, work: Path) -> tuple[dict, object]:
             subprocess.run(["dpkg", "-x", next(wn.glob("*.deb")).name, "."], cwd=wn, check=True)
         subprocess.run([sys.executable, str(ROOT / "bench/wordnet.py"), "--wordnet", str(wn), "--out", str(folder)],
                        check=True, capture_output=True)
-    elif name == "patch":
+    elif name in ("patch", "patch224"):
+        folder = work / "data-patch"
         extra = write_patches(folder) if not folder.exists() else json.loads((work / "patch.json").read_text())
         (work / "patch.json").write_text(json.dumps(extra))
+        if name == "patch224":
+            return {"data": {"source": "imagefolder", "path": str(folder)}, "model": {"image_size": 224}}, extra
     elif name == "planted":
         extra = write_planted(folder) if not folder.exists() else json.loads((work / "planted.json").read_text())
         (work / "planted.json").write_text(json.dumps(extra))
@@ -161,7 +164,7 @@ def check(name: str, extra: object) -> dict:
     result = {"temperature": t, "probability_gap": float(np.abs(softmax(served.run(x0).logits) - reference).max()),
               "accuracy_calibrated": float((logits.argmax(1) == y).mean()),
               "accuracy_uncalibrated": float(((logits * t).argmax(1) == y).mean())}
-    if name == "patch":
+    if name.startswith("patch"):
         spec, hits = served.spec, 0
         for f, e, logit in zip(files, explanations, logits, strict=True):
             top, left, side = extra[str(Path(f).relative_to(Path(f).parents[1]))]
@@ -188,7 +191,7 @@ def check(name: str, extra: object) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sets", default="digits,fashion,wordnet,patch,planted")
+    ap.add_argument("--sets", default="digits,fashion,wordnet,patch,patch224,planted")
     ap.add_argument("--work", type=Path, default=None, help="keep the clones and data here (default: a temp dir)")
     ap.add_argument("--check", default=None, help=argparse.SUPPRESS)  # run inside a project folder
     ap.add_argument("--extra", default="null", help=argparse.SUPPRESS)

@@ -101,8 +101,8 @@ def export_trusted_model(path: Path, fit_images: list[Path], temperature: float 
     x = np.concatenate(list(preprocess_batches([str(p) for p in fit_images], spec, 10**7)))
     with torch.inference_mode():
         embedding = model.backbone(torch.from_numpy(x)).numpy()
-    fit = ood.fit_mahalanobis(embedding, np.arange(len(x)) % len(labels), len(labels))
-    threshold = ood.threshold(ood.mahalanobis_score(embedding, fit["means"], fit["precision"]))
+    fit = ood.fit_parts([embedding], np.arange(len(x)) % len(labels), len(labels), [embedding])
+    threshold = ood.threshold(ood.combined_score(fit, [embedding]))
     served = Served(model, temperature, fit, "image")
     path.parent.mkdir(parents=True, exist_ok=True)
     export_onnx(served, spec.input_size, path, 17, served.outputs)

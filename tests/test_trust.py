@@ -69,14 +69,20 @@ def test_mahalanobis_tells_far_inputs_and_flags_about_five_percent_of_known_ones
     val, _ = sample(600)
     test, _ = sample(300)
     far = rng.normal(size=(200, 32)) * 3  # directions of no class
-    fit = ood.fit_mahalanobis(train, y_train, 3)
+    # a second part: the same items seen at another depth, where the far-out set is ordinary
+    deep = {name: rng.normal(size=(len(x), 8)) for name, x in (("train", train), ("val", val), ("test", test),
+                                                                  ("far", far))}
+    fit = ood.fit_parts([train, deep["train"]], y_train, 3, [val, deep["val"]])
     logits = lambda e: ood.normalised(e) @ ood.normalised(centres).T * 10  # noqa: E731 - a stand-in head
-    measured = ood.measure(fit, (val, logits(val)), (test, logits(test)), (far, logits(far)), "gaussian")
+    measured = ood.measure(fit, ([val, deep["val"]], logits(val)), ([test, deep["test"]], logits(test)),
+                           ([far, deep["far"]], logits(far)), "gaussian")
     kept = measured[measured["score"]]
-    assert kept["auroc"] > 0.99 and kept["far_flagged"] > 0.9
+    assert kept["auroc"] > 0.99 and kept["far_flagged"] > 0.9  # the larger part's distance counts
     assert 0.01 <= kept["test_flagged"] <= 0.12  # the threshold is the validation split's 95th percentile
-    assert measured["threshold"] == kept["threshold"] == pytest.approx(
-        np.quantile(ood.mahalanobis_score(val, fit["means"], fit["precision"]), 0.95))
+    combined_val = ood.combined_score(fit, [val, deep["val"]])
+    assert measured["threshold"] == kept["threshold"] == pytest.approx(np.quantile(combined_val, 0.95))
+    alone = ood.mahalanobis_score(val, fit["means_0"], fit["precision_0"])
+    assert measured["mahalanobis_embedding"]["threshold"] == pytest.approx(np.quantile(alone, 0.95))
 
 
 # ---------------------------------------------------------------- the served module
@@ -88,14 +94,13 @@ def test_served_outputs_are_calibrated_scored_and_explained_exactly():
     with torch.inference_mode():
         embedding = model.backbone(x).numpy()
         raw = model(x).numpy()
-    fit = ood.fit_mahalanobis(embedding, np.arange(6) % 3, 3)
+    fit = ood.fit_parts([embedding], np.arange(6) % 3, 3, [embedding])
     kind, why = explanation_kind(model, x[:2])
     assert kind == "image", why
     served = Served(model, temperature=2.0, ood=fit, explain=kind)
     out = served_outputs(served, [x.numpy()])
     assert np.allclose(softmax(out["logits"]), softmax(raw / 2.0), atol=1e-6)
-    assert np.allclose(out["ood_score"], ood.mahalanobis_score(embedding, fit["means"], fit["precision"]),
-                       rtol=1e-4, atol=1e-3)
+    assert np.allclose(out["ood_score"], ood.combined_score(fit, [embedding]), rtol=1e-3, atol=1e-3)
     maps = out["explanation"]
     assert maps.shape == (6, 3, 8, 8)  # a class activation map per class over the 8x8 feature map
     bias = linear_layer(model.head).bias.detach().numpy() / 2.0
@@ -187,3 +192,27 @@ def test_the_map_peaks_on_the_patch_that_decides_the_class():
         # the peak cell's pixels overlap the patch
         hits += (r * cell < top + side and (r + 1) * cell > top and c * cell < left + side and (c + 1) * cell > left)
     assert hits / len(xt) >= 0.8
+
+
+def test_a_timm_backbone_scores_two_depths_and_the_onnx_file_computes_the_same(tmp_path):
+    from tlops.export.onnx_export import export_onnx
+    from tlops.export.served import ood_depth, served_parts
+    from tlops.export.verify import check_parity
+
+    bb = create_backbone("efficientnet_lite0", weights="random", image_size=64)
+    torch.manual_seed(0)
+    model = Classifier(bb.model, build_head("linear", bb.num_features, 3, 8, 0.0)).eval()
+    assert ood_depth(model.backbone) == 3  # EfficientNet's stride-16 stage
+    x = np.random.default_rng(0).normal(size=(12, 3, 64, 64)).astype(np.float32)
+    kind, why = explanation_kind(model, torch.from_numpy(x[:2]))
+    assert kind == "image", why
+    parts = served_parts(Served(model, explain=kind), [x])
+    feats = [parts["part_0"], parts["part_1"]]
+    assert feats[0].shape[1] == bb.num_features and feats[1].shape[1] == 112
+    fit = ood.fit_parts(feats, np.arange(12) % 3, 3, feats)
+    served = Served(model, temperature=1.5, ood=fit, explain=kind)
+    path = export_onnx(served, 64, tmp_path / "model.onnx", 17, served.outputs)
+    stats = check_parity(path, served, [x[:6], x[6:]], atol=1e-3)  # every output: logits, embedding, OOD, maps
+    assert stats["agreement"] == 1.0 and set(stats["outputs"]) == {"embedding", "ood_score", "explanation"}
+    out = served_outputs(served, [x])
+    assert np.allclose(out["ood_score"], ood.combined_score(fit, feats), rtol=1e-3, atol=1e-2)

@@ -105,9 +105,9 @@ def measure_trust(params: Params, manifest: Any, classes: Sequence[str], spec: P
 
     from tlops.evaluate.calibration import calibrate, reliability
     from tlops.evaluate.far_out import far_out_batches, far_out_name
-    from tlops.evaluate.ood import fit_mahalanobis, measure
+    from tlops.evaluate.ood import fit_parts, measure
     from tlops.evaluate.plots import plot_reliability
-    from tlops.export.served import Served, explanation_kind, served_outputs
+    from tlops.export.served import Served, explanation_kind, served_parts
 
     model, _ = exported_classifier()
     splits = {name: split_items(manifest, name) for name in ("train", "val", "test")}
@@ -117,7 +117,7 @@ def measure_trust(params: Params, manifest: Any, classes: Sequence[str], spec: P
 
     def outputs(items: list[tuple[str, int]]) -> dict[str, np.ndarray]:
         batches = preprocess_batches([p for p, _ in items], spec, params.data.max_pixels, load=load)
-        return served_outputs(served, batches)
+        return served_parts(served, batches)
 
     out = {name: outputs(items) for name, items in splits.items()}
     y = {name: np.array([c for _, c in items], dtype=int) for name, items in splits.items()}
@@ -129,19 +129,22 @@ def measure_trust(params: Params, manifest: Any, classes: Sequence[str], spec: P
     probs_before, probs_after = softmax(out["test"]["logits"]), softmax(out["test"]["logits"] / t)
     plot_reliability(reliability(probs_before, y["test"]), reliability(probs_after, y["test"]), t,
                      paths.PLOTS_DIR / "reliability.png")
-    fit = fit_mahalanobis(out["train"]["embedding"], y["train"], len(classes))
+
+    def parts(o: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [o[k] for k in sorted(o) if k.startswith("part_")]
+
+    fit = fit_parts(parts(out["train"]), y["train"], len(classes), parts(out["val"]))
     far_name = far_out_name(params.evaluate.far_out, params.data.source, isinstance(spec, TextSpec))
-    far = served_outputs(served, far_out_batches(far_name, spec, params.data.max_pixels))
-    ood = measure(fit, (out["val"]["embedding"], out["val"]["logits"] / t),
-                  (out["test"]["embedding"], out["test"]["logits"] / t),
-                  (far["embedding"], far["logits"] / t), far_name)
+    far = served_parts(served, far_out_batches(far_name, spec, params.data.max_pixels))
+    ood = measure(fit, (parts(out["val"]), out["val"]["logits"] / t), (parts(out["test"]), out["test"]["logits"] / t),
+                  (parts(far), far["logits"] / t), far_name)
     paths.CALIBRATION_DIR.mkdir(parents=True, exist_ok=True)
     write_json(paths.CALIBRATION, {"temperature": t, "calibration": cal, "ood": ood,
                                    "explanation": {"kind": kind or "", "why": why}})
     with atomic_path(paths.OOD_FIT) as tmp, open(tmp, "wb") as f:
         np.savez(f, **fit)
     return {"calibration": cal, "ood": ood, "explanation": {"kind": kind or "", "why": why},
-            "test_explanation": out["test"].get("explanation")}
+            "test_explanation": out["test"]["explanation"] / t if "explanation" in out["test"] else None}
 
 
 def tfidf_baseline(manifest: Any, spec: TextSpec, classes: Sequence[str]) -> dict[str, Any]:
@@ -225,7 +228,7 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
         for when in ("before", "after"):
             for k in ("ece", "classwise_ece"):
                 out[f"calibration.test_{k}_{when}"] = float(cal["test"][when][k])
-    for score in ("mahalanobis", "energy"):
+    for score in ("mahalanobis", "mahalanobis_embedding", "energy"):
         for k, v in ((report.get("ood") or {}).get(score) or {}).items():
             out[f"ood.{score}.{k}"] = float(v)
     for section in ("head", "finetuned", "finetune_gain", "adapted", "adapt_gain", "exported"):

@@ -1,12 +1,15 @@
 """"None of these": how unlike the training data an input is, scored from what the model itself computes.
 
-Two scores are measured (reports/metrics.json `ood`): the class-conditional Mahalanobis distance of the pooled
-embedding (Lee et al. 2018: one mean per class, one shared covariance with Ledoit-Wolf shrinkage, fitted on the
-training split's embeddings; the distance to the nearest class), and the energy of the logits (Liu et al. 2020,
--logsumexp). The exported model carries the Mahalanobis score: the logits of a softmax classifier are confident about
-inputs of no class at all (that is the failure being fixed), while the embedding still sees how far an input lies from
-every class it learned; the AUROCs of both are reported side by side. The threshold is the validation split's
-95th percentile: 95% of in-distribution inputs pass as known.
+Three scores are measured (reports/metrics.json `ood`): the class-conditional Mahalanobis distance (Lee et al. 2018:
+one mean per class, one shared covariance with Ledoit-Wolf shrinkage, fitted on the training split; the distance to
+the nearest class) of the pooled embedding alone (`mahalanobis_embedding`); the same at two depths, the embedding and
+the pooled stride-16 stage of an image backbone, each scaled by its spread on the validation split, the larger
+counting (`mahalanobis`, Lee et al.'s feature ensemble in its simplest form); and the energy of the logits (Liu et
+al. 2020, -logsumexp). The exported model carries `mahalanobis`: the logits of a softmax classifier are confident
+about inputs of no class at all (that is the failure being fixed), and the last stage pools away the texture and
+scale that tell a blurry 8x8 digit from a 28x28 garment (Fashion-MNIST's model against digits: AUROC 0.89 from the
+embedding alone, 0.99 with the stride-16 stage). The threshold is the validation split's 95th percentile: 95% of
+in-distribution inputs pass as known.
 """
 
 from __future__ import annotations
@@ -65,22 +68,48 @@ def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
     return float(roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(outside))], np.r_[inside, outside]))
 
 
-def measure(fit: dict[str, np.ndarray], val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-            far: tuple[np.ndarray, np.ndarray] | None, far_name: str | None) -> dict[str, Any]:
-    """Both scores on (embedding, logits) of the validation and test splits and of a far-out set: the kept score's
-    threshold, the share of the test split it flags, and each score's AUROC against the far-out set."""
-    def scores(emb: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
-        return {"mahalanobis": mahalanobis_score(emb, fit["means"], fit["precision"]), "energy": energy_score(logits)}
+def fit_parts(train: list[np.ndarray], y: np.ndarray, classes: int, val: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """One Mahalanobis fit per part (train: each part's training features), and each part's centre and spread on
+    the validation split (median, and 95th percentile less median), which put the parts on one scale."""
+    fit: dict[str, np.ndarray] = {}
+    centre, spread = [], []
+    for i, (t, v) in enumerate(zip(train, val, strict=True)):
+        part = fit_mahalanobis(t, y, classes)
+        fit[f"means_{i}"], fit[f"precision_{i}"] = part["means"], part["precision"]
+        d = mahalanobis_score(v, part["means"], part["precision"])
+        centre.append(np.median(d))
+        spread.append(max(float(np.quantile(d, TPR) - np.median(d)), 1e-6))
+    fit["centre"], fit["spread"] = np.asarray(centre, np.float32), np.asarray(spread, np.float32)
+    return fit
+
+
+def combined_score(fit: dict[str, np.ndarray], parts: list[np.ndarray]) -> np.ndarray:
+    """The largest of the parts' scaled distances: what the served graph computes as ood_score."""
+    scores = [(mahalanobis_score(p, fit[f"means_{i}"], fit[f"precision_{i}"]) - fit["centre"][i]) / fit["spread"][i]
+              for i, p in enumerate(parts)]
+    return np.max(scores, axis=0)
+
+
+def measure(fit: dict[str, np.ndarray], val: tuple[list[np.ndarray], np.ndarray],
+            test: tuple[list[np.ndarray], np.ndarray], far: tuple[list[np.ndarray], np.ndarray] | None,
+            far_name: str | None) -> dict[str, Any]:
+    """The scores on (parts, calibrated logits) of the validation and test splits and of a far-out set: each
+    score's threshold, the share of the test split it flags, and its AUROC against the far-out set; the kept one's
+    threshold on top."""
+    def scores(parts: list[np.ndarray], logits: np.ndarray) -> dict[str, np.ndarray]:
+        return {"mahalanobis": combined_score(fit, parts),
+                "mahalanobis_embedding": mahalanobis_score(parts[0], fit["means_0"], fit["precision_0"]),
+                "energy": energy_score(logits)}
 
     v, t = scores(*val), scores(*test)
-    out: dict[str, Any] = {"score": "mahalanobis", "tpr": TPR}
-    for name in ("mahalanobis", "energy"):
+    f = scores(*far) if far is not None and len(far[1]) else None
+    out: dict[str, Any] = {"score": "mahalanobis", "tpr": TPR, "parts": len(val[0])}
+    for name in ("mahalanobis", "mahalanobis_embedding", "energy"):
         cut = threshold(v[name])
         entry = {"threshold": cut, "test_flagged": float((t[name] > cut).mean())}
-        if far is not None and len(far[0]):
-            f = scores(*far)[name]
-            entry.update({"auroc": auroc(t[name], f), "far_flagged": float((f > cut).mean())})
+        if f is not None:
+            entry.update({"auroc": auroc(t[name], f[name]), "far_flagged": float((f[name] > cut).mean())})
         out[name] = entry
     out["threshold"] = out["mahalanobis"]["threshold"]
-    out["far"] = {"set": far_name, "items": int(len(far[0]))} if far is not None else None
+    out["far"] = {"set": far_name, "items": int(len(far[1]))} if far is not None else None
     return out

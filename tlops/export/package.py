@@ -99,7 +99,7 @@ def served_module(model: Any, meta: dict[str, str], example: np.ndarray) -> tupl
         raise DataError(f"{paths.CALIBRATION_DIR}: missing; the evaluate stage writes it (run the pipeline)")
     measured = read_json(paths.CALIBRATION)
     with np.load(paths.OOD_FIT) as f:
-        fit = {k: f[k] for k in ("means", "precision")}
+        fit = {k: f[k] for k in f.files}
     kind, why = explanation_kind(model, torch.from_numpy(np.ascontiguousarray(example)))
     t, ood = float(measured["temperature"]), measured["ood"]
     kept = ood[ood["score"]]

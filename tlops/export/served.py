@@ -4,8 +4,10 @@ see the same outputs):
   logits       the head's logits divided by the calibration temperature T (softmax of them: calibrated probabilities;
                the argmax is the head's);
   embedding    the pooled embedding the head reads (drift, and the OOD score);
-  ood_score    the squared Mahalanobis distance of the normalised embedding to its nearest class mean
-               (tlops.evaluate.ood): above the threshold in the metadata, the input is unknown;
+  ood_score    how unlike the training data the input is (tlops.evaluate.ood): the squared Mahalanobis distance of the
+               normalised embedding to its nearest class mean, and of the pooled stride-16 stage's features, each
+               scaled by its spread on the validation split, the larger of the two; above the threshold in the
+               metadata, the input is unknown;
   explanation  with a linear head on an averaged feature map (or mean-pooled tokens), each position's exact share of
                each logit: logit_c = sum over positions of explanation[c] + bias_c / T. Images: (classes, h, w) class
                activation maps; texts: (classes, tokens), padding 0.
@@ -34,46 +36,81 @@ class Served(nn.Module):
                  explain: str | None = None) -> None:
         super().__init__()
         self.classifier, self.explain = classifier.eval(), explain
+        self.depth = ood_depth(classifier.backbone)
         self.register_buffer("temperature", torch.tensor(float(temperature)))
-        # the squared distance in whitened coordinates (precision = L L^T): stable in float32, unlike the expansion
-        means = ood["means"] if ood is not None else np.zeros((1, 1), np.float32)
-        whiten = (np.linalg.cholesky(np.asarray(ood["precision"], np.float64)) if ood is not None
-                  else np.eye(means.shape[1]))
-        self.register_buffer("whiten", torch.from_numpy(np.ascontiguousarray(whiten, np.float32)))
-        self.register_buffer("centres", torch.from_numpy(np.ascontiguousarray(means @ whiten, np.float32)))
         self.has_ood = ood is not None
+        parts = 1 + (self.depth is not None)
+        if ood is not None and sum(k.startswith("means_") for k in ood) != parts:
+            raise ValueError(f"the OOD fit has {sum(k.startswith('means_') for k in ood)} parts, this model {parts}")
+        # per part, the squared distance in whitened coordinates (precision = L L^T): stable in float32, unlike the
+        # expanded quadratic form; then scaled by the validation split's spread, the largest counts
+        for i in range(parts if ood is not None else 0):
+            whiten = np.linalg.cholesky(np.asarray(ood[f"precision_{i}"], np.float64))
+            self.register_buffer(f"whiten_{i}", torch.from_numpy(np.ascontiguousarray(whiten, np.float32)))
+            self.register_buffer(f"centres_{i}", torch.from_numpy(
+                np.ascontiguousarray(np.asarray(ood[f"means_{i}"], np.float64) @ whiten, np.float32)))
+        if ood is not None:
+            self.register_buffer("centre", torch.from_numpy(np.asarray(ood["centre"], np.float32)))
+            self.register_buffer("spread", torch.from_numpy(np.asarray(ood["spread"], np.float32)))
 
     @property
     def outputs(self) -> tuple[str, ...]:
         return (metadata.OUTPUT, metadata.EMBEDDING, metadata.OOD_SCORE) + (
             (metadata.EXPLANATION,) if self.explain else ())
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """(the head's logits before T, the pooled features the OOD score reads — the embedding, then the pooled
+        stride-16 stage when the backbone has one —, each position's share of each logit or None)."""
         backbone, head = self.classifier.backbone, self.classifier.head
+        inner: list[torch.Tensor] = []
+        if self.depth is not None:
+            fmap, stages = backbone.forward_intermediates(x, indices=[self.depth])
+            inner = [stages[0].mean(dim=(2, 3))]
+        elif self.explain == "image":
+            fmap = backbone.forward_features(x)
+        share = None
         if self.explain == "image":
-            fmap = backbone.forward_features(x)  # (N, D, h, w)
-            embedding = fmap.mean(dim=(2, 3))
+            embedding = fmap.mean(dim=(2, 3))  # (N, D, h, w) -> (N, D): the head's input, as explanation_kind checked
             share = torch.einsum("cd,ndhw->nchw", linear_layer(head).weight, fmap) / (fmap.shape[2] * fmap.shape[3])
         elif self.explain == "text":
             states, weights = backbone.token_states(x)  # (N, L, D), (N, L, 1): 1 for real tokens
             count = weights.sum(1).clamp(min=1.0)  # (N, 1)
             embedding = (states * weights).sum(1) / count
             share = torch.einsum("cd,nld->ncl", linear_layer(head).weight, states * weights) / count.unsqueeze(-1)
+        elif self.depth is not None:
+            embedding = backbone.forward_head(fmap)
         else:
-            embedding, share = backbone(x), None
-        logits = head(embedding) / self.temperature
-        outputs = [logits, embedding, self.ood_score(embedding)]
+            embedding = backbone(x)
+        return head(embedding), [embedding, *inner], share
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, parts, share = self.parts(x)
+        outputs = [logits / self.temperature, parts[0], self.ood_score(parts)]
         if share is not None:
             outputs.append(share / self.temperature)
         return tuple(outputs)
 
-    def ood_score(self, embedding: torch.Tensor) -> torch.Tensor:
-        """tlops.evaluate.ood.mahalanobis_score, in the graph (zeros without a fit)."""
+    def ood_score(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """tlops.evaluate.ood.combined_score, in the graph (zeros without a fit)."""
         if not self.has_ood:
-            return torch.zeros(embedding.shape[0], dtype=embedding.dtype)
-        e = embedding / embedding.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        d = ((e @ self.whiten).unsqueeze(1) - self.centres.unsqueeze(0)).pow(2).sum(2)
-        return d.min(dim=1).values
+            return torch.zeros(parts[0].shape[0], dtype=parts[0].dtype)
+        scores = []
+        for i, f in enumerate(parts):
+            e = f / f.norm(dim=1, keepdim=True).clamp(min=1e-12)
+            whiten, centres = getattr(self, f"whiten_{i}"), getattr(self, f"centres_{i}")
+            d = ((e @ whiten).unsqueeze(1) - centres.unsqueeze(0)).pow(2).sum(2).min(dim=1).values
+            scores.append((d - self.centre[i]) / self.spread[i])
+        return torch.stack(scores, 1).max(dim=1).values
+
+
+def ood_depth(backbone: nn.Module) -> int | None:
+    """The index of the stride-16 stage (the one before the last) for the OOD score's second part, for a timm
+    backbone with intermediates (EfficientNet, ResNet, MobileNet: texture and scale, which the last stage pools
+    away, tell inputs of another kind apart); None for others (texts, which the embedding alone serves)."""
+    info = getattr(backbone, "feature_info", None)
+    if not hasattr(backbone, "forward_intermediates") or not hasattr(backbone, "forward_head") or not info:
+        return None
+    return len(info) - 2 if len(info) >= 3 else None
 
 
 def linear_layer(head: nn.Module) -> nn.Linear | None:
@@ -104,6 +141,20 @@ def explanation_kind(classifier: nn.Module, example: torch.Tensor) -> tuple[str 
         return None, (f"{type(backbone).__name__} does more than average its last feature map before the head "
                       "(a projection after pooling): region shares would not add up to the logit")
     return kind, f"exact: each {'token' if kind == 'text' else 'region'}'s share, summing with the bias to the logit"
+
+
+def served_parts(served: Served, batches: Any) -> dict[str, np.ndarray]:
+    """What evaluate fits and measures on: logits before T, each OOD part's pooled features ("part_0" is the
+    embedding) and the explanation, concatenated, as float32 numpy."""
+    parts: dict[str, list[np.ndarray]] = {}
+    with torch.inference_mode():
+        for x in batches:
+            logits, feats, share = served.parts(torch.from_numpy(np.ascontiguousarray(x)))
+            named = {"logits": logits, **{f"part_{i}": f for i, f in enumerate(feats)},
+                     **({"explanation": share} if share is not None else {})}
+            for name, y in named.items():
+                parts.setdefault(name, []).append(y.float().numpy())
+    return {name: _concatenate(v) for name, v in parts.items()}
 
 
 def served_outputs(served: Served, batches: Any) -> dict[str, np.ndarray]:
