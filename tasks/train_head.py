@@ -8,6 +8,7 @@ from prefect import task
 from orchestration.prefect_server import run_stage
 from tlops.core import paths
 from tlops.core.config import load_params
+from tlops.data.label_issues import dropped_items
 from tlops.evaluate.scoring import policy
 from tlops.features.dataset import load_feature_dataset
 from tlops.tracking.runs import stage_run
@@ -20,7 +21,7 @@ def train_head(params_path: str | None = None) -> dict:
     """Train the head on features/dataset.npz; write models/head and reports/head_history.csv."""
     params = load_params(params_path)
     with stage_run("train_head", params) as run:
-        ds = load_feature_dataset(paths.FEATURES_DATASET)
+        ds = load_feature_dataset(paths.FEATURES_DATASET).without_training(dropped_items())  # data.label_issues: drop
         selection = policy(params, ds.image_labels("train"), ds.classes)
         result = train_head_grid(ds, params.head, on_epoch=lambda row, epoch: run.log_metrics(
             epoch_metrics(row), step=epoch), metric=selection.metric,

@@ -256,7 +256,7 @@ def trained_workspace(tmp_path_factory: pytest.TempPathFactory, mlflow_store: st
     return ws
 
 
-TRAINING_STAGES = ("ingest", "prepare", "features", "train_head", "finetune")
+TRAINING_STAGES = ("ingest", "prepare", "features", "audit", "train_head", "finetune")
 
 
 def run_stage_tasks(ws: Path, stages: tuple[str, ...], mlflow_store: str, experiment: str) -> None:

@@ -81,10 +81,10 @@ def test_sigkill_during_finetune_then_rerun_resumes_to_the_uninterrupted_weights
 
     # dvc.lock parses and holds the stages that finished, nothing of the one that was cut off.
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"ingest", "prepare", "features", "train_head"}
+    assert set(lock["stages"]) == {"ingest", "prepare", "features", "audit", "train_head"}
     status = run_cmd([sys.executable, "-m", "dvc", "status"], ws).stdout
     assert {"finetune:", "evaluate:", "export:"} <= {line.strip() for line in status.splitlines()}
-    assert not {"ingest:", "prepare:", "features:", "train_head:"} & {line.strip() for line in status.splitlines()}
+    assert not {"ingest:", "prepare:", "features:", "audit:", "train_head:"} & {line.strip() for line in status.splitlines()}
     orphans = {r.info.run_id: r.data.tags.get("stage", "pipeline") for r in _runs(env)
                if r.data.tags.get(runs.TAG_PID) == killed_pid and r.info.status == "RUNNING"}
     assert sorted(orphans.values()) == ["finetune", "pipeline"]  # left RUNNING by the dead process

@@ -205,7 +205,7 @@ def real(workspace: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.mark.slow
 def test_real_pipeline_runs_end_to_end_then_skips_then_reruns_only_after_a_finetune_param(real: Path):
     first = run_pipeline()
-    stages = ["ingest", "prepare", "features", "train_head", "finetune", "ingest_target", "adapt", "evaluate", "export"]
+    stages = ["ingest", "prepare", "features", "audit", "train_head", "finetune", "ingest_target", "adapt", "evaluate", "export"]
     assert states(first) == dict.fromkeys(stages, "ran")
     assert set(first["metrics"]) == {"head", "finetuned"}
     assert first["data_version"] and first["data_version"].endswith(".dir")

@@ -23,7 +23,7 @@ from conftest import (
 )
 from serving_support import wait_for_process
 
-ALL = ("ingest", "prepare", "features", "train_head", "finetune", "ingest_target", "adapt", "evaluate", "export")
+ALL = ("ingest", "prepare", "features", "audit", "train_head", "finetune", "ingest_target", "adapt", "evaluate", "export")
 
 
 @pytest.fixture(scope="module")

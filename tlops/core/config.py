@@ -62,6 +62,7 @@ class DataParams(Section):
     text_column: Annotated[str, Field(min_length=1)] = "text"  # csv: the column holding the text
     label_column: Annotated[str, Field(min_length=1)] = "label"  # csv: the column holding the class
     max_chars: PositiveInt = 20_000  # text: longer texts are kept, cut to this many characters (counted in the report)
+    label_issues: Literal["report", "drop", "off"] = "report"  # the label audit's flags: report, or drop from training
 
     @property
     def modality(self) -> str:
@@ -131,6 +132,11 @@ class HeadParams(Section):
     patience: PositiveInt = 10
     class_weighting: bool | Literal["auto"] = "auto"
     seed: int = 42
+
+
+class AuditParams(Section):
+    folds: Annotated[int, Field(ge=2, le=20)] = 5  # heads trained for out-of-fold probabilities of the training items
+    l2: Annotated[float, Field(ge=0.0)] = 0.003  # the L2 penalty of those (linear) heads
 
 
 class AugmentParams(Section):
@@ -332,6 +338,7 @@ class Params(Section):
     model: ModelParams = ModelParams()
     features: FeaturesParams = FeaturesParams()
     head: HeadParams = HeadParams()
+    audit: AuditParams = AuditParams()
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
     adapt: AdaptParams = AdaptParams()

@@ -37,6 +37,10 @@ ADAPT_CHECKPOINTS = Path("checkpoints/adapt")      # persist: resume after a cra
 TARGET_IMAGES = ADAPT_CHECKPOINTS / "images"       # working images of the target (tlops/images.py)
 ADAPT_REPORT = Path("reports/adapt.json")
 
+LABEL_ISSUES = Path("reports/label_issues.csv")   # the audit stage's flags, most suspicious first (tlops.data.label_issues)
+LABEL_AUDIT = Path("reports/label_audit.json")    # its counts
+LABEL_ISSUES_DIR = Path("reports/label_issues")   # grid.png and suspects.md: the top suspects
+
 METRICS = Path("reports/metrics.json")
 CALIBRATION_DIR = Path("models/calibration")       # evaluate's measure of the exported model, which export builds in
 CALIBRATION = CALIBRATION_DIR / "calibration.json"  # the temperature and the OOD threshold, with how they were chosen

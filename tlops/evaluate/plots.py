@@ -110,21 +110,23 @@ class Mistake:
 
 
 def plot_worst(mistakes: Sequence[Mistake], spec: PreprocessSpec, load: Callable[[str], Image.Image],
-               path: str | Path, maps: Sequence[np.ndarray | None] | None = None) -> None:
+               path: str | Path, maps: Sequence[np.ndarray | None] | None = None,
+               words: tuple[str, str] = ("true", "pred")) -> None:
     """Grid of the most confidently wrong test images, as the model saw them, with labels and confidence; with
     `maps` (each the predicted class's activation map, h x w), the map over the image: where the model looked."""
     cols = max(1, min(4, len(mistakes)))
     grid_rows = max(1, math.ceil(len(mistakes) / cols))
     fig = _figure(2.6 * cols, 2.8 * grid_rows)
     if not mistakes:
-        fig.text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+        fig.text(0.5, 0.5, "none", ha="center", va="center")
     for i, m in enumerate(mistakes):
         ax = fig.add_subplot(grid_rows, cols, i + 1)
         ax.imshow(resize_crop(load(m.path), spec))
         if maps is not None and maps[i] is not None:
             s = spec.input_size
             ax.imshow(maps[i], cmap="jet", alpha=0.45, extent=(-0.5, s - 0.5, s - 0.5, -0.5), interpolation="bilinear")
-        ax.set_title(f"true: {m.actual}\npred: {m.predicted} ({m.confidence:.2f})", fontsize=9, color="darkred")
+        ax.set_title(f"{words[0]}: {m.actual}\n{words[1]}: {m.predicted} ({m.confidence:.2f})", fontsize=9,
+                     color="darkred")
         ax.axis("off")
     _save(fig, path)
 
@@ -161,8 +163,8 @@ def write_plots(images: Sequence[str], y: np.ndarray, logits: np.ndarray, classe
     worst = [Mistake(str(images[i]), classes[y[i]], classes[pred[i]], float(probs[i].max())) for i in chosen]
     shares = [explanation[i, pred[i]] for i in chosen] if explanation is not None else None
     if isinstance(spec, TextSpec):
-        write_text(paths.PLOTS_DIR / "worst.md", worst_texts_markdown(worst, spec, shares))
-        plot_worst_texts(worst, spec, paths.PLOTS_DIR / "worst.png")
+        write_text(paths.PLOTS_DIR / "worst.md", worst_texts_markdown(worst, spec.max_chars, shares, spec))
+        plot_worst_texts(worst, spec.max_chars, paths.PLOTS_DIR / "worst.png")
     else:
         plot_worst(worst, spec, load, paths.PLOTS_DIR / "worst.png", shares)
 
@@ -170,36 +172,39 @@ def write_plots(images: Sequence[str], y: np.ndarray, logits: np.ndarray, classe
 WORST_CHARS = 300  # of each misclassified text shown in worst.md
 
 
-def worst_texts_markdown(mistakes: Sequence[Mistake], spec: TextSpec,
-                         shares: Sequence[np.ndarray] | None = None) -> str:
+def worst_texts_markdown(mistakes: Sequence[Mistake], max_chars: int, shares: Sequence[np.ndarray] | None = None,
+                         spec: TextSpec | None = None, title: str = "Most confident errors (test split)",
+                         words: tuple[str, str] = ("true", "predicted")) -> str:
     """The most confidently wrong test texts as a markdown table: true, predicted, confidence, the text, its file;
     with `shares` (each token's share of the predicted logit), the tokens that decided it, largest first."""
-    lines = ["# Most confident errors (test split)", "",
-             "| # | true | predicted | confidence | deciding tokens | text | file |", "|---|---|---|---|---|---|---|"]
+    lines = [f"# {title}", "",
+             f"| # | {words[0]} | {words[1]} | confidence | deciding tokens | text | file |",
+             "|---|---|---|---|---|---|---|"]
     for i, m in enumerate(mistakes, start=1):
-        text = load_text(m.path, spec.max_chars)
+        text = load_text(m.path, max_chars)
         shown = text if len(text) <= WORST_CHARS else text[:WORST_CHARS].rstrip() + " …"
         cell = shown.replace("|", "\\|")
         deciding = ""
-        if shares is not None:
+        if shares is not None and spec is not None:
             tokens = spec.tokens(spec.ids(text))
             top = np.argsort(-np.asarray(shares[i - 1][:len(tokens)]))[:3]
             deciding = ", ".join(f"**{tokens[k]}** ({shares[i - 1][k]:+.2f})" for k in top).replace("|", "\\|")
         lines.append(f"| {i} | {m.actual} | {m.predicted} | {m.confidence:.2f} | {deciding} | {cell} | {m.path} |")
     if not mistakes:
-        lines.append("| | | | | | no misclassified test texts | |")
+        lines.append("| | | | | | none | |")
     return "\n".join(lines) + "\n"
 
 
-def plot_worst_texts(mistakes: Sequence[Mistake], spec: TextSpec, path: str | Path) -> None:
+def plot_worst_texts(mistakes: Sequence[Mistake], max_chars: int, path: str | Path,
+                     words: tuple[str, str] = ("true", "pred")) -> None:
     """worst.png for texts: one line per mistake (labels, confidence, the text's start), so dvc plots shows it too."""
     import textwrap
 
     fig = _figure(11, 0.5 + 0.55 * max(1, len(mistakes)))
     if not mistakes:
-        fig.text(0.5, 0.5, "no misclassified test texts", ha="center", va="center")
+        fig.text(0.5, 0.5, "none", ha="center", va="center")
     for i, m in enumerate(mistakes):
-        snippet = textwrap.shorten(load_text(m.path, spec.max_chars), 110, placeholder=" …")
-        fig.text(0.01, 1 - (i + 0.8) / (len(mistakes) + 0.5), f"true {m.actual} / pred {m.predicted} "
+        snippet = textwrap.shorten(load_text(m.path, max_chars), 110, placeholder=" …")
+        fig.text(0.01, 1 - (i + 0.8) / (len(mistakes) + 0.5), f"{words[0]} {m.actual} / {words[1]} {m.predicted} "
                  f"({m.confidence:.2f}): {snippet}", fontsize=8, color="darkred", family="monospace")
     _save(fig, path)

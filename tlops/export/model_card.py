@@ -36,6 +36,7 @@ def model_card(info: dict, meta: dict[str, str], spec: PreprocessSpec, counts: d
         f"- created: {meta[metadata.CREATED]}",
         "",
         "## Data", "", "| class | train | val | test |", "|---|---:|---:|---:|", *count_rows, "",
+        *_card_audit(report.get("label_audit")),
         f"## Test metrics ({metrics.get('test_images', report['test_images'])} images)", "",
         "| metric | head only (frozen backbone) | fine-tuned |", "|---|---:|---:|", *rows, "",
         f"Selection, early stopping and promotion go by {report.get('metric', 'accuracy')}.",
@@ -63,6 +64,21 @@ def model_card(info: dict, meta: dict[str, str], spec: PreprocessSpec, counts: d
         "- Small classes (see the counts) have the least reliable per-class scores.",
         "",
     ])
+
+
+def _card_audit(audit: dict[str, Any] | None) -> list[str]:
+    """The label audit's counts (reports/label_audit.json), when the pipeline ran it."""
+    if not audit:
+        return []
+    if audit.get("mode") == "off":
+        return ["Label audit: off (data.label_issues: off).", ""]
+    flagged = audit["flagged"]
+    dropped = (f"; {audit['dropped']} of them were left out of training (data.label_issues: drop)"
+               if audit.get("dropped") else "; all were kept (data.label_issues: report)")
+    return [f"Label audit ({audit['folds']}-fold out-of-fold head probabilities, confident learning): "
+            f"{flagged['train']} of {audit['train_items']} training items flagged as possibly mislabelled{dropped}; "
+            f"{flagged['val']} validation and {flagged['test']} test items reported. The list: "
+            "`reports/label_issues.csv`.", ""]
 
 
 def _card_trust(report: dict[str, Any], text: bool) -> list[str]:

@@ -82,6 +82,8 @@ def export_model(params: Params, run_id: str | None, git_commit: str | None, gat
               "metric": metric, "test_score": score, "test_accuracy": accuracy, "test_images": len(images),
               "gate": {"split": gate_split, "images": len(gate_images), "score": gate_score}, "int8": int8,
               "drift_reference": about_reference, **trust}
+    if paths.LABEL_AUDIT.exists():
+        report["label_audit"] = read_json(paths.LABEL_AUDIT)
     metrics = read_json(paths.METRICS) if paths.METRICS.exists() else {}
     write_text(paths.MODEL_CARD, model_card(info, meta, spec, class_counts(manifest), metrics, report))
     return report

@@ -32,6 +32,14 @@ class FeatureDataset:
             keep &= self.views == 0
         return self.features[keep], self.labels[keep]
 
+    def without_training(self, items: set[str]) -> FeatureDataset:
+        """This dataset without the training rows (views too) of these item paths (the label audit's drops)."""
+        if not items:
+            return self
+        keep = ~((self.splits == "train") & np.isin(self.paths, sorted(items)))
+        return FeatureDataset(self.features[keep], self.labels[keep], self.splits[keep], self.sha256[keep],
+                              self.views[keep], self.paths[keep], self.classes, self.meta)
+
     def image_labels(self, name: str) -> list[str]:
         """The class names of a split's images (their augmented views left out), in manifest order."""
         keep = (self.splits == name) & (self.views == 0)
