@@ -136,6 +136,7 @@ def standin_models(workdir: Path, calibration: list[bytes], int8: bool) -> Model
     served = Served(model, explain="image")  # as the export stage builds it: explanation only when asked
     export_onnx(served, bb.spec.input_size, fp32, 17, served.outputs)
     meta = build_metadata([f"class_{i}" for i in range(STANDIN_CLASSES)], bb.spec, bb.name, None, None, None, "bench")
+    meta[metadata.EXPLAIN] = "image"  # what the export stage records for a linear head on pooled features
     batches = [np.stack([preprocess(load_image(b, 10**8), bb.spec) for b in calibration[i:i + 8]])
                for i in range(0, min(len(calibration), 64), 8)]
     sess = runtime.session(fp32, cpu_only=True)

@@ -208,7 +208,7 @@ def main() -> None:
             rows.append(run_set(name, work))
             print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("metrics", "export")}), flush=True)
     print("\n| set | test items | T | ECE before -> after (class-wise) | accuracy uncalibrated / calibrated | "
-          "max |p - softmax(z/T)| | OOD far-out set | AUROC Mahalanobis / energy | flagged: test / far-out | "
+          "max \\|p - softmax(z/T)\\| | OOD far-out set | AUROC Mahalanobis / energy | flagged: test / far-out | "
           "explanation | `tlops run` |")
     print("|---|---:|---:|---|---|---:|---|---|---|---|---:|")
     for r in rows:
