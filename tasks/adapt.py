@@ -44,7 +44,10 @@ def adapt(params_path: str | None = None) -> dict:
 def publish(report: dict) -> None:
     """The adaptation report as a Prefect markdown artifact (never fails the stage)."""
     from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
 
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:  # called as a plain function: no run to attach to
+        return
     try:
         create_markdown_artifact(markdown=markdown(report), key="tlops-adapt",
                                  description=f"domain adaptation: {report['method']} -> {report['chosen']}")

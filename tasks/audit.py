@@ -61,7 +61,10 @@ def audit(params_path: str | None = None) -> dict:
 def publish(report: dict) -> None:
     """The top suspects as a Prefect markdown artifact (never fails the stage)."""
     from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
 
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:  # called as a plain function: no run to attach to
+        return
     try:
         create_markdown_artifact(markdown=(paths.LABEL_ISSUES_DIR / "suspects.md").read_text(encoding="utf-8"),
                                  key="tlops-label-audit",

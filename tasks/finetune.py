@@ -8,7 +8,7 @@ from prefect import task
 from orchestration.prefect_server import run_stage
 from tlops.core import paths
 from tlops.core.config import load_params
-from tlops.data.label_issues import without_dropped
+from tlops.data.label_issues import dropped_items
 from tlops.data.manifest import load_manifest
 from tlops.tracking.runs import stage_run
 from tlops.training.devices import device_tags, resolve_device
@@ -22,7 +22,7 @@ def finetune(params_path: str | None = None) -> dict:
     params = load_params(params_path)
     with stage_run("finetune", params) as run:
         run.set_tags(device_tags(resolve_device(params.finetune.device), params.finetune.precision))
-        manifest = without_dropped(load_manifest(paths.MANIFEST))  # data.label_issues: drop
+        manifest = load_manifest(paths.MANIFEST).without_training(dropped_items())  # data.label_issues: drop
         result = finetune_model(params, manifest, paths.HEAD_DIR, on_epoch=lambda row, epoch:
                                 run.log_metrics(epoch_metrics(row), step=epoch))
         # Named apart from the per-epoch series (val_accuracy, ...) so those keep one point per epoch.

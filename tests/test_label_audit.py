@@ -81,7 +81,7 @@ def test_folds_shrink_to_the_smallest_class_and_refuse_a_single_item():
 
 def test_the_stage_finds_files_filed_under_the_wrong_class_and_drop_leaves_them_out(tmp_path, mlflow_store,
                                                                                      monkeypatch):
-    from tlops.data.label_issues import dropped_items, without_dropped
+    from tlops.data.label_issues import dropped_items
     from tlops.data.manifest import load_manifest
 
     images = tmp_path / "images"
@@ -119,5 +119,6 @@ def test_the_stage_finds_files_filed_under_the_wrong_class_and_drop_leaves_them_
     assert not set(map(str, kept.paths[kept.splits == "train"])) & dropped  # views too
     assert (kept.splits != "train").sum() == (ds.splits != "train").sum()  # val and test untouched
     manifest = load_manifest(paths.MANIFEST)
-    assert {r.path for r in without_dropped(manifest).rows} == {r.path for r in manifest.rows} - dropped
+    kept_rows = manifest.without_training(dropped_items()).rows
+    assert {r.path for r in kept_rows} == {r.path for r in manifest.rows} - dropped
     assert all((ws / p).exists() for p in dropped)  # never out of data/raw

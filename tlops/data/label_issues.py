@@ -1,5 +1,6 @@
 """The label audit's verdict as the training stages read it: reports/label_issues.csv (written by the audit stage,
-tlops.training.label_audit) and, with data.label_issues: drop, the training split without the flagged items.
+tlops.training.label_audit): with data.label_issues: drop, the training items it flagged, which the training stages
+leave out (Manifest.without_training, FeatureDataset.without_training).
 
 Flagged validation and test items are only reported: dropping them would move the goalposts every model is scored
 against. Nothing is ever removed from data/raw.
@@ -9,12 +10,10 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import replace
 from pathlib import Path
 
 from tlops.core import paths
 from tlops.core.errors import DataError
-from tlops.data.manifest import Manifest
 
 COLUMNS = ("rank", "path", "split", "given", "suggested", "score", "dropped")
 
@@ -31,11 +30,3 @@ def dropped_items(path: str | os.PathLike = paths.LABEL_ISSUES) -> set[str]:
             raise DataError(f"{path}: not a label audit (no 'dropped' column); rerun the audit stage")
         return {row["path"] for row in reader if row["dropped"] == "true"}
 
-
-def without_dropped(manifest: Manifest, path: str | os.PathLike = paths.LABEL_ISSUES) -> Manifest:
-    """The manifest without the training items the audit dropped (the same manifest when it dropped none)."""
-    dropped = dropped_items(path)
-    if not dropped:
-        return manifest
-    kept = [r for r in manifest.rows if not (r.split == "train" and r.path in dropped)]
-    return replace(manifest, rows=kept)

@@ -38,6 +38,13 @@ class Manifest:
             raise ValueError(f"split {split!r} is not one of {SPLITS}")
         return [r for r in self.rows if r.split == split]
 
+    def without_training(self, items: set[str]) -> Manifest:
+        """This manifest without the training rows of these item paths (the label audit's drops; validation and test
+        rows stay: they are only reported)."""
+        if not items:
+            return self
+        return Manifest([r for r in self.rows if not (r.split == "train" and r.path in items)], self.classes)
+
     def label_index(self, label: str) -> int:
         """The class index of a label: its position in the sorted class list."""
         try:
