@@ -29,4 +29,3 @@ def dropped_items(path: str | os.PathLike = paths.LABEL_ISSUES) -> set[str]:
         if reader.fieldnames is None or "dropped" not in reader.fieldnames:
             raise DataError(f"{path}: not a label audit (no 'dropped' column); rerun the audit stage")
         return {row["path"] for row in reader if row["dropped"] == "true"}
-
