@@ -66,6 +66,13 @@ def clipart(out: Path, classes: list[str] = CLIPART_CLASSES, per_class: int | No
             shutil.copyfile(f, out / name / "_".join(f.relative_to(root / name).parts))
 
 
+def wordnet(out: Path, per_class: int = 400) -> None:
+    """WordNet 3.0 noun glosses (Debian's wordnet-base) as texts, <lexname>/<offset>.txt (bench/wordnet.py)."""
+    from bench.wordnet import write_glosses
+
+    write_glosses(next(debian_package("wordnet-base").rglob("data.noun")), out, per_class)
+
+
 def digits(out: Path, per_class: dict[int, int]) -> None:
     from sklearn.datasets import load_digits
 

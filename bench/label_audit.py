@@ -17,24 +17,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-BIN = Path(sys.executable).parent
+
+from bench import projects  # noqa: E402  (after the path: run as a script)
 
 
 def clean_folder(name: str, work: Path) -> Path:
     """The set's clean <class>/<item> folder (built once in work)."""
-    from bench.datasets import digits, fashion
+    from bench.datasets import digits, fashion, wordnet
 
     folder = work / f"clean-{name}"
     if folder.exists():
@@ -44,38 +42,14 @@ def clean_folder(name: str, work: Path) -> Path:
     elif name == "fashion":
         fashion(folder, per_class=500)
     elif name == "wordnet":
-        wn = work / "wordnet-deb"
-        if not wn.exists():
-            wn.mkdir(parents=True)
-            subprocess.run(["apt-get", "download", "wordnet-base"], cwd=wn, check=True, capture_output=True)
-            subprocess.run(["dpkg", "-x", next(wn.glob("*.deb")).name, "."], cwd=wn, check=True)
-        subprocess.run([sys.executable, str(ROOT / "bench/wordnet.py"), "--wordnet", str(wn), "--out", str(folder)],
-                       check=True, capture_output=True)
+        wordnet(folder)
     return folder
 
 
-def project(work: Path, tag: str, data: Path, text: bool, **data_params: object) -> Path:
-    p = work / f"project-{tag}"
-    if p.exists():
-        shutil.rmtree(p)
-    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(p)], check=True)
-    params = yaml.safe_load((p / "params.yaml").read_text())
-    params["data"].update(source="textfolder" if text else "imagefolder", path=str(data), **data_params)
-    params["export"]["registered_model"] = f"tlops-audit-{tag}"
-    (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return p
-
-
-def env() -> dict[str, str]:
-    e = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    e.pop("PREFECT_API_URL", None)
-    return e
-
-
-def run(p: Path, *cmd: str) -> None:
-    proc = subprocess.run(list(cmd), cwd=p, env=env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{p.name}: {' '.join(cmd)} failed\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+def project(work: Path, tag: str, data: Path, text: bool) -> Path:
+    return projects.clone(work / f"project-{tag}", {
+        "data": {"source": "textfolder" if text else "imagefolder", "path": str(data)},
+        "export": {"registered_model": f"tlops-audit-{tag}"}})
 
 
 def stage_seconds(p: Path) -> dict[str, float]:
@@ -129,10 +103,10 @@ def run_set(name: str, work: Path, share: float) -> dict:
     clean = clean_folder(name, work)
     full = name == "digits"
     p_clean = project(work, f"{name}-clean", clean, text)
-    run(p_clean, str(BIN / "tlops"), "run") if full else run(p_clean, str(BIN / "dvc"), "repro", "audit")
+    projects.run(p_clean, "tlops", "run") if full else projects.run(p_clean, "dvc", "repro", "audit")
     flips = flip(clean, p_clean, work / f"noisy-{name}", share)
     p_noisy = project(work, f"{name}-noisy", work / f"noisy-{name}", text)
-    run(p_noisy, str(BIN / "tlops"), "run") if full else run(p_noisy, str(BIN / "dvc"), "repro", "audit")
+    projects.run(p_noisy, "tlops", "run") if full else projects.run(p_noisy, "dvc", "repro", "audit")
     rows = [r for r in flagged(p_noisy) if r["split"] == "train"]
     found = {Path(r["path"]).name for r in rows}
     hit = found & flips
@@ -143,10 +117,8 @@ def run_set(name: str, work: Path, share: float) -> dict:
            "false_flags": [r for r in rows if Path(r["path"]).name not in flips][:16]}
     if full:
         out["accuracy"] = {"clean": test_accuracy(p_clean), "noisy": test_accuracy(p_noisy)}
-        params = yaml.safe_load((p_noisy / "params.yaml").read_text())
-        params["data"]["label_issues"] = "drop"
-        (p_noisy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        run(p_noisy, str(BIN / "tlops"), "run")
+        projects.set_params(p_noisy, {"data": {"label_issues": "drop"}})
+        projects.run(p_noisy, "tlops", "run")
         out["accuracy"]["noisy + drop"] = test_accuracy(p_noisy)
         out["dropped"] = json.loads((p_noisy / "reports/label_audit.json").read_text())["dropped"]
     return out
@@ -165,8 +137,8 @@ def main() -> None:
         for name in args.sets.split(","):
             rows.append(run_set(name, work, args.flip))
             print(json.dumps(rows[-1]), flush=True)
-    print(f"\n| set | training items | flipped | flagged | precision | recall | audit / features stage | "
-          f"clean labels: flagged | test accuracy clean / noisy / noisy + drop |")
+    print("\n| set | training items | flipped | flagged | precision | recall | audit / features stage | "
+          "clean labels: flagged | test accuracy clean / noisy / noisy + drop |")
     print("|---|---:|---:|---:|---:|---:|---|---:|---|")
     for r in rows:
         s = r["seconds"]

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-BIN = Path(sys.executable).parent
+
+from bench import projects  # noqa: E402  (after the path: run as a script)
 
 
 def baseline(project: Path) -> dict[str, float]:
@@ -59,23 +56,15 @@ def baseline(project: Path) -> dict[str, float]:
 def run_dataset(name: str, work: Path) -> dict:
     from bench.datasets import BUILDERS
 
-    project = work / f"project-{name}"
-    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(project)], check=True)
-    params = yaml.safe_load((project / "params.yaml").read_text())
+    overrides = {}
     if name != "digits":
         folder = work / f"data-{name}"
         if not folder.exists():
             BUILDERS[name](folder)
-        params["data"].update(source="imagefolder", path=str(folder))
-        params["export"]["registered_model"] = f"tlops-{name}"
-        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("PREFECT_API_URL", None)
-    t = time.perf_counter()
-    proc = subprocess.run([str(BIN / "tlops"), "run"], cwd=project, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - t
-    if proc.returncode != 0:
-        sys.exit(f"{name}: tlops run failed\n{proc.stderr[-3000:]}")
+        overrides = {"data": {"source": "imagefolder", "path": str(folder)},
+                     "export": {"registered_model": f"tlops-{name}"}}
+    project = projects.clone(work / f"project-{name}", overrides)
+    seconds = projects.run(project, "tlops", "run")
     metrics = json.loads((project / "reports/metrics.json").read_text())
     data = json.loads((project / "reports/data.json").read_text())["totals"]
     exported = json.loads((project / "reports/export.json").read_text())

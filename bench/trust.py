@@ -25,15 +25,15 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-BIN = Path(sys.executable).parent
+
+from bench import projects  # noqa: E402  (after the path: run as a script)
+
 PATCH_CLASSES = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230)}
 PLANTED = {"music": "piano", "water": "river", "animal": "tiger"}
 NEUTRAL = ("the a this that some one another every each with without on under over near after before then and or "
@@ -49,7 +49,8 @@ def write_patches(out: Path, per_class: int = 150, size: int = 96, seed: int = 0
     for name, colour in PATCH_CLASSES.items():
         (out / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            img = rng.integers(30, 226, (size, size, 1), dtype=np.uint8).repeat(3, axis=2)  # grey: no colour but the square
+            # grey: no colour but the square
+            img = rng.integers(30, 226, (size, size, 1), dtype=np.uint8).repeat(3, axis=2)
             top, left = (int(v) for v in rng.integers(size // 12, size - side - size // 12, 2))  # inside the crop
             img[top:top + side, left:left + side] = colour
             Image.fromarray(img).save(out / name / f"{i:03d}.png")
@@ -72,7 +73,7 @@ def write_planted(out: Path, per_class: int = 80, seed: int = 0) -> dict[str, st
 
 def prepare(name: str, work: Path) -> tuple[dict, object]:
     """The params overrides for a set (and what its explanation check needs)."""
-    from bench.datasets import FASHION_CLASSES, fashion
+    from bench.datasets import FASHION_CLASSES, fashion, wordnet
 
     if name == "digits":
         far = work / "far-fashion"
@@ -88,13 +89,7 @@ def prepare(name: str, work: Path) -> tuple[dict, object]:
     if name == "fashion" and not folder.exists():
         fashion(folder, per_class=500)
     elif name == "wordnet" and not folder.exists():
-        wn = work / "wordnet-deb"
-        if not wn.exists():
-            wn.mkdir(parents=True)
-            subprocess.run(["apt-get", "download", "wordnet-base"], cwd=wn, check=True, capture_output=True)
-            subprocess.run(["dpkg", "-x", next(wn.glob("*.deb")).name, "."], cwd=wn, check=True)
-        subprocess.run([sys.executable, str(ROOT / "bench/wordnet.py"), "--wordnet", str(wn), "--out", str(folder)],
-                       check=True, capture_output=True)
+        wordnet(folder)
     elif name in ("patch", "patch224"):
         folder = work / "data-patch"
         extra = write_patches(folder) if not folder.exists() else json.loads((work / "patch.json").read_text())
@@ -110,23 +105,11 @@ def prepare(name: str, work: Path) -> tuple[dict, object]:
 
 def run_set(name: str, work: Path) -> dict:
     overrides, extra = prepare(name, work)
-    project = work / f"project-{name}"
-    if not project.exists():
-        subprocess.run(["git", "clone", "--quiet", str(ROOT), str(project)], check=True)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    for section, values in overrides.items():
-        params[section].update(values)
-    params["export"]["registered_model"] = f"tlops-trust-{name}"
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("PREFECT_API_URL", None)
-    t = time.perf_counter()
-    proc = subprocess.run([str(BIN / "tlops"), "run"], cwd=project, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - t
-    if proc.returncode != 0:
-        sys.exit(f"{name}: tlops run failed\n{proc.stderr[-3000:]}")
+    overrides["export"] = {"registered_model": f"tlops-trust-{name}"}
+    project = projects.clone(work / f"project-{name}", overrides, reuse=True)
+    seconds = projects.run(project, "tlops", "run")
     checks = subprocess.run([sys.executable, __file__, "--check", name, "--extra", json.dumps(extra)], cwd=project,
-                            env=env, capture_output=True, text=True)
+                            env=projects.env(), capture_output=True, text=True)
     if checks.returncode != 0:
         sys.exit(f"{name}: checks failed\n{checks.stderr[-3000:]}")
     return {"name": name, "seconds": seconds, "metrics": json.loads((project / "reports/metrics.json").read_text()),

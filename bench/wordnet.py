@@ -39,6 +39,23 @@ def glosses(data_noun: Path) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
+def write_glosses(data_noun: Path, out: Path, per_class: int = 400, classes: tuple[str, ...] | list[str] = CLASSES,
+                  seed: int = 0) -> dict[str, tuple[int, int]]:
+    """out/<lexname>/<offset>.txt: a seeded sample of per_class glosses of each class; {class: (written, had)}."""
+    by_class = glosses(data_noun)
+    rng = random.Random(seed)
+    counts = {}
+    for name in classes:
+        items = sorted(by_class[name])
+        chosen = rng.sample(items, min(per_class, len(items)))
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for offset, gloss in chosen:
+            (folder / f"{offset}.txt").write_text(gloss + "\n", encoding="utf-8")
+        counts[name] = (len(chosen), len(items))
+    return counts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--wordnet", type=Path, required=True, help="where wordnet-base was unpacked (dpkg -x)")
@@ -50,16 +67,9 @@ def main() -> None:
     data = next(args.wordnet.rglob("data.noun"), None)
     if data is None:
         raise SystemExit(f"no data.noun under {args.wordnet}: apt-get download wordnet-base; dpkg -x it there")
-    by_class = glosses(data)
-    rng = random.Random(args.seed)
-    for name in args.classes.split(","):
-        items = sorted(by_class[name])
-        chosen = rng.sample(items, min(args.per_class, len(items)))
-        folder = args.out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for offset, gloss in chosen:
-            (folder / f"{offset}.txt").write_text(gloss + "\n", encoding="utf-8")
-        print(f"{name}: {len(chosen)} of {len(items)} glosses")
+    for name, (written, had) in write_glosses(data, args.out, args.per_class, args.classes.split(","),
+                                              args.seed).items():
+        print(f"{name}: {written} of {had} glosses")
 
 
 if __name__ == "__main__":
