@@ -164,6 +164,20 @@ def stage_flow(task: Any) -> Any:
     return stage
 
 
+def publish_markdown(markdown: str, key: str, description: str) -> None:
+    """A stage's report as a Prefect markdown artifact of the run it is in; nothing when it is called as a plain
+    function (no run to attach to). Never fails the stage: an artifact is for people."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return
+    try:
+        create_markdown_artifact(markdown=markdown, key=key, description=description)
+    except Exception as e:  # noqa: BLE001
+        print(f"could not create the Prefect artifact {key}: {e}")
+
+
 def run_stage(task: Any) -> None:
     """Entry point of `python -m tasks.<stage>`: validate params first, then run the stage's flow.
 

@@ -7,7 +7,7 @@ import time
 
 from prefect import task
 
-from orchestration.prefect_server import run_stage
+from orchestration.prefect_server import publish_markdown, run_stage
 from tlops.adapt.run import adapt_model
 from tlops.adapt.summary import adaptation_report, flat_metrics, markdown, summary_lines
 from tlops.core import paths
@@ -42,17 +42,9 @@ def adapt(params_path: str | None = None) -> dict:
 
 
 def publish(report: dict) -> None:
-    """The adaptation report as a Prefect markdown artifact (never fails the stage)."""
-    from prefect.artifacts import create_markdown_artifact
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:  # called as a plain function: no run to attach to
-        return
-    try:
-        create_markdown_artifact(markdown=markdown(report), key="tlops-adapt",
-                                 description=f"domain adaptation: {report['method']} -> {report['chosen']}")
-    except Exception as e:  # noqa: BLE001 - an artifact is for people; it must not fail the run
-        print(f"could not create the Prefect artifact of the adaptation: {e}")
+    """The adaptation report as a Prefect markdown artifact."""
+    publish_markdown(markdown(report), "tlops-adapt",
+                     f"domain adaptation: {report['method']} -> {report['chosen']}")
 
 
 stage_task = adapt

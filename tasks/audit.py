@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from orchestration.prefect_server import run_stage
+from orchestration.prefect_server import publish_markdown, run_stage
 from tlops.core import paths
 from tlops.core.config import load_params
 from tlops.core.io import write_json, write_text
@@ -59,18 +59,9 @@ def audit(params_path: str | None = None) -> dict:
 
 
 def publish(report: dict) -> None:
-    """The top suspects as a Prefect markdown artifact (never fails the stage)."""
-    from prefect.artifacts import create_markdown_artifact
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:  # called as a plain function: no run to attach to
-        return
-    try:
-        create_markdown_artifact(markdown=(paths.LABEL_ISSUES_DIR / "suspects.md").read_text(encoding="utf-8"),
-                                 key="tlops-label-audit",
-                                 description=f"label audit: {report['flagged']['train']} training items flagged")
-    except Exception as e:  # noqa: BLE001 - an artifact is for people; it must not fail the run
-        print(f"could not create the Prefect artifact of the label audit: {e}")
+    """The top suspects as a Prefect markdown artifact."""
+    publish_markdown((paths.LABEL_ISSUES_DIR / "suspects.md").read_text(encoding="utf-8"), "tlops-label-audit",
+                     f"label audit: {report['flagged']['train']} training items flagged")
 
 
 stage_task = audit
