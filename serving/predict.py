@@ -8,12 +8,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from serving.served_model import LoadedModel, ModelSource, top_labels
+from serving.served_model import LoadedModel, ModelSource, predictions
 from tlops.core.errors import ConfigError
 from tlops.inputs.images import ImageError
 from tlops.inputs.model_input import load_and_preprocess
 from tlops.inputs.text import TextError, decode_text, load_text
-from tlops.onnx.runtime import softmax
 
 BATCH = 32
 
@@ -80,17 +79,9 @@ def predict_texts(model: LoadedModel, items: Sequence[tuple[str, str | None]], t
 
 
 def _results(model: LoadedModel, x: np.ndarray, k: int) -> list[dict]:
-    """One batch through the model as the service runs it: calibrated top-k, and the OOD score with its verdict
-    when the model has them (`unknown`: unlike the training data; top_k still names the closest classes)."""
-    y = model.run(x)
-    unknown = model.unknown(y.ood_score)
-    out = []
-    for i, p in enumerate(softmax(y.logits)):
-        result = {"model_name": model.name, "model_version": model.version, "top_k": top_labels(p, model.labels, k)}
-        if unknown is not None:
-            result["ood_score"], result["unknown"] = float(y.ood_score[i]), bool(unknown[i])
-        out.append(result)
-    return out
+    """One batch through the model as the service runs it (serving.served_model.predictions)."""
+    return [{"model_name": model.name, "model_version": model.version, **answer}
+            for answer in predictions(model, model.run(x), k)]
 
 
 def results_json(results: list[dict]) -> str:

@@ -23,8 +23,7 @@ from serving import page, protocol, rest_codec
 from serving.dataplane import NOT_LOADED, FileJob, Job, Service, TensorJob
 from serving.protocol import ApiError
 from serving.security import Guard
-from serving.served_model import LoadedModel, Outputs, explained, top_labels
-from tlops.onnx.runtime import softmax
+from serving.served_model import LoadedModel, Outputs, explained, predictions
 
 MAX_IMAGES = protocol.MAX_SAMPLES  # per /predict request; the body limit bounds bytes, this bounds decode work
 MAX_TOP_K = 1000
@@ -91,12 +90,9 @@ def add_routes(app: FastAPI, service: Service, guard: Guard) -> None:
         key = "index" if model.is_text and all(n is None for n in names) else "filename"
 
         def respond(job: Job, used: LoadedModel, y: Outputs) -> bytes:
-            probs, unknown = softmax(y.logits), used.unknown(y.ood_score)
             results = []
-            for i, (n, p) in enumerate(zip(names, probs)):
-                result = {key: i if key == "index" else n, "top_k": top_labels(p, used.labels, k)}
-                if unknown is not None:
-                    result["ood_score"], result["unknown"] = float(y.ood_score[i]), bool(unknown[i])
+            for i, (n, answer) in enumerate(zip(names, predictions(used, y, k))):
+                result = {key: i if key == "index" else n, **answer}
                 if y.explanation is not None:
                     ids = job.ids[i] if job.ids is not None else None
                     result["explanation"] = explained(used, y.explanation[i], y.logits[i], ids)

@@ -270,6 +270,19 @@ def _crop_covers(spec: PreprocessSpec) -> dict:
     return {"centre_square_of_shorter_side": round(spec.input_size / spec.resize_size, 6)}
 
 
+def predictions(model: LoadedModel, y: Outputs, k: int) -> list[dict]:
+    """Each input's answer as /predict and `tlops predict` give it: the calibrated top-k and, when the model has them,
+    the OOD score and its verdict (`unknown`: unlike the training data; top_k still names the closest classes)."""
+    unknown = model.unknown(y.ood_score)
+    out = []
+    for i, p in enumerate(runtime.softmax(y.logits)):
+        result = {"top_k": top_labels(p, model.labels, k)}
+        if unknown is not None:
+            result["ood_score"], result["unknown"] = float(y.ood_score[i]), bool(unknown[i])
+        out.append(result)
+    return out
+
+
 def top_labels(probs: np.ndarray, labels: tuple[str, ...] | list[str], k: int) -> list[dict]:
     """The k most probable classes of one probability row, best first (calibrated: the model divides its logits by
     its temperature)."""

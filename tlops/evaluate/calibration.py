@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from tlops.evaluate.metrics import ECE_BINS, cross_entropy, expected_calibration_error
+from tlops.evaluate.metrics import ECE_BINS, confidence_bins, cross_entropy, expected_calibration_error
 from tlops.onnx.runtime import softmax
 
 T_RANGE = (0.05, 20.0)  # a temperature outside this range means the logits carry no usable confidence at all
@@ -34,7 +34,7 @@ def classwise_ece(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> flo
     errors = []
     for c in range(probs.shape[1]):
         p, hit = probs[:, c], (y == c).astype(np.float64)
-        idx = np.clip(np.ceil(p * bins).astype(int) - 1, 0, bins - 1)
+        idx = confidence_bins(p, bins)
         errors.append(sum((idx == b).mean() * abs(hit[idx == b].mean() - p[idx == b].mean())
                           for b in range(bins) if (idx == b).any()))
     return float(np.mean(errors))
@@ -44,7 +44,7 @@ def reliability(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> list[
     """The reliability diagram's bins: mean confidence, accuracy and count of the top-1 predictions in each
     equal-width confidence bin (empty bins left out)."""
     conf, correct = probs.max(axis=1), (probs.argmax(axis=1) == y).astype(np.float64)
-    idx = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    idx = confidence_bins(conf, bins)
     return [{"low": b / bins, "high": (b + 1) / bins, "confidence": float(conf[idx == b].mean()),
              "accuracy": float(correct[idx == b].mean()), "count": int((idx == b).sum())}
             for b in range(bins) if (idx == b).any()]

@@ -21,12 +21,17 @@ def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
     return float(-log_p[np.arange(len(y)), y].mean())
 
 
+def confidence_bins(p: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
+    """The equal-width bin of each probability: bin i holds (i/bins, (i+1)/bins] (a probability of exactly 0 goes to
+    bin 0)."""
+    return np.clip(np.ceil(p * bins).astype(int) - 1, 0, bins - 1)
+
+
 def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
     """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
     conf, pred = probs.max(axis=1), probs.argmax(axis=1)
     correct = (pred == y).astype(np.float64)
-    # Bin i holds confidences in (i/bins, (i+1)/bins]; a confidence of exactly 0 cannot occur after softmax.
-    idx = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    idx = confidence_bins(conf, bins)
     ece = 0.0
     for b in range(bins):
         in_bin = idx == b

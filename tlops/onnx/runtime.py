@@ -54,7 +54,7 @@ def run_batches(sess: ort.InferenceSession, batches: Iterable[np.ndarray], outpu
     """One output of the model (default: its first) over batches of its first input (float32 images, int64 token
     ids), concatenated."""
     name = sess.get_inputs()[0].name
-    wanted = [output] if output else None
+    wanted = [output or sess.get_outputs()[0].name]  # only that output's nodes run (not the explanation maps)
     out = [sess.run(wanted, {name: as_input(x)})[0] for x in batches]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 

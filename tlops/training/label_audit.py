@@ -45,9 +45,9 @@ class Suspect:
     score: float  # the given label's out-of-fold probability: low is suspicious
 
 
-def out_of_fold(ds: FeatureDataset, params: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def out_of_fold(ds: FeatureDataset, params: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(training item indices into ds, their out-of-fold probabilities, the K heads' mean probabilities of every
-    item (view 0) of ds). Each head learns from its folds' training rows, augmented views included as train_head
+    item (view 0) of ds, K). Each head learns from its folds' training rows, augmented views included as train_head
     sees them, and predicts an item as the mean over its views (test-time augmentation from the cached views)."""
     from sklearn.model_selection import StratifiedKFold
 
@@ -55,7 +55,7 @@ def out_of_fold(ds: FeatureDataset, params: Params) -> tuple[np.ndarray, np.ndar
     train = np.flatnonzero((ds.splits == "train") & views0)
     y = ds.labels[train]
     k = folds_for(y, len(ds.classes), params.audit.folds)
-    selection = policy(params, [ds.classes[i] for i in y], ds.classes)
+    selection = policy(params, ds.image_labels("train"), ds.classes)
     weighted = selection.weighted(params.head.class_weighting)
     item_of_row = _item_index(ds)  # every row (views too) -> the index of its view-0 row
     fold_of_item = np.full(len(ds.views), -1)
@@ -77,7 +77,7 @@ def out_of_fold(ds: FeatureDataset, params: Params) -> tuple[np.ndarray, np.ndar
                 probs[f] = torch.softmax(X @ W + b, 1).double().numpy()
     per_item = _mean_over_views(probs, item_of_row)  # (K, N, C): each row holds its item's mean over views
     oof = per_item[fold_of_item[train], train]
-    return train, oof, per_item.mean(axis=0)
+    return train, oof, per_item.mean(axis=0), k
 
 
 def fit_linear(X: torch.Tensor, y: torch.Tensor, classes: int, l2: float, weight: torch.Tensor | None,
@@ -132,9 +132,8 @@ def find_suspects(ds: FeatureDataset, params: Params) -> tuple[list[Suspect], di
     where the mean head disagrees as confidently), and the audit's summary."""
     from cleanlab.filter import find_label_issues
 
-    train, oof, mean = out_of_fold(ds, params)
+    train, oof, mean, k = out_of_fold(ds, params)
     y = ds.labels[train]
-    k = folds_for(y, len(ds.classes), params.audit.folds)
     # n_jobs=1: cleanlab's process pool forks a process that already runs torch's and Prefect's threads (it hung)
     ranked = find_label_issues(labels=y, pred_probs=oof, filter_by=FILTER_BY, return_indices_ranked_by=RANK_BY,
                                n_jobs=1)
