@@ -5,6 +5,7 @@ Module-specific fixtures live in the test module that needs them.
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import shutil
@@ -21,14 +22,22 @@ import yaml
 from PIL import Image
 from text_support import make_encoder, make_texts
 
+
+def _session_dir(variable: str, prefix: str) -> None:
+    """`variable` set to a temp dir of this process's own (unless already set), removed when the process exits."""
+    if variable not in os.environ:
+        os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+        atexit.register(shutil.rmtree, os.environ[variable], True)
+
+
 # Prefect reads PREFECT_HOME when first imported: keep its database and settings out of ~/.prefect.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tlops-prefect-"))
+_session_dir("PREFECT_HOME", "tlops-prefect-")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline, telemetry only logs errors
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # The hub is offline here; huggingface_hub reads these once, at import: an empty cache of the session's own.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_CACHE", tempfile.mkdtemp(prefix="tlops-hf-"))
+_session_dir("HF_HUB_CACHE", "tlops-hf-")
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ["tlops", "flows", "tasks", "orchestration", "serving", "dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore"]
@@ -177,7 +186,7 @@ def run_cmd(args: list[str], cwd: Path, check: bool = True, env: dict | None = N
     """Run a command with the test's interpreter first on PATH (so dvc's `python` is ours)."""
     full_env = {**os.environ, **(env or {})}
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
-    proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True)
+    proc = subprocess.run(args, check=False, cwd=cwd, env=full_env, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
