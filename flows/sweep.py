@@ -33,6 +33,7 @@ from tlops.core.errors import ConfigError, TlopsError
 DEPLOYMENT = "sweep"
 SWEEPS_DIR = paths.STATE_DIR / "sweeps"
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+PRUNED = re.compile(r"tune trial \d+ pruned after fine-tuning epoch")  # tlops.tuning.pruning's TrialPruned
 
 
 def combinations(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -48,9 +49,11 @@ def trial_name(index: int, changes: dict[str, Any]) -> str:
 
 
 @flow(name="sweep-trial", log_prints=True)
-def trial_flow(origin: str, folder: str, set_params: dict[str, Any], registered_model: str | None = None
-               ) -> dict[str, Any]:
-    """One combination: a clone of `origin` at `folder` sharing its DVC cache, `tlops run -S ...` in it."""
+def trial_flow(origin: str, folder: str, set_params: dict[str, Any], registered_model: str | None = None,
+               env: dict[str, str] | None = None) -> Any:
+    """One combination: a clone of `origin` at `folder` sharing its DVC cache, `tlops run -S ...` in it (with `env`
+    added to its environment: a `tlops tune` trial's study). A tune trial its pruner stopped ends in a COMPLETED
+    state named Pruned."""
     clone = Path(folder)
     if not (clone / ".git").exists():
         clone.parent.mkdir(parents=True, exist_ok=True)
@@ -58,15 +61,20 @@ def trial_flow(origin: str, folder: str, set_params: dict[str, Any], registered_
         _run([sys.executable, "-m", "dvc", "cache", "dir", "--local", str(Path(origin) / ".dvc" / "cache")], clone)
     changes = {**({"export.registered_model": registered_model} if registered_model else {}), **set_params}
     args = [arg for k, v in changes.items() for arg in ("-S", f"{k}={v if isinstance(v, str) else json.dumps(v)}")]
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT__FLOW_RUN_ID", "TLOPS_PARENT_RUN_ID")}
-    if env.get("MLFLOW_TRACKING_URI", "").startswith("sqlite"):  # one sqlite file takes one writer: the clone's own
-        env.pop("MLFLOW_TRACKING_URI")
+    run_env = {k: v for k, v in os.environ.items() if k not in ("PREFECT__FLOW_RUN_ID", "TLOPS_PARENT_RUN_ID")}
+    if run_env.get("MLFLOW_TRACKING_URI", "").startswith("sqlite"):  # one sqlite file, one writer: the clone's own
+        run_env.pop("MLFLOW_TRACKING_URI")
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "tlops.cli", "run", *args], cwd=clone, env=env, text=True,
-                          capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "tlops.cli", "run", *args], cwd=clone, env={**run_env, **(env or {})},
+                          text=True, capture_output=True)
     print(proc.stdout[-2000:])
     if proc.returncode != 0:
-        raise TlopsError(f"trial {clone.name} failed: {(proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1]}")
+        reason = (proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}").splitlines()[-1]
+        if PRUNED.search(reason):
+            from prefect.states import Completed
+
+            return Completed(name="Pruned", message=reason.removeprefix("error: "))
+        raise TlopsError(f"trial {clone.name} failed: {reason}")
     return {"folder": str(clone), "seconds": round(time.perf_counter() - started, 1)}
 
 

@@ -14,6 +14,7 @@ from tlops.tracking.runs import stage_run
 from tlops.training.devices import device_tags, resolve_device
 from tlops.training.epochs import epoch_metrics
 from tlops.training.finetune import finetune_model
+from tlops.tuning.pruning import epoch_reporter
 
 
 @task(name="finetune")
@@ -23,8 +24,14 @@ def finetune(params_path: str | None = None) -> dict:
     with stage_run("finetune", params) as run:
         run.set_tags(device_tags(resolve_device(params.finetune.device), params.finetune.precision))
         manifest = load_manifest(paths.MANIFEST).without_training(dropped_items())  # data.label_issues: drop
-        result = finetune_model(params, manifest, paths.HEAD_DIR, on_epoch=lambda row, epoch:
-                                run.log_metrics(epoch_metrics(row), step=epoch))
+        report = epoch_reporter()  # a `tlops tune` trial: each epoch's validation metric to the study, which may prune
+
+        def on_epoch(row: dict, epoch: int) -> None:
+            run.log_metrics(epoch_metrics(row), step=epoch)
+            if report:
+                report(row, epoch)
+
+        result = finetune_model(params, manifest, paths.HEAD_DIR, on_epoch=on_epoch)
         # Named apart from the per-epoch series (val_accuracy, ...) so those keep one point per epoch.
         run.log_metrics({"finetuned_val_accuracy": result.val_accuracy, "head_val_accuracy": result.head_val_accuracy,
                          "resumed_epochs": float(result.resumed_epochs)})

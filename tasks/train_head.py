@@ -7,13 +7,20 @@ from prefect import task
 
 from orchestration.prefect_server import run_stage
 from tlops.core import paths
-from tlops.core.config import load_params
+from tlops.core.config import Params, load_params
 from tlops.data.label_issues import dropped_items
-from tlops.evaluate.scoring import policy
-from tlops.features.dataset import load_feature_dataset
+from tlops.evaluate.scoring import Policy, policy
+from tlops.features.dataset import FeatureDataset, load_feature_dataset
 from tlops.tracking.runs import stage_run
 from tlops.training.epochs import epoch_metrics
 from tlops.training.head import save_head, train_head_grid
+
+
+def head_inputs(params: Params) -> tuple[FeatureDataset, Policy]:
+    """The cached features the head trains on (data.label_issues: drop leaves flagged items out) and the selection
+    policy (metric, class weighting) its grid goes by; `tlops tune`'s head trials read the same."""
+    ds = load_feature_dataset(paths.FEATURES_DATASET).without_training(dropped_items())
+    return ds, policy(params, ds.image_labels("train"), ds.classes)
 
 
 @task(name="train_head")
@@ -21,8 +28,7 @@ def train_head(params_path: str | None = None) -> dict:
     """Train the head on features/dataset.npz; write models/head and reports/head_history.csv."""
     params = load_params(params_path)
     with stage_run("train_head", params) as run:
-        ds = load_feature_dataset(paths.FEATURES_DATASET).without_training(dropped_items())  # data.label_issues: drop
-        selection = policy(params, ds.image_labels("train"), ds.classes)
+        ds, selection = head_inputs(params)
         result = train_head_grid(ds, params.head, on_epoch=lambda row, epoch: run.log_metrics(
             epoch_metrics(row), step=epoch), metric=selection.metric,
             class_weighted=selection.weighted(params.head.class_weighting))

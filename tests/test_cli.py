@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 COMMANDS = ["run", "stage", "check", "data-version", "backbones", "deploy", "serve-schedule", "serve", "predict", "sweep",
-            "ui", "drift-check"]
+            "tune", "ui", "drift-check"]
 
 
 def tlops(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -310,6 +310,45 @@ def sweep(
 
 
 @app.command()
+def tune(
+    budget: Annotated[float | None, typer.Option(help="wall-clock seconds of the whole study (default: tune.budget_s)")
+                      ] = None,
+    trials: Annotated[int | None, typer.Option(min=0, help="pipeline trials at most (default: tune.trials)")] = None,
+    head_trials: Annotated[int | None, typer.Option(min=0, help="head trials (default: tune.head_trials)")] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="pipeline trials at once (default: tune.concurrency)")
+                           ] = None,
+    pool: Annotated[str | None, typer.Option(help="work pool (default: schedule.work_pool)")] = None,
+    apply: Annotated[bool, typer.Option("--apply", help="write the best trial's params into params.yaml")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    params: ParamsOpt = None,
+) -> None:
+    """Search tune.space with Optuna within a time budget: head settings in process on the cached features, the rest
+    as pruned pipeline runs on the work pool; the same command resumes a killed study."""
+    _require("tune", *TRAIN_MODULES, "optuna")
+    _params(params)
+    from flows.tune import table
+    from flows.tune import tune as run_tune
+
+    try:
+        summary = run_tune(str(params) if params else None, budget_s=budget, trials=trials, head_trials=head_trials,
+                           concurrency=concurrency, pool=pool, apply=apply)
+    except TlopsError as e:
+        raise _fail(e) from None
+    finally:
+        gc.freeze()
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        console.width = max(console.width, 140)
+        console.print(table(summary))
+        if summary.get("applied"):
+            typer.echo(f"params.yaml: {', '.join(summary['applied'])} set to the best trial's values")
+
+
+@app.command()
 def ui(port: Annotated[int, typer.Option(help="port for the MLflow UI")] = 5000) -> None:
     """Start the MLflow UI on the local tracking store and print its URL."""
     _require("ui", "mlflow", "flask", "psutil")  # the UI is full MLflow's (mlflow-skinny has no server)

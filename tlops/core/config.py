@@ -220,6 +220,50 @@ class AdaptParams(Section):
         return self
 
 
+class Distribution(Section):
+    """One searched key of tune.space: {low, high} (log: sampled on a log scale; step: a grid) or {choices: [...]}.
+    Integer bounds search integers."""
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: PositiveFloat | None = None
+    choices: Annotated[list[Any], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Distribution:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low and high, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("needs low and high (or choices)")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0 (got {self.low})")
+        if self.log and self.step is not None:
+            raise ValueError("log and step do not go together")
+        return self
+
+
+UNTUNED = ("tune", "serve", "schedule", "data.source", "data.path", "data.split_salt", "export.registered_model")
+
+
+class TuneParams(Section):
+    space: dict[str, Distribution] = {}
+    head_trials: Annotated[int, Field(ge=0)] = 40
+    trials: Annotated[int, Field(ge=0)] = 12
+    budget_s: PositiveFloat = 3600
+    concurrency: PositiveInt = 1
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    startup_trials: Annotated[int, Field(ge=0)] = 3
+    storage: str | None = None
+    study: str | None = None
+    seed: int = 42
+
+
 ROUTE_GROUPS = ("inference", "metadata", "metrics", "drift")  # what serve.api_key_routes may name; health is open
 
 
@@ -329,6 +373,14 @@ class Params(Section):
                 + " (or model.backbone: auto)")
         if self.data.modality == "text" and self.adapt.method != "none":
             raise ValueError("adapt.method must be none for text: domain adaptation reads images")
+        for key in self.tune.space:
+            if not _is_leaf(key):
+                close = difflib.get_close_matches(key, list(flatten(Params())), n=1, cutoff=0.8)
+                raise ValueError(f"tune.space: {key} is not a params key"
+                                 + (f" (did you mean {close[0]}?)" if close else " (e.g. finetune.lr)"))
+            if key.startswith(UNTUNED):
+                raise ValueError(f"tune.space: {key} is not a key the search may set (never tune.*, serve.*, "
+                                 f"schedule.*, the data's source or the model's registered name)")
         if self.data.modality == "text" and self.serve.max_text_chars < self.data.max_chars:
             raise ValueError(f"serve.max_text_chars ({self.serve.max_text_chars}) is below data.max_chars "
                              f"({self.data.max_chars}): the service would refuse texts that training kept")
@@ -345,6 +397,26 @@ class Params(Section):
     export: ExportParams = ExportParams()
     serve: ServeParams = ServeParams()
     schedule: ScheduleParams = ScheduleParams()
+    tune: TuneParams = TuneParams()
+
+
+def _is_leaf(key: str) -> bool:
+    """True when `key` ("section.key") names a value of the schema (not a section)."""
+    model: type[BaseModel] = Params
+    *parents, last = key.split(".")
+    for name in parents:
+        field = model.model_fields.get(name)
+        ann = getattr(field, "annotation", None)
+        inner = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        ann = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else (inner[0] if inner else None)
+        if ann is None:
+            return False
+        model = ann
+    field = model.model_fields.get(last)
+    if field is None:
+        return False
+    ann = field.annotation
+    return not (isinstance(ann, type) and issubclass(ann, BaseModel))
 
 
 def params_path(path: str | os.PathLike | None = None) -> Path:

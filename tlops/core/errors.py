@@ -29,7 +29,11 @@ class WorkspaceBusyError(TlopsError):
     """Another pipeline run holds this workspace (DVC cannot run twice in one workspace)."""
 
 
-PERMANENT = (ConfigError, DataError, NonFiniteLossError, ModelIntegrityError, ParityError)
+class TrialPruned(TlopsError):
+    """A `tlops tune` trial stopped by the study's pruner: an outcome, not a fault; never retried."""
+
+
+PERMANENT = (ConfigError, DataError, NonFiniteLossError, ModelIntegrityError, ParityError, TrialPruned)
 
 
 def is_permanent(exc: BaseException) -> bool:

@@ -29,7 +29,7 @@ import psutil
 
 from tlops.core import paths
 from tlops.core.config import Params, flatten
-from tlops.core.errors import ConfigError
+from tlops.core.errors import ConfigError, TrialPruned
 from tlops.core.io import read_json, sha256_bytes, write_json
 
 if TYPE_CHECKING:
@@ -267,14 +267,16 @@ def _status_of(exc: BaseException | None) -> str:
     if exc is None or (isinstance(exc, SystemExit) and not isinstance(exc, Terminated) and exc.code in (0, None)):
         return "FINISHED"
     # Prefect's flow engine turns SIGTERM into its own TerminationSignal; matched by name to keep Prefect out.
-    if isinstance(exc, (KeyboardInterrupt, Terminated)) or type(exc).__name__ == "TerminationSignal":
-        return "KILLED"
+    if isinstance(exc, (KeyboardInterrupt, Terminated, TrialPruned)) or type(exc).__name__ == "TerminationSignal":
+        return "KILLED"  # a pruned tune trial (tag tlops.outcome: pruned) ends as a stopped run, not a failed one
     return "FAILED"
 
 
-def _end(c: MlflowClient, run_id: str, status: str) -> None:
+def _end(c: MlflowClient, run_id: str, status: str, outcome: str | None = None) -> None:
     # Never let bookkeeping hide the stage's own error; a run left RUNNING is reaped later.
     try:
+        if outcome:
+            c.set_tag(run_id, "tlops.outcome", outcome)
         c.set_terminated(run_id, status)
     except Exception as e:
         log.warning("could not mark MLflow run %s %s: %s", run_id, status, e)
@@ -318,19 +320,20 @@ def _sigterm_raises() -> Iterator[Any]:
 def _tracked(c: MlflowClient, run_id: str, parent_id: str | None, hold: Any, also_end: str | None = None
              ) -> Iterator[StageRun]:
     """Yield a StageRun; end the run (and `also_end`) FINISHED, FAILED or KILLED by how the block exits."""
-    status = "FAILED"
+    status, outcome = "FAILED", None
     try:
         yield StageRun(c, run_id, parent_id)
         status = "FINISHED"
     except BaseException as e:
         status = _status_of(e)
+        outcome = "pruned" if isinstance(e, TrialPruned) else None
         raise
     finally:
         hold()
         _record_data_version(c, run_id, parent_id)
-        _end(c, run_id, status)
+        _end(c, run_id, status, outcome)
         if also_end:
-            _end(c, also_end, status)
+            _end(c, also_end, status, outcome)
 
 
 def _record_data_version(c: MlflowClient, run_id: str, parent_id: str | None) -> None:

@@ -122,8 +122,9 @@ def _launch(n: int, params: Params, manifest: Any, head_dir: Path, out_dir: Path
     summary = distributed.launch(rank_main, (params, manifest, head_dir, out_dir, checkpoint_dir, history_path,
                                              images_dir), n, params.finetune.device)
     if on_epoch:
-        for row in summary["history"][summary["resumed_epochs"]:]:
-            on_epoch(row, row["epoch"])
+        start = summary["resumed_epochs"]
+        for i, row in enumerate(summary["history"][start:], start + 1):
+            on_epoch({**row, "step": i}, row["epoch"])
     from tlops.models.classifier import load_classifier
 
     model, info = load_classifier(out_dir)
@@ -191,8 +192,8 @@ def _finetune(params: Params, manifest: Any, head_dir: str | Path, out_dir: Path
             save_checkpoint(checkpoint_dir, s.model, s.opt, s.scaler, epoch + 1, history, s.fingerprint, best=best,
                             world_size=world.size)
         distributed.barrier()
-        if on_epoch:
-            on_epoch(history[-1], history[-1]["epoch"])
+        if on_epoch:  # step: the fine-tuning epoch (1, 2, ...), val_metric: the selection metric (tlops tune's)
+            on_epoch({**history[-1], "step": epoch + 1, "val_metric": val_metric}, history[-1]["epoch"])
         del train_batches, val_batches  # this epoch's trunk rows go before the next epoch's are read
     s.model.load_state_dict(best["state"])  # the best epoch, not the last
     head = {"val_metric": float(s.head_info["val_metric"]), "val_loss": float(s.head_info["val_loss"])}

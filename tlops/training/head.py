@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,12 @@ class HeadResult:
 
 
 def train_head_grid(ds: Any, params: HeadParams, on_epoch: OnEpoch | None = None, metric: str = "accuracy",
-               class_weighted: bool | None = None) -> HeadResult:
+               class_weighted: bool | None = None, report: Callable[[dict], None] | None = None) -> HeadResult:
     """Sweep head.lrs x head.weight_decays on the cached features; keep the config with the best validation
     `metric` (tlops.evaluate.scoring; ties: the lower val loss, then the earlier grid point).
 
-    `ds` is a tlops.features.FeatureDataset. on_epoch sees the kept config's epochs, after the sweep.
+    `ds` is a tlops.features.FeatureDataset. on_epoch sees the kept config's epochs, after the sweep. report (a
+    one-point grid only: `tlops tune`'s head trials) sees every epoch's row as it ends and may raise to stop.
     """
     X, y = (torch.as_tensor(a) for a in ds.split("train"))
     Xv, yv = (torch.as_tensor(a) for a in ds.split("val"))
@@ -71,8 +73,9 @@ def train_head_grid(ds: Any, params: HeadParams, on_epoch: OnEpoch | None = None
     with torch_threads(1):  # a head's small matmuls lose more to thread hand-offs than they gain
         for lr in params.lrs:
             for wd in params.weight_decays:
+                one_point = len(params.lrs) * len(params.weight_decays) == 1
                 head, history, best = fit_head(X.float(), y.long(), Xv.float(), yv.long(), num_classes, params, lr,
-                                               wd, metric, weight)
+                                               wd, metric, weight, report if one_point else None)
                 runs.append((head, history, best, lr, wd))
     head, history, best, lr, wd = max(runs, key=lambda r: (r[2]["val_metric"], -r[2]["val_loss"]))
     for row in history:
@@ -90,7 +93,8 @@ def train_head_grid(ds: Any, params: HeadParams, on_epoch: OnEpoch | None = None
 
 def fit_head(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor, num_classes: int,
              params: HeadParams, lr: float, weight_decay: float, metric: str = "accuracy",
-             weight: torch.Tensor | None = None) -> tuple[nn.Module, list[dict], dict]:
+             weight: torch.Tensor | None = None, report: Callable[[dict], None] | None = None
+             ) -> tuple[nn.Module, list[dict], dict]:
     """One grid point: AdamW, kept at its best epoch by (val metric, -val loss), stopped after head.patience epochs
     without a better one; returns the head, the history and the kept epoch's row (with val_metric)."""
     torch.manual_seed(params.seed)
@@ -115,6 +119,8 @@ def fit_head(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tenso
         val_loss, val_acc = evaluate_logits(val_logits, yv)
         history.append(history_row(epoch, "head", loss_sum / len(y), correct / len(y), val_loss, val_acc, lr))
         row = {**history[-1], "val_metric": score(metric, yv.numpy(), val_logits.argmax(1).numpy(), num_classes)}
+        if report:
+            report(row)
         if best is None or (row["val_metric"], -row["val_loss"]) > (best["val_metric"], -best["val_loss"]):
             best, best_state, stale = row, copy.deepcopy(head.state_dict()), 0
         else:

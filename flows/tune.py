@@ -1,0 +1,398 @@
+"""`tlops tune`: an Optuna study over params.yaml's tune.space, within a wall-clock budget, resumable.
+
+    tlops tune --budget 1200 --concurrency 2 [--apply]
+
+1. The project's own run first (`tlops run`; unchanged stages skipped): the cached features the head level reads and
+   the defaults' scores the study is compared with.
+2. head.* keys: trials in this process on the cached features (seconds each), pruned by their per-epoch validation
+   metric; the best head settings are fixed for the next level.
+3. Every other key: each trial is a run of the sweep-trial deployment on schedule.work_pool (flows/sweep.py: its own
+   clone sharing the DVC cache), at most `concurrency` at once. Its fine-tuning stage reports the validation metric
+   after every epoch into the study's storage (tlops/tuning/pruning.py); a trial the pruner stops ends its run there
+   (checkpoint kept; the MLflow stage run KILLED with tlops.outcome=pruned; the Prefect flow run state "Pruned").
+   With no such key, one run of the best head settings.
+The studies live in Optuna's RDB storage (tune.storage: SQLite in .tlops/ by default, the shared PostgreSQL when
+scaled out), named <tune.study>.head and .pipeline: the same command after a kill continues them, waiting again for
+trials whose flow runs are still going. One MLflow parent run (reopened on resume) holds a child run per trial;
+reports/tune/ gets the summary and each level's optimization history and parameter importances. The best pipeline
+trial's model is registered in the project's store as <export.registered_model>-tune, alias candidate (never the
+production model's champion); --apply writes its params into params.yaml, so the next `tlops run` reproduces it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import chdir, contextmanager
+from pathlib import Path
+from typing import Any
+
+from tlops.core import paths
+from tlops.core.config import HeadParams, Params, TuneParams, load_params, set_params
+from tlops.core.errors import TlopsError
+from tlops.core.io import write_json
+
+REPORT_DIR = paths.METRICS.parent / "tune"
+SUMMARY = REPORT_DIR / "summary.json"
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+PRUNED_STATE = "Pruned"  # the Prefect state name of a trial run its pruner stopped (type COMPLETED)
+
+
+def tune(params_path: str | None = None, root: Path | None = None, budget_s: float | None = None,
+         trials: int | None = None, head_trials: int | None = None, concurrency: int | None = None,
+         pool: str | None = None, apply: bool = False, poll_s: float = 2.0) -> dict[str, Any]:
+    """Run (or resume) the study; the summary written to reports/tune/summary.json."""
+    from flows.deploy import _require_server
+    from tlops.tuning.space import check_space, split_levels
+    from tlops.tuning.study import storage_url, study_name
+
+    started = time.monotonic()
+    root = (root or Path.cwd()).resolve()
+    params = load_params(params_path)
+    overrides = {"budget_s": budget_s, "trials": trials, "head_trials": head_trials, "concurrency": concurrency}
+    t = TuneParams.model_validate({**params.tune.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
+    check_space(t, params, params_path)
+    head_space, pipeline_space = split_levels(t)
+    if t.trials:
+        _require_server("tlops tune")  # pipeline trials are deployment runs on the pool
+    deadline = started + t.budget_s
+    storage, name = storage_url(t, root), study_name(params)
+    print(f"study {name} in {_shown(storage)}: budget {t.budget_s:g} s", file=sys.stderr)
+
+    from flows.pipeline import run_pipeline
+
+    run_pipeline(params_path)  # the defaults: cached features for the head level, and the scores to beat
+    defaults = {**_val_score(root), **_test_scores(root)}
+    with _parent_run(name, t) as parent:
+        head = _head_level(params, t, name, storage, head_space, deadline, parent) if head_space else None
+        fixed = head["best_changes"] if head and head.get("best_changes") else {}
+        pipeline = _pipeline_level(params, t, name, storage, pipeline_space, fixed, deadline, parent, root,
+                                   pool or params.schedule.work_pool, poll_s) if t.trials else None
+        best = (pipeline or {}).get("best")
+        if best:
+            best["registered"] = _register(params, best, parent)
+        summary = {"study": name, "storage": _shown(storage), "budget_s": t.budget_s,
+                   "seconds": round(time.monotonic() - started, 1), "defaults": defaults, "head": head,
+                   "pipeline": pipeline, "mlflow_parent_run_id": parent}
+        write_json(root / SUMMARY, summary)
+        _log_outcome(parent, summary, root)
+    if apply and best:
+        changes = {k: v for k, v in best["changes"].items() if k != "export.registered_model"}
+        set_params(changes, params_path)
+        summary["applied"] = changes
+    return summary
+
+
+def _shown(storage: str) -> str:
+    """The storage URL without a password (printed and logged)."""
+    from tlops.core.secrets import without_credentials
+
+    return without_credentials(storage)
+
+
+# --- head level: in-process trials on the cached features ---------------------------------------------------------
+
+def _head_level(params: Params, t: TuneParams, name: str, storage: str, space: dict[str, Any], deadline: float,
+                parent: str) -> dict[str, Any]:
+    import optuna
+    from optuna.trial import TrialState
+
+    from tasks.train_head import head_inputs
+    from tlops.training.head import train_head_grid
+    from tlops.tuning.space import as_changes
+    from tlops.tuning.study import open_study
+
+    study = open_study(t, name, "head", storage, warmup_steps=5)
+    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(stale.number, state=TrialState.FAIL)  # in-process trials of a killed tune: not running anymore
+    ds, selection = head_inputs(params)
+    while _finished(study) < t.head_trials and time.monotonic() < deadline:
+        trial = study.ask(space)
+        changes = as_changes(trial.params, params)
+        hp = HeadParams.model_validate({**params.head.model_dump(), **{k.split(".", 1)[1]: v
+                                                                        for k, v in changes.items()}})
+
+        def report(row: dict, trial: optuna.Trial = trial) -> None:
+            trial.report(float(row["val_metric"]), int(row["epoch"]))
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        try:
+            result = train_head_grid(ds, hp, metric=selection.metric,
+                                     class_weighted=selection.weighted(hp.class_weighting), report=report)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, result.val_metric)
+        _log_trial(parent, "head", study.trials[trial.number], changes)
+    return _level_summary(study, params, "head")
+
+
+def _finished(study: Any) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+
+
+def _level_summary(study: Any, params: Params, level: str) -> dict[str, Any]:
+    from optuna.trial import TrialState
+
+    from tlops.tuning.space import as_changes
+
+    states = [t.state.name.lower() for t in study.trials]
+    out: dict[str, Any] = {"study": study.study_name, "trials": len(states),
+                           **{s: states.count(s) for s in ("complete", "pruned", "fail")},
+                           "epochs": sum(len(t.intermediate_values) for t in study.trials)}
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if complete:
+        best = max(complete, key=lambda t: t.value)
+        out.update(best_trial=best.number, best_value=best.value,
+                   best_changes=best.user_attrs.get("changes") or as_changes(best.params, params))
+        out["plots"] = _plots(study, level)
+    return out
+
+
+# --- pipeline level: deployment runs on the pool, pruned per fine-tuning epoch -------------------------------------
+
+def _pipeline_level(params: Params, t: TuneParams, name: str, storage: str, space: dict[str, Any],
+                    fixed: dict[str, Any], deadline: float, parent: str, root: Path, pool: str,
+                    poll_s: float) -> dict[str, Any]:
+    from optuna.trial import TrialState
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+
+    from flows.sweep import SWEEPS_DIR, deploy_trials
+    from tlops.tuning.pruning import TRIAL_ENV
+    from tlops.tuning.space import as_changes
+    from tlops.tuning.study import open_study
+
+    study = open_study(t, name, "pipeline", storage)
+    deployment = deploy_trials(root, pool, t.concurrency)
+    wanted = t.trials if space else 1  # no pipeline key: one run of the best head settings (trials: 0, none)
+    running: dict[int, dict[str, Any]] = {}
+    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if stale.user_attrs.get("flow_run_id"):  # its flow run may still be going: wait for it again
+            running[stale.number] = dict(stale.user_attrs)
+        else:
+            study.tell(stale.number, state=TrialState.FAIL)
+    with get_client(sync_client=True) as client:
+        while True:
+            while (len(running) < t.concurrency and len(study.trials) < wanted
+                   and time.monotonic() < deadline):
+                trial = study.ask(space)
+                changes = {**fixed, **as_changes(trial.params, params),
+                           "export.registered_model": f"{params.export.registered_model}-tune"}
+                folder = root / SWEEPS_DIR / f"tune-{name}" / f"{trial.number:03d}"
+                env = {TRIAL_ENV: json.dumps({"storage": storage, "study": study.study_name,
+                                              "trial_id": trial._trial_id, "tune": t.model_dump(mode="json")})}
+                run = run_deployment(deployment, parameters={"origin": str(root), "folder": str(folder),
+                                                             "set_params": changes, "env": env},
+                                     timeout=0, tags=["tune", name])
+                attrs = {"flow_run_id": str(run.id), "folder": str(folder), "changes": changes}
+                for k, v in attrs.items():
+                    trial.set_user_attr(k, v)
+                running[trial.number] = attrs
+                print(f"trial {trial.number}: flow run {run.id} ({_brief(changes)})", file=sys.stderr)
+            if not running:
+                break
+            time.sleep(poll_s)
+            for number, attrs in list(running.items()):
+                state = client.read_flow_run(attrs["flow_run_id"]).state
+                if state is None or state.type.value not in FINAL:
+                    continue
+                del running[number]
+                if state.type.value == "COMPLETED" and state.name != PRUNED_STATE:
+                    value = _val_score(Path(attrs["folder"])).get("val_metric")
+                    study.tell(number, value) if value is not None else study.tell(number, state=TrialState.FAIL)
+                else:
+                    study.tell(number, state=TrialState.PRUNED if state.name == PRUNED_STATE else TrialState.FAIL)
+                frozen = study.trials[number]
+                _log_trial(parent, "pipeline", frozen, attrs["changes"],
+                           _test_scores(Path(attrs["folder"])) if frozen.state == TrialState.COMPLETE else {},
+                           state.message if frozen.state == TrialState.FAIL else None)
+                print(f"trial {number}: {frozen.state.name.lower()}"
+                      + (f", validation {frozen.value:.4f}" if frozen.value is not None else ""), file=sys.stderr)
+    out = _level_summary(study, params, "pipeline")
+    if "best_trial" in out:
+        attrs = study.trials[out["best_trial"]].user_attrs
+        out["best"] = {"trial": out["best_trial"], "val_metric": out["best_value"], "changes": attrs["changes"],
+                       "folder": attrs["folder"], **_test_scores(Path(attrs["folder"]))}
+    return out
+
+
+def _brief(changes: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in changes.items()
+                     if k != "export.registered_model")
+
+
+def _val_score(folder: Path) -> dict[str, Any]:
+    """The validation metric of the model a run selected (reports/metrics.json), the value trials are ranked by."""
+    path = folder / paths.METRICS
+    if not path.exists():
+        return {}
+    m = json.loads(path.read_text())
+    chosen = m.get("selection", {}).get(m.get("selected"), {})
+    return {"val_metric": chosen["val_metric"]} if "val_metric" in chosen else {}
+
+
+def _test_scores(folder: Path) -> dict[str, Any]:
+    from flows.sweep import _scores
+
+    return {f"test_{k}" if k in ("score", "head", "finetuned") else k: v for k, v in _scores(folder).items()}
+
+
+# --- tracking and outcome --------------------------------------------------------------------------------------------
+
+@contextmanager
+def _parent_run(name: str, t: TuneParams) -> Iterator[str]:
+    """The study's MLflow parent run (tag tlops.study): created once, reopened by a resumed tune, ended here."""
+    from tlops.tracking import runs
+
+    c = runs.client()
+    exp = runs.experiment_id(c)
+    found = c.search_runs([exp], f"tags.`tlops.study` = '{name}' and tags.`tlops.kind` = 'tune'", max_results=1,
+                          order_by=["attributes.start_time DESC"])
+    if found:
+        run_id = found[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+    else:
+        run_id = c.create_run(exp, run_name=f"tune-{name}", tags={"tlops.kind": "tune", "tlops.study": name}
+                              ).info.run_id
+        c.log_param(run_id, "space", json.dumps(t.model_dump(mode="json")["space"])[:6000])
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            c.set_terminated(run_id, status)
+        except Exception as e:  # never hide the study's own error
+            print(f"warning: could not end MLflow run {run_id}: {e}", file=sys.stderr)
+
+
+def _log_trial(parent: str, level: str, trial: Any, changes: dict[str, Any], scores: dict[str, Any] | None = None,
+               error: str | None = None) -> None:
+    """A child run of the study's parent: the trial's params, validation metric per epoch, state."""
+    from tlops.tracking import runs
+
+    c = runs.client()
+    exp = c.get_run(parent).info.experiment_id
+    state = trial.state.name.lower()
+    child = c.create_run(exp, run_name=f"{level}-{trial.number:03d}", tags={
+        "mlflow.parentRunId": parent, "tlops.kind": "tune-trial", "tlops.level": level, "tlops.outcome": state,
+        **({"error": error[:500]} if error else {})}).info.run_id
+    for k, v in changes.items():
+        c.log_param(child, k, v)
+    for step, value in sorted(trial.intermediate_values.items()):
+        c.log_metric(child, "val_metric_epoch", float(value), step=int(step))
+    if trial.value is not None:
+        c.log_metric(child, "val_metric", float(trial.value))
+    for k, v in (scores or {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            c.log_metric(child, k, float(v))
+    c.set_terminated(child, {"complete": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED"))
+
+
+def _plots(study: Any, level: str) -> list[str]:
+    """The optimization history (each trial's value, the best so far) and the parameter importances (fANOVA, from
+    two complete trials on) as PNGs in reports/tune/."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from tlops.evaluate.plots import _figure, _save
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    written = []
+    fig = _figure(7, 4)
+    ax = fig.add_subplot()
+    numbers, values = [t.number for t in done], [t.value for t in done]
+    ax.scatter(numbers, values, s=14, label="trial")
+    ax.step(numbers, [max(values[: i + 1]) for i in range(len(values))], where="post", color="C3", label="best so far")
+    ax.set(xlabel="trial", ylabel="validation metric", title=f"{study.study_name}: optimization history")
+    ax.legend(loc="lower right")
+    path = REPORT_DIR / f"{level}_history.png"
+    _save(fig, path)
+    written.append(str(path))
+    if len(done) >= 2 and len(study.best_trial.params) >= 1:
+        try:
+            importance = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError):  # e.g. every complete trial drew the same values
+            importance = {}
+        if importance:
+            fig = _figure(7, 1 + 0.4 * len(importance))
+            ax = fig.add_subplot()
+            ax.barh(list(importance)[::-1], list(importance.values())[::-1])
+            ax.set(xlabel="importance (fANOVA)", title=f"{study.study_name}: parameter importances")
+            path = REPORT_DIR / f"{level}_importances.png"
+            _save(fig, path)
+            written.append(str(path))
+    return written
+
+
+def _log_outcome(parent: str, summary: dict[str, Any], root: Path) -> None:
+    from tlops.tracking import runs
+
+    c = runs.client()
+    for level in ("head", "pipeline"):
+        part = summary.get(level) or {}
+        for k in ("best_value", "trials", "pruned", "epochs"):
+            if isinstance(part.get(k), (int, float)):
+                c.log_metric(parent, f"{level}_{k}", float(part[k]))
+        for path in part.get("plots", []):
+            c.log_artifact(parent, str(root / path), "tune")
+    c.log_artifact(parent, str(root / SUMMARY), "tune")
+
+
+def _register(params: Params, best: dict[str, Any], parent: str) -> dict[str, Any] | None:
+    """The best trial's ONNX model into the project's registry as <export.registered_model>-tune, alias candidate."""
+    import os
+
+    from tlops.core.config import load_params as load
+    from tlops.export.promotion import register
+    from tlops.tracking import runs
+
+    folder = Path(best["folder"])
+    if not (folder / paths.ONNX).exists():
+        return None
+    uri, saved = runs.tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # the project's store, while the clone's files are read
+    try:
+        with chdir(folder):
+            trial_params = load(folder / "params.yaml")
+            version = register(trial_params, {}, parent)
+    except TlopsError as e:
+        print(f"warning: the best trial's model was not registered: {e}", file=sys.stderr)
+        return None
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+    return {"name": trial_params.export.registered_model, "version": version, "alias": "candidate"}
+
+
+def table(summary: dict[str, Any]) -> Any:
+    """The study's outcome as a rich Table: the defaults, the best head trial, the best pipeline trial."""
+    from rich.table import Table
+
+    tab = Table(title=f"tune {summary['study']} ({summary['seconds']:.0f} s of {summary['budget_s']:.0f}; MLflow "
+                      f"parent run {summary['mlflow_parent_run_id']})")
+    for col in ("", "trials", "pruned", "epochs", "validation", "test", "settings"):
+        tab.add_column(col, justify="left" if col in ("", "settings") else "right")
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "-"
+    d = summary["defaults"]
+    tab.add_row("defaults", "-", "-", "-", fmt(d.get("val_metric")), fmt(d.get("test_score")), "params.yaml")
+    for level in ("head", "pipeline"):
+        part = summary.get(level)
+        if part:
+            best = part.get("best") or {}
+            tab.add_row(level, str(part["trials"]), str(part["pruned"]), str(part["epochs"]),
+                        fmt(part.get("best_value")), fmt(best.get("test_score")),
+                        _brief(part.get("best_changes") or {}))
+    return tab
+

@@ -1,0 +1,228 @@
+"""tlops tune: an Optuna study in a real SQLite storage, head trials in process on the cached features, pipeline
+trials as deployment runs taken by a real process worker, pruning through the study's storage from inside the
+fine-tuning stage, one MLflow parent run, resumption after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_images, run_cmd, write_params
+
+POOL = "tune-test"
+SPACE = {"head.lrs": {"low": 0.001, "high": 0.05, "log": True},
+         "head.weight_decays": {"low": 0.000001, "high": 0.001, "log": True},
+         "finetune.lr": {"low": 0.0003, "high": 0.003, "log": True}}
+
+
+def _write(workspace: Path, overrides: dict, space: dict) -> None:
+    """params.yaml with tune.space exactly `space` (not merged into the project's)."""
+    params = write_params(workspace, overrides)
+    params["tune"]["space"] = space
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _project(workspace: Path, **tune) -> None:
+    make_images(workspace.parent / "images", classes=3, per_class=8, size=32)
+    _write(workspace, {"data": {"source": "imagefolder", "path": str(workspace.parent / "images")},
+                       "finetune": {"epochs": 2, "patience": 2},
+                       "tune": {"head_trials": 4, "trials": 2, "pruner": "none", **tune}}, SPACE)
+    run_cmd(["git", "add", "-A"], workspace)
+    run_cmd(["git", "commit", "-qm", "tune base"], workspace)
+
+
+def _workers(workspace: Path, n: int = 1) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
+                              "--limit", "1", "--name", f"tw{i}"], cwd=workspace, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL) for i in range(n)]
+
+
+def _stop(workers: list[subprocess.Popen]) -> None:
+    for w in workers:
+        w.send_signal(signal.SIGINT)
+    for w in workers:
+        try:
+            w.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            w.kill()
+
+
+def test_a_value_the_schema_refuses_fails_before_any_work(workspace: Path) -> None:
+    _write(workspace, {}, {"finetune.lr": {"low": 0.0, "high": 0.01}})
+    proc = run_cmd([sys.executable, "-m", "tlops.cli", "tune"], workspace, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: tune.space.finetune.lr: the value 0.0 is not valid there: Input should be greater than 0 (got 0.0)"]
+    assert not (workspace / ".tlops/tune.db").exists() and not (workspace / "data/raw").exists()
+    _write(workspace, {}, {"finetune.lrr": {"low": 0.001, "high": 0.01}})
+    proc = run_cmd([sys.executable, "-m", "tlops.cli", "tune"], workspace, check=False)
+    assert proc.returncode == 2 and "finetune.lrr is not a params key (did you mean finetune.lr?)" in proc.stderr
+
+
+def test_the_fine_tuning_stage_reports_each_epoch_and_stops_when_pruned(tmp_path: Path) -> None:
+    """The reporter a pipeline trial's finetune stage uses: values land in the study; below the others' median the
+    pruner stops it with TrialPruned, a permanent error (never retried)."""
+    import optuna
+
+    from tlops.core.config import TuneParams
+    from tlops.core.errors import TrialPruned, is_permanent
+    from tlops.tuning.pruning import TRIAL_ENV, epoch_reporter
+    from tlops.tuning.study import open_study
+
+    assert epoch_reporter() is None  # an ordinary run: no study, Optuna never imported for it
+    t = TuneParams.model_validate({"space": SPACE, "startup_trials": 1})
+    storage = f"sqlite:///{tmp_path / 'tune.db'}"
+    study = open_study(t, "s", "pipeline", storage)
+    done = study.ask({"finetune.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    for step, value in ((1, 0.8), (2, 0.9)):
+        done.report(value, step)
+    study.tell(done, 0.9)
+    trial = study.ask({"finetune.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    os.environ[TRIAL_ENV] = json.dumps({"storage": storage, "study": study.study_name, "trial_id": trial._trial_id,
+                                        "tune": t.model_dump(mode="json")})
+    try:
+        report = epoch_reporter()
+        report({"step": 1, "val_metric": 0.85, "val_accuracy": 0.85}, 7)  # above the median at epoch 1: goes on
+        with pytest.raises(TrialPruned, match=r"tune trial 1 pruned after fine-tuning epoch 2: validation metric "
+                                              r"0\.5000"):
+            report({"step": 2, "val_metric": 0.5, "val_accuracy": 0.5}, 8)
+    finally:
+        del os.environ[TRIAL_ENV]
+    stored = optuna.load_study(study_name=study.study_name, storage=storage).trials[1]
+    assert stored.intermediate_values == {1: 0.85, 2: 0.5} and stored.user_attrs["pruned_at"] == 2
+    assert is_permanent(TrialPruned("x"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_study_searches_both_levels_registers_its_best_and_applies_it(workspace: Path, prefect_api: str) -> None:
+    import optuna
+
+    from tlops.tracking import registry, runs
+
+    _project(workspace)
+    workers = _workers(workspace)
+    try:
+        out = run_cmd([sys.executable, "-m", "tlops.cli", "tune", "--pool", POOL, "--budget", "800", "--apply",
+                       "--json"], workspace)
+    finally:
+        _stop(workers)
+    summary = json.loads(out.stdout[out.stdout.index("{"):])
+    head, pipeline = summary["head"], summary["pipeline"]
+    assert head["trials"] == 4 and head["complete"] + head["pruned"] == 4
+    assert pipeline["trials"] == 2 and pipeline["complete"] == 2, pipeline
+    best = pipeline["best"]
+    # every pipeline trial ran with the best head settings fixed and its own fine-tuning lr
+    for key in ("head.lrs", "head.weight_decays"):
+        assert best["changes"][key] == head["best_changes"][key]
+    assert 0.0003 <= best["changes"]["finetune.lr"] <= 0.003
+    assert best["val_metric"] == max(t.value for t in optuna.load_study(
+        study_name=pipeline["study"], storage=f"sqlite:///{workspace / '.tlops/tune.db'}").trials)
+    assert isinstance(best["test_score"], float) and isinstance(summary["defaults"]["test_score"], float)
+    # registered in the project's store as <model>-tune, candidate; the production model's champion untouched
+    assert summary["pipeline"]["best"]["registered"]["name"] == "tlops-classifier-tune"
+    assert registry.get_alias_version("tlops-classifier-tune", "candidate") == best["registered"]["version"]
+    c = runs.client()
+    children = c.search_runs([runs.experiment_id(c)], f"tags.mlflow.parentRunId = '{summary['mlflow_parent_run_id']}'")
+    assert sorted(r.data.tags["tlops.level"] for r in children) == ["head"] * 4 + ["pipeline"] * 2
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
+    assert c.get_run(summary["mlflow_parent_run_id"]).info.status == "FINISHED"
+    for name in ("head_history.png", "pipeline_history.png", "head_importances.png", "summary.json"):
+        assert (workspace / "reports/tune" / name).stat().st_size > 0, name
+    # --apply: the best trial's values in params.yaml, so the next `tlops run` reproduces it
+    from tlops.core.config import load_params
+
+    applied = load_params(workspace / "params.yaml")
+    assert applied.finetune.lr == pytest.approx(best["changes"]["finetune.lr"])
+    assert applied.head.lrs == best["changes"]["head.lrs"]
+    assert applied.export.registered_model == "tlops-classifier"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_killed_study_resumes_where_it_was(workspace: Path, prefect_api: str) -> None:
+    """kill -9 in the middle of the head level; the same command continues the study (its trial count grows from
+    where it was) and leaves no MLflow run RUNNING."""
+    import optuna
+
+    from tlops.tracking import runs
+
+    _project(workspace, head_trials=400, trials=0)
+    storage = f"sqlite:///{workspace / '.tlops/tune.db'}"
+    cmd = [sys.executable, "-m", "tlops.cli", "tune", "--pool", POOL, "--json"]
+    proc = subprocess.Popen(cmd, cwd=workspace, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1)
+            if not (workspace / ".tlops/tune.db").exists():
+                continue
+            try:
+                if len(optuna.load_study(study_name="tlops-classifier-tune.head", storage=storage).trials) >= 3:
+                    break
+            except KeyError:  # not created yet
+                continue
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = len(optuna.load_study(study_name="tlops-classifier-tune.head", storage=storage).trials)
+    assert before >= 3
+    out = run_cmd([*cmd, "--head-trials", str(before + 3)], workspace)
+    summary = json.loads(out.stdout[out.stdout.index("{"):])
+    after = optuna.load_study(study_name="tlops-classifier-tune.head", storage=storage).trials
+    assert len(after) >= before + 3 and summary["head"]["trials"] == len(after)
+    assert all(t.state.name != "RUNNING" for t in after)
+    c = runs.client()
+    studies = c.search_runs([runs.experiment_id(c)], "tags.`tlops.kind` = 'tune'")
+    assert len(studies) == 1  # one parent, reopened
+    assert not c.search_runs([runs.experiment_id(c)], "attributes.status = 'RUNNING'")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_pruned_trial_run_ends_pruned_with_its_checkpoint_kept(workspace: Path, prefect_api: str,
+                                                                  tmp_path: Path) -> None:
+    """A pipeline trial (the sweep-trial flow, in its own clone) whose first fine-tuning epoch is below the study's
+    median there: its run stops after that epoch; the Prefect state says Pruned, the MLflow finetune run is KILLED
+    with tlops.outcome pruned, the epoch's checkpoint is kept."""
+    import mlflow
+    import optuna
+
+    from flows.sweep import trial_flow
+    from tlops.core import paths
+    from tlops.core.config import TuneParams
+    from tlops.tuning.pruning import TRIAL_ENV
+    from tlops.tuning.study import open_study
+
+    _project(workspace)
+    t = TuneParams.model_validate({"space": SPACE, "startup_trials": 1})
+    storage = f"sqlite:///{tmp_path / 'tune.db'}"
+    study = open_study(t, "p", "pipeline", storage)
+    lr = {"finetune.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    done = study.ask(lr)
+    done.report(2.0, 1)  # above any accuracy: the next trial is below the median at epoch 1
+    study.tell(done, 2.0)
+    trial = study.ask(lr)
+    env = {TRIAL_ENV: json.dumps({"storage": storage, "study": study.study_name, "trial_id": trial._trial_id,
+                                  "tune": t.model_dump(mode="json")})}
+    folder = tmp_path / "trial"
+    state = trial_flow(str(workspace), str(folder), {"finetune.lr": trial.params["finetune.lr"]}, env=env,
+                       return_state=True)
+    assert state.name == "Pruned" and state.is_completed(), state
+    assert "tune trial 1 pruned after fine-tuning epoch 1" in state.message
+    stored = optuna.load_study(study_name=study.study_name, storage=storage).trials[1]
+    assert list(stored.intermediate_values) == [1] and stored.user_attrs["pruned_at"] == 1
+    assert any((folder / paths.CHECKPOINT_DIR).iterdir())  # the pruned epoch's checkpoint stays
+    c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    finetune = c.search_runs([e.experiment_id for e in c.search_experiments()], "tags.stage = 'finetune'")
+    assert [(r.info.status, r.data.tags.get("tlops.outcome")) for r in finetune] == [("KILLED", "pruned")]
+    assert not (folder / paths.FINETUNE_DIR / "model.safetensors").exists()  # the stage stopped, wrote no model
