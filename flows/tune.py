@@ -277,7 +277,9 @@ def _parent_run(name: str, t: TuneParams) -> Iterator[str]:
 
 def _log_trial(parent: str, level: str, trial: Any, changes: dict[str, Any], scores: dict[str, Any] | None = None,
                error: str | None = None) -> None:
-    """A child run of the study's parent: the trial's params, validation metric per epoch, state."""
+    """A child run of the study's parent: the trial's params, validation metric per epoch, state (one write)."""
+    from mlflow.entities import Metric, Param
+
     from tlops.tracking import runs
 
     c = runs.client()
@@ -286,15 +288,14 @@ def _log_trial(parent: str, level: str, trial: Any, changes: dict[str, Any], sco
     child = c.create_run(exp, run_name=f"{level}-{trial.number:03d}", tags={
         "mlflow.parentRunId": parent, "tlops.kind": "tune-trial", "tlops.level": level, "tlops.outcome": state,
         **({"error": error[:500]} if error else {})}).info.run_id
-    for k, v in changes.items():
-        c.log_param(child, k, v)
-    for step, value in sorted(trial.intermediate_values.items()):
-        c.log_metric(child, "val_metric_epoch", float(value), step=int(step))
+    now = int(time.time() * 1000)
+    metrics = [Metric("val_metric_epoch", float(v), now, int(step))
+               for step, v in sorted(trial.intermediate_values.items())]
     if trial.value is not None:
-        c.log_metric(child, "val_metric", float(trial.value))
-    for k, v in (scores or {}).items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            c.log_metric(child, k, float(v))
+        metrics.append(Metric("val_metric", float(trial.value), now, 0))
+    metrics += [Metric(k, float(v), now, 0) for k, v in (scores or {}).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    c.log_batch(child, metrics=metrics, params=[Param(k, str(v)) for k, v in changes.items()])
     c.set_terminated(child, {"complete": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED"))
 
 
