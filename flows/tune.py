@@ -252,14 +252,16 @@ def _parent_run(name: str, t: TuneParams) -> Iterator[str]:
 
     c = runs.client()
     exp = runs.experiment_id(c)
+    runs.reap_stale_runs(c)  # a killed tune's parent and the trial it was logging: KILLED, not left RUNNING
     found = c.search_runs([exp], f"tags.`tlops.study` = '{name}' and tags.`tlops.kind` = 'tune'", max_results=1,
                           order_by=["attributes.start_time DESC"])
     if found:
         run_id = found[0].info.run_id
         c.update_run(run_id, status="RUNNING")
+        runs.StageRun(c, run_id).set_tags(runs.owned_by_this_process())
     else:
-        run_id = c.create_run(exp, run_name=f"tune-{name}", tags={"tlops.kind": "tune", "tlops.study": name}
-                              ).info.run_id
+        run_id = c.create_run(exp, run_name=f"tune-{name}", tags={"tlops.kind": "tune", "tlops.study": name,
+                                                                 **runs.owned_by_this_process()}).info.run_id
         c.log_param(run_id, "space", json.dumps(t.model_dump(mode="json")["space"])[:6000])
     status = "FAILED"
     try:
@@ -277,26 +279,21 @@ def _parent_run(name: str, t: TuneParams) -> Iterator[str]:
 
 def _log_trial(parent: str, level: str, trial: Any, changes: dict[str, Any], scores: dict[str, Any] | None = None,
                error: str | None = None) -> None:
-    """A child run of the study's parent: the trial's params, validation metric per epoch, state (one write)."""
-    from mlflow.entities import Metric, Param
-
+    """A child run of the study's parent: the trial's params, validation metric per epoch, state."""
     from tlops.tracking import runs
 
     c = runs.client()
     exp = c.get_run(parent).info.experiment_id
     state = trial.state.name.lower()
-    child = c.create_run(exp, run_name=f"{level}-{trial.number:03d}", tags={
+    child = runs.StageRun(c, c.create_run(exp, run_name=f"{level}-{trial.number:03d}", tags={
         "mlflow.parentRunId": parent, "tlops.kind": "tune-trial", "tlops.level": level, "tlops.outcome": state,
-        **({"error": error[:500]} if error else {})}).info.run_id
-    now = int(time.time() * 1000)
-    metrics = [Metric("val_metric_epoch", float(v), now, int(step))
-               for step, v in sorted(trial.intermediate_values.items())]
-    if trial.value is not None:
-        metrics.append(Metric("val_metric", float(trial.value), now, 0))
-    metrics += [Metric(k, float(v), now, 0) for k, v in (scores or {}).items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    c.log_batch(child, metrics=metrics, params=[Param(k, str(v)) for k, v in changes.items()])
-    c.set_terminated(child, {"complete": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED"))
+        **runs.owned_by_this_process(), **({"error": error[:500]} if error else {})}).info.run_id, parent)
+    child.log_params(changes)
+    child.log_series("val_metric_epoch", trial.intermediate_values)
+    child.log_metrics({**({"val_metric": trial.value} if trial.value is not None else {}),
+                       **{k: v for k, v in (scores or {}).items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool)}})
+    c.set_terminated(child.run_id, {"complete": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED"))
 
 
 def _plots(study: Any, level: str) -> list[str]:
@@ -338,15 +335,14 @@ def _plots(study: Any, level: str) -> list[str]:
 def _log_outcome(parent: str, summary: dict[str, Any], root: Path) -> None:
     from tlops.tracking import runs
 
-    c = runs.client()
+    run = runs.StageRun(runs.client(), parent)
     for level in ("head", "pipeline"):
         part = summary.get(level) or {}
-        for k in ("best_value", "trials", "pruned", "epochs"):
-            if isinstance(part.get(k), (int, float)):
-                c.log_metric(parent, f"{level}_{k}", float(part[k]))
+        run.log_metrics({f"{level}_{k}": part[k] for k in ("best_value", "trials", "pruned", "epochs")
+                         if isinstance(part.get(k), (int, float))})
         for path in part.get("plots", []):
-            c.log_artifact(parent, str(root / path), "tune")
-    c.log_artifact(parent, str(root / SUMMARY), "tune")
+            run.log_artifact(root / path, "tune")
+    run.log_artifact(root / SUMMARY, "tune")
 
 
 def _register(params: Params, best: dict[str, Any], parent: str) -> dict[str, Any] | None:

@@ -157,7 +157,8 @@ def test_a_killed_study_resumes_where_it_was(workspace: Path, prefect_api: str) 
     _project(workspace, head_trials=400, trials=0)
     storage = f"sqlite:///{workspace / '.tlops/tune.db'}"
     cmd = [sys.executable, "-m", "tlops.cli", "tune", "--pool", POOL, "--json"]
-    proc = subprocess.Popen(cmd, cwd=workspace, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = workspace.parent / "tune.log"
+    proc = subprocess.Popen(cmd, cwd=workspace, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
@@ -169,6 +170,7 @@ def test_a_killed_study_resumes_where_it_was(workspace: Path, prefect_api: str) 
                     break
             except KeyError:  # not created yet
                 continue
+        assert proc.poll() is None, f"tlops tune ended before it was killed:\n{log.read_text()[-2000:]}"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

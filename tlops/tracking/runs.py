@@ -167,6 +167,11 @@ def _owner_tags(pid: int) -> dict[str, str]:
     return {TAG_PID: str(pid), TAG_PID_START: str(_proc_start(pid)), TAG_HOST: socket.gethostname()}
 
 
+def owned_by_this_process() -> dict[str, str]:
+    """Tags that let reap_stale_runs end a run this process leaves RUNNING when it dies (runs it creates itself)."""
+    return {TAG_WORKSPACE: str(Path.cwd()), **_owner_tags(os.getpid())}
+
+
 # ---------------------------------------------------------------- context tags
 
 
@@ -243,6 +248,15 @@ class StageRun:
         now = int(time.time() * 1000)
         metrics = [Metric(str(k), float(v), now, int(step or 0)) for k, v in d.items()]
         self._client.log_batch(self.run_id, metrics=metrics)
+
+    def log_series(self, key: str, values: dict[int, float]) -> None:
+        """{step: value} of one metric, in one write (a tune trial's validation metric per epoch)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(v), now, int(step)) for step, v in sorted(values.items())]
+        if metrics:
+            self._client.log_batch(self.run_id, metrics=metrics)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Upload a file (or a folder's content); a missing path is skipped with a warning."""
