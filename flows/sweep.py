@@ -146,17 +146,12 @@ def sweep(grid: dict[str, list[Any]], pool: str, concurrency: int = 2, timeout_s
 
 def _validate(changes: dict[str, Any]) -> None:
     """The params a trial would run with, validated here (a typo fails the sweep before any run starts)."""
-    import tempfile
+    from tlops.core.config import set_params
 
-    from tlops.core.config import params_path, set_params
-
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "params.yaml"
-        copy.write_text(params_path().read_text(encoding="utf-8"), encoding="utf-8")
-        try:
-            set_params(changes, copy)
-        except ConfigError as e:
-            raise ConfigError(f"--grid {changes}: {e}") from None
+    try:
+        set_params(changes, dry_run=True)
+    except ConfigError as e:
+        raise ConfigError(f"--grid {changes}: {e}") from None
 
 
 def _scores(folder: Path) -> dict[str, Any]:

@@ -436,9 +436,10 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
     return parse_params(raw, source=str(p))
 
 
-def set_params(changes: dict[str, Any], path: str | os.PathLike | None = None) -> Params:
+def set_params(changes: dict[str, Any], path: str | os.PathLike | None = None, dry_run: bool = False) -> Params:
     """Write {"section.key": value} into the params file, as `dvc exp run --set-param` does: comments and order kept,
-    the result validated before anything is written (ConfigError naming the bad key), then replaced atomically."""
+    the result validated before anything is written (ConfigError naming the bad key), then replaced atomically.
+    dry_run: validate only (what a sweep or a tune checks for every trial before any starts); nothing written."""
     import io
 
     from ruamel.yaml import YAML  # round-trip YAML (comments kept); DVC's own dependency
@@ -462,7 +463,8 @@ def set_params(changes: dict[str, Any], path: str | os.PathLike | None = None) -
     buf = io.StringIO()
     rt.dump(doc, buf)
     params = parse_params(yaml.safe_load(buf.getvalue()), source=f"{p} with {', '.join(changes)} set")
-    write_text(p, buf.getvalue())
+    if not dry_run:
+        write_text(p, buf.getvalue())
     return params
 
 

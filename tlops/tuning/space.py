@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from tlops.core.config import Distribution, Params, TuneParams, dotted_get, params_path, set_params
+from tlops.core.config import Distribution, Params, TuneParams, dotted_get, set_params
 from tlops.core.errors import ConfigError
 
 HEAD = "head."  # keys searched in process on the cached features; every other key needs a pipeline run
@@ -38,19 +37,15 @@ def as_changes(values: dict[str, Any], params: Params) -> dict[str, Any]:
 
 
 def check_space(tune: TuneParams, params: Params, path: str | Path | None = None) -> None:
-    """Every bound and choice of the space written into a copy of the params file and validated there: a value
-    the schema refuses fails `tlops tune` before any trial starts (ConfigError naming the key and value)."""
+    """Every bound and choice of the space validated as the params file with it set (nothing written): a value the
+    schema refuses fails `tlops tune` before any trial starts (ConfigError naming the key and value)."""
     if not tune.space:
         raise ConfigError("tune.space is empty: name at least one params key to search, e.g. "
                           "finetune.lr: {low: 0.0002, high: 0.005, log: true}")
-    text = params_path(path).read_text(encoding="utf-8")
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "params.yaml"
-        for key, spec in tune.space.items():
-            for value in spec.choices if spec.choices is not None else (spec.low, spec.high):
-                copy.write_text(text, encoding="utf-8")
-                try:
-                    set_params(as_changes({key: value}, params), copy)
-                except ConfigError as e:
-                    raise ConfigError(f"tune.space.{key}: the value {value!r} is not valid there: "
-                                      f"{str(e).split(f' {key}: ', 1)[-1]}") from None
+    for key, spec in tune.space.items():
+        for value in spec.choices if spec.choices is not None else (spec.low, spec.high):
+            try:
+                set_params(as_changes({key: value}, params), path, dry_run=True)
+            except ConfigError as e:
+                raise ConfigError(f"tune.space.{key}: the value {value!r} is not valid there: "
+                                  f"{str(e).split(f' {key}: ', 1)[-1]}") from None
