@@ -5,9 +5,11 @@ time), then with `adapt.method: auto` (which runs every method from the same sta
 test accuracy, label-free scores and time), then an oracle trained with the target's own labels (its adapt split as
 the labelled source data; scored on the very same target test split). Prints per method the target test accuracy,
 the share of the gap closed = (adapted - source-only) / (oracle - source-only), the source validation metric and the
-method's wall time, next to the finetune stage's.
+method's wall time, next to the finetune stage's. With --race, auto is also run without its race
+(adapt.race_min_epochs: 0, every method to the end, as before the race) and the chosen method alone, each from no
+checkpoint: the adapt stage's seconds, choice and target accuracy of the three side by side.
 
-    python bench/adapt.py [--workdir DIR]
+    python bench/adapt.py [--workdir DIR] [--race] [--no-oracle]
 """
 
 from __future__ import annotations
@@ -51,9 +53,30 @@ def oracle_data(target_project: Path, out: Path) -> None:
             shutil.copyfile(target_project / path, out / label / Path(path).name)
 
 
+def race_table(project: Path, env: dict[str, str], raced: dict, work: Path, finetune_s: float | None) -> None:
+    """The adapt stage of auto raced (already run), auto unraced and the chosen method alone, each from scratch."""
+    rows = [("auto, raced", raced, stage_seconds(work / "adapt-auto.log", "adapt"))]
+    for label, adapt in (("auto, unraced", {"method": "auto", "race_min_epochs": 0}),
+                         (f"{raced['chosen']} alone", {"method": raced["chosen"], "race_min_epochs": 1})):
+        shutil.rmtree(project / "checkpoints" / "adapt", ignore_errors=True)  # no resuming the previous run's methods
+        set_params(project, adapt=adapt)
+        timed_run(project, env, label.replace(" ", "-").replace(",", ""))
+        rows.append((label, json.loads((project / "reports/adapt.json").read_text()),
+                     stage_seconds(work / f"{label.replace(' ', '-').replace(',', '')}.log", "adapt")))
+    print(f"finetune stage {finetune_s} s")
+    print("| adapt.method | chosen | target test accuracy | epochs trained per method | adapt stage s |")
+    print("|---|---|---:|---|---:|")
+    for label, rep, seconds in rows:
+        epochs = ", ".join(f"{m} {row.get('epochs', '-')}" for m, row in rep["candidates"].items() if m != "none")
+        print(f"| {label} | {rep['chosen']} | {rep['target']['adapted']['accuracy']:.4f} | {epochs} | {seconds} |")
+    set_params(project, adapt={"method": "auto", "race_min_epochs": 1})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--race", action="store_true", help="auto raced, auto unraced, the chosen method alone")
+    ap.add_argument("--no-oracle", action="store_true")
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="tlops-adapt-"))
     target = work / "digits_over_photos"
@@ -66,6 +89,10 @@ def main() -> None:
     set_params(project, adapt={"method": "auto", "target": str(target)})
     wall = timed_run(project, env, "adapt-auto")
     report = json.loads((project / "reports/adapt.json").read_text())
+    if args.race:
+        race_table(project, env, report, work, finetune_s)
+    if args.no_oracle:
+        return
     oracle_project = make_project(work / "oracle")
     oracle_data(project, work / "oracle_data")
     set_params(oracle_project, data={"source": "imagefolder", "path": str(work / "oracle_data")},

@@ -130,7 +130,35 @@ def test_auto_reports_every_candidate_and_chooses_without_target_labels(domains:
     rows = report["candidates"]
     admissible = [m for m, row in rows.items() if row["source_val"] >= rows["none"]["source_val"] - 0.01 - 1e-9]
     assert {m for m, row in rows.items() if row["agreement"] is not None} == set(admissible)
-    assert report["chosen"] == max(admissible, key=lambda m: (rows[m]["agreement"], m == "none"))
+    raced = [m for m in methods.TRAINED if rows[m]["pruned_at"] is None]
+    assert len(raced) == 1 and [rows[m]["pruned_at"] for m in methods.TRAINED if m not in raced] == [1]
+    assert rows[raced[0]]["epochs"] == 4  # the race's winner trains to adapt.epochs, the other stopped after one
+    finishers = [m for m in admissible if rows[m]["pruned_at"] is None]
+    assert report["chosen"] == max(finishers, key=lambda m: (rows[m]["agreement"], m == "none"))
+
+
+def test_a_method_stopped_by_the_race_and_continued_ends_with_the_weights_of_one_uninterrupted_run(domains: Path):
+    import torch
+
+    from tlops.models.classifier import load_classifier
+
+    params, device = _with("self_training"), torch.device("cpu")
+    model, info = load_classifier(paths.FINETUNE_DIR)
+    d = run.domains(params, load_manifest(paths.MANIFEST), load_target(paths.TARGET_MANIFEST), info,
+                    paths.FEATURES_IMAGES, paths.TARGET_IMAGES)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    methods.train_method("self_training", model, d, params, domains / "raced", "f", device, until=2)
+    known = (2, methods.target_probs(model, d, device))  # the race's score pass, reused as the next pseudo-labels
+    model.load_state_dict(start)
+    history, resumed = methods.train_method("self_training", model, d, params, domains / "raced", "f", device,
+                                            known=known)
+    raced = {k: v.clone() for k, v in model.state_dict().items()}
+    assert resumed == 2 and len(history) == params.adapt.epochs
+    model.load_state_dict(start)
+    methods.train_method("self_training", model, d, params, domains / "alone", "f", device)
+    assert any(not torch.equal(start[k], raced[k]) for k in start)
+    assert all(torch.allclose(raced[k].float(), v.float(), rtol=1e-5, atol=1e-6)
+               for k, v in model.state_dict().items())
 
 
 def test_choose_goes_by_agreement_with_the_ensemble_of_the_models_within_the_source_drop():

@@ -57,6 +57,7 @@ class Candidate:
     seconds: float
     resumed_epochs: int = 0
     history: list[dict] = field(default_factory=list)
+    pruned_at: int | None = None  # auto's race stopped it after this many epochs (it votes, it is not chosen)
 
     @property
     def im(self) -> float:
@@ -143,9 +144,14 @@ def strong_view(img: Image.Image, spec: PreprocessSpec, params: Params, view: in
 
 
 def train_method(method: str, model: Classifier, d: Domains, params: Params, checkpoint_dir: Path,
-                 fingerprint: str, device: torch.device) -> tuple[list[dict], int]:
+                 fingerprint: str, device: torch.device, until: int | None = None,
+                 known: tuple[int, np.ndarray] | None = None) -> tuple[list[dict], int]:
     """self_training or mcc: adapt.epochs passes over the target adapt images, each step a target batch beside a
-    labelled source batch of the same size; returns (history, epochs resumed from a checkpoint)."""
+    labelled source batch of the same size; returns (history, epochs resumed from a checkpoint).
+
+    until: stop after that many epochs (the schedule stays adapt.epochs long, so a later call resumes from the
+    checkpoint exactly as if never stopped); known: (epoch, the target predictions of the model after that epoch),
+    already computed by the caller, so self-training's pseudo-labels for the next epoch cost no second pass."""
     ad, ft = params.adapt, params.finetune
     groups = layer_groups(model.backbone)
     top = groups[::-1][: ft.unfreeze_groups if ad.unfreeze_groups is None else ad.unfreeze_groups]
@@ -163,11 +169,12 @@ def train_method(method: str, model: Classifier, d: Domains, params: Params, che
     source_sha = d.source_images.sha256
     if ad.batchnorm == "mixed" and start == 0:  # a resumed run restored these statistics with the weights
         mixed_bn(model, d, ad.batch_size, device)
-    for epoch in range(start, ad.epochs):
+    for epoch in range(start, ad.epochs if until is None else min(until, ad.epochs)):
         labels = weights = None
         if method == "self_training":  # this epoch's pseudo-labels, from the weak view of the model so far
-            _, logits = outputs(model, d.target, d.target_images, device)
-            labels, weights = pseudo_labels(softmax(logits), ad.confidence, ad.class_share)
+            reuse = known is not None and known[0] == epoch and not (ad.batchnorm == "mixed" and epoch == 0)
+            probs = known[1] if reuse else softmax(outputs(model, d.target, d.target_images, device)[1])
+            labels, weights = pseudo_labels(probs, ad.confidence, ad.class_share)
         set_trainable(model.backbone, top, len(top), "frozen")
         model.head.train()
         g = torch.Generator().manual_seed(ad.seed + epoch)

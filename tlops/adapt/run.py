@@ -14,7 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from tlops.adapt.methods import METHODS, Candidate, Domains, adabn, source_val_score, target_probs, train_method
+from tlops.adapt.methods import (
+    METHODS,
+    TRAINED,
+    Candidate,
+    Domains,
+    adabn,
+    source_val_score,
+    target_probs,
+    train_method,
+)
 from tlops.core import paths
 from tlops.core.config import Params
 from tlops.core.errors import DataError
@@ -82,21 +91,21 @@ def _adapt(params: Params, manifest: Any, target_rows: list, model_dir: Path, ou
     methods = METHODS if ad.method == "auto" else () if ad.method == "none" else (ad.method,)
     base = fingerprint(params, manifest, target_rows, model_dir)
     candidates = {}
-    for method in methods:
+    for method in (m for m in methods if m not in TRAINED):  # adabn: no training, statistics only
         model.load_state_dict(start)
         t0 = time.perf_counter()
-        history, resumed = [], 0
-        if method == "adabn":
-            adabn(model, d.target, d.target_images, ad.batch_size, device)
-        else:
-            history, resumed = train_method(method, model, d, params, checkpoint_dir / method,
-                                            sha256_json({"base": base, "method": method}), device)
+        adabn(model, d.target, d.target_images, ad.batch_size, device)
         candidates[method] = Candidate(method, {k: v.detach().clone() for k, v in model.state_dict().items()},
                                        target_probs(model, d, device), source_val_score(model, d, metric, device),
-                                       time.perf_counter() - t0, resumed, history)
+                                       time.perf_counter() - t0)
         if on_method:
             on_method(candidates[method])
-    chosen, agreement = (choose(source_only, candidates, ad.max_source_drop) if ad.method == "auto" else
+    racers = [m for m in methods if m in TRAINED]
+    candidates |= race(racers, model, start, source_only, candidates, d, params, checkpoint_dir, base, metric, device,
+                       on_method)
+    finished = {m: c for m, c in candidates.items() if c.pruned_at is None}
+    voters = [c for c in candidates.values() if c.pruned_at is not None]
+    chosen, agreement = (choose(source_only, finished, ad.max_source_drop, voters) if ad.method == "auto" else
                          (ad.method, {}))
     model.load_state_dict(source_only.state if chosen == "none" else candidates[chosen].state)
     model.eval()
@@ -107,20 +116,71 @@ def _adapt(params: Params, manifest: Any, target_rows: list, model_dir: Path, ou
     return AdaptResult(model, adapted_info, ad.method, chosen, candidates, source_only, d, agreement)
 
 
-def choose(source_only: Candidate, candidates: dict[str, Candidate], max_source_drop: float
-           ) -> tuple[str, dict[str, float]]:
+def race(racers: Sequence[str], model: Classifier, start: dict, source_only: Candidate,
+         untrained: dict[str, Candidate], d: Domains, params: Params, checkpoint_dir: Path, base: str, metric: str,
+         device: torch.device, on_method: Callable[[Candidate], None] | None) -> dict[str, Candidate]:
+    """The training methods as a successive-halving race: each trains adapt.race_min_epochs, the better half by the
+    label-free score (rank_racers) trains on, twice as long each round, and the last one to adapt.epochs; a stopped
+    one keeps its predictions and state so far (pruned_at). One racer (a method by name) simply trains to the end.
+
+    A method continues from its own checkpoint with the schedule of the full run, so the winner's weights are the
+    ones it gets trained alone; its predictions after each round are its next pseudo-labels (self-training), and the
+    source-only model's predictions are its first."""
+    ad = params.adapt
+    out: dict[str, Candidate] = {}
+    known = {m: (0, source_only.probs) for m in racers}
+    alive, rung = list(racers), ad.race_min_epochs or ad.epochs
+    while alive:
+        until = ad.epochs if len(alive) == 1 else min(rung, ad.epochs)
+        for method in alive:
+            model.load_state_dict(start)
+            t0 = time.perf_counter()
+            history, resumed = train_method(method, model, d, params, checkpoint_dir / method,
+                                            sha256_json({"base": base, "method": method}), device, until,
+                                            known[method])
+            probs = target_probs(model, d, device)
+            known[method] = (until, probs)
+            before = out.get(method)
+            out[method] = Candidate(method, {k: v.detach().clone() for k, v in model.state_dict().items()}, probs,
+                                    source_val_score(model, d, metric, device),
+                                    time.perf_counter() - t0 + (before.seconds if before else 0.0),
+                                    before.resumed_epochs if before else resumed, history)
+        if until >= ad.epochs:
+            break
+        ranked = rank_racers(source_only, [*untrained.values(), *out.values()], alive, ad.max_source_drop)
+        for method in ranked[(len(alive) + 1) // 2:]:  # halved (rounded up): of two, one goes on
+            out[method].pruned_at = until
+        alive, rung = ranked[: (len(alive) + 1) // 2], rung * 2
+    for c in out.values():
+        if on_method:
+            on_method(c)
+    return out
+
+
+def rank_racers(source_only: Candidate, models: Sequence[Candidate], racers: Sequence[str], max_source_drop: float
+                ) -> list[str]:
+    """The racers, best first, by choose()'s rule applied to the models as they stand: admissible ones (source
+    validation within max_source_drop) by their agreement with the ensemble of every admissible model."""
+    admissible = [c for c in models if c.source_val >= source_only.source_val - max_source_drop - 1e-9]
+    agreement = ensemble_agreement([source_only, *admissible])
+    return sorted(racers, key=lambda m: -agreement.get(m, -1.0))
+
+
+def choose(source_only: Candidate, candidates: dict[str, Candidate], max_source_drop: float,
+           voters: Sequence[Candidate] = ()) -> tuple[str, dict[str, float]]:
     """auto's rule, and each admissible model's score: the admissible models are the source-only one and the methods
     whose source validation metric fell at most max_source_drop; the one that agrees most with their ensemble on the
-    target wins (a tie keeps the source-only model).
+    target wins (a tie keeps the source-only model). Voters (methods the race stopped) join the ensemble when
+    admissible but are not chosen.
 
     Why not a confidence score such as information maximisation: MCC and self-training optimise confidence on the
     target themselves, so it rewards the objective rather than accuracy (on digits over photographs it chose MCC,
     16 points below self-training). The ensemble's errors are partly independent across methods, so agreeing with it
     tracks accuracy; with few admissible models it says little, and then the source-only model wins ties."""
-    admissible = [source_only, *(c for c in candidates.values()
+    admissible = [source_only, *(c for c in [*candidates.values(), *voters]
                                  if c.source_val >= source_only.source_val - max_source_drop - 1e-9)]
     agreement = ensemble_agreement(admissible)
-    best = max(admissible, key=lambda c: (agreement[c.method], c is source_only))
+    best = max((c for c in admissible if all(c is not v for v in voters)), key=lambda c: (agreement[c.method], c is source_only))
     return best.method, agreement
 
 
@@ -149,7 +209,8 @@ def fingerprint(params: Params, manifest: Any, target_rows: list, model_dir: Pat
     """
 
     return sha256_json({
-        "adapt": params.adapt.model_dump(mode="json", exclude={"method", "target", "test_fraction"}),
+        "adapt": params.adapt.model_dump(mode="json", exclude={"method", "target", "test_fraction",
+                                                               "race_min_epochs"}),
         "finetune": params.finetune.model_dump(mode="json"),
         "max_pixels": params.data.max_pixels,
         "model": sha256_file(Path(model_dir) / paths.FINETUNE_WEIGHTS.name),

@@ -71,7 +71,8 @@ def adaptation_report(result: AdaptResult, params: Params, manifest: Any, target
     out["candidates"] = {}
     for name, c in {"none": result.source_only, **result.candidates}.items():
         row = {"im": c.im, "source_val": c.source_val, "seconds": round(c.seconds, 2),
-               "resumed_epochs": c.resumed_epochs, "agreement": result.agreement.get(name)}
+               "resumed_epochs": c.resumed_epochs, "agreement": result.agreement.get(name),
+               "epochs": len(c.history), "pruned_at": c.pruned_at}
         if test_paths:  # for the reader only: computed after the choice, from labels adaptation never saw
             if name not in test_logits:
                 model.load_state_dict(c.state)
@@ -130,7 +131,8 @@ def markdown(rep: dict[str, Any]) -> str:
                   "| seconds |", "|---|---:|---:|---:|---:|---:|"]
         for name, row in rep["candidates"].items():
             acc, agree = row.get("target_accuracy"), row.get("agreement")
-            mark = " (chosen)" if name == rep["chosen"] else ""
+            mark = (" (chosen)" if name == rep["chosen"] else
+                    f" (stopped after {row['pruned_at']} epoch(s))" if row.get("pruned_at") else "")
             lines.append(f"| {name}{mark} | {'-' if agree is None else f'{agree:.4f}'} | {row['im']:.4f} | "
                          f"{row['source_val']:.4f} | {'-' if acc is None else f'{acc:.4f}'} | {row['seconds']:.1f} |")
         if rep.get("criterion"):

@@ -211,6 +211,7 @@ class AdaptParams(Section):
     batchnorm: Literal["source", "mixed"] = "source"
     unfreeze_groups: Annotated[int, Field(ge=0)] | None = 8
     max_source_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    race_min_epochs: Annotated[int, Field(ge=0)] = 1
     seed: int = 42
 
     @model_validator(mode="after")
