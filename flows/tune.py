@@ -86,10 +86,11 @@ def tune(params_path: str | None = None, root: Path | None = None, budget_s: flo
 
 
 def _shown(storage: str) -> str:
-    """The storage URL without a password (printed and logged)."""
-    from tlops.core.secrets import without_credentials
+    """The storage URL without its credentials (printed and logged): user:password@ dropped, and a password=...
+    among its query parameters (SQLAlchemy passes them to the driver) replaced by ***."""
+    from tlops.core.secrets import redact, without_credentials
 
-    return without_credentials(storage)
+    return redact(without_credentials(storage))
 
 
 # --- head level: in-process trials on the cached features ---------------------------------------------------------

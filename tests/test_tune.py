@@ -1,6 +1,7 @@
 """tlops tune: an Optuna study in a real SQLite storage, head trials in process on the cached features, pipeline
 trials as deployment runs taken by a real process worker, pruning through the study's storage from inside the
-fine-tuning stage, one MLflow parent run, resumption after kill -9."""
+fine-tuning stage, one MLflow parent run, resumption after kill -9; the study on a real PostgreSQL (the shared
+stores' server), continued by another process, its password never shown."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_images, run_cmd, write_params
+from conftest import create_database, make_images, run_cmd, write_params
 
 POOL = "tune-test"
 SPACE = {"head.lrs": {"low": 0.001, "high": 0.05, "log": True},
@@ -236,3 +237,130 @@ def test_a_pruned_trial_run_ends_pruned_with_its_checkpoint_kept(workspace: Path
     finetune = c.search_runs([e.experiment_id for e in c.search_experiments()], "tags.stage = 'finetune'")
     assert [(r.info.status, r.data.tags.get("tlops.outcome")) for r in finetune] == [("KILLED", "pruned")]
     assert not (folder / paths.FINETUNE_DIR / "model.safetensors").exists()  # the stage stopped, wrote no model
+
+
+# --- the shared PostgreSQL (postgres_server: the real server the shared MLflow store's tests run on) ----------------
+
+PG_PASSWORD = "tune-Secret-8f3a"  # the server trusts loopback and ignores it: tlops must still never show it
+
+
+def _pg_storage(postgres_server: str, database: str) -> str:
+    """A database of its own on the shared server, as tune.storage would name it: with a user and a password."""
+    return create_database(postgres_server, database).replace("://postgres@", f"://postgres:{PG_PASSWORD}@", 1)
+
+
+# A second process on the same storage, as a resumed `tlops tune` (the head study) and a pool worker reporting a
+# pipeline trial's fine-tuning epochs ($TLOPS_TUNE_TRIAL) would be: what it saw first, what it did, as JSON.
+_OTHER_PROCESS = """
+import json, sys
+import optuna
+from tlops.core.config import TuneParams
+from tlops.core.errors import TrialPruned
+from tlops.tuning.pruning import epoch_reporter
+from tlops.tuning.study import open_study, storage_url
+
+t = TuneParams.model_validate(json.loads(sys.argv[1]))
+head = open_study(t, "s", "head", storage_url(t))
+seen = [trial.number for trial in head.trials]
+asked = []
+for value in (0.7, 0.4):
+    trial = head.ask({"head.lrs": optuna.distributions.FloatDistribution(1e-3, 5e-2, log=True)})
+    head.tell(trial, value)
+    asked.append(trial.number)
+report = epoch_reporter()
+report({"step": 1, "val_metric": 0.85, "val_accuracy": 0.85}, 1)
+try:
+    report({"step": 2, "val_metric": 0.5, "val_accuracy": 0.5}, 2)
+    pruned = False
+except TrialPruned:
+    pruned = True
+print(json.dumps({"seen": seen, "asked": asked, "pruned": pruned}))
+"""
+
+
+def test_a_study_on_the_shared_postgresql_is_continued_by_another_process(postgres_server: str,
+                                                                         tmp_path: Path) -> None:
+    """tune.storage naming the shared PostgreSQL: both levels' studies live there apart, and another process (a
+    resumed tune, a worker on another machine) continues them: trial numbers go on from where they were, a pipeline
+    trial's epochs reported there reach the pruner, which stops it."""
+    import optuna
+    import psycopg
+
+    from tlops.core.config import TuneParams
+    from tlops.tuning.pruning import TRIAL_ENV
+    from tlops.tuning.study import open_study, storage_url
+
+    t = TuneParams.model_validate({"space": SPACE, "storage": _pg_storage(postgres_server, "tune_study"),
+                                   "startup_trials": 1})
+    storage = storage_url(t)
+    assert storage.startswith("postgresql+psycopg://")  # the driver tlops installs, whatever SQLAlchemy's default
+    head = open_study(t, "s", "head", storage)
+    for value in (0.5, 0.6):
+        head.tell(head.ask({"head.lrs": optuna.distributions.FloatDistribution(1e-3, 5e-2, log=True)}), value)
+    pipeline = open_study(t, "s", "pipeline", storage)
+    lr = {"finetune.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    done = pipeline.ask(lr)
+    for step, value in ((1, 0.8), (2, 0.9)):
+        done.report(value, step)
+    pipeline.tell(done, 0.9)
+    trial = pipeline.ask(lr)
+    env = {TRIAL_ENV: json.dumps({"storage": storage, "study": pipeline.study_name, "trial_id": trial._trial_id,
+                                  "tune": t.model_dump(mode="json")})}
+    proc = run_cmd([sys.executable, "-c", _OTHER_PROCESS, json.dumps(t.model_dump(mode="json"))], tmp_path, env=env)
+    other = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert other == {"seen": [0, 1], "asked": [2, 3], "pruned": True}
+    assert PG_PASSWORD not in proc.stdout + proc.stderr
+
+    head = open_study(t, "s", "head", storage)  # as the next `tlops tune` would
+    assert [(tr.number, tr.value) for tr in head.trials] == [(0, 0.5), (1, 0.6), (2, 0.7), (3, 0.4)]
+    assert head.best_value == 0.7
+    stored = open_study(t, "s", "pipeline", storage).trials
+    assert len(stored) == 2 and stored[1].intermediate_values == {1: 0.85, 2: 0.5}
+    assert stored[1].user_attrs["pruned_at"] == 2
+    # the two levels are two studies in that one database, on the server itself (no other storage stood in for it)
+    with psycopg.connect(f"{postgres_server}/tune_study") as conn:
+        rows = conn.execute("SELECT study_name, count(trial_id) FROM studies LEFT JOIN trials USING (study_id) "
+                            "GROUP BY study_name ORDER BY study_name").fetchall()
+    assert rows == [("s.head", 4), ("s.pipeline", 2)]
+
+
+def test_tune_runs_its_head_level_on_postgresql_resumes_it_and_never_shows_the_password(
+        trained: Path, postgres_server: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`tlops tune` (head keys only) with tune.storage on the shared PostgreSQL, on a finished workspace's cached
+    features; run again with more head trials it continues the same study and MLflow parent run. The password of the
+    storage URL appears in nothing it prints, logs, writes or tracks."""
+    import psycopg
+
+    import flows.pipeline
+    from flows.tune import SUMMARY, tune
+    from tlops.tracking import runs
+
+    storage = _pg_storage(postgres_server, "tune_head") + f"?password={PG_PASSWORD}&connect_timeout=10"
+    params = yaml.safe_load((trained / "params.yaml").read_text())
+    params["tune"].update(space={k: v for k, v in SPACE.items() if k.startswith("head.")}, head_trials=3, trials=0,
+                          storage=storage, pruner="none")
+    (trained / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # the defaults' `tlops run`: the fixture ran its stages already (the features are cached); no pipeline again
+    monkeypatch.setattr(flows.pipeline, "run_pipeline", lambda params_path=None: {})
+
+    first = tune()
+    second = tune(head_trials=5)
+    assert (first["head"]["trials"], second["head"]["trials"]) == (3, 5)
+    assert second["head"]["complete"] == 5 and second["pipeline"] is None
+    assert first["mlflow_parent_run_id"] == second["mlflow_parent_run_id"]  # the parent run reopened
+    with psycopg.connect(f"{postgres_server}/tune_head") as conn:
+        numbers = [n for (n,) in conn.execute("SELECT number FROM trials JOIN studies USING (study_id) WHERE "
+                                              "study_name = 'tlops-classifier-tune.head' ORDER BY number")]
+    assert numbers == [0, 1, 2, 3, 4]
+
+    shown = capsys.readouterr()
+    port = postgres_server.rsplit(":", 1)[1]
+    assert f"study tlops-classifier-tune in postgresql+psycopg://127.0.0.1:{port}/tune_head?password=***" in shown.err
+    c = runs.client()
+    tracked = [c.get_run(first["mlflow_parent_run_id"]), *c.search_runs(
+        [runs.experiment_id(c)], f"tags.mlflow.parentRunId = '{first['mlflow_parent_run_id']}'")]
+    assert len(tracked) == 1 + 5
+    for text in (shown.out, shown.err, caplog.text, (trained / SUMMARY).read_text(), json.dumps(second),
+                 *(json.dumps([r.data.params, r.data.tags]) for r in tracked)):
+        assert PG_PASSWORD not in text

@@ -13,9 +13,13 @@ STORAGE_FILE = paths.STATE_DIR / "tune.db"
 
 
 def storage_url(tune: TuneParams, root: Path | None = None) -> str:
-    """tune.storage, else SQLite at .tlops/tune.db of the workspace (an absolute path: trials run in clones)."""
+    """tune.storage, else SQLite at .tlops/tune.db of the workspace (an absolute path: trials run in clones).
+
+    A plain postgresql:// URL (the form the MLflow store's is written in) gets the psycopg driver tlops installs:
+    SQLAlchemy before 2.1 would otherwise look for psycopg2."""
     if tune.storage:
-        return tune.storage
+        scheme, sep, rest = tune.storage.partition("://")
+        return f"postgresql+psycopg://{rest}" if sep and scheme in ("postgresql", "postgres") else tune.storage
     path = (root or Path.cwd()).resolve() / STORAGE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
