@@ -105,7 +105,8 @@ def _head_level(params: Params, t: TuneParams, name: str, storage: str, space: d
     from tlops.tuning.space import as_changes
     from tlops.tuning.study import open_study
 
-    study = open_study(t, name, "head", storage, warmup_steps=5)
+    # A head trial costs seconds: judged only after half its epochs, when a slow learning rate has caught up.
+    study = open_study(t, name, "head", storage, warmup_steps=max(1, params.head.epochs // 2))
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(stale.number, state=TrialState.FAIL)  # in-process trials of a killed tune: not running anymore
     ds, selection = head_inputs(params)
@@ -319,7 +320,8 @@ def _plots(study: Any, level: str) -> list[str]:
     written.append(str(path))
     if len(done) >= 2 and len(study.best_trial.params) >= 1:
         try:
-            importance = optuna.importance.get_param_importances(study)
+            importance = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))  # Optuna 5's default is PED-ANOVA
         except (RuntimeError, ValueError):  # e.g. every complete trial drew the same values
             importance = {}
         if importance:
