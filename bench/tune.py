@@ -2,6 +2,8 @@
 
     python bench/tune.py --budget 1200 [--per-class 500] [--concurrency 1] [--work /tmp/tlops-bench-tune]
 
+With --concurrency 2 (two workers on one pool, one study), each worker's trials are drawn on a timeline.
+
 A fresh clone of this checkout on the images (committed: trials clone it), a temporary Prefect server and
 --concurrency process workers on one pool, then `tlops tune --budget B` as a user runs it. Prints, side by side: the
 defaults' test accuracy (the study's first step, `tlops run` of params.yaml) and the best trial's, the trials,
@@ -59,14 +61,18 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(1)
+        worker_logs = [a.work / f"worker{i}.log" for i in range(a.concurrency)]
         workers = [subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process",
-                                     "--limit", "1", "--name", f"bench{i}"], cwd=project, env=e, stdout=logs,
-                                    stderr=logs) for i in range(a.concurrency)]
-        started = time.perf_counter()
+                                     "--limit", "1", "--name", f"bench{i}"], cwd=project,
+                                    env={**e, "PREFECT_LOGGING_LEVEL": "INFO"},  # its log names each run it takes
+                                    stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+                   for i, log in enumerate(worker_logs)]
+        started, wall_start = time.perf_counter(), time.time()
         proc = subprocess.run([str(BIN / "tlops"), "tune", "--pool", POOL, "--budget", str(a.budget),
                                "--concurrency", str(a.concurrency), "--json"], cwd=project, env=e,
                               capture_output=True, text=True)
         seconds = time.perf_counter() - started
+        timeline = worker_timeline(e["PREFECT_API_URL"], worker_logs, wall_start)
     finally:
         for p in [*workers, server]:
             p.send_signal(signal.SIGINT)
@@ -91,6 +97,42 @@ def main() -> None:
         print(f"{name} level: {level.get('trials', 0)} trials, {level.get('complete', 0)} complete, "
               f"{level.get('pruned', 0)} pruned, {level.get('fail', 0)} failed, {level.get('epochs', 0)} epochs reported")
     print(f"summary: {project / 'reports/tune/summary.json'}")
+    print_timeline(timeline, seconds)
+
+
+def worker_timeline(api: str, worker_logs: list[Path], t0: float) -> dict[str, list[tuple[float, float, str]]]:
+    """Each worker's flow runs as (start s, end s, state) since the tune started: the runs from the Prefect API, each
+    given to the worker whose log names its id."""
+    from datetime import datetime
+
+    req = urllib.request.Request(f"{api}/flow_runs/filter", data=json.dumps({"limit": 200}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    runs = json.loads(urllib.request.urlopen(req, timeout=30).read())
+    logs = {log.stem: log.read_text() for log in worker_logs}
+    out: dict[str, list[tuple[float, float, str]]] = {name: [] for name in logs}
+    for r in runs:
+        owner = next((name for name, text in logs.items() if r["id"] in text), None)
+        if owner and r.get("start_time"):
+            start = datetime.fromisoformat(r["start_time"]).timestamp() - t0
+            end = datetime.fromisoformat(r["end_time"]).timestamp() - t0 if r.get("end_time") else start
+            out[owner].append((start, end, r["state_name"]))
+    return out
+
+
+def print_timeline(timeline: dict[str, list[tuple[float, float, str]]], seconds: float, width: int = 80) -> None:
+    """One row per worker, a column per 1/width of the tune's wall time: # while a trial ran on it (p: pruned)."""
+    print(f"worker timeline (0 .. {seconds:.0f} s, one column = {seconds / width:.0f} s):")
+    busy = []
+    for name, runs in timeline.items():
+        row = [" "] * width
+        for start, end, state in sorted(runs):
+            for col in range(int(start / seconds * width), min(width, int(end / seconds * width) + 1)):
+                row[col] = "p" if state == "Pruned" else "#"
+        busy.append({c for c, ch in enumerate(row) if ch != " "})
+        print(f"  {name:>8} |{''.join(row)}| {len(runs)} trials")
+    if len(busy) > 1:
+        both, any_ = set.intersection(*busy), set.union(*busy)
+        print(f"  every worker busy in {len(both) / max(1, len(any_)):.0%} of the time any was")
 
 
 if __name__ == "__main__":
