@@ -33,6 +33,7 @@ from tlops.core import paths
 from tlops.core.config import HeadParams, Params, TuneParams, load_params, set_params
 from tlops.core.errors import TlopsError
 from tlops.core.io import write_json
+from tlops.core.secrets import redact, without_credentials, without_password
 
 REPORT_DIR = paths.METRICS.parent / "tune"
 SUMMARY = REPORT_DIR / "summary.json"
@@ -88,7 +89,6 @@ def tune(params_path: str | None = None, root: Path | None = None, budget_s: flo
 def _shown(storage: str) -> str:
     """The storage URL without its credentials (printed and logged): user:password@ dropped, and a password=...
     among its query parameters (SQLAlchemy passes them to the driver) replaced by ***."""
-    from tlops.core.secrets import redact, without_credentials
 
     return redact(without_credentials(storage))
 
@@ -187,8 +187,11 @@ def _pipeline_level(params: Params, t: TuneParams, name: str, storage: str, spac
                 changes = {**fixed, **as_changes(trial.params, params),
                            "export.registered_model": f"{params.export.registered_model}-tune"}
                 folder = root / SWEEPS_DIR / f"tune-{name}" / f"{trial.number:03d}"
-                env = {TRIAL_ENV: json.dumps({"storage": storage, "study": study.study_name,
-                                              "trial_id": trial._trial_id, "tune": t.model_dump(mode="json")})}
+                # A flow run's parameters are stored and shown by Prefect: the worker gets the URL without its
+                # password and authenticates as libpq does (PGPASSWORD, ~/.pgpass).
+                sent = without_password(storage)
+                env = {TRIAL_ENV: json.dumps({"storage": sent, "study": study.study_name, "trial_id": trial._trial_id,
+                                              "tune": {**t.model_dump(mode="json"), "storage": sent}})}
                 run = run_deployment(deployment, parameters={"origin": str(root), "folder": str(folder),
                                                              "set_params": changes, "env": env},
                                      timeout=0, tags=["tune", name])

@@ -287,6 +287,7 @@ def test_a_study_on_the_shared_postgresql_is_continued_by_another_process(postgr
     import psycopg
 
     from tlops.core.config import TuneParams
+    from tlops.core.secrets import without_password
     from tlops.tuning.pruning import TRIAL_ENV
     from tlops.tuning.study import open_study, storage_url
 
@@ -304,8 +305,10 @@ def test_a_study_on_the_shared_postgresql_is_continued_by_another_process(postgr
         done.report(value, step)
     pipeline.tell(done, 0.9)
     trial = pipeline.ask(lr)
-    env = {TRIAL_ENV: json.dumps({"storage": storage, "study": pipeline.study_name, "trial_id": trial._trial_id,
-                                  "tune": t.model_dump(mode="json")})}
+    sent = without_password(storage)  # what flows/tune.py gives a worker: Prefect stores a flow run's parameters
+    assert PG_PASSWORD not in sent and sent.split("@")[0].endswith("://postgres")
+    env = {TRIAL_ENV: json.dumps({"storage": sent, "study": pipeline.study_name, "trial_id": trial._trial_id,
+                                  "tune": t.model_dump(mode="json")}), "PGPASSWORD": PG_PASSWORD}
     proc = run_cmd([sys.executable, "-c", _OTHER_PROCESS, json.dumps(t.model_dump(mode="json"))], tmp_path, env=env)
     other = json.loads(proc.stdout.strip().splitlines()[-1])
     assert other == {"seen": [0, 1], "asked": [2, 3], "pruned": True}

@@ -30,6 +30,13 @@ def without_credentials(uri: str) -> str:
     return _USERINFO.sub(lambda m: m["scheme"], uri)
 
 
+def without_password(uri: str) -> str:
+    """A URI with its password dropped and its user kept, for a process that authenticates by other means (libpq's
+    PGPASSWORD or ~/.pgpass): postgresql://u:p@h/db?password=p&sslmode=x -> postgresql://u@h/db?sslmode=x."""
+    uri = re.sub(r"(://[^/@:\s]+):[^/@\s]*@", r"\1@", uri)
+    return re.sub(r"(?i)([?&])(?:password|passwd|pwd)=[^&\s]*&?", r"\1", uri).rstrip("?&")
+
+
 def read_keys(env: str | None, file: str | os.PathLike | None, what: str = "serve.api_key_env") -> tuple[str, ...]:
     """The accepted keys: the value of environment variable `env`, or the lines of `file` (several keys let one
     be rotated out while the next is in use). ConfigError naming the setting when it is set but gives no key, or a
