@@ -46,7 +46,10 @@ def tuned_changes(path: Path) -> dict:
     changes file; the registered model name a trial gets is not a setting."""
     s = json.loads(path.read_text())
     if "defaults" in s:
-        s = ((s.get("pipeline") or {}).get("best") or {}).get("changes") or (s.get("head") or {}).get("best_changes")
+        best = (s.get("pipeline") or {}).get("best") or {}
+        if best.get("defaults"):  # no trial beat the defaults: the tuned run is the default one
+            return {}
+        s = best.get("changes") or (s.get("head") or {}).get("best_changes")
         if not s:
             sys.exit(f"{path}: the study has no complete trial")
     return {k: v for k, v in s.items() if k != "export.registered_model"}

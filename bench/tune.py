@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -64,7 +65,9 @@ def main() -> None:
         worker_logs = [a.work / f"worker{i}.log" for i in range(a.concurrency)]
         workers = [subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process",
                                      "--limit", "1", "--name", f"bench{i}"], cwd=project,
-                                    env={**e, "PREFECT_LOGGING_LEVEL": "INFO"},  # its log names each run it takes
+                                    # its log names each run it takes; its trials share the cores with the others'
+                                    env={**e, "PREFECT_LOGGING_LEVEL": "INFO",
+                                         "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // a.concurrency))},
                                     stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
                    for i, log in enumerate(worker_logs)]
         started, wall_start = time.perf_counter(), time.time()
@@ -91,7 +94,8 @@ def main() -> None:
     print(f"{'':24}{'validation':>12}{'test accuracy':>15}")
     print(f"{'defaults (params.yaml)':24}{d.get('val_metric', float('nan')):12.4f}{d.get('test_score', float('nan')):15.4f}")
     print(f"{'best tuned trial':24}{best.get('val_metric', float('nan')):12.4f}"
-          f"{best.get('test_score', float('nan')):15.4f}  ({json.dumps(best.get('changes', {}))})")
+          f"{best.get('test_score', float('nan')):15.4f}  "
+          f"({'the defaults: no trial beat them' if best.get('defaults') else json.dumps(best.get('changes', {}))})")
     print(f"gain over the defaults: {best.get('test_score', float('nan')) - d.get('test_score', float('nan')):+.4f}")
     for name, level in (("head", h), ("pipeline", p)):
         print(f"{name} level: {level.get('trials', 0)} trials, {level.get('complete', 0)} complete, "

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tlops.core import paths
-from tlops.core.config import HeadParams, Params, TuneParams, load_params, set_params
+from tlops.core.config import HeadParams, Params, TuneParams, dotted_get, load_params, set_params
 from tlops.core.errors import TlopsError
 from tlops.core.io import write_json
 from tlops.core.secrets import redact, without_credentials, without_password
@@ -70,8 +70,11 @@ def tune(params_path: str | None = None, root: Path | None = None, budget_s: flo
         head = _head_level(params, t, name, storage, head_space, deadline, parent) if head_space else None
         fixed = head["best_changes"] if head and head.get("best_changes") else {}
         pipeline = _pipeline_level(params, t, name, storage, pipeline_space, fixed, deadline, parent, root,
-                                   pool or params.schedule.work_pool, poll_s) if t.trials else None
+                                   pool or params.schedule.work_pool, poll_s, defaults) if t.trials else None
         best = (pipeline or {}).get("best")
+        if best and best.get("defaults"):
+            print("no trial beat the defaults: nothing to register or apply", file=sys.stderr)
+            best = None
         if best:
             best["registered"] = _register(params, best, parent)
         summary = {"study": name, "storage": _shown(storage), "budget_s": t.budget_s,
@@ -109,8 +112,14 @@ def _head_level(params: Params, t: TuneParams, name: str, storage: str, space: d
     study = open_study(t, name, "head", storage, warmup_steps=max(1, params.head.epochs // 2))
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(stale.number, state=TrialState.FAIL)  # in-process trials of a killed tune: not running anymore
+    info = json.loads(paths.HEAD_INFO.read_text())  # the defaults' head: the train_head stage's choice in its grid
+    chosen = {"head.lrs": info["lr"], "head.weight_decays": info["weight_decay"]}
+    if not study.trials and (seed := _defaults_trial(
+            space, {k: chosen.get(k, dotted_get(params, k)) for k in space}, info["val_metric"], paths.HEAD_DIR)):
+        study.add_trial(seed)
+    seeded = sum(1 for tr in study.trials if tr.user_attrs.get("defaults"))
     ds, selection = head_inputs(params)
-    while _finished(study) < t.head_trials and time.monotonic() < deadline:
+    while _finished(study) < t.head_trials + seeded and time.monotonic() < deadline:
         trial = study.ask(space)
         changes = as_changes(trial.params, params)
         hp = HeadParams.model_validate({**params.head.model_dump(), **{k.split(".", 1)[1]: v
@@ -160,7 +169,7 @@ def _level_summary(study: Any, params: Params, level: str) -> dict[str, Any]:
 
 def _pipeline_level(params: Params, t: TuneParams, name: str, storage: str, space: dict[str, Any],
                     fixed: dict[str, Any], deadline: float, parent: str, root: Path, pool: str,
-                    poll_s: float) -> dict[str, Any]:
+                    poll_s: float, defaults: dict[str, Any]) -> dict[str, Any]:
     from optuna.trial import TrialState
     from prefect import get_client
     from prefect.deployments import run_deployment
@@ -172,7 +181,11 @@ def _pipeline_level(params: Params, t: TuneParams, name: str, storage: str, spac
 
     study = open_study(t, name, "pipeline", storage)
     deployment = deploy_trials(root, pool, t.concurrency)
-    wanted = t.trials if space else 1  # no pipeline key: one run of the best head settings (trials: 0, none)
+    if not study.trials and "val_metric" in defaults and (seed := _defaults_trial(
+            space, {k: dotted_get(params, k) for k in space}, defaults["val_metric"], root)):
+        study.add_trial(seed)  # trial 0 is the run already made: the sampler's first point, the score to beat
+    seeded = sum(1 for tr in study.trials if tr.user_attrs.get("defaults"))
+    wanted = (t.trials if space else 1) + seeded  # no pipeline key: one run of the best head settings
     running: dict[int, dict[str, Any]] = {}
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if stale.user_attrs.get("flow_run_id"):  # its flow run may still be going: wait for it again
@@ -223,8 +236,32 @@ def _pipeline_level(params: Params, t: TuneParams, name: str, storage: str, spac
     if "best_trial" in out:
         attrs = study.trials[out["best_trial"]].user_attrs
         out["best"] = {"trial": out["best_trial"], "val_metric": out["best_value"], "changes": attrs["changes"],
-                       "folder": attrs["folder"], **_test_scores(Path(attrs["folder"]))}
+                       "folder": attrs["folder"], **_test_scores(Path(attrs["folder"])),
+                       **({"defaults": True} if attrs.get("defaults") else {})}
     return out
+
+
+def _defaults_trial(space: dict[str, Any], values: dict[str, Any], value: float, folder: Path) -> Any:
+    """The defaults' run as a finished trial of a study (None where a default lies outside the space): the sampler
+    starts from a known point and the best trial is never worse than what the defaults scored."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    for key, dist in space.items():
+        v = values.get(key)
+        if not (v in dist.choices if isinstance(dist, CategoricalDistribution) else
+                isinstance(v, (int, float)) and not isinstance(v, bool) and dist.low <= v <= dist.high):
+            return None
+    try:
+        return optuna.trial.create_trial(params={k: values[k] for k in space}, distributions=space, value=value,
+                                         user_attrs={"changes": {}, "folder": str(folder), "defaults": True})
+    except ValueError:  # e.g. off a stepped grid
+        return None
+    try:
+        return optuna.trial.create_trial(params=values, distributions=space, value=defaults["val_metric"],
+                                         user_attrs={"changes": {}, "folder": str(root), "defaults": True})
+    except ValueError:  # e.g. off a stepped grid
+        return None
 
 
 def _brief(changes: dict[str, Any]) -> str:
@@ -396,6 +433,6 @@ def table(summary: dict[str, Any]) -> Any:
             best = part.get("best") or {}
             tab.add_row(level, str(part["trials"]), str(part["pruned"]), str(part["epochs"]),
                         fmt(part.get("best_value")), fmt(best.get("test_score")),
-                        _brief(part.get("best_changes") or {}))
+                        "the defaults (trial 0)" if best.get("defaults") else _brief(part.get("best_changes") or {}))
     return tab
 

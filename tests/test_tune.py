@@ -69,6 +69,29 @@ def test_a_value_the_schema_refuses_fails_before_any_work(workspace: Path) -> No
     assert proc.returncode == 2 and "finetune.lrr is not a params key (did you mean finetune.lr?)" in proc.stderr
 
 
+def test_the_defaults_run_seeds_a_fresh_study_when_it_lies_inside_the_space(tmp_path: Path) -> None:
+    """The defaults' scores enter a study as trial 0 (so its best is never below them) only where every default is
+    a point of the space."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from flows.tune import _defaults_trial
+
+    space = {"finetune.lr": FloatDistribution(2e-4, 5e-3, log=True), "finetune.unfreeze_groups": IntDistribution(1, 8),
+             "finetune.augment.hflip": CategoricalDistribution([False, True])}
+    defaults = {"finetune.lr": 1e-3, "finetune.unfreeze_groups": 3, "finetune.augment.hflip": False}
+    seed = _defaults_trial(space, defaults, 0.89, tmp_path)
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(seed)
+    study.tell(study.ask(space), 0.85)
+    assert study.best_trial.number == 0 and study.best_trial.user_attrs["defaults"]
+    assert study.best_trial.params == defaults and study.best_value == 0.89
+    assert _defaults_trial(space, {**defaults, "finetune.lr": 0.01}, 0.89, tmp_path) is None
+    assert _defaults_trial(space, {**defaults, "finetune.augment.hflip": None}, 0.89, tmp_path) is None
+    assert _defaults_trial({"head.weight_decays": FloatDistribution(1e-6, 1e-3, log=True)},
+                           {"head.weight_decays": 0.0}, 0.89, tmp_path) is None
+
+
 def test_the_fine_tuning_stage_reports_each_epoch_and_stops_when_pruned(tmp_path: Path) -> None:
     """The reporter a pipeline trial's finetune stage uses: values land in the study; below the others' median the
     pruner stops it with TrialPruned, a permanent error (never retried)."""
@@ -120,28 +143,35 @@ def test_a_study_searches_both_levels_registers_its_best_and_applies_it(workspac
     summary = json.loads(out.stdout[out.stdout.index("{"):])
     head, pipeline = summary["head"], summary["pipeline"]
     assert head["trials"] == 4 and head["complete"] + head["pruned"] == 4
-    assert pipeline["trials"] == 2 and pipeline["complete"] == 2, pipeline
+    # trial 0 is the defaults' run (already made, not rerun), then tune.trials runs on the pool
+    assert pipeline["trials"] == 3 and pipeline["complete"] == 3, pipeline
+    trials = optuna.load_study(study_name=pipeline["study"], storage=f"sqlite:///{workspace / '.tlops/tune.db'}").trials
+    assert trials[0].user_attrs["defaults"] and trials[0].value == summary["defaults"]["val_metric"]
+    assert trials[0].params == {"finetune.lr": 0.001}  # params.yaml's default
     best = pipeline["best"]
+    assert best["val_metric"] == max(t.value for t in trials)
+    assert isinstance(best["test_score"], float) and isinstance(summary["defaults"]["test_score"], float)
+    from tlops.core.config import load_params
+
+    c = runs.client()
+    children = c.search_runs([runs.experiment_id(c)], f"tags.mlflow.parentRunId = '{summary['mlflow_parent_run_id']}'")
+    assert sorted(r.data.tags["tlops.level"] for r in children) == ["head"] * 4 + ["pipeline"] * 2
+    if best.get("defaults"):  # no trial beat them: nothing registered, nothing applied
+        assert "registered" not in best and "applied" not in summary
+        assert load_params(workspace / "params.yaml").finetune.lr == 0.001
+        return
     # every pipeline trial ran with the best head settings fixed and its own fine-tuning lr
     for key in ("head.lrs", "head.weight_decays"):
         assert best["changes"][key] == head["best_changes"][key]
     assert 0.0003 <= best["changes"]["finetune.lr"] <= 0.003
-    assert best["val_metric"] == max(t.value for t in optuna.load_study(
-        study_name=pipeline["study"], storage=f"sqlite:///{workspace / '.tlops/tune.db'}").trials)
-    assert isinstance(best["test_score"], float) and isinstance(summary["defaults"]["test_score"], float)
     # registered in the project's store as <model>-tune, candidate; the production model's champion untouched
     assert summary["pipeline"]["best"]["registered"]["name"] == "tlops-classifier-tune"
     assert registry.get_alias_version("tlops-classifier-tune", "candidate") == best["registered"]["version"]
-    c = runs.client()
-    children = c.search_runs([runs.experiment_id(c)], f"tags.mlflow.parentRunId = '{summary['mlflow_parent_run_id']}'")
-    assert sorted(r.data.tags["tlops.level"] for r in children) == ["head"] * 4 + ["pipeline"] * 2
     assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
     assert c.get_run(summary["mlflow_parent_run_id"]).info.status == "FINISHED"
     for name in ("head_history.png", "pipeline_history.png", "head_importances.png", "summary.json"):
         assert (workspace / "reports/tune" / name).stat().st_size > 0, name
     # --apply: the best trial's values in params.yaml, so the next `tlops run` reproduces it
-    from tlops.core.config import load_params
-
     applied = load_params(workspace / "params.yaml")
     assert applied.finetune.lr == pytest.approx(best["changes"]["finetune.lr"])
     assert applied.head.lrs == best["changes"]["head.lrs"]
