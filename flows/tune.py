@@ -257,11 +257,6 @@ def _defaults_trial(space: dict[str, Any], values: dict[str, Any], value: float,
                                          user_attrs={"changes": {}, "folder": str(folder), "defaults": True})
     except ValueError:  # e.g. off a stepped grid
         return None
-    try:
-        return optuna.trial.create_trial(params=values, distributions=space, value=defaults["val_metric"],
-                                         user_attrs={"changes": {}, "folder": str(root), "defaults": True})
-    except ValueError:  # e.g. off a stepped grid
-        return None
 
 
 def _brief(changes: dict[str, Any]) -> str:

@@ -161,9 +161,13 @@ def rank_racers(source_only: Candidate, models: Sequence[Candidate], racers: Seq
                 ) -> list[str]:
     """The racers, best first, by choose()'s rule applied to the models as they stand: admissible ones (source
     validation within max_source_drop) by their agreement with the ensemble of every admissible model."""
-    admissible = [c for c in models if c.source_val >= source_only.source_val - max_source_drop - 1e-9]
-    agreement = ensemble_agreement([source_only, *admissible])
+    agreement = ensemble_agreement(admissible(source_only, models, max_source_drop))
     return sorted(racers, key=lambda m: -agreement.get(m, -1.0))
+
+
+def admissible(source_only: Candidate, models: Sequence[Candidate], max_source_drop: float) -> list[Candidate]:
+    """The source-only model and those whose source validation metric fell at most max_source_drop below it."""
+    return [source_only, *(c for c in models if c.source_val >= source_only.source_val - max_source_drop - 1e-9)]
 
 
 def choose(source_only: Candidate, candidates: dict[str, Candidate], max_source_drop: float,
@@ -177,10 +181,10 @@ def choose(source_only: Candidate, candidates: dict[str, Candidate], max_source_
     target themselves, so it rewards the objective rather than accuracy (on digits over photographs it chose MCC,
     16 points below self-training). The ensemble's errors are partly independent across methods, so agreeing with it
     tracks accuracy; with few admissible models it says little, and then the source-only model wins ties."""
-    admissible = [source_only, *(c for c in [*candidates.values(), *voters]
-                                 if c.source_val >= source_only.source_val - max_source_drop - 1e-9)]
-    agreement = ensemble_agreement(admissible)
-    best = max((c for c in admissible if all(c is not v for v in voters)), key=lambda c: (agreement[c.method], c is source_only))
+    models = admissible(source_only, [*candidates.values(), *voters], max_source_drop)
+    agreement = ensemble_agreement(models)
+    best = max((c for c in models if all(c is not v for v in voters)),
+               key=lambda c: (agreement[c.method], c is source_only))
     return best.method, agreement
 
 
