@@ -29,8 +29,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import make_project, timed_run  # noqa: E402
 from datasets import fashion  # noqa: E402
+from pipeline import make_project, timed_run  # noqa: E402
 from target_domain import digits_over_photos, fashion_over_photos  # noqa: E402
 
 

@@ -66,7 +66,7 @@ def tune(params_path: str | None = None, root: Path | None = None, budget_s: flo
 
     run_pipeline(params_path)  # the defaults: cached features for the head level, and the scores to beat
     defaults = {**_val_score(root), **_test_scores(root)}
-    with _parent_run(name, t) as parent:
+    with _parent_run(name, t, storage) as parent:
         head = _head_level(params, t, name, storage, head_space, deadline, parent) if head_space else None
         fixed = head["best_changes"] if head and head.get("best_changes") else {}
         pipeline = _pipeline_level(params, t, name, storage, pipeline_space, fixed, deadline, parent, root,
@@ -283,14 +283,19 @@ def _test_scores(folder: Path) -> dict[str, Any]:
 # --- tracking and outcome --------------------------------------------------------------------------------------------
 
 @contextmanager
-def _parent_run(name: str, t: TuneParams) -> Iterator[str]:
-    """The study's MLflow parent run (tag tlops.study): created once, reopened by a resumed tune, ended here."""
+def _parent_run(name: str, t: TuneParams, storage: str) -> Iterator[str]:
+    """The study's MLflow parent run (tags tlops.study and the storage's digest: a study of the same name in another
+    storage is another study): created once, reopened by a resumed tune, ended here."""
+    import hashlib
+
     from tlops.tracking import runs
 
     c = runs.client()
     exp = runs.experiment_id(c)
     runs.reap_stale_runs(c)  # a killed tune's parent and the trial it was logging: KILLED, not left RUNNING
-    found = c.search_runs([exp], f"tags.`tlops.study` = '{name}' and tags.`tlops.kind` = 'tune'", max_results=1,
+    where = hashlib.sha256(_shown(storage).encode()).hexdigest()[:16]
+    found = c.search_runs([exp], f"tags.`tlops.study` = '{name}' and tags.`tlops.kind` = 'tune' and "
+                                 f"tags.`tlops.study_storage` = '{where}'", max_results=1,
                           order_by=["attributes.start_time DESC"])
     if found:
         run_id = found[0].info.run_id
@@ -298,6 +303,7 @@ def _parent_run(name: str, t: TuneParams) -> Iterator[str]:
         runs.StageRun(c, run_id).set_tags(runs.owned_by_this_process())
     else:
         run_id = c.create_run(exp, run_name=f"tune-{name}", tags={"tlops.kind": "tune", "tlops.study": name,
+                                                                 "tlops.study_storage": where,
                                                                  **runs.owned_by_this_process()}).info.run_id
         c.log_param(run_id, "space", json.dumps(t.model_dump(mode="json")["space"])[:6000])
     status = "FAILED"

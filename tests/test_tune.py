@@ -5,6 +5,7 @@ stores' server), continued by another process, its password never shown."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -223,8 +224,10 @@ def test_a_killed_study_resumes_where_it_was(workspace: Path, prefect_api: str) 
     assert len(after) >= before + 3 and summary["head"]["trials"] == len(after)
     assert all(t.state.name != "RUNNING" for t in after)
     c = runs.client()
-    studies = c.search_runs([runs.experiment_id(c)], "tags.`tlops.kind` = 'tune'")
-    assert len(studies) == 1  # one parent, reopened
+    where = hashlib.sha256(storage.encode()).hexdigest()[:16]  # this study's parent (the store is the session's)
+    studies = c.search_runs([runs.experiment_id(c)], f"tags.`tlops.kind` = 'tune' and tags.`tlops.study_storage` = "
+                                                     f"'{where}'")
+    assert len(studies) == 1 and studies[0].info.run_id == summary["mlflow_parent_run_id"]  # one parent, reopened
     assert not c.search_runs([runs.experiment_id(c)], "attributes.status = 'RUNNING'")
 
 
