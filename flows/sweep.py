@@ -156,9 +156,11 @@ def _validate(changes: dict[str, Any]) -> None:
 
 def _scores(folder: Path) -> dict[str, Any]:
     metrics_path = folder / paths.METRICS
-    if not metrics_path.exists():
-        return {}
-    m = json.loads(metrics_path.read_text())
+    return _scores_of(json.loads(metrics_path.read_text())) if metrics_path.exists() else {}
+
+
+def _scores_of(m: dict[str, Any]) -> dict[str, Any]:
+    """A run's test scores from its reports/metrics.json."""
     metric = m.get("metric", "accuracy")
     exported = m.get("exported", {})
     return {"metric": metric, "score": exported.get(metric), "head": m.get("head", {}).get(metric),

@@ -32,7 +32,7 @@ from typing import Any
 from tlops.core import paths
 from tlops.core.config import HeadParams, Params, TuneParams, dotted_get, load_params, set_params
 from tlops.core.errors import TlopsError
-from tlops.core.io import write_json
+from tlops.core.io import read_json, sha256_bytes, write_json
 from tlops.core.secrets import redact, without_credentials, without_password
 
 REPORT_DIR = paths.METRICS.parent / "tune"
@@ -65,7 +65,7 @@ def tune(params_path: str | None = None, root: Path | None = None, budget_s: flo
     from flows.pipeline import run_pipeline
 
     run_pipeline(params_path)  # the defaults: cached features for the head level, and the scores to beat
-    defaults = {**_val_score(root), **_test_scores(root)}
+    defaults = _run_scores(root)
     with _parent_run(name, t, storage) as parent:
         head = _head_level(params, t, name, storage, head_space, deadline, parent) if head_space else None
         fixed = head["best_changes"] if head and head.get("best_changes") else {}
@@ -112,7 +112,7 @@ def _head_level(params: Params, t: TuneParams, name: str, storage: str, space: d
     study = open_study(t, name, "head", storage, warmup_steps=max(1, params.head.epochs // 2))
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(stale.number, state=TrialState.FAIL)  # in-process trials of a killed tune: not running anymore
-    info = json.loads(paths.HEAD_INFO.read_text())  # the defaults' head: the train_head stage's choice in its grid
+    info = read_json(paths.HEAD_INFO)  # the defaults' head: the train_head stage's choice in its grid
     chosen = {"head.lrs": info["lr"], "head.weight_decays": info["weight_decay"]}
     if not study.trials and (seed := _defaults_trial(
             space, {k: chosen.get(k, dotted_get(params, k)) for k in space}, info["val_metric"], paths.HEAD_DIR)):
@@ -221,22 +221,24 @@ def _pipeline_level(params: Params, t: TuneParams, name: str, storage: str, spac
                 if state is None or state.type.value not in FINAL:
                     continue
                 del running[number]
+                scores = {}
                 if state.type.value == "COMPLETED" and state.name != PRUNED_STATE:
-                    value = _val_score(Path(attrs["folder"])).get("val_metric")
+                    scores = _run_scores(Path(attrs["folder"]))
+                    value = scores.get("val_metric")
                     study.tell(number, value) if value is not None else study.tell(number, state=TrialState.FAIL)
                 else:
                     study.tell(number, state=TrialState.PRUNED if state.name == PRUNED_STATE else TrialState.FAIL)
                 frozen = study.trials[number]
                 _log_trial(parent, "pipeline", frozen, attrs["changes"],
-                           _test_scores(Path(attrs["folder"])) if frozen.state == TrialState.COMPLETE else {},
+                           scores if frozen.state == TrialState.COMPLETE else {},
                            state.message if frozen.state == TrialState.FAIL else None)
                 print(f"trial {number}: {frozen.state.name.lower()}"
                       + (f", validation {frozen.value:.4f}" if frozen.value is not None else ""), file=sys.stderr)
     out = _level_summary(study, params, "pipeline")
     if "best_trial" in out:
         attrs = study.trials[out["best_trial"]].user_attrs
-        out["best"] = {"trial": out["best_trial"], "val_metric": out["best_value"], "changes": attrs["changes"],
-                       "folder": attrs["folder"], **_test_scores(Path(attrs["folder"])),
+        out["best"] = {"trial": out["best_trial"], **_run_scores(Path(attrs["folder"])),
+                       "val_metric": out["best_value"], "changes": attrs["changes"], "folder": attrs["folder"],
                        **({"defaults": True} if attrs.get("defaults") else {})}
     return out
 
@@ -264,20 +266,18 @@ def _brief(changes: dict[str, Any]) -> str:
                      if k != "export.registered_model")
 
 
-def _val_score(folder: Path) -> dict[str, Any]:
-    """The validation metric of the model a run selected (reports/metrics.json), the value trials are ranked by."""
+def _run_scores(folder: Path) -> dict[str, Any]:
+    """A run's reports/metrics.json, read once: the validation metric of the model it selected (trials are ranked by
+    it, never by test scores) and its test scores."""
+    from flows.sweep import _scores_of
+
     path = folder / paths.METRICS
     if not path.exists():
         return {}
-    m = json.loads(path.read_text())
+    m = read_json(path)
     chosen = m.get("selection", {}).get(m.get("selected"), {})
-    return {"val_metric": chosen["val_metric"]} if "val_metric" in chosen else {}
-
-
-def _test_scores(folder: Path) -> dict[str, Any]:
-    from flows.sweep import _scores
-
-    return {f"test_{k}" if k in ("score", "head", "finetuned") else k: v for k, v in _scores(folder).items()}
+    return {**({"val_metric": chosen["val_metric"]} if "val_metric" in chosen else {}),
+            **{f"test_{k}" if k in ("score", "head", "finetuned") else k: v for k, v in _scores_of(m).items()}}
 
 
 # --- tracking and outcome --------------------------------------------------------------------------------------------
@@ -286,14 +286,12 @@ def _test_scores(folder: Path) -> dict[str, Any]:
 def _parent_run(name: str, t: TuneParams, storage: str) -> Iterator[str]:
     """The study's MLflow parent run (tags tlops.study and the storage's digest: a study of the same name in another
     storage is another study): created once, reopened by a resumed tune, ended here."""
-    import hashlib
-
     from tlops.tracking import runs
 
     c = runs.client()
     exp = runs.experiment_id(c)
     runs.reap_stale_runs(c)  # a killed tune's parent and the trial it was logging: KILLED, not left RUNNING
-    where = hashlib.sha256(_shown(storage).encode()).hexdigest()[:16]
+    where = sha256_bytes(_shown(storage).encode())[:16]
     found = c.search_runs([exp], f"tags.`tlops.study` = '{name}' and tags.`tlops.kind` = 'tune' and "
                                  f"tags.`tlops.study_storage` = '{where}'", max_results=1,
                           order_by=["attributes.start_time DESC"])

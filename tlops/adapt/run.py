@@ -151,9 +151,8 @@ def race(racers: Sequence[str], model: Classifier, start: dict, source_only: Can
         for method in ranked[(len(alive) + 1) // 2:]:  # halved (rounded up): of two, one goes on
             out[method].pruned_at = until
         alive, rung = ranked[: (len(alive) + 1) // 2], rung * 2
-    for c in out.values():
-        if on_method:
-            on_method(c)
+    for c in out.values() if on_method else ():
+        on_method(c)
     return out
 
 
