@@ -1,6 +1,14 @@
-"""`tlops tune` against the defaults on Fashion-MNIST (Debian's dataset-fashion-mnist, --per-class images a class).
+"""`tlops tune` against the defaults on Fashion-MNIST (Debian's dataset-fashion-mnist, --per-class images a class)
+or on WordNet noun glosses (--set wordnet: Debian's wordnet-base, bench/wordnet.py, 400 texts a class).
 
-    python bench/tune.py --budget 1200 [--per-class 500] [--concurrency 1] [--work /tmp/tlops-bench-tune]
+    python bench/tune.py --budget 1200 [--set fashion|wordnet] [--per-class 500] [--concurrency 1]
+                         [--kill-after S] [--work /tmp/tlops-bench-tune]
+
+--kill-after S: `tlops tune` is killed (SIGKILL) S seconds in and the same command is run again; the study's trial
+count at the kill and at the end, and the MLflow runs left RUNNING, are printed.
+
+The text set's study searches the space a user declares for a text model in params.yaml (TEXT_SPACE: no image
+augmentation, the encoder's 7 layer groups, a lower learning-rate range); the image set's, the default space.
 
 With --concurrency 2 (two workers on one pool, one study), each worker's trials are drawn on a timeline.
 
@@ -24,10 +32,19 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from datasets import fashion  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.wordnet, which datasets.wordnet imports
+from datasets import fashion, wordnet  # noqa: E402
 from projects import BIN, clone, env  # noqa: E402
 
 POOL = "bench-tune"
+TEXT_SPACE = {  # tune.space for a MiniLM text model: what applies to an encoder of 7 layer groups
+    "head.lrs": {"low": 0.0003, "high": 0.03, "log": True},
+    "head.weight_decays": {"low": 0.000001, "high": 0.01, "log": True},
+    "finetune.lr": {"low": 0.0001, "high": 0.003, "log": True},
+    "finetune.lr_decay": {"low": 0.3, "high": 0.95},
+    "finetune.unfreeze_groups": {"low": 1, "high": 7},
+    "finetune.label_smoothing": {"low": 0.0, "high": 0.2},
+}
 
 
 def free_port() -> int:
@@ -39,15 +56,24 @@ def free_port() -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=1200)
+    ap.add_argument("--set", choices=("fashion", "wordnet"), default="fashion")
     ap.add_argument("--per-class", type=int, default=500)
     ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--kill-after", type=float, default=None, help="SIGKILL tlops tune this many seconds in, rerun it")
     ap.add_argument("--work", type=Path, default=Path("/tmp/tlops-bench-tune"))
     a = ap.parse_args()
-    images = a.work / f"fashion-{a.per_class}"
-    if not images.exists():
-        fashion(images, a.per_class)
-    project = clone(a.work / "project", {"data": {"source": "imagefolder", "path": str(images)}})
-    subprocess.run(["git", "commit", "-qam", "bench: fashion"], cwd=project, check=True)
+    if a.set == "wordnet":
+        data, name = a.work / "wordnet", "WordNet noun glosses, 400/class"
+        if not data.exists():
+            wordnet(data)
+        overrides = {"data": {"source": "textfolder", "path": str(data)}, "tune": {"space": TEXT_SPACE}}
+    else:
+        data, name = a.work / f"fashion-{a.per_class}", f"Fashion-MNIST {a.per_class}/class"
+        if not data.exists():
+            fashion(data, a.per_class)
+        overrides = {"data": {"source": "imagefolder", "path": str(data)}}
+    project = clone(a.work / "project", overrides)
+    subprocess.run(["git", "commit", "-qam", f"bench: {a.set}"], cwd=project, check=True)
     port = free_port()
     e = {**env(), "PREFECT_HOME": str(a.work / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
          "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -71,10 +97,21 @@ def main() -> None:
                                     stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
                    for i, log in enumerate(worker_logs)]
         started, wall_start = time.perf_counter(), time.time()
-        proc = subprocess.run([str(BIN / "tlops"), "tune", "--pool", POOL, "--budget", str(a.budget),
-                               "--concurrency", str(a.concurrency), "--json"], cwd=project, env=e,
-                              capture_output=True, text=True)
+        command = [str(BIN / "tlops"), "tune", "--pool", POOL, "--budget", str(a.budget),
+                   "--concurrency", str(a.concurrency), "--json"]
+        if a.kill_after:
+            killed = subprocess.Popen(command, cwd=project, env=e, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+            time.sleep(a.kill_after)
+            killed.kill()
+            killed.wait()
+            at_kill = trial_counts(project)
+            print(f"killed (SIGKILL) {a.kill_after:g} s in: trials in the studies {at_kill}", flush=True)
+        proc = subprocess.run(command, cwd=project, env=e, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - started
+        if a.kill_after:
+            print(f"after the same command again: trials {trial_counts(project)}; MLflow runs left RUNNING: "
+                  f"{running_runs(project)}")
         timeline = worker_timeline(e["PREFECT_API_URL"], worker_logs, wall_start)
     finally:
         for p in [*workers, server]:
@@ -89,19 +126,38 @@ def main() -> None:
     s = json.loads(proc.stdout[proc.stdout.index("{"):])
     d, p, h = s["defaults"], s["pipeline"] or {}, s["head"] or {}
     best = p.get("best") or {}
-    print(f"Fashion-MNIST {a.per_class}/class, budget {a.budget:g} s, concurrency {a.concurrency}: "
+    print(f"{name}, budget {a.budget:g} s, concurrency {a.concurrency}: "
           f"tlops tune took {seconds:.0f} s ({seconds / a.budget:.0%} of the budget)")
     print(f"{'':24}{'validation':>12}{'test accuracy':>15}")
-    print(f"{'defaults (params.yaml)':24}{d.get('val_metric', float('nan')):12.4f}{d.get('test_score', float('nan')):15.4f}")
+    print(f"{'defaults (params.yaml)':24}{d.get('val_metric', float('nan')):12.4f}"
+          f"{d.get('test_score', float('nan')):15.4f}")
     print(f"{'best tuned trial':24}{best.get('val_metric', float('nan')):12.4f}"
           f"{best.get('test_score', float('nan')):15.4f}  "
           f"({'the defaults: no trial beat them' if best.get('defaults') else json.dumps(best.get('changes', {}))})")
     print(f"gain over the defaults: {best.get('test_score', float('nan')) - d.get('test_score', float('nan')):+.4f}")
     for name, level in (("head", h), ("pipeline", p)):
         print(f"{name} level: {level.get('trials', 0)} trials, {level.get('complete', 0)} complete, "
-              f"{level.get('pruned', 0)} pruned, {level.get('fail', 0)} failed, {level.get('epochs', 0)} epochs reported")
+              f"{level.get('pruned', 0)} pruned, {level.get('fail', 0)} failed, "
+              f"{level.get('epochs', 0)} epochs reported")
     print(f"summary: {project / 'reports/tune/summary.json'}")
     print_timeline(timeline, seconds)
+
+
+def trial_counts(project: Path) -> dict[str, int]:
+    """{study name: trials} in the project's default study storage (.tlops/tune.db)."""
+    import optuna
+
+    storage = f"sqlite:///{project / '.tlops/tune.db'}"
+    return {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}
+
+
+def running_runs(project: Path) -> int:
+    """MLflow runs in the project's store still RUNNING."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exps = [x.experiment_id for x in client.search_experiments()]
+    return len(client.search_runs(exps, "attributes.status = 'RUNNING'", max_results=1000))
 
 
 def worker_timeline(api: str, worker_logs: list[Path], t0: float) -> dict[str, list[tuple[float, float, str]]]:
