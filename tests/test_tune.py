@@ -124,6 +124,17 @@ def test_the_fine_tuning_stage_reports_each_epoch_and_stops_when_pruned(tmp_path
         del os.environ[TRIAL_ENV]
     stored = optuna.load_study(study_name=study.study_name, storage=storage).trials[1]
     assert stored.intermediate_values == {1: 0.85, 2: 0.5} and stored.user_attrs["pruned_at"] == 2
+    # the pipeline level's warm-up (half the fine-tuning epochs): far below the median at epoch 1 is not judged yet
+    young = study.ask({"finetune.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    os.environ[TRIAL_ENV] = json.dumps({"storage": storage, "study": study.study_name, "trial_id": young._trial_id,
+                                        "tune": t.model_dump(mode="json"), "warmup_steps": 2})
+    try:
+        report = epoch_reporter()
+        report({"step": 1, "val_metric": 0.1, "val_accuracy": 0.1}, 1)
+        with pytest.raises(TrialPruned, match="after fine-tuning epoch 2"):
+            report({"step": 2, "val_metric": 0.5, "val_accuracy": 0.5}, 2)
+    finally:
+        del os.environ[TRIAL_ENV]
     assert is_permanent(TrialPruned("x"))
 
 

@@ -1,8 +1,9 @@
 """What a pipeline trial of `tlops tune` reports while it fine-tunes: its validation metric after every epoch, into
 the study's storage, and TrialPruned when the study's pruner says stop (the stage ends, its checkpoint kept).
 
-flows/tune.py starts each trial with $TLOPS_TUNE_TRIAL = {"storage", "study", "trial_id", "tune"}; without it
-(every ordinary run) the reporter is None and nothing here imports Optuna.
+flows/tune.py starts each trial with $TLOPS_TUNE_TRIAL = {"storage", "study", "trial_id", "tune", "warmup_steps":
+the epochs before the pruner may judge}; without it (every ordinary run) the reporter is None and nothing here
+imports Optuna.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def epoch_reporter() -> Callable[[dict, int], None] | None:
     spec = json.loads(raw)
     quiet()
     tune = TuneParams.model_validate(spec["tune"])
-    study = optuna.load_study(study_name=spec["study"], storage=spec["storage"], pruner=pruner(tune))
+    study = optuna.load_study(study_name=spec["study"], storage=spec["storage"],
+                              pruner=pruner(tune, int(spec.get("warmup_steps", 1))))
     trial = optuna.trial.Trial(study, int(spec["trial_id"]))
 
     def report(row: dict, epoch: int) -> None:
