@@ -2,10 +2,14 @@
 or on WordNet noun glosses (--set wordnet: Debian's wordnet-base, bench/wordnet.py, 400 texts a class).
 
     python bench/tune.py --budget 1200 [--set fashion|wordnet] [--per-class 500] [--concurrency 1]
-                         [--kill-after S] [--work /tmp/tlops-bench-tune]
+                         [--kill-after S] [--reuse] [--replay-pruned] [--work /tmp/tlops-bench-tune]
 
 --kill-after S: `tlops tune` is killed (SIGKILL) S seconds in and the same command is run again; the study's trial
 count at the kill and at the end, and the MLflow runs left RUNNING, are printed.
+
+--replay-pruned (after a study, on the same --work): every pruned pipeline trial is run on to the end in its own
+folder (`tlops run` there: fine-tuning resumes from the checkpoint the pruner left, without the pruner), so the same
+trials are compared pruned and unpruned: fine-tuning epochs, and the best by validation with its test accuracy.
 
 The text set's study searches the space a user declares for a text model in params.yaml (TEXT_SPACE: no image
 augmentation, the encoder's 7 layer groups, a lower learning-rate range); the image set's, the default space.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import socket
@@ -60,8 +65,13 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=500)
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--kill-after", type=float, default=None, help="SIGKILL tlops tune this many seconds in, rerun it")
+    ap.add_argument("--replay-pruned", action="store_true", help="run the last study's pruned trials to the end")
+    ap.add_argument("--reuse", action="store_true", help="keep --work's project: its study continues")
     ap.add_argument("--work", type=Path, default=Path("/tmp/tlops-bench-tune"))
     a = ap.parse_args()
+    if a.replay_pruned:
+        replay_pruned(a.work / "project")
+        return
     if a.set == "wordnet":
         data, name = a.work / "wordnet", "WordNet noun glosses, 400/class"
         if not data.exists():
@@ -72,8 +82,10 @@ def main() -> None:
         if not data.exists():
             fashion(data, a.per_class)
         overrides = {"data": {"source": "imagefolder", "path": str(data)}}
-    project = clone(a.work / "project", overrides)
-    subprocess.run(["git", "commit", "-qam", f"bench: {a.set}"], cwd=project, check=True)
+    fresh = not (a.reuse and (a.work / "project").exists())
+    project = clone(a.work / "project", overrides if fresh else None, reuse=not fresh)
+    if fresh:
+        subprocess.run(["git", "commit", "-qam", f"bench: {a.set}"], cwd=project, check=True)
     port = free_port()
     e = {**env(), "PREFECT_HOME": str(a.work / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
          "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -141,6 +153,52 @@ def main() -> None:
               f"{level.get('epochs', 0)} epochs reported")
     print(f"summary: {project / 'reports/tune/summary.json'}")
     print_timeline(timeline, seconds)
+
+
+def replay_pruned(project: Path) -> None:
+    """The pipeline study's pruned trials run on to the end; the same trials pruned against unpruned."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from flows.tune import _run_scores
+
+    summary = json.loads((project / "reports/tune/summary.json").read_text())
+    storage = f"sqlite:///{project / '.tlops/tune.db'}"
+    study = optuna.load_study(study_name=f"{summary['study']}.pipeline", storage=storage)
+    rows = []
+    for t in study.trials:
+        folder = Path(t.user_attrs["folder"])
+        row = {"trial": t.number, "state": t.state.name.lower(), "epochs_pruned": len(t.intermediate_values),
+               "scores": _run_scores(folder) if t.state == TrialState.COMPLETE else {},
+               "changes": {k: v for k, v in t.user_attrs.get("changes", {}).items() if k != "export.registered_model"}}
+        if t.state == TrialState.PRUNED:
+            started = time.perf_counter()
+            proc = subprocess.run([str(BIN / "tlops"), "run"], cwd=folder, env=env(), capture_output=True, text=True,
+                                  check=False)
+            if proc.returncode != 0:
+                sys.exit(f"trial {t.number} did not run on:\n{proc.stderr[-2000:]}")
+            row["scores"] = _run_scores(folder)
+            row["replay_s"] = round(time.perf_counter() - started)
+        history = folder / "reports/finetune_history.csv"
+        row["epochs_unpruned"] = (sum(1 for line in history.read_text().splitlines()[1:] if ",finetune," in line)
+                                  if history.exists() else 0)
+        if t.user_attrs.get("defaults"):
+            row["epochs_pruned"] = row["epochs_unpruned"] = 0  # the defaults' run, not a trial the study ran
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    done = [r for r in rows if r["state"] == "complete"]
+    pruned_best = max(done, key=lambda r: r["scores"].get("val_metric", -1.0))
+    unpruned_best = max(rows, key=lambda r: r["scores"].get("val_metric", -1.0))
+    pruned_epochs, unpruned_epochs = sum(r["epochs_pruned"] for r in rows), sum(r["epochs_unpruned"] for r in rows)
+    print(f"\n{len(rows)} pipeline trials ({sum(r['state'] == 'pruned' for r in rows)} pruned, run on here)")
+    print(f"{'':28}{'fine-tuning epochs':>20}{'best: trial':>13}{'validation':>12}{'test accuracy':>15}")
+    for name, epochs, best in (("with the pruner (the study)", pruned_epochs, pruned_best),
+                               ("the same trials unpruned", unpruned_epochs, unpruned_best)):
+        print(f"{name:28}{epochs:>20}{best['trial']:>13}{best['scores'].get('val_metric', float('nan')):12.4f}"
+              f"{best['scores'].get('test_score', float('nan')):15.4f}")
+    gap = pruned_best["scores"].get("test_score", math.nan) - unpruned_best["scores"].get("test_score", math.nan)
+    print(f"the pruner saved {1 - pruned_epochs / max(1, unpruned_epochs):.0%} of the fine-tuning epochs; its best's "
+          f"test accuracy {gap:+.4f} against the unpruned best's")
 
 
 def trial_counts(project: Path) -> dict[str, int]:
