@@ -163,8 +163,7 @@ def replay_pruned(project: Path) -> None:
     from flows.tune import _run_scores
 
     summary = json.loads((project / "reports/tune/summary.json").read_text())
-    storage = f"sqlite:///{project / '.tlops/tune.db'}"
-    study = optuna.load_study(study_name=f"{summary['study']}.pipeline", storage=storage)
+    study = optuna.load_study(study_name=f"{summary['study']}.pipeline", storage=study_storage(project))
     rows = []
     for t in study.trials:
         folder = Path(t.user_attrs["folder"])
@@ -201,12 +200,16 @@ def replay_pruned(project: Path) -> None:
           f"test accuracy {gap:+.4f} against the unpruned best's")
 
 
+def study_storage(project: Path) -> str:
+    """The project's default study storage (tune.storage null: SQLite in .tlops/tune.db)."""
+    return f"sqlite:///{project / '.tlops/tune.db'}"
+
+
 def trial_counts(project: Path) -> dict[str, int]:
-    """{study name: trials} in the project's default study storage (.tlops/tune.db)."""
+    """{study name: trials} in the project's default study storage."""
     import optuna
 
-    storage = f"sqlite:///{project / '.tlops/tune.db'}"
-    return {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}
+    return {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(study_storage(project))}
 
 
 def running_runs(project: Path) -> int:
