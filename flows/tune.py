@@ -106,10 +106,10 @@ def _head_level(params: Params, t: TuneParams, name: str, storage: str, space: d
     from tasks.train_head import head_inputs
     from tlops.training.head import train_head_grid
     from tlops.tuning.space import as_changes
-    from tlops.tuning.study import open_study
+    from tlops.tuning.study import open_study, warmup_for
 
     # A head trial costs seconds: judged only after half its epochs, when a slow learning rate has caught up.
-    study = open_study(t, name, "head", storage, warmup_steps=max(1, params.head.epochs // 2))
+    study = open_study(t, name, "head", storage, warmup_steps=warmup_for(params.head.epochs))
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(stale.number, state=TrialState.FAIL)  # in-process trials of a killed tune: not running anymore
     info = read_json(paths.HEAD_INFO)  # the defaults' head: the train_head stage's choice in its grid
@@ -177,12 +177,12 @@ def _pipeline_level(params: Params, t: TuneParams, name: str, storage: str, spac
     from flows.sweep import SWEEPS_DIR, deploy_trials
     from tlops.tuning.pruning import TRIAL_ENV
     from tlops.tuning.space import as_changes
-    from tlops.tuning.study import open_study
+    from tlops.tuning.study import open_study, warmup_for
 
     # The pruner judges a trial from half its fine-tuning epochs on, as the head level's: a high learning rate over
     # many unfrozen groups scores low while the schedule is young (Fashion-MNIST: the trial that ended best,
     # validation 0.915, stood last after epoch 1 at 0.823 and above the median after epoch 2; pruned at epoch 1).
-    warmup = max(1, params.finetune.epochs // 2)
+    warmup = warmup_for(params.finetune.epochs)
     study = open_study(t, name, "pipeline", storage, warmup_steps=warmup)
     deployment = deploy_trials(root, pool, t.concurrency)
     if not study.trials and "val_metric" in defaults and (seed := _defaults_trial(

@@ -38,6 +38,11 @@ def sampler(tune: TuneParams, level: str) -> Any:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, tune.startup_trials), multivariate=True)
 
 
+def warmup_for(epochs: int) -> int:
+    """Epochs before the pruner may judge a trial: half of them (at least one), at both levels."""
+    return max(1, epochs // 2)
+
+
 def pruner(tune: TuneParams, warmup_steps: int = 1) -> Any:
     """median: a trial whose value at an epoch is below the median of the others' there stops (after
     startup_trials complete trials and warmup_steps epochs); hyperband: successive halving over the epochs."""
