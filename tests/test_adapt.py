@@ -161,6 +161,43 @@ def test_a_method_stopped_by_the_race_and_continued_ends_with_the_weights_of_one
                for k, v in model.state_dict().items())
 
 
+def test_the_methods_train_the_top_over_the_trunk_cached_once_as_over_the_whole_backbone(domains: Path, tmp_path: Path,
+                                                                                         monkeypatch):
+    import torch
+
+    from tlops.training.trunk import TrunkCache
+
+    written = []
+    original = TrunkCache._write
+    monkeypatch.setattr(TrunkCache, "_write", lambda self, keys, rows: written.append(len(keys)) or
+                        original(self, keys, rows))
+    params = _with("self_training")
+    manifest, rows = load_manifest(paths.MANIFEST), load_target(paths.TARGET_MANIFEST)
+    cached = run.adapt_model(params, manifest, rows, out_dir=tmp_path / "cached", checkpoint_dir=tmp_path / "c1")
+    cut = methods.trained_cut(cached.model, params)
+    assert 0 < cut < len(cached.domains.trunk.groups)  # adapt.unfreeze_groups 3 of 4: one group below the cut
+    d = cached.domains
+    # Each row once: the evaluation view of the target and the source validation images under the fine-tuned trunk
+    # and again under the mixed BatchNorm statistics training runs with; each epoch's view of both domains.
+    assert sum(written) == 2 * (len(d.target) + len(d.source_val)) + params.adapt.epochs * (
+        len(d.source_train) + len(d.target))
+    assert sorted((tmp_path / "c1" / "trunk").glob("trunk-*.keys.npy"))
+    a = {k: v.clone() for k, v in cached.model.state_dict().items()}
+    whole_params = params.model_copy(update={"finetune": params.finetune.model_copy(update={"trunk_cache": False})})
+    whole = run.adapt_model(whole_params, manifest, rows, out_dir=tmp_path / "whole", checkpoint_dir=tmp_path / "c2")
+    assert whole.domains.trunk is None and not (tmp_path / "c2" / "trunk").exists()
+    b = whole.model.state_dict()
+    assert any(not torch.equal(a[k], v) for k, v in cached.source_only.state.items())
+    for k in a:  # the trunk ran on ONNX Runtime, the whole backbone on PyTorch: float rounding apart
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    # rows are the trunk's own: other BatchNorm statistics below the cut (adapt.batchnorm mixed) are another trunk
+    trunk = cached.domains.trunk
+    before = trunk.weights(cut)
+    norm = next(m for g in trunk.groups[:cut] for m in g.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    norm.running_mean += 0.5
+    assert trunk.weights(cut) != before
+
+
 def test_choose_goes_by_agreement_with_the_ensemble_of_the_models_within_the_source_drop():
     truth = np.arange(30) % 3
     onehot = np.eye(3)

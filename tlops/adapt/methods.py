@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -26,11 +27,15 @@ from tlops.onnx.runtime import softmax
 from tlops.training.augment import augment, training_view, view_of
 from tlops.training.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from tlops.training.epochs import check_finite
+from tlops.training.loaders import ImageDataset
 from tlops.training.schedule import lr_factor, param_groups, set_trainable, warmup_steps
+from tlops.training.trunk import EVAL_VIEW, Rows, Trunk
 
 METHODS = ("adabn", "self_training", "mcc")
 TRAINED = ("self_training", "mcc")
 EVAL_BATCH = 64
+STRONG = {"randaugment": {"num_ops": 2, "magnitude": 9}}  # self-training's strong view, after the training view
+_TORCH_RNG = threading.Lock()  # RandAugment draws from torch's global generator: one seeded draw at a time
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Domains:
     source_images: WorkingImages
     target: list[str]
     target_images: WorkingImages
+    trunk: Trunk | None = None  # the frozen groups below the trained top run once per view (as in fine-tuning)
 
 
 @dataclass
@@ -58,6 +64,7 @@ class Candidate:
     resumed_epochs: int = 0
     history: list[dict] = field(default_factory=list)
     pruned_at: int | None = None  # auto's race stopped it after this many epochs (it votes, it is not chosen)
+    cut: int | None = None  # its groups below this are the start model's: scored over the cached trunk rows
 
     @property
     def im(self) -> float:
@@ -80,15 +87,50 @@ def outputs(model: Classifier, images: Sequence[str], store: WorkingImages,
             (np.zeros((0, 0), np.float32), np.zeros((0, width), np.float32)))
 
 
-def source_val_score(model: Classifier, d: Domains, metric: str, device: torch.device) -> float:
-    _, logits = outputs(model, [p for p, _ in d.source_val], d.source_images, device)
+def trained_cut(model: Classifier, params: Params) -> int:
+    """The group the training methods train from: those below stay frozen (adapt.unfreeze_groups, default
+    finetune.unfreeze_groups, counted from the top)."""
+    ad, ft = params.adapt, params.finetune
+    n = len(layer_groups(model.backbone))
+    return max(0, n - (ft.unfreeze_groups if ad.unfreeze_groups is None else ad.unfreeze_groups))
+
+
+def top_of(d: Domains, cut: int | None) -> nn.Module | None:
+    """The part above `cut` when the trunk below it is cached (None: run the whole backbone)."""
+    return d.trunk.top(cut) if d.trunk is not None and cut else None
+
+
+def eval_outputs(model: Classifier, items: Sequence[str], store: WorkingImages, d: Domains, device: torch.device,
+                 cut: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """outputs() of the model over images; with `cut`, from the trunk rows below it (evaluation view, computed once
+    for every model that shares that trunk) and the top alone."""
+    if (top := top_of(d, cut)) is None or not items:
+        return outputs(model, items, store, device)
+    rows = d.trunk.rows(ImageDataset([(p, -1) for p in items], store), cut, EVAL_VIEW)
+    model.eval()
+    feats, logits = [], []
+    with torch.inference_mode():
+        for i in range(0, len(rows), EVAL_BATCH):
+            f = top(_rows(rows, range(i, min(i + EVAL_BATCH, len(rows))), device))
+            feats.append(f.float().cpu().numpy())
+            logits.append(model.head(f).float().cpu().numpy())
+    return np.concatenate(feats), np.concatenate(logits)
+
+
+def _rows(rows: Rows, idx: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(rows.take(idx)).to(device, memory_format=torch.channels_last)
+
+
+def source_val_score(model: Classifier, d: Domains, metric: str, device: torch.device, cut: int | None = None
+                     ) -> float:
+    _, logits = eval_outputs(model, [p for p, _ in d.source_val], d.source_images, d, device, cut)
     y = np.array([c for _, c in d.source_val])
     return scoring.score(metric, y, logits.argmax(1), logits.shape[1])
 
 
-def target_probs(model: Classifier, d: Domains, device: torch.device) -> np.ndarray:
+def target_probs(model: Classifier, d: Domains, device: torch.device, cut: int | None = None) -> np.ndarray:
     """The model's predictions (probabilities) on the target adapt images."""
-    return softmax(outputs(model, d.target, d.target_images, device)[1])
+    return softmax(eval_outputs(model, d.target, d.target_images, d, device, cut)[1])
 
 
 def adabn(model: Classifier, images: Sequence[str], store: WorkingImages, batch_size: int,
@@ -131,16 +173,64 @@ def reestimate_bn(model: Classifier, batches: Sequence[Sequence[tuple[str, Worki
 
 
 def strong_view(img: Image.Image, spec: PreprocessSpec, params: Params, view: int, sha256: str) -> np.ndarray:
-    """A strong augmentation of an image: its training view, then RandAugment (2 ops, magnitude 9), seeded by
-    (seed, view, content) alone like every training view."""
+    """A strong augmentation of an image: its training view, then RandAugment (STRONG), seeded by (seed, view,
+    content) alone like every training view."""
     from torchvision.transforms import RandAugment
 
     seed = [params.adapt.seed, view, int(sha256[:16], 16)]
     weak = augment(img, spec, params.finetune.augment, np.random.default_rng(seed))
-    with torch.random.fork_rng(devices=[]):
+    with _TORCH_RNG, torch.random.fork_rng(devices=[]):  # the trunk cache prepares views on several threads
         torch.manual_seed(int(np.random.default_rng(seed).integers(2**62)))
-        strong = RandAugment(num_ops=2, magnitude=9)(weak)
+        strong = RandAugment(**STRONG["randaugment"])(weak)
     return normalize(np.asarray(strong, dtype=np.uint8), spec)
+
+
+@dataclass(frozen=True)
+class StrongViews:
+    """Target images as self-training's strong views (strong_view), a dataset the trunk cache runs like an
+    ImageDataset."""
+
+    items: list[tuple[str, int]]
+    images: WorkingImages
+    params: Params
+    view: int = 0
+
+    def at_view(self, view: int) -> StrongViews:
+        return replace(self, view=view)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[i]
+        return torch.from_numpy(strong_view(self.images.get(path), self.images.spec, self.params, self.view,
+                                            self.images.sha256[path])), label
+
+
+@dataclass(frozen=True)
+class TrunkFeed:
+    """A training method's step inputs as trunk rows (the groups below `cut` ran once per view): the source's
+    training view of the epoch, as fine-tuning saw it (its rows are fine-tuning's own), and the target's view."""
+
+    d: Domains
+    params: Params
+    cut: int
+    top: nn.Module
+
+    def source(self, epoch: int) -> Rows:
+        ft = self.params.finetune
+        ds = ImageDataset(self.d.source_train, self.d.source_images, ft.augment, ft.seed)
+        return self.d.trunk.rows(ds, self.cut, view_of(epoch, ft.views))
+
+    def target(self, method: str, epoch: int) -> Rows:
+        ad, ft = self.params.adapt, self.params.finetune
+        items = [(p, -1) for p in self.d.target]
+        recipe = {**ft.augment.model_dump(mode="json"), "seed": ad.seed}
+        if method == "self_training":
+            return self.d.trunk.rows(StrongViews(items, self.d.target_images, self.params), self.cut, epoch,
+                                     {**recipe, **STRONG})
+        return self.d.trunk.rows(ImageDataset(items, self.d.target_images, ft.augment, ad.seed), self.cut, epoch,
+                                 recipe)
 
 
 def train_method(method: str, model: Classifier, d: Domains, params: Params, checkpoint_dir: Path,
@@ -156,7 +246,7 @@ def train_method(method: str, model: Classifier, d: Domains, params: Params, che
     groups = layer_groups(model.backbone)
     top = groups[::-1][: ft.unfreeze_groups if ad.unfreeze_groups is None else ad.unfreeze_groups]
     opt = torch.optim.AdamW(param_groups(model.head, top, ad.lr, ft.lr_decay, ad.head_lr),
-                            weight_decay=ad.weight_decay)
+                            weight_decay=ad.weight_decay, fused=True)  # one kernel for every update, as fine-tuning
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     steps = max(1, len(d.target) // ad.batch_size)
     total = ad.epochs * steps
@@ -169,11 +259,13 @@ def train_method(method: str, model: Classifier, d: Domains, params: Params, che
     source_sha = d.source_images.sha256
     if ad.batchnorm == "mixed" and start == 0:  # a resumed run restored these statistics with the weights
         mixed_bn(model, d, ad.batch_size, device)
+    cut = len(groups) - len(top)
+    feed = TrunkFeed(d, params, cut, t) if (t := top_of(d, cut)) is not None else None
     for epoch in range(start, ad.epochs if until is None else min(until, ad.epochs)):
         labels = weights = None
         if method == "self_training":  # this epoch's pseudo-labels, from the weak view of the model so far
             reuse = known is not None and known[0] == epoch and not (ad.batchnorm == "mixed" and epoch == 0)
-            probs = known[1] if reuse else softmax(outputs(model, d.target, d.target_images, device)[1])
+            probs = known[1] if reuse else target_probs(model, d, device, cut)
             labels, weights = pseudo_labels(probs, ad.confidence, ad.class_share)
         set_trainable(model.backbone, top, len(top), "frozen")
         model.head.train()
@@ -182,24 +274,30 @@ def train_method(method: str, model: Classifier, d: Domains, params: Params, che
         s_order = torch.randperm(len(d.source_train), generator=g).tolist()
         sums = {"loss": 0.0, "source_loss": 0.0, "target_loss": 0.0}
         view = view_of(epoch, ft.views)  # the source images' augmented view, as fine-tuning's epoch would show it
+        rows = (feed.source(epoch), feed.target(method, epoch)) if feed else None
         for k in range(steps):
             step = epoch * steps + k
             t_idx = t_order[k * ad.batch_size:(k + 1) * ad.batch_size]
             s_idx = [s_order[(k * ad.batch_size + j) % len(s_order)] for j in range(len(t_idx))]
-            xs = np.stack([training_view(d.source_images.get(d.source_train[i][0]), d.spec, ft.augment, ft.seed,
-                                         view, source_sha[d.source_train[i][0]]) for i in s_idx])
             ys = torch.tensor([d.source_train[i][1] for i in s_idx], device=device)
-            if method == "self_training":
-                xt = np.stack([strong_view(d.target_images.get(d.target[i]), d.spec, params, epoch,
-                                           target_sha[d.target[i]]) for i in t_idx])
-            else:
-                xt = np.stack([training_view(d.target_images.get(d.target[i]), d.spec, ft.augment, ad.seed, epoch,
-                                             target_sha[d.target[i]]) for i in t_idx])
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * schedule(step)
-            logits = model(torch.from_numpy(np.concatenate([xs, xt])).to(device, memory_format=torch.channels_last))
-            source_loss = F.cross_entropy(logits[: len(xs)], ys, label_smoothing=ft.label_smoothing)
-            lt = logits[len(xs):]
+            if rows:
+                x = torch.cat([_rows(rows[0], s_idx, device), _rows(rows[1], t_idx, device)])
+                logits = model.head(feed.top(x))
+            else:
+                xs = np.stack([training_view(d.source_images.get(d.source_train[i][0]), d.spec, ft.augment, ft.seed,
+                                             view, source_sha[d.source_train[i][0]]) for i in s_idx])
+                if method == "self_training":
+                    xt = np.stack([strong_view(d.target_images.get(d.target[i]), d.spec, params, epoch,
+                                               target_sha[d.target[i]]) for i in t_idx])
+                else:
+                    xt = np.stack([training_view(d.target_images.get(d.target[i]), d.spec, ft.augment, ad.seed,
+                                                 epoch, target_sha[d.target[i]]) for i in t_idx])
+                logits = model(torch.from_numpy(np.concatenate([xs, xt])).to(device,
+                                                                             memory_format=torch.channels_last))
+            source_loss = F.cross_entropy(logits[: len(s_idx)], ys, label_smoothing=ft.label_smoothing)
+            lt = logits[len(s_idx):]
             if method == "mcc":
                 target_loss = mcc_loss(lt, ad.mcc_temperature)
             else:

@@ -23,6 +23,7 @@ from tlops.adapt.methods import (
     source_val_score,
     target_probs,
     train_method,
+    trained_cut,
 )
 from tlops.core import paths
 from tlops.core.config import Params
@@ -35,9 +36,11 @@ from tlops.data.version import data_version
 from tlops.evaluate import scoring
 from tlops.features.working_images import WorkingImages, for_manifest
 from tlops.inputs.images import PreprocessSpec
+from tlops.models.backbones import Backbone, layer_groups
 from tlops.models.classifier import Classifier, load_classifier
 from tlops.models.heads import save_state
 from tlops.training.devices import resolve_device, torch_threads
+from tlops.training.trunk import Trunk
 
 ADAPT_CODE = "tlops.adapt.run"  # its import graph is the code an adaptation checkpoint was written by
 
@@ -85,9 +88,16 @@ def _adapt(params: Params, manifest: Any, target_rows: list, model_dir: Path, ou
         raise DataError(f"adapt.method {ad.method}: the target domain has no image to adapt on (adapt split of "
                         f"{paths.TARGET_MANIFEST} is empty)")
     metric = scoring.policy(params, scoring.train_labels(manifest), manifest.classes).metric
+    # The training methods train the top groups over the frozen rest, as fine-tuning does: that trunk runs once per
+    # image and view (its rows of the source are fine-tuning's own), each step runs the top alone.
+    backbone = Backbone(info["backbone"], model.backbone, model.backbone.num_features, d.spec,
+                        layer_groups(model.backbone), info["weights_id"])
+    d.trunk, _ = Trunk.for_params(params, backbone, d.spec, checkpoint_dir / paths.TRUNK_CACHE.name, "frozen",
+                                  read_also=[paths.TRUNK_CACHE])
+    cut = trained_cut(model, params)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    source_only = Candidate("none", start, target_probs(model, d, device), source_val_score(model, d, metric, device),
-                            0.0)
+    source_only = Candidate("none", start, target_probs(model, d, device, cut),
+                            source_val_score(model, d, metric, device, cut), 0.0, cut=cut)
     methods = METHODS if ad.method == "auto" else () if ad.method == "none" else (ad.method,)
     base = fingerprint(params, manifest, target_rows, model_dir)
     candidates = {}
@@ -102,7 +112,7 @@ def _adapt(params: Params, manifest: Any, target_rows: list, model_dir: Path, ou
             on_method(candidates[method])
     racers = [m for m in methods if m in TRAINED]
     candidates |= race(racers, model, start, source_only, candidates, d, params, checkpoint_dir, base, metric, device,
-                       on_method)
+                       on_method, cut)
     finished = {m: c for m, c in candidates.items() if c.pruned_at is None}
     voters = [c for c in candidates.values() if c.pruned_at is not None]
     chosen, agreement = (choose(source_only, finished, ad.max_source_drop, voters) if ad.method == "auto" else
@@ -118,14 +128,16 @@ def _adapt(params: Params, manifest: Any, target_rows: list, model_dir: Path, ou
 
 def race(racers: Sequence[str], model: Classifier, start: dict, source_only: Candidate,
          untrained: dict[str, Candidate], d: Domains, params: Params, checkpoint_dir: Path, base: str, metric: str,
-         device: torch.device, on_method: Callable[[Candidate], None] | None) -> dict[str, Candidate]:
+         device: torch.device, on_method: Callable[[Candidate], None] | None, cut: int | None = None
+         ) -> dict[str, Candidate]:
     """The training methods as a successive-halving race: each trains adapt.race_min_epochs, the better half by the
     label-free score (rank_racers) trains on, twice as long each round, and the last one to adapt.epochs; a stopped
     one keeps its predictions and state so far (pruned_at). One racer (a method by name) simply trains to the end.
 
     A method continues from its own checkpoint with the schedule of the full run, so the winner's weights are the
     ones it gets trained alone; its predictions after each round are its next pseudo-labels (self-training), and the
-    source-only model's predictions are its first."""
+    source-only model's predictions are its first. cut: score over the cached trunk below it (the groups trained
+    from)."""
     ad = params.adapt
     out: dict[str, Candidate] = {}
     known = {m: (0, source_only.probs) for m in racers}
@@ -138,13 +150,13 @@ def race(racers: Sequence[str], model: Classifier, start: dict, source_only: Can
             history, resumed = train_method(method, model, d, params, checkpoint_dir / method,
                                             sha256_json({"base": base, "method": method}), device, until,
                                             known[method])
-            probs = target_probs(model, d, device)
+            probs = target_probs(model, d, device, cut)
             known[method] = (until, probs)
             before = out.get(method)
             out[method] = Candidate(method, {k: v.detach().clone() for k, v in model.state_dict().items()}, probs,
-                                    source_val_score(model, d, metric, device),
+                                    source_val_score(model, d, metric, device, cut),
                                     time.perf_counter() - t0 + (before.seconds if before else 0.0),
-                                    before.resumed_epochs if before else resumed, history)
+                                    before.resumed_epochs if before else resumed, history, cut=cut)
         if until >= ad.epochs:
             break
         ranked = rank_racers(source_only, [*untrained.values(), *out.values()], alive, ad.max_source_drop)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from tlops.adapt.losses import domain_shift
-from tlops.adapt.methods import outputs
+from tlops.adapt.methods import eval_outputs
 from tlops.adapt.run import AdaptResult
 from tlops.core.config import Params
 from tlops.data.manifest import split_items
@@ -28,12 +26,13 @@ def adaptation_report(result: AdaptResult, params: Params, manifest: Any, target
                            "target_data_version": result.info["adapt"]["target_data_version"]}
     if not target_rows:
         return out
-    device = torch.device("cpu")
-    source, target = result.domains.source_images, result.domains.target_images
+    d = result.domains
+    source, target = d.source_images, d.target_images
     classes = list(result.info["classes"])
     test_paths, test_y, unknown = scored_items(target_rows, classes)
     source_test = split_items(manifest, "test")
-    model = copy.deepcopy(result.model).to(device)
+    model, chosen = result.model, {k: v.detach().clone() for k, v in result.model.state_dict().items()}
+    device = next(model.parameters()).device
     target_paths = [r.path for r in target_rows]
     at = {p: i for i, p in enumerate(target_paths)}
     test_at = [at[p] for p in test_paths]  # the labelled test images among all the target's
@@ -43,9 +42,10 @@ def adaptation_report(result: AdaptResult, params: Params, manifest: Any, target
         if candidate in test_logits:  # nothing adapted: the adapted model is the source-only one
             scored[name] = scored["source_only"]
             continue
-        model.load_state_dict(result.source_only.state if name == "source_only" else result.model.state_dict())
-        s_feats, s_logits = outputs(model, [p for p, _ in source_test], source, device)
-        t_feats, t_logits = outputs(model, target_paths, target, device)
+        scored_as = result.candidates.get(candidate, result.source_only)  # the chosen one, or none
+        model.load_state_dict(result.source_only.state if name == "source_only" else chosen)
+        s_feats, s_logits = eval_outputs(model, [p for p, _ in source_test], source, d, device, scored_as.cut)
+        t_feats, t_logits = eval_outputs(model, target_paths, target, d, device, scored_as.cut)
         test_logits[candidate] = t_logits[test_at]
         scored[name] = {"source": scores(s_logits, [c for _, c in source_test], len(classes)),
                         "target_mean_confidence": float(softmax(t_logits).max(1).mean()) if len(t_logits) else None,
@@ -76,9 +76,10 @@ def adaptation_report(result: AdaptResult, params: Params, manifest: Any, target
         if test_paths:  # for the reader only: computed after the choice, from labels adaptation never saw
             if name not in test_logits:
                 model.load_state_dict(c.state)
-                test_logits[name] = outputs(model, test_paths, target, device)[1]
+                test_logits[name] = eval_outputs(model, test_paths, target, d, device, c.cut)[1]
             row["target_accuracy"] = float((test_logits[name].argmax(1) == np.array(test_y)).mean())
         out["candidates"][name] = row
+    model.load_state_dict(chosen)
     out["seconds"] = round(seconds, 2)
     return out
 

@@ -209,7 +209,7 @@ class AdaptParams(Section):
     target_weight: Annotated[float, Field(ge=0.0)] = 1.0
     mcc_temperature: PositiveFloat = 2.5
     batchnorm: Literal["source", "mixed"] = "source"
-    unfreeze_groups: Annotated[int, Field(ge=0)] | None = 8
+    unfreeze_groups: Annotated[int, Field(ge=0)] | None = None
     max_source_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
     race_min_epochs: Annotated[int, Field(ge=0)] = 1
     seed: int = 42

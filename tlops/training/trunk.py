@@ -4,9 +4,10 @@ While the layer groups below the unfrozen top stay frozen (BatchNorm in eval mod
 is a function of the input image alone. `split` cuts the backbone there with torch.fx into a trunk and a top that
 shares the backbone's parameters; `TrunkCache` runs the trunk ahead of training, in inference mode and large
 batches, on the fastest engine (ONNX Runtime on CPU, PyTorch on CUDA), once per image and view; each training step
-then runs only the top forward and backward. The rows are cached by content (image bytes, backbone and weights,
-preprocessing, cut, augmentation recipe, seed and view) as shards under checkpoints/finetune/trunk, and read back
-from disk, a batch at a time, when they would not fit in finetune.trunk_cache_max_gb of memory.
+then runs only the top forward and backward. The rows are cached by content (image bytes, backbone and the trunk's
+own weights, preprocessing, cut, augmentation recipe, seed and view) as shards under checkpoints/finetune/trunk, and
+read back from disk, a batch at a time, when they would not fit in finetune.trunk_cache_max_gb of memory. Adaptation
+trains the same top over the same trunk: it reads fine-tuning's rows and writes its own under checkpoints/adapt/trunk.
 """
 
 from __future__ import annotations
@@ -135,14 +136,17 @@ class Rows:
 class TrunkCache:
     """Content-addressed trunk outputs under `root`: computed once, read by every later epoch and run."""
 
-    def __init__(self, root: Path, extractor: dict, max_bytes: float) -> None:
+    def __init__(self, root: Path, extractor: dict, max_bytes: float, read_also: Sequence[Path] = ()) -> None:
+        """Rows are written under root and found there or under read_also (another stage's cache, never written)."""
         self.root, self.extractor, self.max_bytes = Path(root), extractor, max_bytes
+        self.read_also = [Path(r) for r in read_also]
         self._known: dict[str, tuple[Path, int]] | None = None  # key -> (shard, row): read once, kept up to date
 
-    def key(self, cut: int, sha256: str, view: int, recipe: dict) -> str:
-        """The address of one row: the image's content, what runs it (extractor + cut) and which view it is."""
-        return sha256_json({"extractor": self.extractor, "cut": cut, "image": sha256, "view": view,
-                            "augment": recipe if view != EVAL_VIEW else None})[:40]
+    def key(self, cut: int, sha256: str, view: int, recipe: dict, weights: str) -> str:
+        """The address of one row: the image's content, what runs it (extractor, cut and the trunk's weights) and
+        which view it is."""
+        return sha256_json({"extractor": self.extractor, "cut": cut, "weights": weights, "image": sha256,
+                            "view": view, "augment": recipe if view != EVAL_VIEW else None})[:40]
 
     def rows(self, keys: list[str], inputs: Callable[[list[int]], np.ndarray], run: Runner, batch: int = 64) -> Rows:
         """The rows of `keys`; those not cached yet are computed, run(inputs(positions)), a batch at a time with the
@@ -181,7 +185,7 @@ class TrunkCache:
         if self._known is not None:
             return self._known
         index = {}
-        for keys_file in sorted(self.root.glob("trunk-*.keys.npy")):
+        for keys_file in sorted(k for r in (*self.read_also, self.root) for k in r.glob("trunk-*.keys.npy")):
             data = keys_file.with_name(keys_file.name.replace(".keys.npy", ".npy"))
             try:
                 keys = np.load(keys_file)
@@ -215,20 +219,23 @@ class Trunk:
         self.augment, self.seed, self.opset, self.atol, self.batch = augment, seed, opset, atol, batch
         self.recipe = {**augment.model_dump(mode="json"), "seed": seed}
         self._splits: dict[int, Split | None] = {}
-        self._runners: dict[int, Callable[[np.ndarray], np.ndarray]] = {}
+        self._runners: dict[tuple[int, str], Callable[[np.ndarray], np.ndarray]] = {}  # by (cut, weights)
 
     @classmethod
-    def for_params(cls, params: Params, backbone: Any, spec: PreprocessSpec, root: Path) -> tuple[Trunk | None, str]:
-        """The run's trunk, or None and why the whole backbone must run every step."""
+    def for_params(cls, params: Params, backbone: Any, spec: PreprocessSpec, root: Path, batchnorm: str | None = None,
+                   read_also: Sequence[Path] = ()) -> tuple[Trunk | None, str]:
+        """The run's trunk, or None and why the whole backbone must run every step. backbone: a Backbone (name,
+        weights_id, model, groups); batchnorm: how the training keeps BatchNorm (default finetune.batchnorm; adaptation
+        trains with it frozen)."""
         ft = params.finetune
         if not ft.trunk_cache:
             return None, "finetune.trunk_cache is false"
-        if ft.batchnorm == "train":
+        if (batchnorm or ft.batchnorm) != "frozen":
             return None, ("finetune.batchnorm is train: BatchNorm statistics change as training goes, so no part "
                           "of the backbone is a fixed function of the image")
         extractor = {"backbone": backbone.name, "weights_id": backbone.weights_id, "spec": spec.to_dict(),
                      "precision": "fp32", "decode": DECODE_RULE, "trunk": TRUNK_RULE}
-        cache = TrunkCache(root, extractor, ft.trunk_cache_max_gb * 1e9)
+        cache = TrunkCache(root, extractor, ft.trunk_cache_max_gb * 1e9, read_also)
         return cls(backbone.model, backbone.groups, spec, cache, ft.augment, ft.seed, params.export.opset,
                    params.export.parity_atol), "cached"
 
@@ -247,11 +254,21 @@ class Trunk:
         found = self._splits[cut]
         return found.top if found else None
 
-    def rows(self, ds: Any, cut: int, view: int) -> Rows:
-        """Trunk outputs at `cut` of a dataset's images (tlops.training.loaders.ImageDataset), as view `view`: the very
-        inputs the dataset gives for that view."""
-        sha = ds.images.sha256
-        keys = [self.cache.key(cut, sha[p], view, self.recipe) for p, _ in ds.items]
+    def weights(self, cut: int) -> str:
+        """sha256 of the trunk's parameters and buffers below `cut`, as they are now: rows are only reused by the
+        same trunk (a fine-tuned group below an adaptation's cut, or BatchNorm statistics re-estimated, make
+        another)."""
+        state = self._splits[cut].trunk.state_dict()
+        return sha256_bytes(b"".join(name.encode() + t.detach().cpu().contiguous().numpy().tobytes()
+                                     for name, t in sorted(state.items())))
+
+    def rows(self, ds: Any, cut: int, view: int, recipe: dict | None = None) -> Rows:
+        """Trunk outputs at `cut` of a dataset's images (tlops.training.loaders.ImageDataset, or one with its
+        items, images, at_view and items as (input, label)), as view `view`: the very inputs the dataset gives for
+        that view. recipe: what draws the views (default: finetune.augment and finetune.seed); top(cut) first."""
+        sha, weights = ds.images.sha256, self.weights(cut)
+        keys = [self.cache.key(cut, sha[p], view, self.recipe if recipe is None else recipe, weights)
+                for p, _ in ds.items]
         source = replace(ds, augment=None) if view == EVAL_VIEW else ds.at_view(view)
         pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
 
@@ -259,12 +276,12 @@ class Trunk:
             return np.stack(list(pool.map(lambda i: source[i][0].numpy(), positions)))
 
         def run(x: np.ndarray) -> np.ndarray:
-            if cut not in self._runners:  # built on the first batch, which is also its parity check's example
+            if (cut, weights) not in self._runners:  # built on the first batch, also its parity check's example
                 trunk = self._splits[cut].trunk
-                self._runners[cut], engine = make_runner(trunk, self.spec.input_size, "auto", None, example=x[:4],
-                                                         opset=self.opset, atol=self.atol)
-                log.info("finetune: frozen trunk below group %d runs once per view on %s", cut, engine)
-            return self._runners[cut](x)
+                self._runners[cut, weights], engine = make_runner(trunk, self.spec.input_size, "auto", None,
+                                                                  example=x[:4], opset=self.opset, atol=self.atol)
+                log.info("frozen trunk below group %d runs once per view on %s", cut, engine)
+            return self._runners[cut, weights](x)
 
         with pool, torch.random.fork_rng(devices=[]):  # exporting and tracing must not move the random stream
             return self.cache.rows(keys, inputs, run, self.batch)
