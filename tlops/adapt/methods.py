@@ -87,12 +87,14 @@ def outputs(model: Classifier, images: Sequence[str], store: WorkingImages,
             (np.zeros((0, 0), np.float32), np.zeros((0, width), np.float32)))
 
 
+def unfrozen(params: Params) -> int:
+    """How many top groups the training methods train: adapt.unfreeze_groups, default finetune.unfreeze_groups."""
+    return params.finetune.unfreeze_groups if params.adapt.unfreeze_groups is None else params.adapt.unfreeze_groups
+
+
 def trained_cut(model: Classifier, params: Params) -> int:
-    """The group the training methods train from: those below stay frozen (adapt.unfreeze_groups, default
-    finetune.unfreeze_groups, counted from the top)."""
-    ad, ft = params.adapt, params.finetune
-    n = len(layer_groups(model.backbone))
-    return max(0, n - (ft.unfreeze_groups if ad.unfreeze_groups is None else ad.unfreeze_groups))
+    """The group the training methods train from: those below it stay frozen."""
+    return max(0, len(layer_groups(model.backbone)) - unfrozen(params))
 
 
 def top_of(d: Domains, cut: int | None) -> nn.Module | None:
@@ -244,7 +246,7 @@ def train_method(method: str, model: Classifier, d: Domains, params: Params, che
     already computed by the caller, so self-training's pseudo-labels for the next epoch cost no second pass."""
     ad, ft = params.adapt, params.finetune
     groups = layer_groups(model.backbone)
-    top = groups[::-1][: ft.unfreeze_groups if ad.unfreeze_groups is None else ad.unfreeze_groups]
+    top = groups[::-1][: unfrozen(params)]
     opt = torch.optim.AdamW(param_groups(model.head, top, ad.lr, ft.lr_decay, ad.head_lr),
                             weight_decay=ad.weight_decay, fused=True)  # one kernel for every update, as fine-tuning
     scaler = torch.amp.GradScaler("cuda", enabled=False)
@@ -259,7 +261,7 @@ def train_method(method: str, model: Classifier, d: Domains, params: Params, che
     source_sha = d.source_images.sha256
     if ad.batchnorm == "mixed" and start == 0:  # a resumed run restored these statistics with the weights
         mixed_bn(model, d, ad.batch_size, device)
-    cut = len(groups) - len(top)
+    cut = trained_cut(model, params)
     feed = TrunkFeed(d, params, cut, t) if (t := top_of(d, cut)) is not None else None
     for epoch in range(start, ad.epochs if until is None else min(until, ad.epochs)):
         labels = weights = None

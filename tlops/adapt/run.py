@@ -92,8 +92,8 @@ def _adapt(params: Params, manifest: Any, target_rows: list, model_dir: Path, ou
     # image and view (its rows of the source are fine-tuning's own), each step runs the top alone.
     backbone = Backbone(info["backbone"], model.backbone, model.backbone.num_features, d.spec,
                         layer_groups(model.backbone), info["weights_id"])
-    d.trunk, _ = Trunk.for_params(params, backbone, d.spec, checkpoint_dir / paths.TRUNK_CACHE.name, "frozen",
-                                  read_also=[paths.TRUNK_CACHE])
+    d.trunk, _ = Trunk.for_params(params, backbone, d.spec, checkpoint_dir / paths.TRUNK_CACHE.name,
+                                  batchnorm="frozen", read_also=[paths.TRUNK_CACHE])
     cut = trained_cut(model, params)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     source_only = Candidate("none", start, target_probs(model, d, device, cut),
