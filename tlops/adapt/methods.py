@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -187,21 +187,11 @@ def strong_view(img: Image.Image, spec: PreprocessSpec, params: Params, view: in
     return normalize(np.asarray(strong, dtype=np.uint8), spec)
 
 
-@dataclass(frozen=True)
-class StrongViews:
-    """Target images as self-training's strong views (strong_view), a dataset the trunk cache runs like an
-    ImageDataset."""
+@dataclass
+class StrongViews(ImageDataset):
+    """Target images as self-training's strong views (strong_view) of view `view`, for the trunk cache."""
 
-    items: list[tuple[str, int]]
-    images: WorkingImages
-    params: Params
-    view: int = 0
-
-    def at_view(self, view: int) -> StrongViews:
-        return replace(self, view=view)
-
-    def __len__(self) -> int:
-        return len(self.items)
+    params: Params | None = None
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[i]
@@ -229,7 +219,7 @@ class TrunkFeed:
         items = [(p, -1) for p in self.d.target]
         recipe = {**ft.augment.model_dump(mode="json"), "seed": ad.seed}
         if method == "self_training":
-            return self.d.trunk.rows(StrongViews(items, self.d.target_images, self.params), self.cut, epoch,
+            return self.d.trunk.rows(StrongViews(items, self.d.target_images, params=self.params), self.cut, epoch,
                                      {**recipe, **STRONG})
         return self.d.trunk.rows(ImageDataset(items, self.d.target_images, ft.augment, ad.seed), self.cut, epoch,
                                  recipe)
