@@ -45,8 +45,10 @@ LOCK_FILE = paths.STATE_DIR / "pipeline.lock"
 
 @flow(name="pipeline")
 def pipeline_flow(params_path: str | None = None, refresh: bool = False, force: bool = False,
-                  set_params: dict[str, Any] | None = None, sync: bool | None = None) -> dict[str, Any]:
-    """Bring every stage of dvc.yaml up to date: `refresh` re-reads the data source first, `force` re-runs all.
+                  set_params: dict[str, Any] | None = None, sync: bool | None = None,
+                  until: str | None = None) -> dict[str, Any]:
+    """Bring every stage of dvc.yaml up to date: `refresh` re-reads the data source first, `force` re-runs all;
+    `until` names the last stage: only it and the stages it depends on (as `dvc repro <until>`).
 
     `set_params` ({"adapt.target": "/logs", ...}) is written into the params file first, under the workspace lock,
     as `dvc exp run --set-param` does: the run, dvc.lock and MLflow all see the new values (tlops drift-check
@@ -72,7 +74,7 @@ def pipeline_flow(params_path: str | None = None, refresh: bool = False, force: 
         with runs.pipeline_run(params) as parent:
             try:
                 with dvc_stages.open_repo() as repo:
-                    _run_stages(repo, params, params_path, refresh, force, records)
+                    _run_stages(repo, params, params_path, refresh, force, records, until)
             finally:
                 summary = _finish(records, time.perf_counter() - started, parent)
         if syncing.enabled(sync):
@@ -82,7 +84,7 @@ def pipeline_flow(params_path: str | None = None, refresh: bool = False, force: 
 
 def run_pipeline(params_path: str | None = None, refresh: bool = False, force: bool = False,
                  server: TemporaryServer | None = None, set_params: dict[str, Any] | None = None,
-                 sync: bool | None = None) -> dict[str, Any]:
+                 sync: bool | None = None, until: str | None = None) -> dict[str, Any]:
     """What `tlops run` does: the pipeline flow in this process. Returns its summary; raises what failed it.
 
     Without a configured Prefect API the flow talks to a temporary server: `server` when the caller spawned one
@@ -91,15 +93,16 @@ def run_pipeline(params_path: str | None = None, refresh: bool = False, force: b
     # _preload while a temporary server starts; with a running server there is nothing to overlap, and each stage
     # imports what it needs when it runs (nothing, when every stage is cached).
     with prefect_api(server, while_starting=_preload):
-        return pipeline_flow(params_path=params_path, refresh=refresh, force=force, set_params=set_params, sync=sync)
+        return pipeline_flow(params_path=params_path, refresh=refresh, force=force, set_params=set_params, sync=sync,
+                             until=until)
 
 
 def _run_stages(repo: Repo, params: Params, params_path: str | None, refresh: bool, force: bool,
-                records: list[StageRecord]) -> None:
-    """Each stage in order; on a failure record it (and the stages left) and re-raise."""
+                records: list[StageRecord], until: str | None = None) -> None:
+    """Each stage in order (up to `until`); on a failure record it (and the stages left) and re-raise."""
     from tlops.data.version import remember_data_version
 
-    stages = dvc_stages.pipeline_stages(repo)
+    stages = dvc_stages.pipeline_stages(repo, until)
     for stage in stages:  # a stage that cannot run in-process fails the run before any stage runs
         dvc_stages.stage_module(stage)
     for i, stage in enumerate(stages):

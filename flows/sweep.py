@@ -50,10 +50,11 @@ def trial_name(index: int, changes: dict[str, Any]) -> str:
 
 @flow(name="sweep-trial", log_prints=True)
 def trial_flow(origin: str, folder: str, set_params: dict[str, Any], registered_model: str | None = None,
-               env: dict[str, str] | None = None) -> Any:
+               env: dict[str, str] | None = None, until: str | None = None) -> Any:
     """One combination: a clone of `origin` at `folder` sharing its DVC cache, `tlops run -S ...` in it (with `env`
-    added to its environment: a `tlops tune` trial's study). A tune trial its pruner stopped ends in a COMPLETED
-    state named Pruned."""
+    added to its environment: a `tlops tune` trial's study; `until`: its last stage). A tune trial its pruner
+    stopped ends in a COMPLETED state named Pruned. Run again on the same folder, the stages already up to date
+    there are skipped."""
     clone = Path(folder)
     if not (clone / ".git").exists():
         clone.parent.mkdir(parents=True, exist_ok=True)
@@ -61,6 +62,7 @@ def trial_flow(origin: str, folder: str, set_params: dict[str, Any], registered_
         _run([sys.executable, "-m", "dvc", "cache", "dir", "--local", str(Path(origin) / ".dvc" / "cache")], clone)
     changes = {**({"export.registered_model": registered_model} if registered_model else {}), **set_params}
     args = [arg for k, v in changes.items() for arg in ("-S", f"{k}={v if isinstance(v, str) else json.dumps(v)}")]
+    args += ["--until", until] if until else []
     run_env = {k: v for k, v in os.environ.items() if k not in ("PREFECT__FLOW_RUN_ID", "TLOPS_PARENT_RUN_ID")}
     if run_env.get("MLFLOW_TRACKING_URI", "").startswith("sqlite"):  # one sqlite file, one writer: the clone's own
         run_env.pop("MLFLOW_TRACKING_URI")

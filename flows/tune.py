@@ -10,7 +10,8 @@
    clone sharing the DVC cache), at most `concurrency` at once. Its fine-tuning stage reports the validation metric
    after every epoch into the study's storage (tlops/tuning/pruning.py); a trial the pruner stops ends its run there
    (checkpoint kept; the MLflow stage run KILLED with tlops.outcome=pruned; the Prefect flow run state "Pruned").
-   With no such key, one run of the best head settings.
+   A trial's run stops after the finetune stage, which selects the model it is scored by; the best trial's run then
+   goes on to adaptation, evaluation and export in its folder. With no such key, one run of the best head settings.
 The studies live in Optuna's RDB storage (tune.storage: SQLite in .tlops/ by default, the shared PostgreSQL when
 scaled out), named <tune.study>.head and .pipeline: the same command after a kill continues them, waiting again for
 trials whose flow runs are still going. One MLflow parent run (reopened on resume) holds a child run per trial;
@@ -39,6 +40,9 @@ REPORT_DIR = paths.METRICS.parent / "tune"
 SUMMARY = REPORT_DIR / "summary.json"
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 PRUNED_STATE = "Pruned"  # the Prefect state name of a trial run its pruner stopped (type COMPLETED)
+# A trial is scored by the validation metric of the model the finetune stage selects (head alone or fine-tuned), so
+# its run stops there; adaptation, evaluation and export run for the best trial only, once the study has chosen it.
+TRIAL_UNTIL = "finetune"
 
 
 def tune(params_path: str | None = None, root: Path | None = None, budget_s: float | None = None,
@@ -211,7 +215,8 @@ def _pipeline_level(params: Params, t: TuneParams, name: str, storage: str, spac
                                               "tune": {**t.model_dump(mode="json"), "storage": sent},
                                               "warmup_steps": warmup})}
                 run = run_deployment(deployment, parameters={"origin": str(root), "folder": str(folder),
-                                                             "set_params": changes, "env": env},
+                                                             "set_params": changes, "env": env,
+                                                             "until": TRIAL_UNTIL},
                                      timeout=0, tags=["tune", name])
                 attrs = {"flow_run_id": str(run.id), "folder": str(folder), "changes": changes}
                 for k, v in attrs.items():
@@ -242,10 +247,28 @@ def _pipeline_level(params: Params, t: TuneParams, name: str, storage: str, spac
     out = _level_summary(study, params, "pipeline")
     if "best_trial" in out:
         attrs = study.trials[out["best_trial"]].user_attrs
+        if not attrs.get("defaults"):
+            _complete(deployment, root, out["best_trial"], attrs, name)
         out["best"] = {"trial": out["best_trial"], **_run_scores(Path(attrs["folder"])),
                        "val_metric": out["best_value"], "changes": attrs["changes"], "folder": attrs["folder"],
                        **({"defaults": True} if attrs.get("defaults") else {})}
     return out
+
+
+def _complete(deployment: str, root: Path, number: int, attrs: dict[str, Any], name: str) -> None:
+    """The best trial's run brought to the end (adaptation, evaluation, export) in its folder, on the pool as the
+    trial ran: its stages up to fine-tuning are up to date there and skipped. Nothing to do when already done (a
+    resumed study)."""
+    from prefect.deployments import run_deployment
+
+    if (Path(attrs["folder"]) / paths.METRICS).exists():
+        return
+    print(f"trial {number}: the best; its run goes on to evaluation and export", file=sys.stderr)
+    run = run_deployment(deployment, parameters={"origin": str(root), "folder": attrs["folder"],
+                                                 "set_params": attrs["changes"]}, timeout=None, tags=["tune", name])
+    if run.state is None or not run.state.is_completed():
+        print(f"warning: the best trial's run did not complete ({run.state.message if run.state else 'no state'}): "
+              "no test scores, nothing registered", file=sys.stderr)
 
 
 def _defaults_trial(space: dict[str, Any], values: dict[str, Any], value: float, folder: Path) -> Any:
@@ -272,17 +295,16 @@ def _brief(changes: dict[str, Any]) -> str:
 
 
 def _run_scores(folder: Path) -> dict[str, Any]:
-    """A run's reports/metrics.json, read once: the validation metric of the model it selected (trials are ranked by
-    it, never by test scores) and its test scores."""
+    """The validation metric of the model a run selected (trials are ranked by it, never by test scores), from the
+    finetune stage's model info, and its test scores from reports/metrics.json once the run has them."""
     from flows.sweep import _scores_of
 
-    path = folder / paths.METRICS
-    if not path.exists():
-        return {}
-    m = read_json(path)
+    path, info = folder / paths.METRICS, folder / paths.FINETUNE_INFO
+    m = read_json(path) if path.exists() else read_json(info) if info.exists() else {}
     chosen = m.get("selection", {}).get(m.get("selected"), {})
     return {**({"val_metric": chosen["val_metric"]} if "val_metric" in chosen else {}),
-            **{f"test_{k}" if k in ("score", "head", "finetuned") else k: v for k, v in _scores_of(m).items()}}
+            **({f"test_{k}" if k in ("score", "head", "finetuned") else k: v for k, v in _scores_of(m).items()}
+               if path.exists() else {})}
 
 
 # --- tracking and outcome --------------------------------------------------------------------------------------------
@@ -387,6 +409,8 @@ def _log_outcome(parent: str, summary: dict[str, Any], root: Path) -> None:
         part = summary.get(level) or {}
         run.log_metrics({f"{level}_{k}": part[k] for k in ("best_value", "trials", "pruned", "epochs")
                          if isinstance(part.get(k), (int, float))})
+        if isinstance(score := (part.get("best") or {}).get("test_score"), (int, float)):
+            run.log_metrics({f"{level}_best_test_score": score})
         for path in part.get("plots", []):
             run.log_artifact(root / path, "tune")
     run.log_artifact(root / SUMMARY, "tune")

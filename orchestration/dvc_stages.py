@@ -55,14 +55,22 @@ def open_repo(root: str | Path = ".") -> Repo:
                           ) from None
 
 
-def pipeline_stages(repo: Repo) -> list[PipelineStage]:
-    """The stages of dvc.yaml in the order `dvc repro` runs them: every stage after the stages it depends on."""
+def pipeline_stages(repo: Repo, until: str | None = None) -> list[PipelineStage]:
+    """The stages of dvc.yaml in the order `dvc repro` runs them: every stage after the stages it depends on; with
+    `until`, only that stage and those it depends on, as `dvc repro <until>` (ConfigError for a name not in
+    dvc.yaml)."""
     from dvc.dvcfile import PROJECT_FILE
     from dvc.repo import lock_repo
     from dvc.repo.reproduce import get_active_graph, plan_repro
 
     with lock_repo(repo):
         targets = repo.stage.collect(PROJECT_FILE)
+        if until is not None:
+            named = [s for s in targets if s.name == until]
+            if not named:
+                known = ", ".join(s.name for s in targets if s.cmd)
+                raise ConfigError(f"until: dvc.yaml has no stage {until!r} (its stages: {known})")
+            targets = named
         planned = plan_repro(get_active_graph(repo.index.graph), targets)
     return [s for s in planned if s.cmd]  # `.dvc` data sources have no cmd: nothing to run
 

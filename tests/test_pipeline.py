@@ -129,6 +129,18 @@ def test_refresh_reruns_ingest_and_reports_no_change_on_the_same_data_and_force_
     assert states(run_pipeline(force=True)) == {"ingest": "ran", "double": "ran"}
 
 
+def test_until_runs_a_stage_and_what_it_depends_on_and_the_next_run_goes_on_from_there(toy: Path):
+    write_toy_pipeline(toy, ["ingest", "double", "flaky"])
+    with pytest.raises(ConfigError, match=r"no stage 'triple' \(its stages: ingest, double, flaky\)"):
+        run_pipeline(until="triple")
+    assert not (toy / "raw").exists()
+    first = run_pipeline(until="double")
+    assert states(first) == {"ingest": "ran", "double": "ran"}
+    assert lock_entries(toy) == {"ingest", "double"} and not (toy / ".attempts" / "flaky").exists()
+    # as `dvc repro double` leaves it: the rest of the pipeline is what the next run does
+    assert states(run_pipeline()) == {"ingest": "skipped", "double": "skipped", "flaky": "ran"}
+
+
 def test_a_transient_failure_is_retried(toy: Path):
     write_toy_pipeline(toy, ["ingest", "double", "flaky"])
     summary = run_pipeline()

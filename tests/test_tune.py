@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from contextlib import closing
 from pathlib import Path
 
@@ -162,6 +163,13 @@ def test_a_study_searches_both_levels_registers_its_best_and_applies_it(workspac
     assert trials[0].params == {"finetune.lr": 0.001}  # params.yaml's default
     best = pipeline["best"]
     assert best["val_metric"] == max(t.value for t in trials)
+    # a trial's run stops after fine-tuning (its score is the finetune stage's selection); only the best one's goes
+    # on to evaluation and export
+    for t in trials[1:]:
+        folder = Path(t.user_attrs["folder"])
+        assert (folder / "models/finetuned/model.json").exists(), t.number
+        assert (folder / "reports/metrics.json").exists() == (t.number == best["trial"]), t.number
+        assert (folder / "models/model.onnx").exists() == (t.number == best["trial"]), t.number
     assert isinstance(best["test_score"], float) and isinstance(summary["defaults"]["test_score"], float)
     from tlops.core.config import load_params
 
@@ -281,6 +289,43 @@ def test_a_pruned_trial_run_ends_pruned_with_its_checkpoint_kept(workspace: Path
     finetune = c.search_runs([e.experiment_id for e in c.search_experiments()], "tags.stage = 'finetune'")
     assert [(r.info.status, r.data.tags.get("tlops.outcome")) for r in finetune] == [("KILLED", "pruned")]
     assert not (folder / paths.FINETUNE_DIR / "model.safetensors").exists()  # the stage stopped, wrote no model
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_trial_stops_after_fine_tuning_and_the_same_run_completes_it(workspace: Path, prefect_api: str,
+                                                                       tmp_path: Path) -> None:
+    """A pipeline trial's run (the sweep-trial flow, until the finetune stage) is scored by the finetune stage's
+    selection without evaluating or exporting anything; the best trial's run, started again on its folder, runs only
+    the stages after fine-tuning and leaves the test scores and the ONNX model that registration reads."""
+    import mlflow
+
+    from flows.sweep import trial_flow
+    from flows.tune import TRIAL_UNTIL, _run_scores
+    from tlops.core import paths
+
+    _project(workspace)
+    folder, changes = tmp_path / "trial", {"finetune.lr": 0.002}
+    trial_flow(str(workspace), str(folder), changes, until=TRIAL_UNTIL)
+    scored = _run_scores(folder)
+    info = json.loads((folder / paths.FINETUNE_INFO).read_text())
+    assert scored["val_metric"] == info["selection"][info["selected"]]["val_metric"]
+    assert "test_score" not in scored
+    assert not (folder / paths.METRICS).exists() and not (folder / paths.ONNX).exists()
+
+    def stages() -> list[str]:
+        c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+        return sorted(r.data.tags["stage"] for r in c.search_runs(
+            [e.experiment_id for e in c.search_experiments()], "tags.stage != ''"))
+
+    before = stages()
+    assert "finetune" in before and "evaluate" not in before and "export" not in before
+    trial_flow(str(workspace), str(folder), changes)
+    ran = Counter(stages()) - Counter(before)  # the stages run this time: only those after fine-tuning
+    assert ran == Counter(["ingest_target", "adapt", "evaluate", "export"]), ran
+    done = _run_scores(folder)
+    assert done["val_metric"] == scored["val_metric"] and isinstance(done["test_score"], float)
+    assert (folder / paths.ONNX).exists()
 
 
 # --- the shared PostgreSQL (postgres_server: the real server the shared MLflow store's tests run on) ----------------

@@ -85,6 +85,9 @@ def run(
     ] = None,
     sync: Annotated[bool | None, typer.Option("--sync/--no-sync", help="git pull + dvc pull first, dvc push after "
                                                                         "(default: $TLOPS_SYNC)")] = None,
+    until: Annotated[str | None, typer.Option(
+        metavar="STAGE", help="stop after this stage: only it and the stages it depends on (as dvc repro STAGE)")
+    ] = None,
 ) -> None:
     """Run the whole pipeline (the DVC stages, as a Prefect flow); unchanged stages are skipped."""
     _require("run", *TRAIN_MODULES)
@@ -97,7 +100,7 @@ def run(
 
     try:
         run_pipeline(str(params) if params else None, refresh=refresh, force=force, server=server,
-                     set_params=changes or None, sync=sync)
+                     set_params=changes or None, sync=sync, until=until)
     except TlopsError as e:
         raise _fail(e) from None
     finally:
