@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tlops.core import paths
-from tlops.core.config import HeadParams, Params, TuneParams, dotted_get, load_params, set_params
+from tlops.core.config import HeadParams, Params, TuneParams, dotted_get, is_text_backbone, load_params, set_params
 from tlops.core.errors import TlopsError
 from tlops.core.io import read_json, sha256_bytes, write_json
 from tlops.core.secrets import redact, without_credentials, without_password
@@ -71,10 +71,12 @@ def tune(params_path: str | None = None, root: Path | None = None, budget_s: flo
     run_pipeline(params_path)  # the defaults: cached features for the head level, and the scores to beat
     defaults = _run_scores(root)
     with _parent_run(name, t, storage) as parent:
-        head = _head_level(params, t, name, storage, head_space, deadline, parent) if head_space else None
+        head = (_head_level(params, params_path, t, name, storage, head_space, deadline, parent) if head_space
+                else None)
         fixed = head["best_changes"] if head and head.get("best_changes") else {}
         pipeline = _pipeline_level(params, t, name, storage, pipeline_space, fixed, deadline, parent, root,
-                                   pool or params.schedule.work_pool, poll_s, defaults) if t.trials else None
+                                   pool or params.schedule.work_pool, poll_s, defaults,
+                                   head_found=bool(fixed) and not head.get("best_is_defaults")) if t.trials else None
         best = (pipeline or {}).get("best")
         if best and best.get("defaults"):
             print("no trial beat the defaults: nothing to register or apply", file=sys.stderr)
@@ -102,14 +104,13 @@ def _shown(storage: str) -> str:
 
 # --- head level: in-process trials on the cached features ---------------------------------------------------------
 
-def _head_level(params: Params, t: TuneParams, name: str, storage: str, space: dict[str, Any], deadline: float,
-                parent: str) -> dict[str, Any]:
+def _head_level(params: Params, params_path: str | None, t: TuneParams, name: str, storage: str,
+                space: dict[str, Any], deadline: float, parent: str) -> dict[str, Any]:
     import optuna
     from optuna.trial import TrialState
 
-    from tasks.train_head import head_inputs
     from tlops.training.head import train_head_grid
-    from tlops.tuning.space import as_changes
+    from tlops.tuning.space import HEAD, as_changes
     from tlops.tuning.study import open_study, warmup_for
 
     # A head trial costs seconds: judged only after half its epochs, when a slow learning rate has caught up.
@@ -122,12 +123,14 @@ def _head_level(params: Params, t: TuneParams, name: str, storage: str, space: d
             space, {k: chosen.get(k, dotted_get(params, k)) for k in space}, info["val_metric"], paths.HEAD_DIR)):
         study.add_trial(seed)
     seeded = sum(1 for tr in study.trials if tr.user_attrs.get("defaults"))
-    ds, selection = head_inputs(params)
+    inputs = _FeaturesAt(params, params_path)
     while _finished(study) < t.head_trials + seeded and time.monotonic() < deadline:
         trial = study.ask(space)
         changes = as_changes(trial.params, params)
         hp = HeadParams.model_validate({**params.head.model_dump(), **{k.split(".", 1)[1]: v
-                                                                        for k, v in changes.items()}})
+                                                                        for k, v in changes.items()
+                                                                        if k.startswith(HEAD)}})
+        ds, selection = inputs({k: v for k, v in changes.items() if not k.startswith(HEAD)})
 
         def report(row: dict, trial: optuna.Trial = trial) -> None:
             trial.report(float(row["val_metric"]), int(row["epoch"]))
@@ -143,6 +146,38 @@ def _head_level(params: Params, t: TuneParams, name: str, storage: str, space: d
             study.tell(trial, result.val_metric)
         _log_trial(parent, "head", study.trials[trial.number], changes)
     return _level_summary(study, params, "head")
+
+
+class _FeaturesAt:
+    """The head's inputs for a head trial: the workspace's cached features, or, where the trial changes what they
+    are of (tlops.tuning.space.FEATURE_KEYS: the input size), those the features stage's own code extracts with the
+    change into .tlops/tune/features/<digest> (content-addressed as the stage's cache: once per value, kept for a
+    resumed study; never the stage's own output, which DVC tracks)."""
+
+    def __init__(self, params: Params, params_path: str | None) -> None:
+        self.params, self.path, self.seen = params, params_path, {}
+
+    def __call__(self, upstream: dict[str, Any]) -> tuple[Any, Any]:
+        from tasks.train_head import head_inputs
+
+        text = is_text_backbone(self.params.model.backbone)  # a text model's features have no input size
+        upstream = {k: v for k, v in upstream.items() if dotted_get(self.params, k) != v and not text}
+        key = json.dumps(upstream, sort_keys=True)
+        if key not in self.seen:
+            if not upstream:
+                self.seen[key] = head_inputs(self.params)
+            else:
+                from tlops.data.manifest import load_manifest
+                from tlops.features.extract import extract_features
+
+                out = paths.STATE_DIR / "tune" / "features" / sha256_bytes(key.encode())[:16]
+                started = time.monotonic()
+                stats = extract_features(load_manifest(paths.MANIFEST), set_params(upstream, self.path, dry_run=True), out,
+                                         progress=False)
+                print(f"head level: features with {_brief(upstream)}: {stats['extracted']} extracted, "
+                      f"{stats['cached']} cached ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+                self.seen[key] = head_inputs(self.params, out / paths.FEATURES_DATASET.name)
+        return self.seen[key]
 
 
 def _finished(study: Any) -> int:
@@ -163,7 +198,7 @@ def _level_summary(study: Any, params: Params, level: str) -> dict[str, Any]:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if complete:
         best = max(complete, key=lambda t: t.value)
-        out.update(best_trial=best.number, best_value=best.value,
+        out.update(best_trial=best.number, best_value=best.value, best_is_defaults=bool(best.user_attrs.get("defaults")),
                    best_changes=best.user_attrs.get("changes") or as_changes(best.params, params))
         out["plots"] = _plots(study, level)
     return out
@@ -173,7 +208,7 @@ def _level_summary(study: Any, params: Params, level: str) -> dict[str, Any]:
 
 def _pipeline_level(params: Params, t: TuneParams, name: str, storage: str, space: dict[str, Any],
                     fixed: dict[str, Any], deadline: float, parent: str, root: Path, pool: str,
-                    poll_s: float, defaults: dict[str, Any]) -> dict[str, Any]:
+                    poll_s: float, defaults: dict[str, Any], head_found: bool = False) -> dict[str, Any]:
     from optuna.trial import TrialState
     from prefect import get_client
     from prefect.deployments import run_deployment
@@ -192,6 +227,8 @@ def _pipeline_level(params: Params, t: TuneParams, name: str, storage: str, spac
     if not study.trials and "val_metric" in defaults and (seed := _defaults_trial(
             space, {k: dotted_get(params, k) for k in space}, defaults["val_metric"], root)):
         study.add_trial(seed)  # trial 0 is the run already made: the sampler's first point, the score to beat
+        if head_found:  # the first trial: the defaults' own settings here with the head level's findings fixed
+            study.enqueue_trial(seed.params, skip_if_exists=False)
     seeded = sum(1 for tr in study.trials if tr.user_attrs.get("defaults"))
     wanted = (t.trials if space else 1) + seeded  # no pipeline key: one run of the best head settings
     running: dict[int, dict[str, Any]] = {}

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 
 from orchestration.prefect_server import run_stage
@@ -16,10 +18,11 @@ from tlops.training.epochs import epoch_metrics
 from tlops.training.head import save_head, train_head_grid
 
 
-def head_inputs(params: Params) -> tuple[FeatureDataset, Policy]:
+def head_inputs(params: Params, dataset: Path = paths.FEATURES_DATASET) -> tuple[FeatureDataset, Policy]:
     """The cached features the head trains on (data.label_issues: drop leaves flagged items out) and the selection
-    policy (metric, class weighting) its grid goes by; `tlops tune`'s head trials read the same."""
-    ds = load_feature_dataset(paths.FEATURES_DATASET).without_training(dropped_items())
+    policy (metric, class weighting) its grid goes by; `tlops tune`'s head trials read the same (`dataset`: the
+    features at another input size)."""
+    ds = load_feature_dataset(dataset).without_training(dropped_items())
     return ds, policy(params, ds.image_labels("train"), ds.classes)
 
 

@@ -34,11 +34,11 @@ def _write(workspace: Path, overrides: dict, space: dict) -> None:
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def _project(workspace: Path, **tune) -> None:
+def _project(workspace: Path, space: dict = SPACE, **tune) -> None:
     make_images(workspace.parent / "images", classes=3, per_class=8, size=32)
     _write(workspace, {"data": {"source": "imagefolder", "path": str(workspace.parent / "images")},
                        "finetune": {"epochs": 2, "patience": 2},
-                       "tune": {"head_trials": 4, "trials": 2, "pruner": "none", **tune}}, SPACE)
+                       "tune": {"head_trials": 4, "trials": 2, "pruner": "none", **tune}}, space)
     run_cmd(["git", "add", "-A"], workspace)
     run_cmd(["git", "commit", "-qm", "tune base"], workspace)
 
@@ -69,6 +69,9 @@ def test_a_value_the_schema_refuses_fails_before_any_work(workspace: Path) -> No
     _write(workspace, {}, {"finetune.lrr": {"low": 0.001, "high": 0.01}})
     proc = run_cmd([sys.executable, "-m", "tlops.cli", "tune"], workspace, check=False)
     assert proc.returncode == 2 and "finetune.lrr is not a params key (did you mean finetune.lr?)" in proc.stderr
+    _write(workspace, {}, {"model.image_size": {"low": 96, "high": 160}})  # a head trial extracts features a value
+    proc = run_cmd([sys.executable, "-m", "tlops.cli", "tune"], workspace, check=False)
+    assert proc.returncode == 2 and "tune.space.model.image_size: give it choices" in proc.stderr
 
 
 def test_the_defaults_run_seeds_a_fresh_study_when_it_lies_inside_the_space(tmp_path: Path) -> None:
@@ -146,7 +149,7 @@ def test_a_study_searches_both_levels_registers_its_best_and_applies_it(workspac
 
     from tlops.tracking import registry, runs
 
-    _project(workspace)
+    _project(workspace, {**SPACE, "model.image_size": {"choices": [32, 48]}})  # the params' size: 32
     workers = _workers(workspace)
     try:
         out = run_cmd([sys.executable, "-m", "tlops.cli", "tune", "--pool", POOL, "--budget", "800", "--apply",
@@ -158,9 +161,18 @@ def test_a_study_searches_both_levels_registers_its_best_and_applies_it(workspac
     assert head["trials"] == 4 and head["complete"] + head["pruned"] == 4
     # trial 0 is the defaults' run (already made, not rerun), then tune.trials runs on the pool
     assert pipeline["trials"] == 3 and pipeline["complete"] == 3, pipeline
-    trials = optuna.load_study(study_name=pipeline["study"], storage=f"sqlite:///{workspace / '.tlops/tune.db'}").trials
+    storage = f"sqlite:///{workspace / '.tlops/tune.db'}"
+    trials = optuna.load_study(study_name=pipeline["study"], storage=storage).trials
     assert trials[0].user_attrs["defaults"] and trials[0].value == summary["defaults"]["val_metric"]
     assert trials[0].params == {"finetune.lr": 0.001}  # params.yaml's default
+    # the input size is searched by the head trials, on features extracted once at each size, then fixed
+    sizes = [t.params["model.image_size"] for t in optuna.load_study(study_name=head["study"], storage=storage).trials]
+    assert set(sizes) == {32, 48}, sizes
+    assert len(list((workspace / ".tlops/tune/features").glob("*/dataset.npz"))) == 1  # 48 px; 32 is the stage's
+    assert all(t.user_attrs["changes"]["model.image_size"] == head["best_changes"]["model.image_size"]
+               for t in trials[1:])
+    if not head["best_is_defaults"]:  # the first trial: the defaults' fine-tuning with the head level's findings
+        assert trials[1].params == trials[0].params and trials[1].user_attrs["changes"] != {}
     best = pipeline["best"]
     assert best["val_metric"] == max(t.value for t in trials)
     # a trial's run stops after fine-tuning (its score is the finetune stage's selection); only the best one's goes
