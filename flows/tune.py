@@ -223,6 +223,9 @@ def _pipeline_level(params: Params, t: TuneParams, name: str, storage: str, spac
     # validation 0.915, stood last after epoch 1 at 0.823 and above the median after epoch 2; pruned at epoch 1).
     warmup = warmup_for(params.finetune.epochs)
     study = open_study(t, name, "pipeline", storage, warmup_steps=warmup)
+    # No trial starts once the budget left would not hold the best trial's completion (its run's stages after
+    # fine-tuning), so that the study ends within the budget and the trials running at its end.
+    reserve = _completion_s(params, fixed)
     deployment = deploy_trials(root, pool, t.concurrency)
     if not study.trials and "val_metric" in defaults and (seed := _defaults_trial(
             space, {k: dotted_get(params, k) for k in space}, defaults["val_metric"], root)):
@@ -240,7 +243,7 @@ def _pipeline_level(params: Params, t: TuneParams, name: str, storage: str, spac
     with get_client(sync_client=True) as client:
         while True:
             while (len(running) < t.concurrency and len(study.trials) < wanted
-                   and time.monotonic() < deadline):
+                   and time.monotonic() < deadline - reserve):
                 trial = study.ask(space)
                 changes = {**fixed, **as_changes(trial.params, params),
                            "export.registered_model": f"{params.export.registered_model}-tune"}
@@ -281,7 +284,7 @@ def _pipeline_level(params: Params, t: TuneParams, name: str, storage: str, spac
                            state.message if frozen.state == TrialState.FAIL else None)
                 print(f"trial {number}: {frozen.state.name.lower()}"
                       + (f", validation {frozen.value:.4f}" if frozen.value is not None else ""), file=sys.stderr)
-    out = _level_summary(study, params, "pipeline")
+    out = {**_level_summary(study, params, "pipeline"), "reserve_s": round(reserve, 1)}
     if "best_trial" in out:
         attrs = study.trials[out["best_trial"]].user_attrs
         if not attrs.get("defaults"):
@@ -290,6 +293,26 @@ def _pipeline_level(params: Params, t: TuneParams, name: str, storage: str, spac
                        "val_metric": out["best_value"], "changes": attrs["changes"], "folder": attrs["folder"],
                        **({"defaults": True} if attrs.get("defaults") else {})}
     return out
+
+
+def _completion_s(params: Params, fixed: dict[str, Any]) -> float:
+    """The expected seconds of the best trial's completion: the stages after TRIAL_UNTIL as long as they took in the
+    project's own last run (their MLflow stage runs), times the input's pixels at the size the head level fixed over
+    the params' size; 0 for a stage never run here."""
+    from orchestration import dvc_stages
+    from tlops.tracking import runs
+
+    with dvc_stages.open_repo() as repo:
+        before = {s.name for s in dvc_stages.pipeline_stages(repo, TRIAL_UNTIL)}
+        after = [s.name for s in dvc_stages.pipeline_stages(repo) if s.name not in before]
+    c = runs.client()
+    seconds = 0.0
+    for stage in after:
+        found = c.search_runs([runs.experiment_id(c)], f"tags.stage = '{stage}' and attributes.status = 'FINISHED'",
+                              max_results=1, order_by=["attributes.start_time DESC"])
+        seconds += (found[0].info.end_time - found[0].info.start_time) / 1000 if found else 0.0
+    size, default = fixed.get("model.image_size"), params.model.image_size
+    return seconds * (size / default) ** 2 if size and default else seconds
 
 
 def _complete(deployment: str, root: Path, number: int, attrs: dict[str, Any], name: str) -> None:

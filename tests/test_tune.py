@@ -171,6 +171,7 @@ def test_a_study_searches_both_levels_registers_its_best_and_applies_it(workspac
     assert len(list((workspace / ".tlops/tune/features").glob("*/dataset.npz"))) == 1  # 48 px; 32 is the stage's
     assert all(t.user_attrs["changes"]["model.image_size"] == head["best_changes"]["model.image_size"]
                for t in trials[1:])
+    assert pipeline["reserve_s"] > 0  # the defaults' adapt, evaluate and export: no trial starts into that time
     if not head["best_is_defaults"]:  # the first trial: the defaults' fine-tuning with the head level's findings
         assert trials[1].params == trials[0].params and trials[1].user_attrs["changes"] != {}
     best = pipeline["best"]
