@@ -172,8 +172,8 @@ class _FeaturesAt:
 
                 out = paths.STATE_DIR / "tune" / "features" / sha256_bytes(key.encode())[:16]
                 started = time.monotonic()
-                stats = extract_features(load_manifest(paths.MANIFEST), set_params(upstream, self.path, dry_run=True), out,
-                                         progress=False)
+                changed = set_params(upstream, self.path, dry_run=True)
+                stats = extract_features(load_manifest(paths.MANIFEST), changed, out, progress=False)
                 print(f"head level: features with {_brief(upstream)}: {stats['extracted']} extracted, "
                       f"{stats['cached']} cached ({time.monotonic() - started:.0f} s)", file=sys.stderr)
                 self.seen[key] = head_inputs(self.params, out / paths.FEATURES_DATASET.name)
@@ -198,7 +198,8 @@ def _level_summary(study: Any, params: Params, level: str) -> dict[str, Any]:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if complete:
         best = max(complete, key=lambda t: t.value)
-        out.update(best_trial=best.number, best_value=best.value, best_is_defaults=bool(best.user_attrs.get("defaults")),
+        out.update(best_trial=best.number, best_value=best.value,
+                   best_is_defaults=bool(best.user_attrs.get("defaults")),
                    best_changes=best.user_attrs.get("changes") or as_changes(best.params, params))
         out["plots"] = _plots(study, level)
     return out
@@ -355,8 +356,9 @@ def _brief(changes: dict[str, Any]) -> str:
 
 
 def _run_scores(folder: Path) -> dict[str, Any]:
-    """The validation metric of the model a run selected (trials are ranked by it, never by test scores), from the
-    finetune stage's model info, and its test scores from reports/metrics.json once the run has them."""
+    """The validation metric of the model a run selected (trials are ranked by it, never by test scores) and, once
+    the run has evaluated it, its test scores: from reports/metrics.json, or from the finetune stage's model info
+    where the run stopped after that stage."""
     from flows.sweep import _scores_of
 
     path, info = folder / paths.METRICS, folder / paths.FINETUNE_INFO
