@@ -1,10 +1,11 @@
 """The label audit: which training labels look wrong, found from the cached features before they teach the model.
 
 A linear head is fitted K times (audit.folds; stratified, seeded folds of the training items, an item's augmented
-views always in its own fold, train_head's class weighting) on the standardised cached features, by full-batch
-L-BFGS rather than train_head's AdamW epochs: the same model in a fraction of the time, since the audit may cost a
-tenth of the features stage. Each fit predicts the fold it did not see, as the mean over an item's cached views, so
-every training item gets an out-of-fold probability without the backbone ever running again. Confident learning
+views always in its own fold, train_head's class weighting) on the standardised cached features, all K at once by
+one full-batch L-BFGS rather than train_head's AdamW epochs: the same model in a fraction of the time, since the
+audit may cost a tenth of the features stage. Each fit predicts the fold it did not see, as the mean over an
+item's cached views, so every training item gets an out-of-fold probability without the backbone ever running
+again. Confident learning
 (cleanlab.filter.find_label_issues) flags the items whose given label those probabilities contradict, ranked by
 self-confidence: the out-of-fold probability of the given label, the ranking cleanlab's benchmarks found best overall
 and one a person reads at once ("the heads give this label 3%"). Validation and test items are scored by the K
@@ -67,36 +68,51 @@ def out_of_fold(ds: FeatureDataset, params: Params) -> tuple[np.ndarray, np.ndar
     trained_on = torch.from_numpy(fold_of_row >= 0)
     X = (X - X[trained_on].mean(0)) / (X[trained_on].std(0) + 1e-6)  # standardised: one L2 for every backbone
     labels = torch.as_tensor(ds.labels).long()
-    probs = np.zeros((k, len(ds.views), len(ds.classes)))
-    with torch.inference_mode(False):
-        for f in range(k):
-            rows = torch.from_numpy(np.flatnonzero((fold_of_row >= 0) & (fold_of_row != f)))
-            weight = class_weight_tensor(labels[rows], len(ds.classes)) if weighted else None
-            W, b = fit_linear(X[rows], labels[rows], len(ds.classes), params.audit.l2, weight)
-            with torch.inference_mode():
-                probs[f] = torch.softmax(X @ W + b, 1).double().numpy()
+    fold = torch.from_numpy(fold_of_row)[trained_on]
+    W, b = fit_linear_folds(X[trained_on], labels[trained_on], fold, k, len(ds.classes), params.audit.l2, weighted)
+    with torch.inference_mode():
+        probs = torch.softmax(torch.einsum("nd,dkc->knc", X, W) + b[:, None], 2).double().numpy()
     per_item = _mean_over_views(probs, item_of_row)  # (K, N, C): each row holds its item's mean over views
     oof = per_item[fold_of_item[train], train]
     return train, oof, per_item.mean(axis=0), k
 
 
-def fit_linear(X: torch.Tensor, y: torch.Tensor, classes: int, l2: float, weight: torch.Tensor | None,
-               iterations: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
-    """A linear head (W, b) by full-batch L-BFGS on the class-weighted cross-entropy + l2 * |W|^2: the fit that
-    train_head's AdamW epochs approach, in a fraction of their time (the audit's budget is a tenth of the features
-    stage's, and it fits K heads)."""
-    W = torch.zeros(X.shape[1], classes, requires_grad=True)
-    b = torch.zeros(classes, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=iterations, history_size=10, line_search_fn="strong_wolfe")
+def fit_linear_folds(X: torch.Tensor, y: torch.Tensor, fold: torch.Tensor, k: int, classes: int, l2: float,
+                     weighted: bool, iterations: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
+    """K linear heads (W: D x K x C, b: K x C), head f fitted on the rows whose fold is not f, each to the
+    class-weighted cross-entropy of its rows + l2 * |W_f|^2: the fit that train_head's AdamW epochs approach.
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(X @ W + b, y, weight=weight) + l2 * (W * W).sum()
-        loss.backward()
-        return loss
+    The K objectives are independent, so their sum is minimised at once by one L-BFGS (scipy's; torch.optim's
+    first use imports torch._dynamo, 1.7 s): each step is one matrix product of the rows with all K heads instead of
+    K thin ones (Fashion-MNIST 5,000: 2.0 s against 11 s for five separate fits, the same items flagged but 3%).
+    scipy's OpenBLAS gets one thread: its threads spin after each L-BFGS update and slow torch's products threefold."""
+    from scipy.optimize import minimize
+    from threadpoolctl import threadpool_limits
 
-    opt.step(closure)
-    return W.detach(), b.detach()
+    n, d = X.shape
+    share = torch.zeros(n, k)  # row r's weight in head f's mean loss; 0 in its own fold
+    for f in range(k):
+        mine = fold != f
+        w = (class_weight_tensor(y[mine], classes) if weighted else torch.ones(classes))[y[mine]]
+        share[mine, f] = w / w.sum()
+    target = F.one_hot(y, classes).float()[:, None, :]
+    X = X.float().contiguous()
+
+    def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        W = torch.from_numpy(theta[:d * k * classes].astype(np.float32)).view(d, k * classes)
+        b = torch.from_numpy(theta[d * k * classes:].astype(np.float32))
+        z = (X @ W + b).view(n, k, classes)
+        lse = torch.logsumexp(z, 2, keepdim=True)
+        loss = (share * (lse[..., 0] - (z * target).sum(2))).sum() + l2 * (W * W).sum()
+        g = (share[..., None] * (torch.exp(z - lse) - target)).view(n, k * classes)  # d loss / d z
+        grad = torch.cat([(X.T @ g + 2 * l2 * W).flatten(), g.sum(0)])
+        return float(loss), grad.double().numpy()
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        theta = minimize(loss_and_grad, np.zeros(d * k * classes + k * classes), jac=True, method="L-BFGS-B",
+                         options={"maxiter": iterations}).x
+    W = torch.from_numpy(theta[:d * k * classes].astype(np.float32)).view(d, k, classes)
+    return W, torch.from_numpy(theta[d * k * classes:].astype(np.float32)).view(k, classes)
 
 
 def _mean_over_views(probs: np.ndarray, item_of_row: np.ndarray) -> np.ndarray:
