@@ -38,6 +38,16 @@ def run_stages(ws: Path, stages: tuple[str, ...], mlflow_store: str) -> None:
 # ---------------------------------------------------------------- params
 
 
+def test_label_smoothing_auto_smooths_texts_only_and_a_value_is_kept():
+    text = {"data": {"source": "textfolder", "path": "t"}}
+    assert parse_params({**text, "finetune": {"label_smoothing": "auto"}}).finetune.label_smoothing == 0.1
+    assert parse_params(text).finetune.label_smoothing == 0.1
+    assert parse_params({"finetune": {"label_smoothing": "auto", "lr": 0.002}}).finetune.label_smoothing == 0.0
+    assert parse_params({"finetune": {"lr": 0.002}}).finetune.lr == 0.002
+    assert parse_params({**text, "finetune": {"label_smoothing": 0.05}}).finetune.label_smoothing == 0.05
+    with pytest.raises(ConfigError, match="finetune.label_smoothing"):
+        parse_params({"finetune": {"label_smoothing": "some"}})
+
 def test_backbone_auto_follows_the_data_and_a_mismatch_names_both():
     assert parse_params({"data": {"source": "textfolder", "path": "t"}}).model.backbone == "minilm_l6"
     assert parse_params({}).model.backbone == "efficientnet_lite0"

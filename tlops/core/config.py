@@ -161,7 +161,7 @@ class FinetuneParams(Section):
     head_lr: PositiveFloat = 1e-3
     warmup_steps: Annotated[int, Field(ge=0)] = 50
     patience: PositiveInt = 3
-    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0  # auto (or absent): by modality (Params)
     batchnorm: Literal["frozen", "train"] = "frozen"
     batch_size: PositiveInt = 32
     class_weighting: bool | Literal["auto"] = "auto"
@@ -351,18 +351,27 @@ class ScheduleParams(Section):
 class Params(Section):
     @model_validator(mode="before")
     @classmethod
-    def _default_backbone(cls, raw: Any) -> Any:
-        """model.backbone auto (or absent) -> the modality's default: minilm_l6 for text, else efficientnet_lite0."""
+    def _modality_defaults(cls, raw: Any) -> Any:
+        """The keys whose default depends on the modality, when auto (or absent):
+        model.backbone: minilm_l6 for text, else efficientnet_lite0;
+        finetune.label_smoothing: 0.1 for text, else 0.0. Smoothing leaves the fine-tuned logits in a shape no
+        single temperature calibrates: test ECE after temperature scaling on Fashion-MNIST 5,000, seeds 42 and 1,
+        0.034 and 0.031 with 0.1 against 0.020 and 0.019 without, accuracy 0.883 / 0.887 against 0.892 / 0.880;
+        on WordNet glosses 0.1 is worth 1.8 accuracy points (0.921 against 0.903)."""
         if not isinstance(raw, dict):
             return raw
-        data, model = raw.get("data"), raw.get("model")
-        data = data if isinstance(data, dict) else {}
+        data = raw.get("data")
+        text = isinstance(data, dict) and data.get("source") in TEXT_SOURCES
+        out = dict(raw)
+        model = raw.get("model")
         model = dict(model) if isinstance(model, dict) else ({} if model is None else model)
         if isinstance(model, dict) and model.get("backbone", "auto") == "auto":
-            text = data.get("source") in TEXT_SOURCES
-            model["backbone"] = DEFAULT_TEXT_BACKBONE if text else DEFAULT_IMAGE_BACKBONE
-            return {**raw, "model": model}
-        return raw
+            out["model"] = {**model, "backbone": DEFAULT_TEXT_BACKBONE if text else DEFAULT_IMAGE_BACKBONE}
+        finetune = raw.get("finetune")
+        finetune = dict(finetune) if isinstance(finetune, dict) else ({} if finetune is None else finetune)
+        if isinstance(finetune, dict) and finetune.get("label_smoothing", "auto") == "auto":
+            out["finetune"] = {**finetune, "label_smoothing": 0.1 if text else 0.0}
+        return out
 
     @model_validator(mode="after")
     def _same_modality(self) -> Params:
