@@ -363,14 +363,11 @@ class Params(Section):
         data = raw.get("data")
         text = isinstance(data, dict) and data.get("source") in TEXT_SOURCES
         out = dict(raw)
-        model = raw.get("model")
-        model = dict(model) if isinstance(model, dict) else ({} if model is None else model)
-        if isinstance(model, dict) and model.get("backbone", "auto") == "auto":
-            out["model"] = {**model, "backbone": DEFAULT_TEXT_BACKBONE if text else DEFAULT_IMAGE_BACKBONE}
-        finetune = raw.get("finetune")
-        finetune = dict(finetune) if isinstance(finetune, dict) else ({} if finetune is None else finetune)
-        if isinstance(finetune, dict) and finetune.get("label_smoothing", "auto") == "auto":
-            out["finetune"] = {**finetune, "label_smoothing": 0.1 if text else 0.0}
+        for section, key, value in (("model", "backbone", DEFAULT_TEXT_BACKBONE if text else DEFAULT_IMAGE_BACKBONE),
+                                    ("finetune", "label_smoothing", 0.1 if text else 0.0)):
+            part = {} if raw.get(section) is None else raw[section]
+            if isinstance(part, dict) and part.get(key, "auto") == "auto":  # not a dict: the schema says so
+                out[section] = {**part, key: value}
         return out
 
     @model_validator(mode="after")

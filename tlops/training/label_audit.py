@@ -5,11 +5,10 @@ views always in its own fold, train_head's class weighting) on the standardised 
 one full-batch L-BFGS rather than train_head's AdamW epochs: the same model in a fraction of the time, since the
 audit may cost a tenth of the features stage. Each fit predicts the fold it did not see, as the mean over an
 item's cached views, so every training item gets an out-of-fold probability without the backbone ever running
-again. Confident learning
-(cleanlab.filter.find_label_issues) flags the items whose given label those probabilities contradict, ranked by
-self-confidence: the out-of-fold probability of the given label, the ranking cleanlab's benchmarks found best overall
-and one a person reads at once ("the heads give this label 3%"). Validation and test items are scored by the K
-heads' mean and only reported.
+again. Confident learning (cleanlab.filter.find_label_issues) flags the items whose given label those
+probabilities contradict, ranked by self-confidence: the out-of-fold probability of the given label, the ranking
+cleanlab's benchmarks found best overall and one a person reads at once ("the heads give this label 3%").
+Validation and test items are scored by the K heads' mean and only reported.
 """
 
 from __future__ import annotations
@@ -98,7 +97,6 @@ def fit_linear_folds(X: torch.Tensor, y: torch.Tensor, fold: torch.Tensor, k: in
         w = (class_weight_tensor(y[mine], classes) if weighted else torch.ones(classes))[y[mine]]
         share[mine, f] = w / w.sum()
     target = F.one_hot(y, classes).float()[:, None, :]
-    X = X.float().contiguous()
 
     def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
         W = torch.from_numpy(theta[:d * k * classes].astype(np.float32)).view(d, k * classes)
