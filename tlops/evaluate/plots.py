@@ -20,7 +20,6 @@ from tlops.evaluate.metrics import confusion_rows, worst_indices
 from tlops.inputs.images import PreprocessSpec, resize_crop
 from tlops.inputs.text import TextSpec, load_text
 from tlops.onnx.runtime import softmax
-from tlops.training.epochs import merge_history, read_history, write_history
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -153,6 +152,8 @@ def write_plots(images: Sequence[str], y: np.ndarray, logits: np.ndarray, classe
                 explanation: np.ndarray | None = None) -> None:
     """confusion.csv + history.csv for `dvc plots`, and confusion/curves/worst PNGs; `explanation` (the exported
     model's, per test item) marks what decided each worst error."""
+    from tlops.training.epochs import merge_history, read_history, write_history  # here: epochs imports torch
+
     probs, pred = softmax(logits), logits.argmax(axis=1)
     write_csv(paths.CONFUSION, confusion_rows(y, pred, classes), CONFUSION_COLUMNS)
     rows, unfreeze = merge_history(read_history(paths.HEAD_HISTORY), read_history(paths.FINETUNE_HISTORY))

@@ -122,7 +122,8 @@ def _mean_over_views(a: np.ndarray, item_of_row: np.ndarray) -> np.ndarray:
     """a (..., N, F) -> the same shape, each row replaced by the mean over the rows of its item (an item's views
     follow it, so its rows are contiguous)."""
     starts = np.flatnonzero(item_of_row == np.arange(len(item_of_row)))
-    means = np.add.reduceat(a, starts, axis=-2) / np.diff(np.r_[starts, len(item_of_row)])[:, None]
+    counts = np.diff(np.r_[starts, len(item_of_row)]).astype(a.dtype)[:, None]
+    means = np.add.reduceat(a, starts, axis=-2) / counts
     return means[..., np.searchsorted(starts, item_of_row), :]
 
 
