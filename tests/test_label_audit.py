@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +73,24 @@ def test_clean_labels_raise_a_handful_at_most():
     ds, _ = noisy_features(flip=0.0)
     suspects, _ = find_suspects(ds, params())
     assert sum(s.split == "train" for s in suspects) <= 3
+
+
+def test_the_audit_and_its_pictures_import_no_torch():
+    """The stage may cost a tenth of the features stage: importing torch alone took 1.6 s of it."""
+    code = ("import sys, tasks.audit, tlops.training.label_audit, tlops.evaluate.plots; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_item_means_keep_the_features_dtype():
+    from tlops.training.label_audit import _mean_over_views
+
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    means = _mean_over_views(x, np.array([0, 0, 0, 3, 4, 4]))  # items at rows 0 (3 views), 3, 4 (2 views)
+    assert means.dtype == np.float32
+    np.testing.assert_allclose(means, [[2, 3]] * 3 + [[6, 7]] + [[9, 10]] * 2)
 
 
 def test_folds_shrink_to_the_smallest_class_and_refuse_a_single_item():
