@@ -80,7 +80,7 @@ def fit_linear_folds(X: np.ndarray, y: np.ndarray, fold: np.ndarray, k: int, cla
 
     The K objectives are independent, so their sum is minimised at once by one L-BFGS (scipy's): each step is one
     matrix product of the rows with all K heads instead of K thin ones. The joint problem needs more steps than one
-    head: at 100 the flags on digits with 5% flipped are those of five separate 60-step fits. One BLAS thread:
+    head; on digits with 5% flipped, 60 to 150 steps flag the same items. One BLAS thread:
     L-BFGS's small steps between the products leave a second one spinning (Fashion-MNIST 5,000: 2.0 s, not 5.1)."""
     from scipy.optimize import minimize
     from threadpoolctl import threadpool_limits
