@@ -105,7 +105,9 @@ def _card_trust(report: dict[str, Any], text: bool) -> list[str]:
         lines.append(f"Output `{metadata.EXPLANATION}` (batch, classes, h, w): for each class, each region's share of "
                      "its logit (a class activation map, exact for the linear head: the map's sum plus bias / T is the "
                      "logit). Bright regions pushed the class up, dark ones down; the map is coarse (the last feature "
-                     "map's grid), upsample it over the image to read it.")
+                     "map's grid), upsample it over the image to read it. Each cell sees most of the image, so a grid "
+                     "of a few cells a side (3x3 at 96 px) does not locate a small object; a larger model.image_size "
+                     "gives a finer grid.")
     elif why.get("kind") == "text":
         lines.append(f"Output `{metadata.EXPLANATION}` (batch, classes, tokens): for each class, each token's share of "
                      "its logit (exact for the linear head: the shares plus bias / T sum to the logit; padding 0). "
