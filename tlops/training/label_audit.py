@@ -82,8 +82,8 @@ def fit_linear_folds(X: np.ndarray, y: np.ndarray, fold: np.ndarray, k: int, cla
     matrix product of the rows with all K heads instead of K thin ones. Stopped at 40 steps, short of the optimum
     as train_head's early stopping is: with 5% flipped, digits precision / recall 0.82 / 0.82 (0.81 / 0.82 at 60 to
     150 steps), Fashion-MNIST 0.35 / 0.90 (0.34 / 0.90 at 100), WordNet 0.34 / 0.91 (0.34 / 0.90); the Fashion-MNIST
-    fit takes 0.8 s against 2.0 s. One BLAS thread: L-BFGS's small steps between the products leave a second one spinning (Fashion-MNIST
-    5,000 at 100 steps: 2.0 s, not 5.1)."""
+    fit takes 0.8 s against 2.0 s. One BLAS thread: L-BFGS's small steps between the products leave a second one
+    spinning (Fashion-MNIST 5,000 at 100 steps: 2.0 s, not 5.1)."""
     from scipy.optimize import minimize
     from threadpoolctl import threadpool_limits
 
@@ -108,7 +108,7 @@ def fit_linear_folds(X: np.ndarray, y: np.ndarray, fold: np.ndarray, k: int, cla
         g = g.reshape(n, k * classes)
         return loss, np.concatenate([(X.T @ g + 2 * l2 * W).ravel(), g.sum(0)]).astype(np.float64)
 
-    with threadpool_limits(limits=1, user_api="blas"):  # faster than two: L-BFGS's small steps leave threads spinning
+    with threadpool_limits(limits=1, user_api="blas"):
         theta = minimize(loss_and_grad, np.zeros(d * k * classes + k * classes), jac=True, method="L-BFGS-B",
                          options={"maxiter": iterations}).x
     return (theta[:d * k * classes].astype(np.float32).reshape(d, k, classes),
