@@ -26,6 +26,7 @@ from tlops.core.errors import DataError
 from tlops.core.io import write_json, write_text
 from tlops.evaluate.scoring import class_weights, policy
 from tlops.features.dataset import FeatureDataset
+from tlops.onnx.runtime import softmax
 
 RANK_BY = "self_confidence"
 FILTER_BY = "both"  # flagged by both of cleanlab's prunings (per class, and by the noise rate of each class pair):
@@ -67,7 +68,7 @@ def out_of_fold(ds: FeatureDataset, params: Params) -> tuple[np.ndarray, np.ndar
     X = (X - X[trained_on].mean(0)) / (X[trained_on].std(0) + 1e-6)  # standardised: one L2 for every backbone
     W, b = fit_linear_folds(_mean_over_views(X, item_of_row)[train], y, fold_of_item[train], k,
                             len(ds.classes), params.audit.l2, weighted)
-    probs = _softmax(np.einsum("nd,dkc->knc", X, W) + b[:, None]).astype(np.float64)
+    probs = softmax(np.einsum("nd,dkc->knc", X, W) + b[:, None])
     per_item = _mean_over_views(probs, item_of_row)  # (K, N, C): each row holds its item's mean over views
     oof = per_item[fold_of_item[train], train]
     return train, oof, per_item.mean(axis=0), k
@@ -113,11 +114,6 @@ def fit_linear_folds(X: np.ndarray, y: np.ndarray, fold: np.ndarray, k: int, cla
                          options={"maxiter": iterations}).x
     return (theta[:d * k * classes].astype(np.float32).reshape(d, k, classes),
             theta[d * k * classes:].astype(np.float32).reshape(k, classes))
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 def _mean_over_views(a: np.ndarray, item_of_row: np.ndarray) -> np.ndarray:
