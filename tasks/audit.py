@@ -12,8 +12,12 @@ from tlops.core.config import load_params
 from tlops.core.io import write_json, write_text
 from tlops.data.label_issues import COLUMNS
 from tlops.data.manifest import load_manifest
+from tlops.evaluate.plots import plot_worst_texts, write_csv
 from tlops.features.dataset import load_feature_dataset
+from tlops.features.working_images import for_manifest
+from tlops.inputs.images import PreprocessSpec
 from tlops.tracking.runs import stage_run
+from tlops.training.label_audit import find_suspects, write_audit
 
 
 @task(name="audit")
@@ -23,8 +27,6 @@ def audit(params_path: str | None = None) -> dict:
     mode = params.data.label_issues
     with stage_run("audit", params) as run:
         if mode == "off":  # the outputs exist all the same, empty, so the stages after it read one thing
-            from tlops.evaluate.plots import plot_worst_texts, write_csv
-
             write_csv(paths.LABEL_ISSUES, [], COLUMNS)
             report = {"mode": "off", "flagged": {"train": 0, "val": 0, "test": 0}, "dropped": 0}
             write_json(paths.LABEL_AUDIT, report)
@@ -32,10 +34,6 @@ def audit(params_path: str | None = None) -> dict:
             write_text(paths.LABEL_ISSUES_DIR / "suspects.md", "# Label audit off (data.label_issues: off)\n")
             plot_worst_texts([], params.data.max_chars, paths.LABEL_ISSUES_DIR / "grid.png")
         else:
-            from tlops.features.working_images import for_manifest
-            from tlops.inputs.images import PreprocessSpec
-            from tlops.training.label_audit import find_suspects, write_audit
-
             ds = load_feature_dataset(paths.FEATURES_DATASET)
             suspects, summary = find_suspects(ds, params)
             if ds.meta["spec"].get("kind") == "text":  # texts are shown as text: no tokenizer needed

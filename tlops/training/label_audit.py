@@ -19,11 +19,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from cleanlab.filter import find_label_issues  # with scikit-learn, scipy and pandas: 1.1 s, paid at import as the
+from scipy.optimize import minimize  # features stage pays torch's, where `tlops run` preloads the stage modules
+from sklearn.model_selection import StratifiedKFold
+from threadpoolctl import threadpool_limits
 
 from tlops.core import paths
 from tlops.core.config import Params
 from tlops.core.errors import DataError
 from tlops.core.io import write_json, write_text
+from tlops.data.label_issues import COLUMNS
+from tlops.evaluate.plots import Mistake, plot_worst, plot_worst_texts, worst_texts_markdown, write_csv
 from tlops.evaluate.scoring import class_weights, policy
 from tlops.features.dataset import FeatureDataset
 from tlops.onnx.runtime import softmax
@@ -49,29 +55,32 @@ def out_of_fold(ds: FeatureDataset, params: Params) -> tuple[np.ndarray, np.ndar
     item (view 0) of ds, K). Each head learns from its folds' training items, each the mean of its views (on digits
     with 5% flipped: precision 0.81, recall 0.82; every view a row, three times the rows: 0.83, 0.81), and predicts
     an item as the mean of its views' probabilities (test-time augmentation from the cached views)."""
-    from sklearn.model_selection import StratifiedKFold
-
     views0 = ds.views == 0
     train = np.flatnonzero((ds.splits == "train") & views0)
     y = ds.labels[train]
     k = folds_for(y, len(ds.classes), params.audit.folds)
     selection = policy(params, ds.image_labels("train"), ds.classes)
     weighted = selection.weighted(params.head.class_weighting)
-    item_of_row = _item_index(ds)  # every row (views too) -> the index of its view-0 row
-    fold_of_item = np.full(len(ds.views), -1)
+    starts = np.flatnonzero(views0)  # each item's view-0 row; its views follow it
+    item_of_row = np.searchsorted(starts, np.arange(len(ds.views)), side="right") - 1  # row -> item number
+    fold_of_item = np.full(len(starts), -1)
     for f, (_, held) in enumerate(StratifiedKFold(n_splits=k, shuffle=True, random_state=params.head.seed)
                                   .split(train, y)):
-        fold_of_item[train[held]] = f
-    fold_of_row = np.where(ds.splits == "train", fold_of_item[item_of_row], -1)
-    trained_on = fold_of_row >= 0
+        fold_of_item[np.searchsorted(starts, train[held])] = f
     X = np.asarray(ds.features, np.float32)
-    X = (X - X[trained_on].mean(0)) / (X[trained_on].std(0) + 1e-6)  # standardised: one L2 for every backbone
-    W, b = fit_linear_folds(_mean_over_views(X, item_of_row)[train], y, fold_of_item[train], k,
-                            len(ds.classes), params.audit.l2, weighted)
-    probs = softmax(np.einsum("nd,dkc->knc", X, W) + b[:, None])
-    per_item = _mean_over_views(probs, item_of_row)  # (K, N, C): each row holds its item's mean over views
-    oof = per_item[fold_of_item[train], train]
-    return train, oof, per_item.mean(axis=0), k
+    seen = X[fold_of_item[item_of_row] >= 0]  # every view of every training item
+    mu, sd = seen.mean(0), seen.std(0) + 1e-6  # standardised: one L2 for every backbone
+    del seen
+    mine = np.searchsorted(starts, train)  # the training items' numbers
+    W, b = fit_linear_folds((_item_means(X, starts)[mine] - mu) / sd, y, fold_of_item[mine], k, len(ds.classes),
+                            params.audit.l2, weighted)
+    d, c = W.shape[0], W.shape[2]
+    W = W / sd[:, None, None]  # the standardisation folded into the heads: no standardised copy of every row
+    b = b - np.tensordot(mu, W, axes=1)
+    probs = softmax((X @ W.reshape(d, k * c)).reshape(len(X), k, c).transpose(1, 0, 2) + b[:, None])
+    per_item = _item_means(probs, starts)  # (K, items, C): the mean over each item's views
+    oof = per_item[fold_of_item[mine], mine]
+    return train, oof, per_item.mean(axis=0)[item_of_row], k
 
 
 def fit_linear_folds(X: np.ndarray, y: np.ndarray, fold: np.ndarray, k: int, classes: int, l2: float,
@@ -85,9 +94,6 @@ def fit_linear_folds(X: np.ndarray, y: np.ndarray, fold: np.ndarray, k: int, cla
     150 steps), Fashion-MNIST 0.35 / 0.90 (0.34 / 0.90 at 100), WordNet 0.34 / 0.91 (0.34 / 0.90); the Fashion-MNIST
     fit takes 0.8 s against 2.0 s. One BLAS thread: L-BFGS's small steps between the products leave a second one
     spinning (Fashion-MNIST, measured on a 256-wide projection of every view: 1.7 s against 3.4 s with two)."""
-    from scipy.optimize import minimize
-    from threadpoolctl import threadpool_limits
-
     n, d = X.shape
     share = np.zeros((n, k), np.float32)  # row r's weight in head f's mean loss; 0 in its own fold
     for f in range(k):
@@ -116,13 +122,11 @@ def fit_linear_folds(X: np.ndarray, y: np.ndarray, fold: np.ndarray, k: int, cla
             theta[d * k * classes:].astype(np.float32).reshape(k, classes))
 
 
-def _mean_over_views(a: np.ndarray, item_of_row: np.ndarray) -> np.ndarray:
-    """a (..., N, F) -> the same shape, each row replaced by the mean over the rows of its item (an item's views
-    follow it, so its rows are contiguous)."""
-    starts = np.flatnonzero(item_of_row == np.arange(len(item_of_row)))
-    counts = np.diff(np.r_[starts, len(item_of_row)]).astype(a.dtype)[:, None]
-    means = np.add.reduceat(a, starts, axis=-2) / counts
-    return means[..., np.searchsorted(starts, item_of_row), :]
+def _item_means(a: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """a (..., N rows, F) -> (..., items, F): the mean over each item's rows, the item starting at row starts[i]
+    (an item's views follow it, so its rows are contiguous); a's dtype kept."""
+    counts = np.diff(np.r_[starts, a.shape[-2]]).astype(a.dtype)[:, None]
+    return np.add.reduceat(a, starts, axis=-2) / counts
 
 
 def folds_for(y: np.ndarray, classes: int, wanted: int) -> int:
@@ -136,19 +140,9 @@ def folds_for(y: np.ndarray, classes: int, wanted: int) -> int:
     return min(wanted, smallest)
 
 
-def _item_index(ds: FeatureDataset) -> np.ndarray:
-    """For each row, the row index of its item's view 0 (views follow their image in manifest order)."""
-    out = np.arange(len(ds.views))
-    for i in np.flatnonzero(ds.views > 0):
-        out[i] = out[i - 1]
-    return out
-
-
 def find_suspects(ds: FeatureDataset, params: Params) -> tuple[list[Suspect], dict[str, Any]]:
     """The flagged items, most suspicious first (training items by confident learning; validation and test items
     where the mean head disagrees as confidently), and the audit's summary."""
-    from cleanlab.filter import find_label_issues
-
     train, oof, mean, k = out_of_fold(ds, params)
     y = ds.labels[train]
     # n_jobs=1: cleanlab's process pool forks a process that already runs torch's and Prefect's threads (it hung)
@@ -178,9 +172,6 @@ def write_audit(suspects: Sequence[Suspect], summary: dict[str, Any], mode: str,
     """reports/label_issues.csv (rank, path, split, given, suggested, score, dropped), reports/label_audit.json and
     the top suspects (reports/label_issues/grid.png, suspects.md): images as the model sees them (spec, load), texts
     (spec None) as text, cut to max_chars."""
-    from tlops.data.label_issues import COLUMNS
-    from tlops.evaluate.plots import Mistake, plot_worst, plot_worst_texts, worst_texts_markdown, write_csv
-
     drop = mode == "drop"
     rows = [{"rank": i, "path": s.path, "split": s.split, "given": s.given, "suggested": s.suggested,
              "score": f"{s.score:.6f}", "dropped": "true" if drop and s.split == "train" else "false"}
