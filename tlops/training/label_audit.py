@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from cleanlab.filter import find_label_issues  # with scikit-learn, scipy and pandas: 1.1 s, paid at import as the
-from scipy.optimize import minimize  # features stage pays torch's, where `tlops run` preloads the stage modules
+
+# cleanlab brings scikit-learn, scipy and pandas (1.1 s): imported with the module, as the features stage imports torch,
+# so that `tlops run` pays it while its Prefect server starts (it preloads the stage modules), not in the stage's run
+from cleanlab.filter import find_label_issues
+from scipy.optimize import minimize
 from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
