@@ -66,15 +66,15 @@ def out_of_fold(ds: FeatureDataset, params: Params) -> tuple[np.ndarray, np.ndar
     weighted = selection.weighted(params.head.class_weighting)
     starts = np.flatnonzero(views0)  # each item's view-0 row; its views follow it
     item_of_row = np.searchsorted(starts, np.arange(len(ds.views)), side="right") - 1  # row -> item number
+    mine = np.searchsorted(starts, train)  # the training items' numbers
     fold_of_item = np.full(len(starts), -1)
     for f, (_, held) in enumerate(StratifiedKFold(n_splits=k, shuffle=True, random_state=params.head.seed)
                                   .split(train, y)):
-        fold_of_item[np.searchsorted(starts, train[held])] = f
+        fold_of_item[mine[held]] = f
     X = np.asarray(ds.features, np.float32)
     seen = X[fold_of_item[item_of_row] >= 0]  # every view of every training item
     mu, sd = seen.mean(0), seen.std(0) + 1e-6  # standardised: one L2 for every backbone
     del seen
-    mine = np.searchsorted(starts, train)  # the training items' numbers
     W, b = fit_linear_folds((_item_means(X, starts)[mine] - mu) / sd, y, fold_of_item[mine], k, len(ds.classes),
                             params.audit.l2, weighted)
     d, c = W.shape[0], W.shape[2]
