@@ -140,6 +140,14 @@ def test_evaluate_stage_writes_metrics_plots_and_dvc_renders_the_confusion_matri
         assert (paths.PLOTS_DIR / name).stat().st_size > 1000
     out = capsys.readouterr().out
     assert "head only" in out and "fine-tuned" in out
+    # the exported model's class for each validation image, by its hash (what `tlops tune` compares a trial with the
+    # defaults by): scored, they give the selection's own validation metric
+    from tlops.data.manifest import load_manifest
+
+    with np.load(paths.VAL_PREDICTIONS) as p:
+        assert list(p["sha256"]) == [r.sha256 for r in load_manifest(paths.MANIFEST).rows_in("val")]
+        assert report["metric"] == "accuracy" and float((p["predicted"] == p["label"]).mean()) == pytest.approx(
+            report["selection"][report["selected"]]["val_metric"])
 
     run_cmd(["dvc", "plots", "show", "-o", "dvc_plots"], trained)
     html = (trained / "dvc_plots" / "index.html").read_text()

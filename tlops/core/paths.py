@@ -45,6 +45,7 @@ METRICS = Path("reports/metrics.json")
 CALIBRATION_DIR = Path("models/calibration")       # evaluate's measure of the exported model, which export builds in
 CALIBRATION = CALIBRATION_DIR / "calibration.json"  # the temperature and the OOD threshold, with how they were chosen
 OOD_FIT = CALIBRATION_DIR / "ood.npz"              # the OOD score's class means and shared precision matrix
+VAL_PREDICTIONS = CALIBRATION_DIR / "val_predictions.npz"  # its class for each validation item: tune compares by it
 HISTORY = Path("reports/history.csv")
 CONFUSION = Path("reports/confusion.csv")
 PLOTS_DIR = Path("reports/plots")

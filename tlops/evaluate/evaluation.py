@@ -143,6 +143,10 @@ def measure_trust(params: Params, manifest: Any, classes: Sequence[str], spec: P
                                    "explanation": {"kind": kind or "", "why": why}})
     with atomic_path(paths.OOD_FIT) as tmp, open(tmp, "wb") as f:
         np.savez(f, **fit)
+    # item by item, so that `tlops tune` can tell a trial's gain over the defaults from the validation split's noise
+    with atomic_path(paths.VAL_PREDICTIONS) as tmp, open(tmp, "wb") as f:
+        np.savez(f, sha256=np.array([r.sha256 for r in manifest.rows_in("val")]), label=y["val"],
+                 predicted=out["val"]["logits"].argmax(axis=1), classes=np.array(list(classes)))
     return {"calibration": cal, "ood": ood, "explanation": {"kind": kind or "", "why": why},
             "test_explanation": out["test"]["explanation"] / t if "explanation" in out["test"] else None}
 
