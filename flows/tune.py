@@ -17,7 +17,9 @@ scaled out), named <tune.study>.head and .pipeline: the same command after a kil
 trials whose flow runs are still going. One MLflow parent run (reopened on resume) holds a child run per trial;
 reports/tune/ gets the summary and each level's optimization history and parameter importances. The best pipeline
 trial's model is registered in the project's store as <export.registered_model>-tune, alias candidate (never the
-production model's champion); --apply writes its params into params.yaml, so the next `tlops run` reproduces it.
+production model's champion); --apply writes its params into params.yaml, so the next `tlops run` reproduces it,
+when its validation gain over the defaults is clear of the validation split's noise (tune.min_gain_se standard
+errors, paired over the validation items: the best of several trials is partly the luckiest).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def tune(params_path: str | None = None, root: Path | None = None, budget_s: flo
             print("no trial beat the defaults: nothing to register or apply", file=sys.stderr)
             best = None
         if best:
+            best["gain"] = _validation_gain(root, Path(best["folder"]), t.min_gain_se)
             best["registered"] = _register(params, best, parent)
         summary = {"study": name, "storage": _shown(storage), "budget_s": t.budget_s,
                    "seconds": round(time.monotonic() - started, 1), "defaults": defaults, "head": head,
@@ -89,10 +92,46 @@ def tune(params_path: str | None = None, root: Path | None = None, budget_s: flo
         write_json(root / SUMMARY, summary)
         _log_outcome(parent, summary, root)
     if apply and best:
-        changes = {k: v for k, v in best["changes"].items() if k != "export.registered_model"}
-        set_params(changes, params_path)
-        summary["applied"] = changes
+        summary.update(_apply(best, params_path))
     return summary
+
+
+def _apply(best: dict[str, Any], params_path: str | None) -> dict[str, Any]:
+    """--apply: the best trial's values into params.yaml ({"applied": changes}), unless its validation gain is not
+    clear of the noise ({"not_applied": why}, printed once; params.yaml untouched)."""
+    if (g := best.get("gain")) and not g["clear"]:
+        why = (f"the best trial's validation gain, {100 * g['gain']:+.2f} points of {g['metric']}, is under "
+               f"{g['min_gain_se']:g} standard errors ({100 * g['se']:.2f} points each, paired over {g['items']} "
+               "validation items): params.yaml unchanged (tune.min_gain_se: 0 applies it anyway)")
+        print(f"not applied: {why}", file=sys.stderr)
+        return {"not_applied": why}
+    changes = {k: v for k, v in best["changes"].items() if k != "export.registered_model"}
+    set_params(changes, params_path)
+    return {"applied": changes}
+
+
+def _validation_gain(root: Path, folder: Path, min_se: float) -> dict[str, Any] | None:
+    """The best trial's gain over the defaults on the validation items both were scored on (their exported models'
+    predictions, which the evaluate stage keeps), with its paired bootstrap standard error; `clear` when the gain is
+    positive and at least min_se standard errors (0: always). None when either run has no predictions to compare."""
+    import numpy as np
+
+    from tlops.evaluate.scoring import paired_gain
+
+    ours, theirs = root / paths.VAL_PREDICTIONS, folder / paths.VAL_PREDICTIONS
+    if not (ours.exists() and theirs.exists() and (root / paths.METRICS).exists()):
+        return None
+    with np.load(ours) as a, np.load(theirs) as b:
+        if list(a["classes"]) != list(b["classes"]):
+            return None
+        common, i, j = np.intersect1d(a["sha256"], b["sha256"], return_indices=True)
+        y, before, after, classes = a["label"][i], a["predicted"][i], b["predicted"][j], len(a["classes"])
+    if len(common) < 2:
+        return None
+    metric = read_json(root / paths.METRICS).get("metric", "accuracy")
+    gain, se = paired_gain(metric, y, before, after, classes)
+    return {"metric": metric, "items": len(common), "gain": gain, "se": se, "min_gain_se": min_se,
+            "clear": min_se == 0 or (gain > 0 and gain >= min_se * se)}
 
 
 def _shown(storage: str) -> str:
@@ -473,6 +512,8 @@ def _log_outcome(parent: str, summary: dict[str, Any], root: Path) -> None:
                          if isinstance(part.get(k), (int, float))})
         if isinstance(score := (part.get("best") or {}).get("test_score"), (int, float)):
             run.log_metrics({f"{level}_best_test_score": score})
+        if gain := (part.get("best") or {}).get("gain"):
+            run.log_metrics({f"{level}_best_val_gain": gain["gain"], f"{level}_best_val_gain_se": gain["se"]})
         for path in part.get("plots", []):
             run.log_artifact(root / path, "tune")
     run.log_artifact(root / SUMMARY, "tune")

@@ -142,14 +142,68 @@ def test_the_fine_tuning_stage_reports_each_epoch_and_stops_when_pruned(tmp_path
     assert is_permanent(TrialPruned("x"))
 
 
+def test_a_gain_within_the_validation_noise_is_reported_and_not_applied(tmp_path: Path, capsys) -> None:
+    """The best trial's gain over the defaults, item by item on the validation items both runs scored (in any order),
+    with its paired standard error; --apply writes the trial's values only when the gain is clear of
+    tune.min_gain_se standard errors, else says why once and leaves params.yaml as it was."""
+    import numpy as np
+
+    from flows.tune import _apply, _validation_gain
+    from tlops.core import paths
+    from tlops.core.config import load_params
+
+    rng, n = np.random.default_rng(0), 400
+    sha, y = np.array([f"{i:064x}" for i in range(n)]), rng.integers(0, 4, n)
+    before = y.copy()
+    before[:40] = (y[:40] + 1) % 4  # the defaults: 90% right
+
+    def run(folder: Path, predicted: np.ndarray) -> Path:
+        (folder / paths.CALIBRATION_DIR).mkdir(parents=True)
+        (folder / paths.METRICS).parent.mkdir(parents=True)
+        (folder / paths.METRICS).write_text(json.dumps({"metric": "accuracy"}))
+        order = rng.permutation(n)  # another order, and an item the other run never scored
+        np.savez(folder / paths.VAL_PREDICTIONS, sha256=np.r_[sha[order], [hashlib.sha256(folder.name.encode()).hexdigest()]], label=np.r_[y[order], 0],
+                 predicted=np.r_[predicted[order], 1], classes=np.array(list("abcd")))
+        return folder
+
+    root = run(tmp_path / "defaults", before)
+    fixed = before.copy()
+    fixed[:8] = y[:8]  # 8 of the defaults' errors put right, nothing broken
+    clear = _validation_gain(root, run(tmp_path / "clear", fixed), 2.0)
+    assert clear["items"] == n and clear["gain"] == pytest.approx(8 / n) and clear["metric"] == "accuracy"
+    # paired: only the 8 items that changed carry noise (about sqrt(8)/n), not two whole accuracies' (2.1 points)
+    assert 0.6 * 8**0.5 / n < clear["se"] < 1.4 * 8**0.5 / n and clear["clear"]
+    mixed = fixed.copy()
+    mixed[100:106] = (y[100:106] + 1) % 4  # ... and 6 right ones broken: +2 items, 14 changed
+    noise = _validation_gain(root, run(tmp_path / "mixed", mixed), 2.0)
+    assert noise["gain"] == pytest.approx(2 / n) and noise["se"] > noise["gain"] / 2 and not noise["clear"]
+    assert _validation_gain(root, tmp_path / "mixed", 0.0)["clear"]  # 0: whatever the gain
+    assert _validation_gain(root, tmp_path / "nothing", 2.0) is None  # a run with no predictions: not judged
+
+    params = tmp_path / "params.yaml"
+    params.write_bytes((Path(__file__).parents[1] / "params.yaml").read_bytes())
+    before_bytes = params.read_bytes()
+    best = {"changes": {"finetune.lr": 0.002, "export.registered_model": "tlops-classifier-tune"}, "gain": noise}
+    out = _apply(best, str(params))
+    assert set(out) == {"not_applied"} and params.read_bytes() == before_bytes
+    assert out["not_applied"].startswith("the best trial's validation gain, +0.50 points of accuracy, is under 2 "
+                                         "standard errors")
+    assert capsys.readouterr().err.count("not applied:") == 1
+    assert _apply({**best, "gain": clear}, str(params)) == {"applied": {"finetune.lr": 0.002}}
+    applied = load_params(params)
+    assert applied.finetune.lr == 0.002 and applied.export.registered_model == "tlops-classifier"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_study_searches_both_levels_registers_its_best_and_applies_it(workspace: Path, prefect_api: str) -> None:
+    import numpy as np
     import optuna
 
     from tlops.tracking import registry, runs
 
-    _project(workspace, {**SPACE, "model.image_size": {"choices": [32, 48]}})  # the params' size: 32
+    # the params' size: 32; min_gain_se 0: a handful of validation images cannot tell trials apart, apply anyway
+    _project(workspace, {**SPACE, "model.image_size": {"choices": [32, 48]}}, min_gain_se=0)
     workers = _workers(workspace)
     try:
         out = run_cmd([sys.executable, "-m", "tlops.cli", "tune", "--pool", POOL, "--budget", "800", "--apply",
@@ -193,6 +247,12 @@ def test_a_study_searches_both_levels_registers_its_best_and_applies_it(workspac
         assert "registered" not in best and "applied" not in summary
         assert load_params(workspace / "params.yaml").finetune.lr == 0.001
         return
+    # its gain, item by item on the validation split, from the two exported models' predictions: the very gain the
+    # study ranked it by
+    gain = best["gain"]
+    assert gain["gain"] == pytest.approx(best["val_metric"] - summary["defaults"]["val_metric"], abs=1e-6), gain
+    assert gain["items"] == len(np.load(workspace / "models/calibration/val_predictions.npz")["sha256"]) > 0
+    assert gain["clear"] and gain["se"] >= 0
     # every pipeline trial ran with the best head settings fixed and its own fine-tuning lr
     for key in ("head.lrs", "head.weight_decays"):
         assert best["changes"][key] == head["best_changes"][key]

@@ -347,6 +347,9 @@ def tune(
         console = Console()
         console.width = max(console.width, 140)
         console.print(table(summary))
+        if g := ((summary.get("pipeline") or {}).get("best") or {}).get("gain"):
+            typer.echo(f"best trial: validation {g['metric']} {100 * g['gain']:+.2f} points over the defaults, "
+                       f"standard error {100 * g['se']:.2f} (paired over {g['items']} items)")
         if summary.get("applied"):
             typer.echo(f"params.yaml: {', '.join(summary['applied'])} set to the best trial's values")
 

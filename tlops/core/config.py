@@ -260,6 +260,7 @@ class TuneParams(Section):
     sampler: Literal["tpe", "random"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     startup_trials: Annotated[int, Field(ge=0)] = 3
+    min_gain_se: Annotated[float, Field(ge=0.0)] = 2.0
     storage: str | None = None
     study: str | None = None
     seed: int = 42
