@@ -128,7 +128,7 @@ def alternatives(served_model: object, manifest: object, spec: object, max_pixel
 
     from tlops.data.manifest import split_items
     from tlops.evaluate.far_out import far_out_batches
-    from tlops.evaluate.ood import auroc, fit_mahalanobis, mahalanobis_score, normalised
+    from tlops.evaluate.ood import auroc, fit_mahalanobis, mahalanobis_score, normalised, scale, threshold
     from tlops.export.served import served_parts
     from tlops.inputs.model_input import preprocess_batches
 
@@ -168,11 +168,9 @@ def alternatives(served_model: object, manifest: object, spec: object, max_pixel
                         ("per-class covariance", per_class), ("relative mahalanobis", relative)):
         per_part = [make(train) for train in feats["train"]]
         raw = {s: [f(p) for f, p in zip(per_part, feats[s], strict=True)] for s in ("val", "test", "far")}
-        centre = [np.median(v) for v in raw["val"]]
-        spread = [max(float(np.quantile(v, 0.95) - np.median(v)), 1e-6) for v in raw["val"]]
-        combined = {s: np.max([(v - c) / w for v, c, w in zip(raw[s], centre, spread, strict=True)], axis=0)
-                    for s in raw}
-        cut = np.quantile(combined["val"], 0.95)
+        scales = [scale(v) for v in raw["val"]]
+        combined = {s: np.max([(v - c) / w for v, (c, w) in zip(raw[s], scales, strict=True)], axis=0) for s in raw}
+        cut = threshold(combined["val"])
         flagged = combined["test"] > cut
         out[score] = {"test_flagged": float(flagged.mean()), "auroc": auroc(combined["test"], combined["far"]),
                       "worst_class": float(max(flagged[y["test"] == c].mean() for c in np.unique(y["test"])))}

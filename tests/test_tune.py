@@ -162,7 +162,8 @@ def test_a_gain_within_the_validation_noise_is_reported_and_not_applied(tmp_path
         (folder / paths.METRICS).parent.mkdir(parents=True)
         (folder / paths.METRICS).write_text(json.dumps({"metric": "accuracy"}))
         order = rng.permutation(n)  # another order, and an item the other run never scored
-        np.savez(folder / paths.VAL_PREDICTIONS, sha256=np.r_[sha[order], [hashlib.sha256(folder.name.encode()).hexdigest()]], label=np.r_[y[order], 0],
+        alone = hashlib.sha256(folder.name.encode()).hexdigest()
+        np.savez(folder / paths.VAL_PREDICTIONS, sha256=np.r_[sha[order], [alone]], label=np.r_[y[order], 0],
                  predicted=np.r_[predicted[order], 1], classes=np.array(list("abcd")))
         return folder
 

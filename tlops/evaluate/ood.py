@@ -68,6 +68,13 @@ def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
     return float(roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(outside))], np.r_[inside, outside]))
 
 
+def scale(val_scores: np.ndarray) -> tuple[float, float]:
+    """A part's centre and spread on the validation split (median, and 95th percentile less median): what puts
+    scores of different parts on one scale before the larger counts."""
+    d = np.asarray(val_scores, np.float64)
+    return float(np.median(d)), max(float(np.quantile(d, TPR) - np.median(d)), 1e-6)
+
+
 def fit_parts(train: list[np.ndarray], y: np.ndarray, classes: int, val: list[np.ndarray]) -> dict[str, np.ndarray]:
     """One Mahalanobis fit per part (train: each part's training features), and each part's centre and spread on
     the validation split (median, and 95th percentile less median), which put the parts on one scale."""
@@ -76,9 +83,9 @@ def fit_parts(train: list[np.ndarray], y: np.ndarray, classes: int, val: list[np
     for i, (t, v) in enumerate(zip(train, val, strict=True)):
         part = fit_mahalanobis(t, y, classes)
         fit[f"means_{i}"], fit[f"precision_{i}"] = part["means"], part["precision"]
-        d = mahalanobis_score(v, part["means"], part["precision"])
-        centre.append(np.median(d))
-        spread.append(max(float(np.quantile(d, TPR) - np.median(d)), 1e-6))
+        c, s = scale(mahalanobis_score(v, part["means"], part["precision"]))
+        centre.append(c)
+        spread.append(s)
     fit["centre"], fit["spread"] = np.asarray(centre, np.float32), np.asarray(spread, np.float32)
     return fit
 
