@@ -128,7 +128,7 @@ def alternatives(served_model: object, manifest: object, spec: object, max_pixel
 
     from tlops.data.manifest import split_items
     from tlops.evaluate.far_out import far_out_batches
-    from tlops.evaluate.ood import auroc, fit_mahalanobis, mahalanobis_score, normalised, scale, threshold
+    from tlops.evaluate.ood import auroc, combine, fit_mahalanobis, mahalanobis_score, normalised, scale, threshold
     from tlops.export.served import served_parts
     from tlops.inputs.model_input import preprocess_batches
 
@@ -169,7 +169,7 @@ def alternatives(served_model: object, manifest: object, spec: object, max_pixel
         per_part = [make(train) for train in feats["train"]]
         raw = {s: [f(p) for f, p in zip(per_part, feats[s], strict=True)] for s in ("val", "test", "far")}
         scales = [scale(v) for v in raw["val"]]
-        combined = {s: np.max([(v - c) / w for v, (c, w) in zip(raw[s], scales, strict=True)], axis=0) for s in raw}
+        combined = {s: combine(raw[s], *zip(*scales, strict=True)) for s in raw}
         cut = threshold(combined["val"])
         flagged = combined["test"] > cut
         out[score] = {"test_flagged": float(flagged.mean()), "auroc": auroc(combined["test"], combined["far"]),

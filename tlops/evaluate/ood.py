@@ -14,6 +14,7 @@ in-distribution inputs pass as known.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -90,11 +91,15 @@ def fit_parts(train: list[np.ndarray], y: np.ndarray, classes: int, val: list[np
     return fit
 
 
+def combine(scores: list[np.ndarray], centre: Sequence[float], spread: Sequence[float]) -> np.ndarray:
+    """The largest of the parts' scores, each less its validation centre and over its spread (see scale)."""
+    return np.max([(s - c) / w for s, c, w in zip(scores, centre, spread, strict=True)], axis=0)
+
+
 def combined_score(fit: dict[str, np.ndarray], parts: list[np.ndarray]) -> np.ndarray:
     """The largest of the parts' scaled distances: what the served graph computes as ood_score."""
-    scores = [(mahalanobis_score(p, fit[f"means_{i}"], fit[f"precision_{i}"]) - fit["centre"][i]) / fit["spread"][i]
-              for i, p in enumerate(parts)]
-    return np.max(scores, axis=0)
+    return combine([mahalanobis_score(p, fit[f"means_{i}"], fit[f"precision_{i}"]) for i, p in enumerate(parts)],
+                   fit["centre"], fit["spread"])
 
 
 def measure(fit: dict[str, np.ndarray], val: tuple[list[np.ndarray], np.ndarray],
