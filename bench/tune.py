@@ -148,8 +148,9 @@ def main() -> None:
           f"({'the defaults: no trial beat them' if best.get('defaults') else json.dumps(best.get('changes', {}))})")
     print(f"gain over the defaults: {best.get('test_score', float('nan')) - d.get('test_score', float('nan')):+.4f}")
     if g := best.get("gain"):
-        print(f"validation gain {100 * g['gain']:+.2f} points, standard error {100 * g['se']:.2f} (paired over "
-              f"{g['items']} items): --apply would {'write' if g['clear'] else 'not write'} it "
+        from flows.tune import gain_line
+
+        print(f"{gain_line(g)}: --apply would {'write' if g['clear'] else 'not write'} it "
               f"(tune.min_gain_se {g['min_gain_se']:g})")
     for name, level in (("head", h), ("pipeline", p)):
         print(f"{name} level: {level.get('trials', 0)} trials, {level.get('complete', 0)} complete, "

@@ -110,6 +110,12 @@ def _apply(best: dict[str, Any], params_path: str | None) -> dict[str, Any]:
     return {"applied": changes}
 
 
+def gain_line(g: dict[str, Any]) -> str:
+    """The best trial's validation gain over the defaults as `tlops tune` and bench/tune.py print it."""
+    return (f"validation {g['metric']} {100 * g['gain']:+.2f} points over the defaults, standard error "
+            f"{100 * g['se']:.2f} (paired over {g['items']} items)")
+
+
 def _validation_gain(root: Path, folder: Path, min_se: float) -> dict[str, Any] | None:
     """The best trial's gain over the defaults on the validation items both were scored on (their exported models'
     predictions, which the evaluate stage keeps), with its paired bootstrap standard error; `clear` when the gain is

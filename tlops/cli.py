@@ -329,7 +329,7 @@ def tune(
     as pruned pipeline runs on the work pool; the same command resumes a killed study."""
     _require("tune", *TRAIN_MODULES, "optuna")
     _params(params)
-    from flows.tune import table
+    from flows.tune import gain_line, table
     from flows.tune import tune as run_tune
 
     try:
@@ -348,8 +348,7 @@ def tune(
         console.width = max(console.width, 140)
         console.print(table(summary))
         if g := ((summary.get("pipeline") or {}).get("best") or {}).get("gain"):
-            typer.echo(f"best trial: validation {g['metric']} {100 * g['gain']:+.2f} points over the defaults, "
-                       f"standard error {100 * g['se']:.2f} (paired over {g['items']} items)")
+            typer.echo(f"best trial: {gain_line(g)}")
         if summary.get("applied"):
             typer.echo(f"params.yaml: {', '.join(summary['applied'])} set to the best trial's values")
 
